@@ -1,0 +1,189 @@
+"""Shared machinery of the fused ops: backend choice, interpreter detection, autotune cache.
+
+Nothing here imports the rest of megafold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+_default_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "megafold_kernels_backend", default="auto"
+)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs its Python interpreter (``TRITON_INTERPRET=1``), e.g. on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernels backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_kernels(backend: str) -> Iterator[None]:
+    """Set the default backend ("auto" | "triton" | "torch") of every op for a block of code."""
+    token = _default_backend.set(_check_backend(backend))
+    try:
+        yield
+    finally:
+        _default_backend.reset(token)
+
+
+def default_backend() -> str:
+    return _default_backend.get()
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Turn an op's ``backend`` argument into "triton" or "torch" for these inputs.
+
+    "auto" defers to ``use_kernels``; if that is "auto" too, Triton runs on a GPU (CUDA or
+    ROCm) and under the interpreter, and torch everywhere else.
+    """
+    choice = _check_backend(backend)
+    if choice == "auto":
+        choice = default_backend()
+    on_gpu = all(t.is_cuda for t in tensors if t is not None)
+    if choice == "auto":
+        choice = "triton" if triton_available() and (on_gpu or interpreter_active()) else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was asked for but triton cannot be imported")
+        if not on_gpu and not interpreter_active():
+            raise RuntimeError(
+                "backend='triton' needs GPU tensors, or TRITON_INTERPRET=1 set before "
+                "megafold.kernels is imported to run the kernels on the CPU"
+            )
+    return choice
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+# --------------------------------------------------------------------------- autotuning
+#
+# Triton's own @autotune re-tunes in every process and cannot run under the interpreter.
+# Here a tuned choice is stored on disk, keyed by op, shape bucket, dtype and device, so a
+# training job pays for tuning once per machine; with tuning off (MEGAFOLD_AUTOTUNE=0, the
+# interpreter, or no candidates) the op's default configuration is used.
+
+_cache_lock = threading.Lock()
+_memory_cache: dict[str, dict] = {}
+
+
+def autotune_enabled() -> bool:
+    return not interpreter_active() and os.environ.get("MEGAFOLD_AUTOTUNE", "1") != "0"
+
+
+def autotune_cache_path() -> Path:
+    root = os.environ.get("MEGAFOLD_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "megafold"
+    return base / "autotune.json"
+
+
+def _read_disk_cache(path: Path) -> dict[str, dict]:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_disk_cache(path: Path, data: dict[str, dict]) -> None:
+    # Write to a temporary file and rename, so a crash never leaves a torn cache.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home directory only costs re-tuning
+
+
+def pick_config(
+    op: str,
+    key: Sequence,
+    device: torch.device,
+    candidates: Sequence[dict],
+    default: dict,
+    bench: Callable[[dict], float],
+) -> dict:
+    """Return the fastest of ``candidates`` for this op and shape key, tuning once per machine.
+
+    ``bench(config)`` runs the kernel with a config and returns its time in ms (raising
+    if the config cannot run, e.g. out of shared memory).
+    """
+    if not autotune_enabled() or device.type != "cuda" or len(candidates) <= 1:
+        return default
+    cache_key = json.dumps([op, list(key), device_name(device)])
+    with _cache_lock:
+        if not _memory_cache:
+            _memory_cache.update(_read_disk_cache(autotune_cache_path()))
+        hit = _memory_cache.get(cache_key)
+    if hit is not None:
+        return hit
+    best, best_ms = default, float("inf")
+    for config in candidates:
+        try:
+            ms = bench(config)
+        except Exception:  # a config that does not fit this GPU is just not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    with _cache_lock:
+        _memory_cache[cache_key] = best
+        merged = _read_disk_cache(autotune_cache_path())
+        merged[cache_key] = best
+        _write_disk_cache(autotune_cache_path(), merged)
+    return best
+
+
+def bench_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    """Median time of ``fn`` in ms on the current CUDA stream (used by the tuner)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
