@@ -1,16 +1,463 @@
 """LayerNorm followed by a Linear layer, fused: ``F.linear(F.layer_norm(x), weight, bias)``.
 
 The pair track applies this to ``[B, N, N, c_z]`` tensors over and over (projections into
-attention heads, pair biases, gates), so it reads the input once and never writes the
-normalised activation.
+attention heads, pair biases, gates), so the forward reads the input once and never writes
+the normalised activation; the backward recomputes it from two fp32 numbers per row.
+
+This file also holds the pieces the other pair ops share: row addressing of strided
+tensors, the fp32 LayerNorm statistics, the autocast compute dtype and the weight-gradient
+kernel ``dW = dy^T LN(x)``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from megafold.kernels._common import resolve_backend
+from megafold.kernels._common import bench_ms, next_power_of_2, pick_config, resolve_backend
+
+MAX_GRID_Y = 65535
+
+
+# --------------------------------------------------------------------------- host helpers
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 operands get exact fp32 products as in torch's default, not TF32.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def block_size(n: int, cap: int) -> int:
+    """A power of two >= 16 (tl.dot's smallest tile) covering ``n``, at most ``cap``."""
+    return max(16, min(cap, next_power_of_2(n)))
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The leading dims of tensors that share one shape, as three groups ``[D0, D1, D2]``.
+
+    Each tensor's rows are addressed ``d0 * s0 + d1 * s1 + d2 * s2`` (its ``strides[i]``),
+    so a transposed view is read in place. ``merged[i]``: d1 and d2 collapse into one
+    stride (``s1 == D2 * s2``), which lets Triton see contiguous rows.
+    """
+
+    sizes: tuple[int, int, int]
+    strides: tuple[tuple[int, int, int], ...]
+    merged: tuple[bool, ...]
+
+    @property
+    def per_batch(self) -> int:
+        return self.sizes[1] * self.sizes[2]
+
+    @property
+    def count(self) -> int:
+        return self.sizes[0] * self.per_batch
+
+    def args(self, index: int) -> tuple[int, int, int]:
+        return self.strides[index]
+
+
+def row_groups(*tensors: torch.Tensor) -> Rows | None:
+    """Group the leading dims (all but the last) of same-shaped tensors for ``Rows``.
+
+    Returns None when more than three groups would be needed (the caller then copies).
+    """
+    shape = tensors[0].shape[:-1]
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    groups: list[list[int]] = []
+    for d in dims:
+        if groups and all(
+            t.stride(groups[-1][-1]) == t.stride(d) * shape[d] for t in tensors
+        ):
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    if len(groups) > 3:
+        return None
+    sizes = [math.prod(shape[d] for d in group) for group in groups]
+    strides = [[t.stride(group[-1]) for group in groups] for t in tensors]
+    while len(sizes) < 3:
+        sizes.insert(0, 1)
+        for s in strides:
+            s.insert(0, 0)
+    if sizes[0] > MAX_GRID_Y:
+        return None
+    merged = tuple(s[1] == sizes[2] * s[2] or sizes[1] == 1 for s in strides)
+    return Rows(tuple(sizes), tuple(tuple(s) for s in strides), merged)
+
+
+def rows_of(*tensors: torch.Tensor) -> tuple[Rows, tuple[torch.Tensor, ...]]:
+    """``row_groups`` of the tensors, copying them to contiguous only where no view fits."""
+    rows = row_groups(*tensors)
+    if rows is None:
+        tensors = tuple(t.contiguous() for t in tensors)
+        rows = row_groups(*tensors)
+    return rows, tensors
+
+
+# --------------------------------------------------------------------------- shared jit helpers
+
+
+@triton.jit
+def _row_offsets(batch, rows, inner, stride_batch, stride_outer, stride_inner, MERGED: tl.constexpr):
+    # int64: a pair tensor at N = 1024 with B = 4 passes 2**31 elements.
+    base = batch.to(tl.int64) * stride_batch
+    if MERGED:
+        return base + rows.to(tl.int64) * stride_inner
+    outer = (rows // inner).to(tl.int64)
+    return base + outer * stride_outer + (rows % inner).to(tl.int64) * stride_inner
+
+
+@triton.jit
+def _layernorm_stats(
+    x_ptr, x_rows, row_ok, stride_c, eps,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Two passes in fp32 (mean, then centred variance): E[x^2] - E[x]^2 loses digits when
+    # |mean| >> std, which residual streams do reach.
+    total = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+        total += x.to(tl.float32)
+    mean = tl.sum(total, axis=1) / K
+    total = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+        centred = tl.where(ok, x.to(tl.float32) - mean[:, None], 0.0)
+        total += centred * centred
+    rstd = 1.0 / tl.sqrt(tl.sum(total, axis=1) / K + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _layernorm_chunk(
+    x_ptr, x_rows, row_ok, stride_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0,
+    K: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """LN(x) of the columns [k0, k0 + BLOCK_K) in fp32, zero outside the tensor."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    ok = row_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    return tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _layernorm_linear_forward_kernel(
+    x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
+    rows_per_batch, inner, O,
+    sx_b, sx_o, sx_i, sx_c, sw_o, sw_k, eps,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Output-column blocks of one row block are neighbours in launch order, so the x tile
+    # they all read comes from L2 after the first.
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    num_n = tl.cdiv(O, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_batch
+    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+    mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, K, BLOCK_M, BLOCK_K)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < O
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w_t = tl.load(
+            w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
+            mask=col_ok[None, :] & (ks < K)[:, None], other=0.0,
+        )
+        acc = tl.dot(xn.to(w_t.dtype), w_t, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    flat = batch.to(tl.int64) * rows_per_batch + rows
+    tl.store(
+        out_ptr + flat[:, None] * O + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if pid_n == 0:
+        tl.store(mean_ptr + flat, mean, mask=row_ok)
+        tl.store(rstd_ptr + flat, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layernorm_linear_backward_kernel(
+    x_ptr, dy_ptr, ln_w_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    rows_per_batch, inner, O,
+    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
+    K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx and per-row-block partials of the LayerNorm parameter gradients.
+
+    The whole row (BLOCK_K >= K) sits in registers: the LayerNorm backward needs two
+    reductions over it.
+    """
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_batch
+    flat = batch.to(tl.int64) * rows_per_batch + rows
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    ok = row_ok[:, None] & k_ok[None, :]
+    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * sx_c, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
+    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+
+    dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for n0 in range(0, O, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < O
+        w = tl.load(
+            w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
+            mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        dy = tl.load(
+            dy_ptr + dy_rows[:, None] + cols[None, :] * sdy_c,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
+
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    dxhat = dxn * gamma[None, :]
+    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / K
+    mean_dxhat = tl.sum(dxhat, axis=1) / K
+    dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+    part = batch * tl.num_programs(0) + pid
+    tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
+    tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _layernorm_linear_weight_grad_kernel(
+    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
+    rows_per_batch, inner, O, num_batches, blocks_per_split,
+    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial ``dW = dy^T LN(x)`` (and ``db = sum dy``) over one split of the rows.
+
+    Each split writes its own fp32 partial and the host sums them in a fixed order: the
+    result is deterministic, with no atomics.
+    """
+    pid_nk = tl.program_id(0)
+    split = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid_nk // num_k
+    k0 = (pid_nk % num_k) * BLOCK_K
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < O
+    ks = k0 + tl.arange(0, BLOCK_K)
+    num_row_blocks = tl.cdiv(rows_per_batch, BLOCK_M)
+    total_blocks = num_row_blocks * num_batches
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
+        batch = t // num_row_blocks
+        rows = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < rows_per_batch
+        flat = batch.to(tl.int64) * rows_per_batch + rows
+        mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
+        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
+        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+        dy = tl.load(
+            dy_ptr + dy_rows[:, None] + cols[None, :] * sdy_c,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(tl.trans(dy), xn.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            db += tl.sum(dy.to(tl.float32), axis=0)
+    part = split.to(tl.int64) * O * K
+    tl.store(
+        dw_part_ptr + part + cols[:, None] * K + ks[None, :], acc,
+        mask=col_ok[:, None] & (ks < K)[None, :],
+    )
+    if HAS_BIAS:
+        if k0 == 0:
+            tl.store(db_part_ptr + split * O + cols, db, mask=col_ok)
+
+
+# --------------------------------------------------------------------------- launches
+
+
+def _tuned(op: str, key: tuple, device: torch.device, candidates: list[dict], default: dict, launch) -> dict:
+    return pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)))
+
+
+def _launch_kwargs(cfg: dict) -> dict:
+    return {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+
+
+def layernorm_linear_forward(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``LN(x) weight^T + bias`` ``[*, O]`` in weight's dtype and the fp32 row
+    statistics ``mean, rstd`` ``[M]`` (rows in x's logical order)."""
+    K = x.shape[-1]
+    O = weight.shape[0]
+    rows, (x,) = rows_of(x)
+    out = torch.empty(*x.shape[:-1], O, device=x.device, dtype=weight.dtype)
+    mean = torch.empty(rows.count, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    D0, _, D2 = rows.sizes
+
+    def launch(cfg: dict) -> None:
+        grid = (triton.cdiv(rows.per_batch, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]), D0)
+        _layernorm_linear_forward_kernel[grid](
+            x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
+            rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
+            K=K, HAS_BIAS=bias is not None, X_MERGED=rows.merged[0],
+            DOT_PRECISION=dot_precision(weight.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_kwargs(cfg),
+        )
+
+    block_k = block_size(K, 128)
+    block_n = block_size(O, 128)
+    default = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+    candidates = [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw}
+        for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8)
+    ]
+    launch(_tuned("layernorm_linear_fwd", (K, O, str(weight.dtype), bias is not None), x.device, candidates, default, launch))
+    return out, mean, rstd
+
+
+def layernorm_linear_backward_input(
+    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx ``[*, K]`` (contiguous) and the fp32 LayerNorm weight and bias gradients ``[K]``,
+    given ``dy = dL/d(LN(x) weight^T)``."""
+    K = x.shape[-1]
+    O = weight.shape[0]
+    rows, (x, dy) = rows_of(x, dy)
+    dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
+    D0, _, D2 = rows.sizes
+    block_k = block_size(K, 1 << 30)
+    # The row lives in registers: fewer rows per block as K grows, so wide rows still fit.
+    block_m = max(16, min(64, 8192 // block_k))
+    block_n = max(16, min(block_size(O, 64), 16384 // block_k))
+    num_blocks = triton.cdiv(rows.per_batch, block_m)
+    dln_w = torch.empty(D0 * num_blocks, K, device=x.device, dtype=torch.float32)
+    dln_b = torch.empty_like(dln_w)
+    _layernorm_linear_backward_kernel[(num_blocks, D0)](
+        x, dy, ln_weight, weight, mean, rstd, dx, dln_w, dln_b,
+        rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+        weight.stride(0), weight.stride(1),
+        K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+        DOT_PRECISION=dot_precision(weight.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_k >= 256 else 4,
+    )
+    return dx, dln_w.sum(0), dln_b.sum(0)
+
+
+def layernorm_linear_weight_grad(
+    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, with_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 ``dW = dy^T LN(x)`` ``[O, K]`` and ``db = sum(dy)`` ``[O]`` (None unless with_bias).
+
+    x: ``[*, K]`` and dy: ``[*, O]`` with the same leading shape, any strides;
+    mean, rstd: x's fp32 row statistics ``[M]``.
+    """
+    K = x.shape[-1]
+    O = dy.shape[-1]
+    rows, (x, dy) = rows_of(x, dy)
+    D0, _, D2 = rows.sizes
+    block_m, block_n, block_k = 64, block_size(O, 128), block_size(K, 128)
+    tiles = triton.cdiv(O, block_n) * triton.cdiv(K, block_k)
+    total_blocks = D0 * triton.cdiv(rows.per_batch, block_m)
+    # Enough splits to fill the GPU a few times over; the fp32 partials stay a few MiB.
+    splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(x.device), tiles)))
+    blocks_per_split = triton.cdiv(total_blocks, splits)
+    splits = triton.cdiv(total_blocks, blocks_per_split)
+    dw = torch.empty(splits, O, K, device=x.device, dtype=torch.float32)
+    db = torch.empty(splits, O, device=x.device, dtype=torch.float32) if with_bias else dw
+    _layernorm_linear_weight_grad_kernel[(tiles, splits)](
+        x, dy, ln_weight, ln_bias, mean, rstd, dw, db,
+        rows.per_batch, D2, O, D0, blocks_per_split,
+        *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+        K=K, HAS_BIAS=with_bias, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+        DOT_PRECISION=dot_precision(dy.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
+    )
+    return dw.sum(0), (db.sum(0) if with_bias else None)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class LayerNormLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps, compute_dtype):
+        weight_c = weight.to(compute_dtype)
+        out, mean, rstd = layernorm_linear_forward(x, ln_weight, ln_bias, weight_c, bias, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight_c, mean, rstd)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_weight, ln_bias, weight_c, mean, rstd = ctx.saved_tensors
+        dx = dln_w = dln_b = dw = db = None
+        if any(ctx.needs_input_grad[:3]):
+            dx, dln_w, dln_b = layernorm_linear_backward_input(
+                x, dout, ln_weight, weight_c, mean, rstd, x.dtype
+            )
+        if ctx.needs_input_grad[3] or (ctx.has_bias and ctx.needs_input_grad[4]):
+            dw, db = layernorm_linear_weight_grad(
+                x, dout.to(weight_c.dtype), ln_weight, ln_bias, mean, rstd, ctx.has_bias
+            )
+        return dx, dln_w, dln_b, dw, db, None, None
 
 
 def layernorm_linear_reference(
@@ -36,8 +483,10 @@ def layernorm_linear(
 ) -> torch.Tensor:
     """``F.linear(F.layer_norm(x, [K], ln_weight, ln_bias, eps), weight, bias)``.
 
-    x: ``[*, K]``; ln_weight, ln_bias: ``[K]``; weight: ``[O, K]``; bias: ``[O]`` or None.
-    Returns ``[*, O]``. LayerNorm statistics are computed in fp32.
+    x: ``[*, K]``, any strides; ln_weight, ln_bias: ``[K]``; weight: ``[O, K]``; bias: ``[O]``
+    or None. Returns ``[*, O]`` (in autocast's dtype under autocast). LayerNorm statistics
+    are fp32; weight and LayerNorm gradients are deterministic.
     """
-    resolve_backend(backend, x, ln_weight, ln_bias, weight, bias)
-    return layernorm_linear_reference(x, ln_weight, ln_bias, weight, bias, eps)
+    if resolve_backend(backend, x, ln_weight, ln_bias, weight, bias) == "torch" or x.numel() == 0:
+        return layernorm_linear_reference(x, ln_weight, ln_bias, weight, bias, eps)
+    return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, weight, bias, eps, autocast_dtype(x))
