@@ -1,15 +1,322 @@
 """The SwiGLU transition of AF3 (Alg. 11): LayerNorm -> Linear -> SwiGLU -> Linear, fused.
 
-The hidden activation is ``n`` times wider than the input (n = 4 in AF3); the fused path
-never stores it whole.
+The hidden activation is ``n`` times wider than the input (n = 4 in AF3). The fused path
+never stores it: the forward walks the hidden dimension in chunks, each chunk going
+straight into the output product; the backward recomputes the chunks, once in a
+row-parallel kernel for dx and once in a chunk-parallel kernel for the weight gradients.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from megafold.kernels._common import resolve_backend
+from megafold.kernels.layernorm_linear import (
+    _layernorm_chunk,
+    _layernorm_stats,
+    _row_offsets,
+    _tuned,
+    autocast_dtype,
+    block_size,
+    dot_precision,
+    rows_of,
+    sm_count,
+)
+
+
+@triton.jit
+def _swiglu_chunk(xn, w_in_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) and the ``w_in`` tiles they came from."""
+    hs = h0 + tl.arange(0, BLOCK_H)
+    cs = tl.arange(0, BLOCK_C)
+    ok = (hs < H)[:, None] & (cs < C)[None, :]
+    w_a = tl.load(w_in_ptr + hs[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    w_b = tl.load(w_in_ptr + (hs + H)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    a = tl.dot(xn, tl.trans(w_a), input_precision=DOT_PRECISION)
+    b = tl.dot(xn, tl.trans(w_b), input_precision=DOT_PRECISION)
+    return a, b, w_a, w_b
+
+
+@triton.jit
+def _transition_forward_kernel(
+    x_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, out_ptr, mean_ptr, rstd_ptr,
+    rows_per_batch, inner, H, C_OUT,
+    sx_b, sx_o, sx_i, sx_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h, eps,
+    C: tl.constexpr, X_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_batch
+    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+    mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, C, BLOCK_M, BLOCK_C)
+    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
+    xn = xn.to(w_in_ptr.dtype.element_ty)
+
+    cos = tl.arange(0, BLOCK_CO)
+    acc = tl.zeros([BLOCK_M, BLOCK_CO], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+        # silu(a) * b in fp32; only this BLOCK_H-wide slice of the hidden ever exists.
+        hidden = a * tl.sigmoid(a) * b
+        hs = h0 + tl.arange(0, BLOCK_H)
+        w_out_t = tl.load(
+            w_out_ptr + hs[:, None] * sw_out_h + cos[None, :] * sw_out_c,
+            mask=(hs < H)[:, None] & (cos < C_OUT)[None, :], other=0.0,
+        )
+        acc = tl.dot(hidden.to(w_out_t.dtype), w_out_t, acc, input_precision=DOT_PRECISION)
+
+    flat = batch.to(tl.int64) * rows_per_batch + rows
+    tl.store(out_ptr + flat[:, None] * C_OUT + cos[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cos < C_OUT)[None, :])
+    tl.store(mean_ptr + flat, mean, mask=row_ok)
+    tl.store(rstd_ptr + flat, rstd, mask=row_ok)
+
+
+@triton.jit
+def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+                           C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
+    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+    hs = h0 + tl.arange(0, BLOCK_H)
+    cos = tl.arange(0, BLOCK_CO)
+    w_out = tl.load(
+        w_out_ptr + cos[:, None] * sw_out_c + hs[None, :] * sw_out_h,
+        mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
+    )
+    d_hidden = tl.dot(dy, w_out, input_precision=DOT_PRECISION)
+    sig = tl.sigmoid(a)
+    silu = a * sig
+    da = d_hidden * b * sig * (1.0 + a * (1.0 - sig))
+    db = d_hidden * silu
+    return da, db, silu * b, w_a, w_b
+
+
+@triton.jit
+def _transition_backward_kernel(
+    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr,
+    dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    rows_per_batch, inner, H, C_OUT,
+    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+    C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dx and per-row-block partials of the LayerNorm parameter gradients."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_batch
+    flat = batch.to(tl.int64) * rows_per_batch + rows
+    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
+    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
+    xn = xn.to(w_in_ptr.dtype.element_ty)
+    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+    cos = tl.arange(0, BLOCK_CO)
+    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :] * sdy_c,
+                 mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(w_in_ptr.dtype.element_ty)
+
+    dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        da, db, _, w_a, w_b = _swiglu_backward_chunk(
+            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
+        )
+        dxn = tl.dot(da.to(w_a.dtype), w_a, dxn, input_precision=DOT_PRECISION)
+        dxn = tl.dot(db.to(w_b.dtype), w_b, dxn, input_precision=DOT_PRECISION)
+
+    cs = tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    ok = row_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :] * sx_c, mask=ok, other=0.0).to(tl.float32)
+    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+    dxhat = dxn * gamma[None, :]
+    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
+    mean_dxhat = tl.sum(dxhat, axis=1) / C
+    dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    part = batch * tl.num_programs(0) + pid
+    tl.store(dln_w_part_ptr + part * C + cs, tl.sum(dxn * xhat, axis=0), mask=c_ok)
+    tl.store(dln_b_part_ptr + part * C + cs, tl.sum(dxn, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _transition_weight_grad_kernel(
+    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr,
+    dw_in_part_ptr, dw_out_part_ptr,
+    rows_per_batch, inner, H, C_OUT, num_batches, blocks_per_split,
+    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+    C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Partial w_in and w_out gradients of one hidden chunk over one split of the rows.
+
+    Each split writes its own fp32 partial, summed on the host in a fixed order
+    (deterministic, no atomics).
+    """
+    h0 = tl.program_id(0) * BLOCK_H
+    split = tl.program_id(1)
+    num_row_blocks = tl.cdiv(rows_per_batch, BLOCK_M)
+    total_blocks = num_row_blocks * num_batches
+    cs = tl.arange(0, BLOCK_C)
+    cos = tl.arange(0, BLOCK_CO)
+    dw_a = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    dw_b = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    dw_out = tl.zeros([BLOCK_CO, BLOCK_H], tl.float32)
+    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
+        batch = t // num_row_blocks
+        rows = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < rows_per_batch
+        flat = batch.to(tl.int64) * rows_per_batch + rows
+        mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
+        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
+        xn = xn.to(w_in_ptr.dtype.element_ty)
+        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+        dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :] * sdy_c,
+                     mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(xn.dtype)
+        da, db, hidden, _, _ = _swiglu_backward_chunk(
+            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
+        )
+        dw_a = tl.dot(tl.trans(da.to(xn.dtype)), xn, dw_a, input_precision=DOT_PRECISION)
+        dw_b = tl.dot(tl.trans(db.to(xn.dtype)), xn, dw_b, input_precision=DOT_PRECISION)
+        dw_out = tl.dot(tl.trans(dy), hidden.to(xn.dtype), dw_out, input_precision=DOT_PRECISION)
+
+    hs = h0 + tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+    in_part = dw_in_part_ptr + split.to(tl.int64) * 2 * H * C
+    ok = h_ok[:, None] & (cs < C)[None, :]
+    tl.store(in_part + hs[:, None] * C + cs[None, :], dw_a, mask=ok)
+    tl.store(in_part + (hs + H)[:, None] * C + cs[None, :], dw_b, mask=ok)
+    out_part = dw_out_part_ptr + split.to(tl.int64) * C_OUT * H
+    tl.store(out_part + cos[:, None] * H + hs[None, :], dw_out, mask=(cos < C_OUT)[:, None] & h_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launches
+
+
+def _blocks(C: int, C_OUT: int) -> tuple[int, int]:
+    block_c, block_co = block_size(C, 1 << 30), block_size(C_OUT, 1 << 30)
+    return block_c, block_co
+
+
+def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
+    """Output ``[*, C_OUT]`` in w_in's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``."""
+    C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
+    rows, (x,) = rows_of(x)
+    out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_in.dtype)
+    mean = torch.empty(rows.count, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_c, block_co = _blocks(C, C_OUT)
+    wide = max(block_c, block_co)
+
+    def launch(cfg):
+        _transition_forward_kernel[(triton.cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0])](
+            x, ln_weight, ln_bias, w_in, w_out, out, mean, rstd,
+            rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
+            w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1), eps,
+            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_in.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
+            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        )
+
+    # Register budget: the [BLOCK_M, C] row tile and the [BLOCK_M, C_OUT] accumulator.
+    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
+    candidates = [
+        {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
+        for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
+    ] if wide <= 128 else []
+    launch(_tuned("transition_fwd", (C, H, C_OUT, str(w_in.dtype)), x.device, candidates, default, launch))
+    return out, mean, rstd
+
+
+def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_dtype):
+    """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out."""
+    C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
+    rows, (x, dy) = rows_of(x, dy)
+    D0, _, D2 = rows.sizes
+    dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
+    block_c, block_co = _blocks(C, C_OUT)
+    wide = max(block_c, block_co)
+    common = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+              w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
+    consts = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+                  DOT_PRECISION=dot_precision(w_in.dtype), BLOCK_C=block_c, BLOCK_CO=block_co)
+    key = (C, H, C_OUT, str(w_in.dtype))
+    small_m = max(16, min(64, 8192 // wide))
+
+    parts = {}
+
+    def launch_dx(cfg):
+        num_blocks = triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
+        parts["ln_w"] = torch.empty(D0 * num_blocks, C, device=x.device, dtype=torch.float32)
+        parts["ln_b"] = torch.empty_like(parts["ln_w"])
+        _transition_backward_kernel[(num_blocks, D0)](
+            x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, parts["ln_w"], parts["ln_b"],
+            rows.per_batch, D2, H, C_OUT, *common, **consts,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 2),
+        )
+
+    default = {"BLOCK_M": small_m, "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
+    candidates = [
+        {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
+        for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
+    ] if wide <= 128 else []
+    launch_dx(_tuned("transition_bwd_dx", key, x.device, candidates, default, launch_dx))
+
+    def launch_dw(cfg):
+        block_h = cfg["BLOCK_H"]
+        tiles = triton.cdiv(H, block_h)
+        total_blocks = D0 * triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
+        # Enough row splits to fill the GPU a few times over; partials stay a few MiB.
+        splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(x.device), tiles)))
+        per_split = triton.cdiv(total_blocks, splits)
+        splits = triton.cdiv(total_blocks, per_split)
+        parts["w_in"] = torch.empty(splits, 2 * H, C, device=x.device, dtype=torch.float32)
+        parts["w_out"] = torch.empty(splits, C_OUT, H, device=x.device, dtype=torch.float32)
+        _transition_weight_grad_kernel[(tiles, splits)](
+            x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, parts["w_in"], parts["w_out"],
+            rows.per_batch, D2, H, C_OUT, D0, per_split, *common, **consts,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_H=block_h, num_warps=cfg["num_warps"],
+        )
+
+    # Three fp32 [BLOCK_H, C] accumulators live across the whole row loop.
+    default = {"BLOCK_M": small_m, "BLOCK_H": max(16, min(32, 4096 // wide)), "num_warps": 8 if wide >= 128 else 4}
+    candidates = [
+        {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
+        for bm in (32, 64, 128) for bh in (16, 32, 64) for nw in (4, 8)
+    ] if wide <= 128 else []
+    launch_dw(_tuned("transition_bwd_dw", key, x.device, candidates, default, launch_dw))
+    return dx, parts["ln_w"].sum(0), parts["ln_b"].sum(0), parts["w_in"].sum(0), parts["w_out"].sum(0)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class TransitionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, w_in, w_out, eps, compute_dtype):
+        w_in_c, w_out_c = w_in.to(compute_dtype), w_out.to(compute_dtype)
+        out, mean, rstd = transition_forward(x, ln_weight, ln_bias, w_in_c, w_out_c, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd = ctx.saved_tensors
+        grads = transition_backward(x, dout, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd, x.dtype)
+        return (*grads, None, None)
 
 
 def transition_reference(
@@ -37,8 +344,10 @@ def transition(
 ) -> torch.Tensor:
     """``F.linear(silu(a) * b, w_out)`` with ``a, b = F.linear(LN(x), w_in).chunk(2, -1)``.
 
-    x: ``[*, c]``; ln_weight, ln_bias: ``[c]``; w_in: ``[2 * h, c]`` (rows: a then b);
-    w_out: ``[c_out, h]`` with h = n * c. Returns ``[*, c_out]``.
+    x: ``[*, c]``, any strides; ln_weight, ln_bias: ``[c]``; w_in: ``[2 * h, c]`` (rows: a
+    then b); w_out: ``[c_out, h]`` with h = n * c. Returns ``[*, c_out]`` (in autocast's dtype
+    under autocast). The ``[*, 2 * h]`` hidden activation is never stored.
     """
-    resolve_backend(backend, x, ln_weight, ln_bias, w_in, w_out)
-    return transition_reference(x, ln_weight, ln_bias, w_in, w_out, eps)
+    if resolve_backend(backend, x, ln_weight, ln_bias, w_in, w_out) == "torch" or x.numel() == 0:
+        return transition_reference(x, ln_weight, ln_bias, w_in, w_out, eps)
+    return TransitionFunction.apply(x, ln_weight, ln_bias, w_in, w_out, eps, autocast_dtype(x))
