@@ -1,0 +1,110 @@
+"""What every benchmark shares: environment record, timing, peak memory, table, JSON.
+
+Timing is the median of CUDA-event-timed repetitions after warm-up
+(``triton.testing.do_bench`` with ``return_mode="median"``); peak memory is the allocator's
+peak during one extra run above what was allocated before it (the inputs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("MEGAFOLD_COMMIT", "unknown")
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "hip": getattr(torch.version, "hip", None),
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": _dt.date.today().isoformat(),
+        "python": sys.version.split()[0],
+    }
+
+
+def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    if not torch.cuda.is_available():
+        import time
+
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def peak_mib(fn: Callable[[], object]) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("nan")
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def write_json(name: str, env: dict, rows: list[dict], config: dict, out_dir: Path | None = None) -> Path:
+    """Write ``results/<gpu-name>/<date>-<name>.json`` atomically; return its path."""
+    folder = (out_dir or RESULTS) / re.sub(r"[^A-Za-z0-9._-]+", "_", env["device"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{env['date']}-{name}.json"
+    payload = {"benchmark": name, **env, "config": config, "rows": rows}
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.2f}"
+        return "-" if value is None else str(value)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

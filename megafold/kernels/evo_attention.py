@@ -1,0 +1,630 @@
+"""EvoAttention: attention over the last token axis with a pair bias shared by every row.
+
+    out[s, i, h] = sigmoid(gate[s, i, h]) * sum_j softmax_j(q[s, i, h] . k[s, j, h] * scale
+                                                          + bias[h, i, j] | mask[s, j]) v[s, j, h]
+
+Triangle attention (S = N rows), single attention with pair bias (S = 1, or S = diffusion
+samples sharing one bias) and MSA pair-weighted averaging are all this op.
+
+Layout: q, k, v, gate ``[*, S, N, H, D]`` with any strides (the ending-node triangle attention
+passes a transposed view: no copy is made); bias ``[*, H, N, N]``; mask ``[*, S, N]`` bool,
+True = key attended. A row whose keys are all masked gives output 0 and gradient 0.
+
+Forward: one program per (row s, query block, batch x head), online softmax over key blocks.
+Backward, deterministic and without atomics, in three kernels that each own what they write:
+  dK, dV  one program per (row, key block), loops over query blocks;
+  dQ      one program per (row, query block), loops over key blocks;
+  dBias   one program per (query block, key block, batch x head), loops over the S rows and
+          reduces their dS in registers before a single store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megafold.kernels._common import (
+    bench_ms,
+    interpreter_active,
+    next_power_of_2,
+    pick_config,
+    resolve_backend,
+)
+
+# --------------------------------------------------------------------------- reference
+
+
+def evo_attention_reference(q, k, v, bias=None, mask=None, gate=None, scale=None):
+    """Plain PyTorch EvoAttention (the eager baseline): materialises ``[*, S, H, N, N]`` scores."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh, kh, vh = (t.movedim(-2, -3) for t in (q, k, v))  # [*, S, H, N, D]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.unsqueeze(-4)
+    if mask is not None:
+        keys = mask[..., None, None, :]
+        # A finite fill keeps fully masked rows finite (NaN-free gradients); they are zeroed below.
+        scores = scores.masked_fill(~keys, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs * mask.any(-1)[..., None, None, None].to(probs.dtype)
+    out = torch.matmul(probs, vh).movedim(-3, -2)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    return out
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _evo_attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, gate_ptr, out_ptr, att_ptr, lse_ptr,
+    stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_bb, stride_bh, stride_bi, stride_bj,
+    stride_mb, stride_ms, stride_mn,
+    stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
+    H, N, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    block_m = tl.program_id(1)
+    batch_head = tl.program_id(2)
+    b = batch_head // H
+    h = batch_head % H
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    d_valid = offs_d < D
+
+    q_base = q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
+    k_base = k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
+    v_base = v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=m_valid[:, None] & d_valid[None, :], other=0.0,
+    )
+
+    # Online softmax invariant: after each key block, m_i is the running row max of the
+    # logits, l_i = sum_j exp(logit_j - m_i) and acc = sum_j exp(logit_j - m_i) v_j.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if IEEE:
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            logits = tl.dot(q, tl.trans(k)) * scale
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_ptr + b * stride_bb + h * stride_bh
+                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                mask=m_valid[:, None] & n_valid[None, :], other=0.0,
+            ).to(tl.float32)
+            logits += bias
+        key_ok = n_valid
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
+                                       mask=n_valid, other=0) != 0)
+        logits = tl.where(key_ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        # A row with no attended key so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(logits - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    att = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # Fully masked rows store lse = +inf, so the backward's exp(logit - lse) is exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    bh_row = (b * tl.num_programs(0) + row) * H + h
+    tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
+    # out/att are written contiguous [B, S, N, H, D].
+    o_offs = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    o_mask = m_valid[:, None] & d_valid[None, :]
+    if HAS_GATE:
+        gate = tl.load(
+            gate_ptr + b * stride_gb + row * stride_gs + h * stride_gh
+            + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+            mask=o_mask, other=0.0,
+        ).to(tl.float32)
+        tl.store(att_ptr + o_offs, att.to(att_ptr.dtype.element_ty), mask=o_mask)
+        att = att * tl.sigmoid(gate)
+    tl.store(out_ptr + o_offs, att.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _recompute_ds(
+    q, k, v, do, lse, delta, bias_tile, key_ok, scale,
+    IEEE: tl.constexpr,
+):
+    """Probabilities and logit gradient of one (query block, key block) tile.
+
+    Returns (p, ds): p = exp(logits - lse), ds = p * (dO v^T - delta), both fp32.
+    """
+    if IEEE:
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        logits = tl.dot(q, tl.trans(k)) * scale
+    logits += bias_tile
+    logits = tl.where(key_ok[None, :], logits, float("-inf"))
+    p = tl.exp(logits - lse[:, None])
+    if IEEE:
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def _evo_attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_bb, stride_bh, stride_bi, stride_bj,
+    stride_mb, stride_ms, stride_mn,
+    S, H, N, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    block_n = tl.program_id(1)
+    batch_head = tl.program_id(2)
+    b = batch_head // H
+    h = batch_head % H
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < N
+    d_valid = offs_d < D
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if IEEE:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = n_valid
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
+                                   mask=n_valid, other=0) != 0)
+    bh_row = (b * S + row) * H + h
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N
+        qd_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
+                    + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        # dO (of the ungated attention) is contiguous [B, S, N, H, D].
+        do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                     mask=qd_mask, other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_BIAS:
+            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
+    tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _evo_attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_bb, stride_bh, stride_bi, stride_bj,
+    stride_mb, stride_ms, stride_mn,
+    S, H, N, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    block_m = tl.program_id(1)
+    batch_head = tl.program_id(2)
+    b = batch_head // H
+    h = batch_head % H
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    d_valid = offs_d < D
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    bh_row = (b * S + row) * H + h
+    q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
+                + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
+                    + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
+                    + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if IEEE:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_ok = n_valid
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
+                                       mask=n_valid, other=0) != 0)
+        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_BIAS:
+            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+        if IEEE:
+            dq += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(dq_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _evo_attention_dbias_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dbias_ptr,
+    stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_bb, stride_bh, stride_bi, stride_bj,
+    stride_mb, stride_ms, stride_mn,
+    S, H, N, D, scale,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    block_m = tl.program_id(1)
+    batch_head = tl.program_id(2)
+    b = batch_head // H
+    h = batch_head % H
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < N
+    n_valid = offs_n < N
+    d_valid = offs_d < D
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    tile_mask = m_valid[:, None] & n_valid[None, :]
+    # The bias tile is the same for every row: load it once, reduce all rows' dS in registers.
+    bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                        + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for row in range(0, S):
+        bh_row = (b * S + row) * H + h
+        q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
+                    + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                     mask=qd_mask, other=0.0)
+        k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
+                    + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
+                    + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+        key_ok = n_valid
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
+                                       mask=n_valid, other=0) != 0)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+        dbias += ds
+    # dbias is written contiguous [B, H, N, N] in fp32.
+    tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], dbias, mask=tile_mask)
+
+
+# --------------------------------------------------------------------------- host side
+
+def _flatten_batch(t: torch.Tensor, trailing: int, batch: int) -> torch.Tensor:
+    """View ``[*, ...trailing]`` as ``[B, ...trailing]``; copies only if the leading dims cannot merge."""
+    lead = t.shape[: t.dim() - trailing]
+    if len(lead) == 1:
+        return t
+    if len(lead) == 0:
+        return t.unsqueeze(0)
+    try:
+        return t.view(batch, *t.shape[t.dim() - trailing:])
+    except RuntimeError:
+        return t.reshape(batch, *t.shape[t.dim() - trailing:])
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+_CANDIDATES = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64))
+    for w in (4, 8)
+    for st in (2, 3)
+]
+
+
+def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has_bias: bool):
+    bucket = lambda n: next_power_of_2(n)  # noqa: E731  shapes within a factor of 2 share a choice
+    return (kind, bucket(S), bucket(N), next_power_of_2(D), H, str(dtype), has_bias)
+
+
+def _config(kind, launch, device, S, N, D, H, dtype, has_bias):
+    if interpreter_active():
+        # The interpreter runs every program serially: small blocks keep masked tails cheap.
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    return pick_config(
+        "evo_attention", _tune_key(kind, S, N, D, H, dtype, has_bias), device, _CANDIDATES,
+        _DEFAULT, lambda cfg: bench_ms(lambda: launch(cfg)),
+    )
+
+
+class _Inputs:
+    """The op's inputs flattened to one batch axis ``B``, with their strides for the kernels."""
+
+    def __init__(self, q, k, v, bias, mask, gate):
+        self.lead = q.shape[:-4]
+        self.B = math.prod(self.lead)
+        self.S, self.N, self.H, self.D = q.shape[-4:]
+        self.q = _flatten_batch(q, 4, self.B)
+        self.k = _flatten_batch(k, 4, self.B)
+        self.v = _flatten_batch(v, 4, self.B)
+        self.gate = None if gate is None else _flatten_batch(gate, 4, self.B)
+        self.bias = None
+        if bias is not None:
+            self.bias = _flatten_batch(bias.expand(*self.lead, self.H, self.N, self.N), 3, self.B)
+        self.mask = None
+        if mask is not None:
+            full = mask.expand(*self.lead, self.S, self.N)
+            self.mask = _flatten_batch(full, 2, self.B).view(torch.uint8)
+
+    def tensors(self):
+        return self.q, self.k, self.v, self.bias, self.mask, self.gate
+
+    @classmethod
+    def restore(cls, lead, tensors):
+        self = cls.__new__(cls)
+        self.lead = lead
+        self.q, self.k, self.v, self.bias, self.mask, self.gate = tensors
+        self.B, self.S, self.N, self.H, self.D = self.q.shape
+        return self
+
+    def args(self):
+        return (
+            *self.q.stride(), *self.k.stride(), *self.v.stride(),
+            *_strides(self.bias, 4), *_strides(self.mask, 3),
+        )
+
+
+def _forward(inp: _Inputs, scale: float):
+    B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
+    dtype = inp.q.dtype
+    out = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
+    att = torch.empty_like(out) if inp.gate is not None else out
+    lse = torch.empty((B, S, H, N), device=inp.q.device, dtype=torch.float32)
+    block_d = max(16, next_power_of_2(D))
+    ieee = dtype == torch.float32
+    dummy = inp.q
+
+    def launch(cfg):
+        grid = (S, triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+        _evo_attention_forward_kernel[grid](
+            inp.q, inp.k, inp.v,
+            inp.bias if inp.bias is not None else dummy,
+            inp.mask if inp.mask is not None else dummy,
+            inp.gate if inp.gate is not None else dummy,
+            out, att, lse,
+            *inp.q.stride(), *inp.k.stride(), *inp.v.stride(),
+            *_strides(inp.bias, 4), *_strides(inp.mask, 3), *_strides(inp.gate, 5),
+            H, N, D, scale,
+            HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
+            HAS_GATE=inp.gate is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    cfg = _config("fwd", launch, inp.q.device, S, N, D, H, dtype, inp.bias is not None)
+    launch(cfg)
+    return out, att, lse
+
+
+def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
+    B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
+    dtype = inp.q.dtype
+    dout = dout.reshape(B, S, N, H, D)
+    dgate = None
+    # Gate and delta in fp32: a few elementwise passes over [B, S, N, H, D], cheap next to N^3 work.
+    if inp.gate is not None:
+        sig = torch.sigmoid(inp.gate.float())
+        dout32 = dout.float()
+        dgate = (dout32 * att.float() * sig * (1.0 - sig)).to(inp.gate.dtype)
+        datt = (dout32 * sig).to(dtype).contiguous()
+    else:
+        datt = dout.to(dtype).contiguous()
+    delta = (datt.float() * att.float()).sum(-1).permute(0, 1, 3, 2).contiguous()  # [B, S, H, N]
+    dq = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    block_d = max(16, next_power_of_2(D))
+    ieee = dtype == torch.float32
+    dummy = inp.q
+    bias = inp.bias if inp.bias is not None else dummy
+    mask = inp.mask if inp.mask is not None else dummy
+    common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee)
+    strides = inp.args()
+
+    def launch_dkdv(cfg):
+        grid = (S, triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+        _evo_attention_dkdv_kernel[grid](
+            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
+            S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    def launch_dq(cfg):
+        grid = (S, triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+        _evo_attention_dq_kernel[grid](
+            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq, *strides,
+            S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    device = inp.q.device
+    has_bias = inp.bias is not None
+    launch_dkdv(_config("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias))
+    launch_dq(_config("dq", launch_dq, device, S, N, D, H, dtype, has_bias))
+
+    dbias = None
+    if need_dbias:
+        dbias = torch.empty((B, H, N, N), device=device, dtype=torch.float32)
+
+        def launch_dbias(cfg):
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+            _evo_attention_dbias_kernel[grid](
+                inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dbias, *strides,
+                S, H, N, D, scale,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+
+        launch_dbias(_config("dbias", launch_dbias, device, S, N, D, H, dtype, has_bias))
+    return dq, dk, dv, dbias, dgate
+
+
+class _EvoAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, gate, scale):
+        inp = _Inputs(q, k, v, bias, mask, gate)
+        out, att, lse = _forward(inp, scale)
+        ctx.lead = inp.lead
+        ctx.scale = scale
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(*inp.tensors(), att, lse)
+        return out.view(*inp.lead, inp.S, inp.N, inp.H, inp.D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        *tensors, att, lse = ctx.saved_tensors
+        inp = _Inputs.restore(ctx.lead, tensors)
+        need_dbias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias, dgate = _backward(inp, att, lse, dout, ctx.scale, need_dbias)
+        shape = (*inp.lead, inp.S, inp.N, inp.H, inp.D)
+        if dbias is not None:
+            dbias = dbias.view(*inp.lead, inp.H, inp.N, inp.N)
+            # A bias broadcast over batch dims gets the sum of their gradients.
+            dbias = _sum_to_shape(dbias, ctx.bias_shape).to(ctx.bias_dtype)
+        return (
+            dq.view(shape), dk.view(shape), dv.view(shape), dbias, None,
+            None if dgate is None else dgate.view(shape), None,
+        )
+
+
+def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    extra = grad.dim() - len(shape)
+    if extra > 0:
+        grad = grad.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad
+
+
+def _check(q, k, v, bias, mask, gate):
+    if q.dim() < 4:
+        raise ValueError(f"evo_attention: q must be [*, S, N, H, D], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), ("gate", gate)):
+        if t is not None and t.shape != q.shape:
+            raise ValueError(f"evo_attention: {name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
+    S, N, H, D = q.shape[-4:]
+    if bias is not None and tuple(bias.shape[-3:]) != (H, N, N):
+        raise ValueError(f"evo_attention: bias must be [*, H={H}, N={N}, N={N}], got {tuple(bias.shape)}")
+    if mask is not None and tuple(mask.shape[-2:]) != (S, N):
+        raise ValueError(f"evo_attention: mask must be [*, S={S}, N={N}], got {tuple(mask.shape)}")
+    if any(t is not None and t.dtype != q.dtype for t in (k, v)):
+        raise TypeError(f"evo_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"evo_attention: mask must be bool (True = attend), got {mask.dtype}")
+    if not 1 <= D <= 128:
+        raise ValueError(f"evo_attention: head dim {D} outside 1..128")
+
+
+def evo_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over N with a pair bias shared by all S rows, a key mask and an output gate.
+
+    Args:
+        q, k, v, gate: ``[*, S, N, H, D]``, any strides; gate gives ``sigmoid(gate) * out``.
+        bias: ``[*, H, N, N]`` (leading dims broadcast), added to every row's logits.
+        mask: ``[*, S, N]`` bool, True = key attended; rows with no key give 0.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: "auto" | "triton" | "torch".
+
+    Returns:
+        ``[*, S, N, H, D]`` in q's dtype.
+    """
+    _check(q, k, v, bias, mask, gate)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_backend(backend, q, k, v) == "torch":
+        return evo_attention_reference(q, k, v, bias, mask, gate, scale)
+    return _EvoAttentionFunction.apply(q, k, v, bias, mask, gate, scale)

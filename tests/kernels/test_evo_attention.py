@@ -1,0 +1,229 @@
+"""EvoAttention: the Triton kernels against a float64 reference, forward and every gradient.
+
+On the CPU the kernels run under the Triton interpreter (tests/conftest.py) at small sizes in
+fp32 and fp16; on a GPU (marker `gpu`) at real sizes in bf16.
+
+Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
+  fp32: 1e-5. The kernels use IEEE fp32 dots and fp32 accumulation; measured errors are ~1e-7.
+  fp16: 5e-3. Operands are rounded to fp16 (2^-11 relative) and so are P and dS before the
+        second matmul of each pair; the errors add up to a few 1e-4, far under 5e-3.
+  bf16: 2e-2. bf16 keeps 8 mantissa bits (2^-9 relative per rounding); P and dS are rounded to
+        bf16 before the PV, dK and dQ products and the output is stored in bf16, so errors of
+        3e-3..1e-2 are expected; 2e-2 still catches any indexing or masking bug (those give O(1)).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megafold.kernels import evo_attention, use_kernels
+from megafold.kernels.evo_attention import evo_attention_reference
+from megafold.kernels.testing import evo_attention_reference_chunked
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty / empty_like inside the op is filled with NaN: unwritten outputs show."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def empty_like(*args, **kwargs):
+        out = real_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def make_inputs(lead, S, N, H, D, dtype, device="cpu", bias=True, mask=True, gate=True,
+                masked_rows=()):
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_()
+
+    q, k, v = (leaf(*lead, S, N, H, D) for _ in range(3))
+    inputs = {"q": q, "k": k, "v": v}
+    if bias:
+        inputs["bias"] = leaf(*lead, H, N, N)
+    if mask:
+        keys = torch.rand(*lead, S, N, device=device) > 0.25
+        for row in masked_rows:  # rows with every key masked
+            keys[(..., row, slice(None))] = False
+        inputs["mask"] = keys
+    if gate:
+        inputs["gate"] = leaf(*lead, S, N, H, D)
+    return inputs
+
+
+def check_against_reference(inputs, dtype, scale=None, backend="triton"):
+    """Run the op and the float64 reference; compare the output and every gradient."""
+    out = evo_attention(**inputs, scale=scale, backend=backend)
+    grad_out = torch.randn_like(out)
+    leaves = [name for name, t in inputs.items() if t.is_floating_point()]
+    grads = torch.autograd.grad(out, [inputs[n] for n in leaves], grad_out)
+
+    ref_inputs = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
+                  for n, t in inputs.items()}
+    ref = evo_attention_reference(**ref_inputs, scale=scale)
+    ref_grads = torch.autograd.grad(ref, [ref_inputs[n] for n in leaves], grad_out.double())
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == inputs["q"].shape
+    assert rel_err(out, ref) < tol, f"output: {rel_err(out, ref):.2e}"
+    for name, g, rg in zip(leaves, grads, ref_grads):
+        assert g.shape == inputs[name].shape
+        err = rel_err(g, rg)
+        assert err < tol, f"grad {name}: {err:.2e} >= {tol}"
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lead,S,N,H,D",
+    [
+        ((1,), 3, 16, 2, 32),   # block-aligned
+        ((2,), 5, 13, 3, 24),   # odd N, D not a power of two
+        ((1,), 1, 33, 4, 8),    # single row (pair-bias shape), N past one block
+        ((2, 2), 2, 7, 1, 48),  # two leading dims, D = 48
+    ],
+)
+def test_matches_reference(lead, S, N, H, D, dtype, poisoned_empty):
+    inputs = make_inputs(lead, S, N, H, D, dtype, masked_rows=(0,))
+    check_against_reference(inputs, dtype)
+
+
+@pytest.mark.parametrize("parts", [dict(bias=False, mask=False, gate=False),
+                                   dict(bias=True, mask=False, gate=False),
+                                   dict(bias=False, mask=True, gate=True)])
+def test_optional_inputs(parts, poisoned_empty):
+    inputs = make_inputs((1,), 3, 11, 2, 16, torch.float32, **parts)
+    check_against_reference(inputs, torch.float32)
+
+
+def test_custom_scale_and_d128():
+    inputs = make_inputs((1,), 2, 9, 1, 128, torch.float32)
+    check_against_reference(inputs, torch.float32, scale=0.37)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    inputs = make_inputs((1,), 4, 10, 2, 16, torch.float32, masked_rows=(1, 3))
+    out, grads = check_against_reference(inputs, torch.float32)
+    assert torch.all(out[:, [1, 3]] == 0)
+    dq = grads[0]
+    assert torch.all(dq[:, [1, 3]] == 0)
+
+
+def test_transposed_views_need_no_copy(monkeypatch):
+    """Ending-node triangle attention passes the pair transposed: a view, not a copy."""
+    B, N, H, D = 1, 12, 2, 16
+    pair_q = torch.randn(B, N, N, H, D, requires_grad=True)
+    pair_k = torch.randn(B, N, N, H, D, requires_grad=True)
+    pair_v = torch.randn(B, N, N, H, D, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in (pair_q, pair_k, pair_v))
+    assert not q.is_contiguous()
+    bias = torch.randn(B, H, N, N).transpose(-1, -2).requires_grad_()  # transposed bias too
+    mask = (torch.rand(B, N, N) > 0.2).transpose(1, 2)
+
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        if self.data_ptr() in {pair_q.data_ptr(), pair_k.data_ptr(), pair_v.data_ptr()}:
+            copies.append(self.shape)
+        return real_contiguous(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    check_against_reference({"q": q, "k": k, "v": v, "bias": bias, "mask": mask}, torch.float32)
+    assert copies == []
+
+
+def test_broadcast_bias_gets_summed_gradient():
+    lead, S, N, H, D = (3,), 2, 9, 2, 16
+    inputs = make_inputs(lead, S, N, H, D, torch.float32)
+    inputs["bias"] = torch.randn(1, H, N, N, requires_grad=True)  # one bias for the 3 batches
+    check_against_reference(inputs, torch.float32)
+
+
+def test_bias_gradient_is_deterministic():
+    inputs = make_inputs((1,), 6, 21, 2, 16, torch.float32)
+    runs = []
+    for _ in range(2):
+        out = evo_attention(**inputs, backend="triton")
+        runs.append(torch.autograd.grad(out, inputs["bias"], torch.ones_like(out))[0])
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_chunked_reference_matches_plain_reference():
+    inputs = make_inputs((1,), 5, 9, 2, 8, torch.float32)
+    grad_out = torch.randn(1, 5, 9, 2, 8)
+    out, grads = evo_attention_reference_chunked(inputs, grad_out, max_logits=2 * 2 * 81)
+    ref = evo_attention_reference(**{n: t.double() if t.is_floating_point() else t
+                                     for n, t in inputs.items()})
+    assert rel_err(out, ref) < 1e-6
+    full = torch.autograd.grad(evo_attention_reference(**inputs), inputs["bias"], grad_out)[0]
+    assert rel_err(grads["bias"], full) < 1e-5
+
+
+def test_backend_choice():
+    inputs = make_inputs((1,), 2, 5, 1, 8, torch.float32)
+    ref = evo_attention_reference(**inputs)
+    with use_kernels("torch"):
+        assert torch.equal(evo_attention(**inputs), ref)
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        with use_kernels("cuda"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (dict(k=torch.randn(1, 2, 5, 1, 9)), "k shape"),
+        (dict(bias=torch.randn(1, 1, 5, 4)), "bias must be"),
+        (dict(mask=torch.ones(1, 2, 5)), "mask must be bool"),
+        (dict(mask=torch.ones(1, 3, 5, dtype=torch.bool)), "mask must be"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(bad, error):
+    inputs = {"q": torch.randn(1, 2, 5, 1, 8), "k": torch.randn(1, 2, 5, 1, 8),
+              "v": torch.randn(1, 2, 5, 1, 8)}
+    inputs.update(bad)
+    with pytest.raises((ValueError, TypeError), match=error):
+        evo_attention(**inputs, backend="triton")
+
+
+# --------------------------------------------------------------------------- GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "S,N,H,D",
+    [(256, 256, 4, 32), (384, 384, 4, 32), (767, 767, 4, 32), (1024, 1024, 4, 32),  # triangle
+     (48, 384, 16, 48), (48, 768, 16, 48),  # diffusion: 48 samples share one bias
+     (1, 1024, 16, 24), (1, 512, 16, 64)],  # single attention with pair bias
+)
+def test_gpu_bf16_real_sizes(S, N, H, D):
+    dtype = torch.bfloat16
+    inputs = make_inputs((1,), S, N, H, D, dtype, device="cuda", masked_rows=(3 % S,))
+    inputs["mask"][..., N - 17:] = False  # padded tail of keys, as in a padded crop
+    out = evo_attention(**inputs, backend="triton")
+    grad_out = torch.randn_like(out)
+    names = [n for n, t in inputs.items() if t.is_floating_point()]
+    grads = dict(zip(names, torch.autograd.grad(out, [inputs[n] for n in names], grad_out)))
+    ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out)
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    for n in names:
+        assert rel_err(grads[n], ref_grads[n]) < TOL[dtype], (n, rel_err(grads[n], ref_grads[n]))
+    # Determinism of the bias gradient on the real launch configuration.
+    out2 = evo_attention(**inputs, backend="triton")
+    again = torch.autograd.grad(out2, inputs["bias"], grad_out)[0]
+    assert torch.equal(again, grads["bias"])
