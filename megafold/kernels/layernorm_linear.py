@@ -94,10 +94,13 @@ def row_groups(*tensors: torch.Tensor) -> Rows | None:
         return None
     sizes = [math.prod(shape[d] for d in group) for group in groups]
     strides = [[t.stride(group[-1]) for group in groups] for t in tensors]
+    # Two groups: the outer one goes on the grid's batch axis, so that the rows inside a
+    # batch stay one contiguous run when they are (a [B, c, N, N] layout seen as pairs).
+    pad_at = 1 if len(sizes) == 2 and sizes[0] <= MAX_GRID_Y else 0
     while len(sizes) < 3:
-        sizes.insert(0, 1)
+        sizes.insert(pad_at, 1)
         for s in strides:
-            s.insert(0, 0)
+            s.insert(pad_at, 0)
     if sizes[0] > MAX_GRID_Y:
         return None
     merged = tuple(s[1] == sizes[2] * s[2] or sizes[1] == 1 for s in strides)

@@ -1,4 +1,14 @@
-"""Triangle multiplicative update of AF3 (Alg. 12 outgoing, Alg. 13 incoming) in one op."""
+"""Triangle multiplicative update of AF3 (Alg. 12 outgoing, Alg. 13 incoming) in one op.
+
+Three passes over the pair tensor:
+1. one kernel: input LayerNorm, the gated projections and the pair mask, writing ``a`` and
+   ``b`` as ``[B, c_h, N, N]`` so that the triangular product is one batched matmul;
+2. the product ``x = a b^T`` (outgoing) or ``a^T b`` (incoming) in cuBLAS, the right tool;
+3. one kernel: output LayerNorm, output projection and the output gate, which recomputes
+   LN(z) from two saved fp32 numbers per pair instead of storing the gate.
+The backward mirrors them; weight gradients are split over pair rows into fp32 partials
+summed in a fixed order (deterministic, no atomics).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +16,21 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from megafold.kernels._common import resolve_backend
+from megafold.kernels.layernorm_linear import (
+    _layernorm_chunk,
+    _layernorm_stats,
+    _row_offsets,
+    _tuned,
+    autocast_dtype,
+    block_size,
+    dot_precision,
+    layernorm_linear_weight_grad,
+    sm_count,
+)
 
 PARAM_NAMES = (
     "norm_in_weight",
@@ -19,6 +42,480 @@ PARAM_NAMES = (
     "norm_out_bias",
     "out_proj_weight",
 )
+
+
+@triton.jit
+def _gated_projection(zn, w_p_ptr, w_g_ptr, w_rows, c_ok, sw_p0, sw_p1, sw_g0, sw_g1,
+                      CZ: tl.constexpr, BLOCK_CZ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Projection and gate pre-activations (fp32) of the weight rows ``w_rows``, and the tiles."""
+    ks = tl.arange(0, BLOCK_CZ)
+    ok = c_ok[:, None] & (ks < CZ)[None, :]
+    w_p = tl.load(w_p_ptr + w_rows[:, None] * sw_p0 + ks[None, :] * sw_p1, mask=ok, other=0.0)
+    w_g = tl.load(w_g_ptr + w_rows[:, None] * sw_g0 + ks[None, :] * sw_g1, mask=ok, other=0.0)
+    proj = tl.dot(zn, tl.trans(w_p), input_precision=DOT_PRECISION)
+    gate = tl.dot(zn, tl.trans(w_g), input_precision=DOT_PRECISION)
+    return proj, gate, w_p, w_g
+
+
+@triton.jit
+def _square_tile(w_ptr, s0, s1, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rs = tl.arange(0, BLOCK_R)
+    cs = tl.arange(0, BLOCK_C)
+    return tl.load(w_ptr + rs[:, None] * s0 + cs[None, :] * s1,
+                   mask=(rs < R)[:, None] & (cs < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _triangle_input_forward_kernel(
+    z_ptr, mask_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, ab_ptr, mean_ptr, rstd_ptr,
+    N, CH, side_stride,
+    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1, eps,
+    CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """a, b = sigmoid(LN(z) W_g^T) * (LN(z) W_p^T) * mask, stored as ``[2, B, c_h, N, N]``."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    NN = N * N
+    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ij < NN
+    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+    mean, rstd = _layernorm_stats(z_ptr, z_rows, row_ok, sz_c, eps, CZ, BLOCK_M, BLOCK_CZ)
+    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, CZ, BLOCK_CZ)
+    zn = zn.to(w_p_ptr.dtype.element_ty)
+    valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
+    valid = valid.to(tl.float32)
+
+    ab_batch = ab_ptr + batch.to(tl.int64) * CH * NN
+    for c0 in range(0, CH, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < CH
+        for side in tl.static_range(2):
+            proj, gate, _, _ = _gated_projection(zn, w_p_ptr, w_g_ptr, side * CH + cs, c_ok,
+                                                 sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION)
+            value = tl.sigmoid(gate) * proj * valid[:, None]
+            # Channel-major store: each channel's N x N plane is one matrix of the product.
+            tl.store(ab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
+                     value.to(ab_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+    flat = batch.to(tl.int64) * NN + ij
+    tl.store(mean_ptr + flat, mean, mask=row_ok)
+    tl.store(rstd_ptr + flat, rstd, mask=row_ok)
+
+
+@triton.jit
+def _triangle_output_forward_kernel(
+    x_ptr, z_ptr, z_mean_ptr, z_rstd_ptr, ln_in_w_ptr, ln_in_b_ptr, w_og_ptr,
+    ln_out_w_ptr, ln_out_b_ptr, w_o_ptr, out_ptr, x_mean_ptr, x_rstd_ptr,
+    N, sz_b, sz_i, sz_j, sz_c, sw_og0, sw_og1, sw_o0, sw_o1, eps,
+    CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    """out = sigmoid(LN(z) W_og^T) * (LN(x) W_o^T); x is ``[B, c_h, N, N]``."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    NN = N * N
+    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ij < NN
+    flat = batch.to(tl.int64) * NN + ij
+    dtype = w_o_ptr.dtype.element_ty
+
+    x_rows = batch.to(tl.int64) * CH * NN + ij
+    x_mean, x_rstd = _layernorm_stats(x_ptr, x_rows, row_ok, NN, eps, CH, BLOCK_M, BLOCK_CH)
+    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, NN, ln_out_w_ptr, ln_out_b_ptr, x_mean, x_rstd, 0, CH, BLOCK_CH)
+    w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
+    update = tl.dot(xn.to(dtype), tl.trans(w_o), input_precision=DOT_PRECISION)
+
+    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+    z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+    z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
+    w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
+    gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+
+    ks = tl.arange(0, BLOCK_CZ)
+    tl.store(out_ptr + flat[:, None] * CZ + ks[None, :], (gate * update).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (ks < CZ)[None, :])
+    tl.store(x_mean_ptr + flat, x_mean, mask=row_ok)
+    tl.store(x_rstd_ptr + flat, x_rstd, mask=row_ok)
+
+
+@triton.jit
+def _layernorm_backward_rows(dxn, xhat, rstd, gamma, N_CH: tl.constexpr):
+    dxhat = dxn * gamma[None, :]
+    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / N_CH
+    mean_dxhat = tl.sum(dxhat, axis=1) / N_CH
+    return (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _triangle_output_backward_kernel(
+    x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr,
+    ln_in_w_ptr, ln_in_b_ptr, w_og_ptr, ln_out_w_ptr, ln_out_b_ptr, w_o_ptr,
+    dx_ptr, d_update_ptr, d_gate_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
+    CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    """dx (``[B, c_h, N, N]``), the gradients of the update and of the gate pre-activation
+    (``[B * N * N, c_z]``, for the weight gradients and the input pass) and partials of the
+    output LayerNorm's parameter gradients."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    NN = N * N
+    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ij < NN
+    flat = batch.to(tl.int64) * NN + ij
+    dtype = w_o_ptr.dtype.element_ty
+    hs = tl.arange(0, BLOCK_CH)
+    h_ok = hs < CH
+    ks = tl.arange(0, BLOCK_CZ)
+    k_ok = ks < CZ
+
+    x_rows = batch.to(tl.int64) * CH * NN + ij
+    x_ptrs = x_rows[:, None] + hs[None, :].to(tl.int64) * NN
+    x_ok = row_ok[:, None] & h_ok[None, :]
+    x = tl.load(x_ptr + x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+    x_mean = tl.load(x_mean_ptr + flat, mask=row_ok, other=0.0)
+    x_rstd = tl.load(x_rstd_ptr + flat, mask=row_ok, other=0.0)
+    xhat = tl.where(x_ok, (x - x_mean[:, None]) * x_rstd[:, None], 0.0)
+    gamma_out = tl.load(ln_out_w_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    beta_out = tl.load(ln_out_b_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
+    w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
+    update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
+
+    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+    z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+    z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
+    w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
+    gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+
+    d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
+    ok = row_ok[:, None] & k_ok[None, :]
+    dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :] * sd_c, mask=ok, other=0.0).to(tl.float32)
+    d_update = (dout * gate).to(dtype)
+    d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
+    tl.store(d_update_ptr + flat[:, None] * CZ + ks[None, :], d_update, mask=ok)
+    tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
+
+    dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
+    dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
+    tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
+    part = batch * tl.num_programs(0) + pid
+    tl.store(dln_w_part_ptr + part * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
+    tl.store(dln_b_part_ptr + part * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
+
+
+@triton.jit
+def _gated_projection_backward(zn, valid, dab_batch, ij, row_ok, cs, c_ok, side, side_stride, NN,
+                               w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1,
+                               CZ: tl.constexpr, BLOCK_CZ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Gradients of the projection and gate pre-activations of one side and channel block."""
+    proj, gate, w_p, w_g = _gated_projection(zn, w_p_ptr, w_g_ptr, side * CH + cs, c_ok,
+                                             sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION)
+    d_ab = tl.load(dab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
+                   mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    d_ab = d_ab * valid[:, None]
+    sig = tl.sigmoid(gate)
+    return d_ab * sig, d_ab * proj * sig * (1.0 - sig), w_p, w_g
+
+
+@triton.jit
+def _triangle_input_backward_kernel(
+    z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, w_og_ptr,
+    dab_ptr, d_gate_ptr, dz_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    N, CH, side_stride,
+    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1, sw_og0, sw_og1,
+    CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz through the input LayerNorm, from the a, b and gate paths at once."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    NN = N * N
+    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ij < NN
+    flat = batch.to(tl.int64) * NN + ij
+    dtype = w_p_ptr.dtype.element_ty
+    ks = tl.arange(0, BLOCK_CZ)
+    k_ok = ks < CZ
+    ok = row_ok[:, None] & k_ok[None, :]
+
+    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+    mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+    rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+    z = tl.load(z_ptr + z_rows[:, None] + ks[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
+    zhat = tl.where(ok, (z - mean[:, None]) * rstd[:, None], 0.0)
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    zn = tl.where(ok, zhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
+    valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
+    valid = valid.to(tl.float32)
+
+    d_gate = tl.load(d_gate_ptr + flat[:, None] * CZ + ks[None, :], mask=ok, other=0.0)
+    w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
+    dzn = tl.dot(d_gate, w_og, input_precision=DOT_PRECISION)
+    dab_batch = dab_ptr + batch.to(tl.int64) * CH * NN
+    for c0 in range(0, CH, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < CH
+        for side in tl.static_range(2):
+            d_proj, d_gate_ab, w_p, w_g = _gated_projection_backward(
+                zn, valid, dab_batch, ij, row_ok, cs, c_ok, side, side_stride, NN,
+                w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION,
+            )
+            dzn = tl.dot(d_proj.to(dtype), w_p, dzn, input_precision=DOT_PRECISION)
+            dzn = tl.dot(d_gate_ab.to(dtype), w_g, dzn, input_precision=DOT_PRECISION)
+
+    dz = _layernorm_backward_rows(dzn, zhat, rstd, gamma, CZ)
+    tl.store(dz_ptr + flat[:, None] * CZ + ks[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    part = batch * tl.num_programs(0) + pid
+    tl.store(dln_w_part_ptr + part * CZ + ks, tl.sum(dzn * zhat, axis=0), mask=k_ok)
+    tl.store(dln_b_part_ptr + part * CZ + ks, tl.sum(dzn, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _triangle_input_weight_grad_kernel(
+    z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, dab_ptr,
+    dw_p_part_ptr, dw_g_part_ptr,
+    N, CH, num_batches, side_stride, blocks_per_split,
+    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1,
+    CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial gradients of one side's and channel block's projection and gate weights over
+    one split of the pair rows."""
+    num_c_blocks = tl.cdiv(CH, BLOCK_C)
+    side = tl.program_id(0) // num_c_blocks
+    cs = (tl.program_id(0) % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < CH
+    split = tl.program_id(1)
+    NN = N * N
+    num_row_blocks = tl.cdiv(NN, BLOCK_M)
+    total_blocks = num_row_blocks * num_batches
+    ks = tl.arange(0, BLOCK_CZ)
+    acc_p = tl.zeros([BLOCK_C, BLOCK_CZ], tl.float32)
+    acc_g = tl.zeros([BLOCK_C, BLOCK_CZ], tl.float32)
+    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
+        batch = t // num_row_blocks
+        ij = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = ij < NN
+        flat = batch.to(tl.int64) * NN + ij
+        mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+        rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+        z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+        zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, CZ, BLOCK_CZ)
+        zn = zn.to(w_p_ptr.dtype.element_ty)
+        valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
+        d_proj, d_gate, _, _ = _gated_projection_backward(
+            zn, valid.to(tl.float32), dab_ptr + batch.to(tl.int64) * CH * NN, ij, row_ok, cs, c_ok,
+            side, side_stride, NN, w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION,
+        )
+        acc_p = tl.dot(tl.trans(d_proj.to(zn.dtype)), zn, acc_p, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(tl.trans(d_gate.to(zn.dtype)), zn, acc_g, input_precision=DOT_PRECISION)
+    offsets = split.to(tl.int64) * 2 * CH * CZ + (side * CH + cs)[:, None] * CZ + ks[None, :]
+    ok = c_ok[:, None] & (ks < CZ)[None, :]
+    tl.store(dw_p_part_ptr + offsets, acc_p, mask=ok)
+    tl.store(dw_g_part_ptr + offsets, acc_g, mask=ok)
+
+
+# --------------------------------------------------------------------------- launches
+
+
+def _pair_args(t: torch.Tensor) -> tuple[tuple[int, int, int, int], bool]:
+    """Strides of a ``[B, N, N, C]`` tensor and whether its (i, j) rows are one run."""
+    return t.stride(), t.stride(1) == t.shape[2] * t.stride(2)
+
+
+def _mask_args(mask: torch.Tensor) -> tuple[tuple[int, int, int], bool]:
+    return mask.stride(), mask.stride(1) == mask.shape[2] * mask.stride(2)
+
+
+def _row_block(width: int) -> int:
+    # Full rows of c_z and c_h sit in registers: fewer rows per program as they widen.
+    return max(16, min(64, 8192 // width))
+
+
+def _triangle_forward(z, mask, p, outgoing, eps):
+    B, N, _, CZ = z.shape
+    CH = p["norm_out_weight"].shape[0]
+    NN = N * N
+    dtype = p["ab_proj_weight"].dtype
+    dev = z.device
+    (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
+    block_cz, block_ch = block_size(CZ, 1 << 30), block_size(CH, 1 << 30)
+    prec = dot_precision(dtype)
+
+    ab = torch.empty(2, B, CH, N, N, device=dev, dtype=dtype)
+    z_mean = torch.empty(B * NN, device=dev, dtype=torch.float32)
+    z_rstd = torch.empty_like(z_mean)
+    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
+
+    def launch_in(cfg):
+        _triangle_input_forward_kernel[(triton.cdiv(NN, cfg["BLOCK_M"]), B)](
+            z, mask, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, ab, z_mean, z_rstd,
+            N, CH, ab.stride(0), *sz, *sm, *w_p.stride(), *w_g.stride(), eps,
+            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        )
+
+    key = (CZ, CH, str(dtype))
+    small = block_cz <= 128
+    default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
+    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
+                  for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
+    launch_in(_tuned("triangle_multiply_in_fwd", key, dev, candidates, default, launch_in))
+
+    a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
+    x = torch.bmm(a, b.transpose(1, 2)) if outgoing else torch.bmm(a.transpose(1, 2), b)
+
+    out = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
+    x_mean = torch.empty(B * NN, device=dev, dtype=torch.float32)
+    x_rstd = torch.empty_like(x_mean)
+    w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
+
+    def launch_out(cfg):
+        _triangle_output_forward_kernel[(triton.cdiv(NN, cfg["BLOCK_M"]), B)](
+            x, z, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
+            p["norm_out_weight"], p["norm_out_bias"], w_o, out, x_mean, x_rstd,
+            N, *sz, *w_og.stride(), *w_o.stride(), eps,
+            CZ=CZ, CH=CH, Z_MERGED=z_merged, DOT_PRECISION=prec,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+        )
+
+    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
+    candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
+    launch_out(_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out))
+    return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
+
+
+def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd):
+    B, N, _, CZ = z.shape
+    CH = x.shape[1]
+    NN = N * N
+    dtype = ab.dtype
+    dev = z.device
+    (sz, z_merged), (sm, m_merged), (sd, d_merged) = _pair_args(z), _mask_args(mask), _pair_args(dout)
+    block_cz, block_ch = block_size(CZ, 1 << 30), block_size(CH, 1 << 30)
+    prec = dot_precision(dtype)
+    key = (CZ, CH, str(dtype))
+    small = block_cz <= 128
+    grads: dict[str, torch.Tensor] = {}
+
+    # Output side: dx, and the gradients of the update and of the gate pre-activation.
+    dx = torch.empty_like(x)
+    d_update = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
+    d_gate = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
+    w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
+    parts = {}
+
+    def launch_out(cfg):
+        num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
+        parts["w"] = torch.empty(B * num_blocks, CH, device=dev, dtype=torch.float32)
+        parts["b"] = torch.empty_like(parts["w"])
+        _triangle_output_backward_kernel[(num_blocks, B)](
+            x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
+            p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_update, d_gate, parts["w"], parts["b"],
+            N, *sz, *sd, *w_og.stride(), *w_o.stride(),
+            CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=prec,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+        )
+
+    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
+    candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
+    launch_out(_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch_out))
+    grads["norm_out_weight"], grads["norm_out_bias"] = parts["w"].sum(0), parts["b"].sum(0)
+    x_pairs = x.permute(0, 2, 3, 1)  # [B, N, N, c_h] view of the channel-major x
+    grads["out_proj_weight"], _ = layernorm_linear_weight_grad(
+        x_pairs, d_update, p["norm_out_weight"], p["norm_out_bias"], x_mean, x_rstd, False
+    )
+    grads["out_gate_weight"], _ = layernorm_linear_weight_grad(
+        z, d_gate, p["norm_in_weight"], p["norm_in_bias"], z_mean, z_rstd, False
+    )
+    del d_update
+
+    # The triangular product, backwards, into one [2, B, c_h, N, N] buffer.
+    dab = torch.empty_like(ab)
+    a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
+    dx3 = dx.view(B * CH, N, N)
+    da, db = dab[0].view(B * CH, N, N), dab[1].view(B * CH, N, N)
+    if outgoing:  # x = a b^T
+        torch.bmm(dx3, b, out=da)
+        torch.bmm(dx3.transpose(1, 2), a, out=db)
+    else:  # x = a^T b
+        torch.bmm(b, dx3.transpose(1, 2), out=da)
+        torch.bmm(a, dx3, out=db)
+    del dx, dx3
+
+    # Input side: dz through the LayerNorm from the a, b and gate paths, then weight grads.
+    dz = torch.empty(B, N, N, CZ, device=dev, dtype=z.dtype)
+    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
+    common = (*sz, *sm, *w_p.stride(), *w_g.stride())
+    consts = dict(CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec, BLOCK_CZ=block_cz)
+
+    def launch_in(cfg):
+        num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
+        parts["w"] = torch.empty(B * num_blocks, CZ, device=dev, dtype=torch.float32)
+        parts["b"] = torch.empty_like(parts["w"])
+        _triangle_input_backward_kernel[(num_blocks, B)](
+            z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
+            dab, d_gate, dz, parts["w"], parts["b"], N, CH, dab.stride(0), *common, *w_og.stride(),
+            **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        )
+
+    default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
+    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
+                  for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
+    launch_in(_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch_in))
+    grads["norm_in_weight"], grads["norm_in_bias"] = parts["w"].sum(0), parts["b"].sum(0)
+
+    def launch_dw(cfg):
+        block_m, block_c = cfg["BLOCK_M"], cfg["BLOCK_C"]
+        tiles = 2 * triton.cdiv(CH, block_c)
+        total_blocks = B * triton.cdiv(NN, block_m)
+        # Enough row splits to fill the GPU a few times over; partials stay a few MiB.
+        splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(dev), tiles)))
+        per_split = triton.cdiv(total_blocks, splits)
+        splits = triton.cdiv(total_blocks, per_split)
+        parts["p"] = torch.empty(splits, 2 * CH, CZ, device=dev, dtype=torch.float32)
+        parts["g"] = torch.empty_like(parts["p"])
+        _triangle_input_weight_grad_kernel[(tiles, splits)](
+            z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, dab,
+            parts["p"], parts["g"], N, CH, B, dab.stride(0), per_split, *common,
+            **consts, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=cfg["num_warps"],
+        )
+
+    default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 8 if block_cz >= 128 else 4}
+    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
+                  for bm in (32, 64, 128) for bc in (16, 32, 64) for nw in (4, 8)] if small else []
+    launch_dw(_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch_dw))
+    grads["ab_proj_weight"], grads["ab_gate_weight"] = parts["p"].sum(0), parts["g"].sum(0)
+    return dz, grads
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class TriangleMultiplyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, mask, outgoing, eps, compute_dtype, *param_values):
+        params = {}
+        for name, value in zip(PARAM_NAMES, param_values):
+            # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32.
+            params[name] = value.to(compute_dtype) if value.dim() == 2 else value
+        out, ab, x, z_mean, z_rstd, x_mean, x_rstd = _triangle_forward(z, mask, params, outgoing, eps)
+        ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *params.values())
+        ctx.outgoing = outgoing
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *param_values = ctx.saved_tensors
+        params = dict(zip(PARAM_NAMES, param_values))
+        dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd)
+        return (dz, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
 
 
 def triangle_multiply_reference(
@@ -40,6 +537,27 @@ def triangle_multiply_reference(
     return torch.sigmoid(F.linear(zn, p["out_gate_weight"])) * F.linear(xn, p["out_proj_weight"])
 
 
+def _check_shapes(z: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torch.Tensor]) -> None:
+    missing = [name for name in PARAM_NAMES if name not in params]
+    if missing:
+        raise KeyError(f"triangle_multiply: params lack {missing}")
+    if z.dim() != 4 or z.shape[1] != z.shape[2]:
+        raise ValueError(f"triangle_multiply: z must be [B, N, N, c_z], got {tuple(z.shape)}")
+    if mask.shape != z.shape[:3] or mask.dtype != torch.bool:
+        raise ValueError(f"triangle_multiply: mask must be bool {tuple(z.shape[:3])}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    c_z, c_h = z.shape[-1], params["norm_out_weight"].shape[0]
+    expected = {
+        "norm_in_weight": (c_z,), "norm_in_bias": (c_z,), "ab_proj_weight": (2 * c_h, c_z),
+        "ab_gate_weight": (2 * c_h, c_z), "out_gate_weight": (c_z, c_z), "norm_out_weight": (c_h,),
+        "norm_out_bias": (c_h,), "out_proj_weight": (c_z, c_h),
+    }
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"triangle_multiply: {name} must be {shape} for c_z={c_z}, c_h={c_h}, "
+                             f"got {tuple(params[name].shape)}")
+
+
 def triangle_multiply(
     z: torch.Tensor,
     mask: torch.Tensor,
@@ -50,12 +568,16 @@ def triangle_multiply(
 ) -> torch.Tensor:
     """AF3 triangle multiplication; returns the update (the caller adds the residual).
 
-    z: ``[B, N, N, c_z]``; mask: ``[B, N, N]`` bool (True = valid pair).
+    z: ``[B, N, N, c_z]``, any strides; mask: ``[B, N, N]`` bool (True = valid pair).
     params: norm_in_weight, norm_in_bias ``[c_z]``; ab_proj_weight, ab_gate_weight
     ``[2 * c_h, c_z]`` (rows: a then b); out_gate_weight ``[c_z, c_z]``; norm_out_weight,
     norm_out_bias ``[c_h]``; out_proj_weight ``[c_z, c_h]``.
     outgoing: ``x_ij = sum_k a_ik b_jk``; incoming: ``x_ij = sum_k a_ki b_kj``.
-    Returns ``sigmoid(LN(z) W_og^T) * (LN(x) W_o^T)``: ``[B, N, N, c_z]``.
+    Returns ``sigmoid(LN(z) W_og^T) * (LN(x) W_o^T)``: ``[B, N, N, c_z]`` (in autocast's
+    dtype under autocast).
     """
-    resolve_backend(backend, z, *(params[name] for name in PARAM_NAMES))
-    return triangle_multiply_reference(z, mask, params, outgoing)
+    _check_shapes(z, mask, params)
+    values = [params[name] for name in PARAM_NAMES]
+    if resolve_backend(backend, z, *values) == "torch" or z.numel() == 0:
+        return triangle_multiply_reference(z, mask, params, outgoing)
+    return TriangleMultiplyFunction.apply(z, mask, outgoing, 1e-5, autocast_dtype(z), *values)
