@@ -1,0 +1,153 @@
+"""Pair track: triangle updates, triangle attention and the Pairformer (AF3 Alg. 12-17)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megafold.kernels import evo_attention, layernorm_linear, triangle_multiply
+from megafold.model.config import AlphaFold3Config
+from megafold.model.primitives import (
+    AttentionPairBias,
+    Transition,
+    checkpoint_pair_block,
+    init_weight_,
+    lecun_normal_,
+    ln_params,
+    run_in_chunks,
+    shared_dropout,
+)
+
+ROWWISE, COLUMNWISE = -3, -2  # shared_dropout's shared axis for [B, I, J, C]
+
+
+class TriangleMultiplication(nn.Module):
+    """Triangle multiplicative update, outgoing (Alg. 12) or incoming (Alg. 13) edges.
+
+    Parameters carry the names of ``megafold.kernels.triangle_multiply`` (no biases:
+    AF3 uses LinearNoBias throughout).
+    """
+
+    def __init__(self, c_z: int, c_hidden: int, outgoing: bool = True):
+        super().__init__()
+        self.outgoing = outgoing
+        self.norm_in_weight, self.norm_in_bias = ln_params(c_z)
+        self.ab_proj_weight = nn.Parameter(lecun_normal_(torch.empty(2 * c_hidden, c_z)))
+        self.ab_gate_weight = nn.Parameter(init_weight_(torch.empty(2 * c_hidden, c_z), "gate"))
+        self.out_gate_weight = nn.Parameter(init_weight_(torch.empty(c_z, c_z), "gate"))
+        self.norm_out_weight, self.norm_out_bias = ln_params(c_hidden)
+        self.out_proj_weight = nn.Parameter(init_weight_(torch.empty(c_z, c_hidden), "final"))
+
+    def forward(self, pair: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """pair ``[B, N, N, c_z]``, pair_mask ``[B, N, N]`` bool -> update ``[B, N, N, c_z]``."""
+        params = dict(self.named_parameters(recurse=False))
+        return triangle_multiply(pair, pair_mask, params, outgoing=self.outgoing)
+
+
+class TriangleAttention(nn.Module):
+    """Triangle attention around the starting (Alg. 14) or ending node (Alg. 15).
+
+    Starting node: row i attends over k with ``q_ij . k_ik + b_jk``. Ending node: the same on
+    the transposed pair, done by handing ``evo_attention`` transposed views (no copies).
+    One fused LayerNorm + projection gives q, k, v, gate and the per-head bias.
+    """
+
+    def __init__(self, c_z: int, heads: int = 4, head_dim: int = 32, ending: bool = False, chunk_size: int = 0):
+        super().__init__()
+        self.heads, self.head_dim, self.ending, self.chunk_size = heads, head_dim, ending, chunk_size
+        hidden = heads * head_dim
+        self.norm_weight, self.norm_bias = ln_params(c_z)
+        # rows: q, k, v (LeCun), gate (zero), per-head bias (LeCun)
+        in_proj = lecun_normal_(torch.empty(4 * hidden + heads, c_z))
+        init_weight_(in_proj[3 * hidden : 4 * hidden], "gate")
+        self.in_proj_weight = nn.Parameter(in_proj)
+        self.out_proj_weight = nn.Parameter(init_weight_(torch.empty(c_z, hidden), "final"))
+
+    def forward(self, pair: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """pair ``[B, N, N, c_z]``, pair_mask ``[B, N, N]`` bool -> update ``[B, N, N, c_z]``."""
+        H, D = self.heads, self.head_dim
+        proj = layernorm_linear(pair, self.norm_weight, self.norm_bias, self.in_proj_weight)
+        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)  # [B, N, N, H, D]
+        bias = proj[..., 4 * H * D :]  # [B, N, N, H]: b_jk from z_jk
+        if self.ending:
+            # Rows are the second index j; logits q_ij . k_kj + b_ki.
+            q, k, v, gate = (t.transpose(1, 2) for t in (q, k, v, gate))
+            bias, mask = bias.permute(0, 3, 2, 1), pair_mask.transpose(1, 2)
+        else:
+            bias, mask = bias.permute(0, 3, 1, 2), pair_mask
+
+        def attend(q_rows, k_rows, v_rows, gate_rows, mask_rows):
+            return evo_attention(q_rows, k_rows, v_rows, bias=bias, mask=mask_rows, gate=gate_rows)
+
+        out = run_in_chunks(attend, [q, k, v, gate, mask], self.chunk_size, dim=1)
+        out = torch.nn.functional.linear(out.flatten(-2), self.out_proj_weight)
+        return out.transpose(1, 2) if self.ending else out
+
+
+class PairformerBlock(nn.Module):
+    """AF3 Alg. 17 for one block; ``c_s = 0`` gives the pair-only block of the template and
+    MSA stacks. Dropout: rowwise on the triangle multiplications and starting-node attention,
+    columnwise on the ending-node attention."""
+
+    def __init__(
+        self, c_z: int, c_s: int, *, tri_mul_hidden: int, tri_attn_heads: int, tri_attn_head_dim: int,
+        single_heads: int = 1, transition_n: int = 4, dropout: float = 0.25,
+        transition_chunk: int = 0, attention_chunk: int = 0,
+    ):
+        super().__init__()
+        self.dropout = dropout
+        self.tri_mul_out = TriangleMultiplication(c_z, tri_mul_hidden, outgoing=True)
+        self.tri_mul_in = TriangleMultiplication(c_z, tri_mul_hidden, outgoing=False)
+        self.tri_attn_start = TriangleAttention(c_z, tri_attn_heads, tri_attn_head_dim, False, attention_chunk)
+        self.tri_attn_end = TriangleAttention(c_z, tri_attn_heads, tri_attn_head_dim, True, attention_chunk)
+        self.pair_transition = Transition(c_z, transition_n, transition_chunk)
+        if c_s:
+            self.attention = AttentionPairBias(c_s, single_heads, c_z)
+            self.single_transition = Transition(c_s, transition_n)
+
+    def forward(
+        self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``."""
+        p, training = self.dropout, self.training
+        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
+        pair = pair + self.pair_transition(pair)
+        if single is not None:
+            bias = self.attention.pair_bias(pair)
+            update = self.attention(single.unsqueeze(1), bias, token_mask.unsqueeze(1)).squeeze(1)
+            single = single + update
+            single = single + self.single_transition(single)
+        return pair, single
+
+
+class PairformerStack(nn.Module):
+    """A stack of PairformerBlocks with per-block activation checkpointing (config switches)."""
+
+    def __init__(
+        self, config: AlphaFold3Config, blocks: int, c_z: int, c_s: int, tri_mul_hidden: int | None = None
+    ):
+        super().__init__()
+        self.checkpoint = config.checkpoint
+        self.pair_bf16 = config.pair_bf16_checkpoint
+        self.blocks = nn.ModuleList(
+            PairformerBlock(
+                c_z, c_s, tri_mul_hidden=tri_mul_hidden or config.tri_mul_hidden,
+                tri_attn_heads=config.tri_attn_heads, tri_attn_head_dim=config.tri_attn_head_dim,
+                single_heads=config.single_heads, transition_n=config.transition_n,
+                dropout=config.pair_dropout, transition_chunk=config.transition_chunk,
+                attention_chunk=config.attention_chunk,
+            )
+            for _ in range(blocks)
+        )
+
+    def forward(
+        self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for block in self.blocks:
+            pair, single = checkpoint_pair_block(
+                block, pair, single, pair_mask, token_mask, enabled=self.checkpoint, pair_bf16=self.pair_bf16
+            )
+        return pair, single

@@ -1,0 +1,374 @@
+"""Building blocks shared by the trunk and the diffusion module.
+
+Initialisation follows AF3 Sec. 3 (as in AF2) and is written out in every constructor:
+LeCun normal for linear layers ("lecun"), zero for the last linear of every residual branch
+("final"), zero weight and bias 1 for gates ("gate"; a gate without bias starts at
+sigmoid(0) = 0.5), LayerNorm weight 1 and bias 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megafold.kernels import evo_attention, layernorm_linear, transition
+
+# Standard deviation of a unit normal truncated to [-2, 2]: dividing by it keeps the
+# truncated LeCun initialiser's variance at 1 / fan_in.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Truncated normal with variance 1 / fan_in (fan_in = last dimension)."""
+    std = math.sqrt(1.0 / weight.shape[-1]) / _TRUNCATED_NORMAL_STD
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, 0.0, std, -2.0 * std, 2.0 * std)
+
+
+def init_weight_(weight: torch.Tensor, init: str) -> torch.Tensor:
+    """Initialise a ``[out, in]`` weight: "lecun", or "final" / "gate" (both zero)."""
+    if init == "lecun":
+        return lecun_normal_(weight)
+    if init in ("final", "gate"):
+        with torch.no_grad():
+            return weight.zero_()
+    raise ValueError(f"unknown init {init!r}")
+
+
+class LinearNoBias(nn.Linear):
+    """``x W^T`` without bias, initialised by ``init`` ("lecun" | "final" | "gate")."""
+
+    def __init__(self, c_in: int, c_out: int, init: str = "lecun"):
+        super().__init__(c_in, c_out, bias=False)
+        init_weight_(self.weight, init)
+
+
+class Linear(nn.Linear):
+    """``x W^T + b``; ``init`` as for LinearNoBias, bias filled with ``bias_init``."""
+
+    def __init__(self, c_in: int, c_out: int, init: str = "lecun", bias_init: float = 0.0):
+        super().__init__(c_in, c_out, bias=True)
+        init_weight_(self.weight, init)
+        with torch.no_grad():
+            self.bias.fill_(bias_init)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with weight 1 and bias 0; ``affine=False`` drops both, ``bias=False`` the bias."""
+
+    def __init__(self, c: int, affine: bool = True, bias: bool = True):
+        super().__init__(c, elementwise_affine=affine, bias=bias)
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+def ln_params(c: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """LayerNorm weight (ones) and bias (zeros) as bare parameters, for the fused ops."""
+    return nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+
+def shared_dropout(x: torch.Tensor, p: float, training: bool, shared_dim: int) -> torch.Tensor:
+    """Dropout whose mask is shared along ``shared_dim``.
+
+    AF3's DropoutRowwise shares the mask between rows (``shared_dim=-3`` on ``[B, I, J, C]``),
+    DropoutColumnwise between columns (``shared_dim=-2``).
+    """
+    if not training or p == 0.0:
+        return x
+    shape = list(x.shape)
+    shape[shared_dim] = 1
+    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+def run_in_chunks(
+    fn: Callable[..., torch.Tensor], split: Sequence[torch.Tensor], chunk_size: int, dim: int
+) -> torch.Tensor:
+    """``fn(*split)`` evaluated on slices of ``dim`` of every tensor in ``split`` and concatenated.
+
+    With gradients on, each slice is checkpointed, so backward holds one slice's
+    intermediates at a time: this is what bounds the memory peak, not the slicing alone.
+    """
+    size = split[0].shape[dim]
+    if chunk_size <= 0 or chunk_size >= size:
+        return fn(*split)
+    outputs = []
+    for start in range(0, size, chunk_size):
+        length = min(chunk_size, size - start)
+        parts = [t.narrow(dim, start, length) for t in split]
+        if torch.is_grad_enabled():
+            outputs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outputs.append(fn(*parts))
+    return torch.cat(outputs, dim)
+
+
+class Transition(nn.Module):
+    """SwiGLU transition (AF3 Alg. 11): ``(silu(a) * b) W_out^T``, ``a, b = LN(x) W_in^T``.
+
+    Returns the update ``[*, c]`` for ``x [*, c]``; ``chunk_size`` slices dim 1 (rows).
+    Parameters carry the names of ``megafold.kernels.transition``.
+    """
+
+    def __init__(self, c: int, n: int = 4, chunk_size: int = 0):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.ln_weight, self.ln_bias = ln_params(c)
+        self.w_in = nn.Parameter(lecun_normal_(torch.empty(2 * n * c, c)))
+        self.w_out = nn.Parameter(torch.zeros(c, n * c))  # final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def update(rows: torch.Tensor) -> torch.Tensor:
+            return transition(rows, self.ln_weight, self.ln_bias, self.w_in, self.w_out)
+
+        if x.dim() < 3:
+            return update(x)
+        return run_in_chunks(update, [x], self.chunk_size, dim=1)
+
+
+class AdaLN(nn.Module):
+    """Adaptive LayerNorm (AF3 Alg. 26): ``sigmoid(Linear(LN(s))) * LN(a) + LinearNoBias(LN(s))``."""
+
+    def __init__(self, c_a: int, c_cond: int):
+        super().__init__()
+        self.norm_a = LayerNorm(c_a, affine=False)
+        self.norm_cond = LayerNorm(c_cond, bias=False)
+        self.scale = Linear(c_cond, c_a, init="gate", bias_init=1.0)
+        self.shift = LinearNoBias(c_cond, c_a)
+
+    def forward(self, a: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cond = self.norm_cond(cond)
+        return torch.sigmoid(self.scale(cond)) * self.norm_a(a) + self.shift(cond)
+
+
+def tokens_to_atoms(x: torch.Tensor, atom_to_token: torch.Tensor) -> torch.Tensor:
+    """Broadcast token features to their atoms: ``[B, *, N, c] -> [B, *, A, c]``."""
+    B, A = atom_to_token.shape
+    lead = x.shape[1:-2]
+    index = atom_to_token.view(B, *([1] * len(lead)), A, 1).expand(B, *lead, A, x.shape[-1])
+    return torch.gather(x, -2, index)
+
+
+def atoms_to_tokens_mean(
+    x: torch.Tensor, atom_to_token: torch.Tensor, atom_mask: torch.Tensor, n_tokens: int
+) -> torch.Tensor:
+    """Mean over each token's real atoms: ``[B, *, A, c] -> [B, *, N, c]`` (0 for atomless tokens)."""
+    B, A = atom_to_token.shape
+    lead = x.shape[1:-2]
+    weight = atom_mask.to(x.dtype).view(B, *([1] * len(lead)), A, 1)
+    index = atom_to_token.view(B, *([1] * len(lead)), A, 1).expand(B, *lead, A, x.shape[-1])
+    total = x.new_zeros(B, *lead, n_tokens, x.shape[-1]).scatter_add(-2, index, x * weight)
+    count = x.new_zeros(B, n_tokens).scatter_add(1, atom_to_token, atom_mask.to(x.dtype))
+    return total / count.clamp(min=1).view(B, *([1] * len(lead)), n_tokens, 1)
+
+
+class AtomWindows:
+    """Layout of sequence-local atom attention (AF3 Alg. 7).
+
+    Atoms are padded to K windows of Q consecutive queries; window k attends to the M keys
+    ``[kQ - (M - Q) / 2, kQ + (M + Q) / 2)``, i.e. centred on its queries (AF3: 32 x 128,
+    subset centres 15.5, 47.5, ...). Keys outside the molecule or padded are masked.
+    """
+
+    def __init__(self, atom_mask: torch.Tensor, queries: int, keys: int):
+        """atom_mask: ``[B, A]`` bool."""
+        n_atoms = atom_mask.shape[1]
+        self.queries, self.keys = queries, keys
+        self.n_atoms = n_atoms
+        self.n_windows = max(1, -(-n_atoms // queries))
+        starts = torch.arange(self.n_windows, device=atom_mask.device) * queries - (keys - queries) // 2
+        index = starts[:, None] + torch.arange(keys, device=atom_mask.device)
+        in_range = (index >= 0) & (index < n_atoms)
+        self.key_index = index.clamp(0, n_atoms - 1)  # [K, M]
+        self.key_mask = in_range & atom_mask[:, self.key_index]  # [B, K, M]
+        self.query_mask = self.query_blocks(atom_mask, dim=1)  # [B, K, Q]
+
+    def query_blocks(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Split atom axis ``dim`` (length A) into ``(K, Q)``, padding with zeros / False."""
+        pad = self.n_windows * self.queries - x.shape[dim]
+        if pad:
+            widths = [0, 0] * (x.dim() - dim - 1) + [0, pad]
+            x = F.pad(x, widths)
+        return x.unflatten(dim, (self.n_windows, self.queries))
+
+    def key_windows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Gather each window's keys along atom axis ``dim``: A -> ``(K, M)``."""
+        return x.index_select(dim, self.key_index.flatten()).unflatten(dim, (self.n_windows, self.keys))
+
+    def from_query_blocks(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Inverse of ``query_blocks``: ``(K, Q)`` at ``dim, dim + 1`` back to A atoms."""
+        return x.flatten(dim, dim + 1).narrow(dim, 0, self.n_atoms)
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    key_mask: torch.Tensor,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """Gated attention inside sequence-local atom windows.
+
+    q, gate ``[B, S, K, Q, H, D]`` (K windows of Q queries); k, v ``[B, S, K, M, H, D]``
+    (M keys per window); bias ``[B, K, H, Q, M]`` shared by the S samples; key_mask
+    ``[B, K, M]`` bool. Returns ``[B, S, K, Q, H, D]``.
+    """
+    logits = torch.einsum("bskqhd,bskmhd->bskhqm", q, k) * q.shape[-1] ** -0.5
+    logits = logits + bias.unsqueeze(1)
+    # A finite fill keeps windows without keys (padding) NaN-free; their queries are masked later.
+    logits = logits.masked_fill(~key_mask[:, None, :, None, None, :], torch.finfo(logits.dtype).min)
+    out = torch.einsum("bskhqm,bskmhd->bskqhd", torch.softmax(logits, dim=-1), v)
+    return out * torch.sigmoid(gate)
+
+
+class AttentionPairBias(nn.Module):
+    """Attention with pair bias (AF3 Alg. 24), gated per head.
+
+    Token level (the Pairformer's single track, S = 1, and the diffusion transformer,
+    S = noised samples sharing one bias) runs ``megafold.kernels.evo_attention``; atom level
+    (``windows`` given) runs sequence-local attention. ``c_cond = 0`` means no
+    conditioning: LayerNorm instead of AdaLN and no output gate from the conditioning.
+    """
+
+    def __init__(self, c_a: int, heads: int, c_pair: int, c_cond: int = 0):
+        super().__init__()
+        self.heads, self.head_dim = heads, c_a // heads
+        hidden = heads * self.head_dim
+        self.norm = AdaLN(c_a, c_cond) if c_cond else LayerNorm(c_a)
+        self.q_proj = Linear(c_a, hidden)
+        self.kvg_proj = LinearNoBias(c_a, 3 * hidden)
+        init_weight_(self.kvg_proj.weight[2 * hidden :], "gate")
+        self.pair_norm_weight, self.pair_norm_bias = ln_params(c_pair)
+        self.pair_bias_weight = nn.Parameter(lecun_normal_(torch.empty(heads, c_pair)))
+        self.out_proj = LinearNoBias(hidden, c_a, init="final")
+        self.out_gate = Linear(c_cond, c_a, init="gate", bias_init=-2.0) if c_cond else None
+
+    def pair_bias(self, pair: torch.Tensor) -> torch.Tensor:
+        """``LinearNoBias(LN(pair))`` per head: ``[B, I, J, c_pair] -> [B, H, I, J]``
+        (``[B, K, Q, M, c] -> [B, K, H, Q, M]`` for atom windows), a view of the projection."""
+        bias = layernorm_linear(pair, self.pair_norm_weight, self.pair_norm_bias, self.pair_bias_weight)
+        return bias.movedim(-1, -3)
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        windows: AtomWindows | None = None,
+    ) -> torch.Tensor:
+        """Update for ``a [B, S, L, c_a]``.
+
+        bias: ``[B, H, L, L]`` from ``pair_bias`` (token level) or ``[B, K, H, Q, M]`` (windows).
+        mask: bool key mask ``[B, S, L]`` (token level) or ``[B, K, M]`` (windows).
+        cond: ``[B, S or 1, L, c_cond]`` when the module is conditioned.
+        """
+        x = self.norm(a, cond) if self.out_gate is not None else self.norm(a)
+        H, D = self.heads, self.head_dim
+        q = self.q_proj(x).unflatten(-1, (H, D))
+        k, v, g = self.kvg_proj(x).unflatten(-1, (3, H, D)).unbind(-3)
+        if windows is None:
+            out = evo_attention(q, k, v, bias=bias, mask=mask, gate=g)
+        else:
+            # a, hence q, k, v, g: [B, S, A, H, D]; the atom axis is dim 2.
+            out = local_attention(
+                windows.query_blocks(q, 2), windows.key_windows(k, 2), windows.key_windows(v, 2),
+                bias, mask, windows.query_blocks(g, 2),
+            )
+            out = windows.from_query_blocks(out, 2)
+        out = self.out_proj(out.flatten(-2))
+        if self.out_gate is not None:
+            out = torch.sigmoid(self.out_gate(cond)) * out
+        return out
+
+
+class ConditionedTransitionBlock(nn.Module):
+    """SwiGLU transition under AdaLN with an output gate from the conditioning (AF3 Alg. 25)."""
+
+    def __init__(self, c_a: int, c_cond: int, n: int = 2):
+        super().__init__()
+        self.norm = AdaLN(c_a, c_cond)
+        self.proj_in = LinearNoBias(c_a, 2 * n * c_a)
+        self.proj_out = LinearNoBias(n * c_a, c_a, init="final")
+        self.out_gate = Linear(c_cond, c_a, init="gate", bias_init=-2.0)
+
+    def forward(self, a: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        swish, linear = self.proj_in(self.norm(a, cond)).chunk(2, dim=-1)
+        return torch.sigmoid(self.out_gate(cond)) * self.proj_out(F.silu(swish) * linear)
+
+
+class DiffusionTransformerBlock(nn.Module):
+    def __init__(self, c_a: int, c_cond: int, c_pair: int, heads: int):
+        super().__init__()
+        self.attention = AttentionPairBias(c_a, heads, c_pair, c_cond)
+        self.transition = ConditionedTransitionBlock(c_a, c_cond)
+
+
+class DiffusionTransformer(nn.Module):
+    """AF3 Alg. 23 with the residual form of Protenix / Boltz: ``a += Attn(a); a += Trans(a)``.
+
+    (The published pseudo-code writes ``a = Attn(a) + Trans(a)``, which drops the skip
+    connection of the attention; every public reimplementation keeps it.)
+    The pair biases are computed once per trunk pass (``pair_biases``) and shared by all
+    noised samples and chunks.
+    """
+
+    def __init__(self, c_a: int, c_cond: int, c_pair: int, blocks: int, heads: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(DiffusionTransformerBlock(c_a, c_cond, c_pair, heads) for _ in range(blocks))
+
+    def pair_biases(self, pair: torch.Tensor) -> list[torch.Tensor]:
+        return [block.attention.pair_bias(pair) for block in self.blocks]
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        cond: torch.Tensor,
+        biases: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        windows: AtomWindows | None = None,
+    ) -> torch.Tensor:
+        """a ``[B, S, L, c_a]``, cond ``[B, S or 1, L, c_cond]``; biases and mask as in AttentionPairBias."""
+        for block, bias in zip(self.blocks, biases):
+            a = a + block.attention(a, bias, mask, cond, windows)
+            a = a + block.transition(a, cond)
+        return a
+
+
+def checkpoint_pair_block(
+    block: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    pair: torch.Tensor,
+    other: torch.Tensor | None,
+    *args,
+    enabled: bool,
+    pair_bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``block(pair, other, *args) -> (pair, other)`` with activation checkpointing.
+
+    With ``pair_bf16`` the checkpoint keeps only a bf16 copy of the pair input; the block is
+    recomputed from it in backward, and the fp32 residual stream is carried outside the
+    checkpoint as ``pair + (block(pair_bf16) - pair_bf16)``, so rounding touches the block's
+    input only, not the accumulated pair representation.
+    """
+    if not (enabled and torch.is_grad_enabled()):
+        return block(pair, other, *args)
+    if not pair_bf16:
+        return checkpoint(block, pair, other, *args, use_reentrant=False)
+    stored = pair.to(torch.bfloat16)
+
+    def delta_block(stored_pair, other_in, *rest):
+        pair_in = stored_pair.to(pair.dtype)
+        pair_out, other_out = block(pair_in, other_in, *rest)
+        return pair_out - pair_in, other_out
+
+    delta, other = checkpoint(delta_block, stored, other, *args, use_reentrant=False)
+    return pair + delta, other
