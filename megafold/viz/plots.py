@@ -9,12 +9,13 @@ render without a CDN. Arrays may be numpy or torch (any device, any float dtype)
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from megafold.errors import StructureError
-from megafold.viz.structure import StructureLike, _to_numpy, load_atoms
+from megafold.viz.structure import StructureLike, _pair_by_key, _to_numpy, load_atoms
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -38,7 +39,9 @@ def _square_matrix(values: Any, name: str, trailing: int = 0) -> np.ndarray:
     return array
 
 
-def _chain_decorations(fig: go.Figure, chain_ids: Sequence[str] | None, n: int, *, col: int | None = None) -> None:
+def _chain_decorations(
+    fig: go.Figure, chain_ids: Sequence[str] | None, n: int, *, col: int | None = None
+) -> None:
     """Lines at chain boundaries and chain names as ticks, for ``[N, N]`` token heatmaps."""
     if chain_ids is None:
         return
@@ -249,16 +252,15 @@ def contact_map(
     hover = "%{y} \u2013 %{x}<extra></extra>"
     if compare is not None:
         other_coords, other_labels = representative_atoms(compare)
-        other_index = {label: i for i, label in enumerate(other_labels)}
-        shared = [i for i, label in enumerate(labels) if label in other_index]
-        if len(shared) < 2:
+        pairs = _pair_by_key(labels, other_labels)
+        if pairs is None:
             raise StructureError(
-                f"contact_map: the structures share {len(shared)} of {len(labels)} tokens "
-                "(tokens pair by chain, residue and atom name)"
+                f"contact_map: the structures share too few of their {len(labels)} and "
+                f"{len(other_labels)} tokens (tokens pair by chain, residue and atom name)"
             )
-        labels = [labels[i] for i in shared]
-        first = _contacts(coords[shared], cutoff)
-        second = _contacts(other_coords[[other_index[label] for label in labels]], cutoff)
+        labels = [labels[i] for i in pairs[0]]
+        first = _contacts(coords[pairs[0]], cutoff)
+        second = _contacts(other_coords[pairs[1]], cutoff)
         upper = np.triu(np.ones_like(first, dtype=bool), k=1)
         contacts = np.where(upper, first, second).astype(float)
         np.fill_diagonal(contacts, np.nan)
@@ -278,7 +280,9 @@ def contact_map(
         )
     )
     fig.update_xaxes(title_text="Token", showticklabels=False, constrain="domain")
-    fig.update_yaxes(title_text="Token", showticklabels=False, autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_yaxes(
+        title_text="Token", showticklabels=False, autorange="reversed", scaleanchor="x", constrain="domain"
+    )
     if title is None:
         title = f"Contacts < {cutoff:g} \u00c5"
         if compare is not None:

@@ -13,9 +13,10 @@ import numbers
 import os
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from megafold.viz.plots import _figure_html
 from megafold.viz.structure import StructureView, threedmol_script
@@ -77,7 +78,9 @@ def _table_rows(table: Any) -> list[Mapping[str, Any]]:
     rows = list(table)
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise TypeError(f"table row {index} is a {type(row).__name__}, expected a mapping of column -> value")
+            raise TypeError(
+                f"table row {index} is a {type(row).__name__}, expected a mapping of column -> value"
+            )
     return rows
 
 
@@ -144,7 +147,8 @@ def render_report(sections: Sequence[Section], *, title: str = "megafold report"
         head.append(threedmol_script())
     head.append("</head>")
     toc = "".join(
-        f'<li><a href="#section-{index}">{html.escape(section.title)}</a></li>' for index, section in enumerate(sections)
+        f'<li><a href="#section-{index}">{html.escape(section.title)}</a></li>'
+        for index, section in enumerate(sections)
     )
     created = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [

@@ -21,7 +21,7 @@ import html
 import io
 import json
 import os
-import uuid
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,8 +50,22 @@ PLDDT_BANDS: tuple[tuple[float, str, str], ...] = (
 )
 # Tableau 20 without its greys: grey is kept for the true structure.
 CHAIN_COLORS: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
-    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
 )
 TRUTH_COLOR = "#9E9E9E"
 
@@ -127,9 +141,7 @@ def load_atoms(structure: StructureLike) -> AtomArray:
                     pdbx.CIFFile.read(io.StringIO(text)), model=1, extra_fields=["b_factor"]
                 )
             else:
-                atoms = pdb.PDBFile.read(io.StringIO(text)).get_structure(
-                    model=1, extra_fields=["b_factor"]
-                )
+                atoms = pdb.PDBFile.read(io.StringIO(text)).get_structure(model=1, extra_fields=["b_factor"])
         except Exception as exc:  # biotite raises many types for bad files; name the file
             kind = "mmCIF" if is_mmcif else "PDB"
             raise StructureError(f"{source}: cannot parse as {kind}: {exc}") from exc
@@ -176,7 +188,9 @@ def atom_array(
     if n_atoms == 0:
         raise StructureError("atom arrays: no atoms")
     if not np.isfinite(coords).all():
-        raise StructureError(f"atom arrays: {int((~np.isfinite(coords)).any(-1).sum())} atoms have NaN/inf coordinates")
+        raise StructureError(
+            f"atom arrays: {int((~np.isfinite(coords)).any(-1).sum())} atoms have NaN/inf coordinates"
+        )
 
     def per_atom(name: str, values: Any) -> np.ndarray:
         array = _to_numpy(values)
@@ -271,9 +285,24 @@ def _atom_keys(atoms: AtomArray, indices: np.ndarray) -> list[tuple]:
             atoms.chain_id[indices],
             atoms.res_id[indices],
             atoms.ins_code[indices],
+            atoms.res_name[indices],
             atoms.atom_name[indices],
         )
     )
+
+
+def _pair_by_key(
+    keys: Sequence[Hashable], other_keys: Sequence[Hashable]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Indices (into ``keys``, into ``other_keys``) of the entries both share, in the order of
+    ``keys``; None when fewer than 3 or fewer than half of the shorter list pair up, which
+    means the two are not the same system (numbering that agrees only by chance)."""
+    other_index = {key: i for i, key in enumerate(other_keys)}
+    pairs = [(i, other_index[key]) for i, key in enumerate(keys) if key in other_index]
+    if len(pairs) < max(3, min(len(keys), len(other_keys)) / 2):
+        return None
+    first, second = zip(*pairs)
+    return np.array(first), np.array(second)
 
 
 class Superposition(NamedTuple):
@@ -285,29 +314,26 @@ class Superposition(NamedTuple):
 def superpose(mobile: StructureLike, fixed: StructureLike) -> Superposition:
     """Rigidly move ``mobile`` (e.g. a prediction) onto ``fixed`` (e.g. the truth), Kabsch.
 
-    Anchor atoms are CA of amino acids and C1' of nucleotides, paired by (chain, residue
-    number, insertion code, atom name); when fewer than 3 pair up that way (a prediction that
-    renamed chains or renumbered residues) they are paired in order, which needs the same
-    number of anchors on both sides. Otherwise raises ``StructureError``.
+    Anchor atoms are CA of amino acids and C1' of nucleotides, paired by chain, residue
+    number, insertion code, residue name and atom name. If that pairs fewer than half of the
+    smaller structure's anchors (a prediction that renamed chains or renumbered residues),
+    anchors are paired in order, which needs equally many on both sides; otherwise
+    ``StructureError``.
     """
     import biotite.structure as struc
 
     mobile_atoms, fixed_atoms = load_atoms(mobile), load_atoms(fixed)
     mobile_anchor, fixed_anchor = _anchor_atoms(mobile_atoms), _anchor_atoms(fixed_atoms)
-    fixed_index = {key: i for key, i in zip(_atom_keys(fixed_atoms, fixed_anchor), fixed_anchor)}
-    pairs = [
-        (i, fixed_index[key])
-        for key, i in zip(_atom_keys(mobile_atoms, mobile_anchor), mobile_anchor)
-        if key in fixed_index
-    ]
-    if len(pairs) >= 3:
-        mobile_pick, fixed_pick = (np.array(side) for side in zip(*pairs))
+    pairs = _pair_by_key(_atom_keys(mobile_atoms, mobile_anchor), _atom_keys(fixed_atoms, fixed_anchor))
+    if pairs is not None:
+        mobile_pick, fixed_pick = mobile_anchor[pairs[0]], fixed_anchor[pairs[1]]
     elif len(mobile_anchor) == len(fixed_anchor) >= 3:
         mobile_pick, fixed_pick = mobile_anchor, fixed_anchor
     else:
         raise StructureError(
             f"cannot pair the structures for superposition: {len(mobile_anchor)} vs "
-            f"{len(fixed_anchor)} CA/C1' atoms, {len(pairs)} with the same chain and residue number"
+            f"{len(fixed_anchor)} CA/C1' atoms, too few with the same chain, residue number and "
+            "name (give both the same chain ids and residue numbering)"
         )
     fitted, transform = struc.superimpose(fixed_atoms[fixed_pick], mobile_atoms[mobile_pick])
     rmsd = float(struc.rmsd(fixed_atoms[fixed_pick], fitted))
@@ -363,7 +389,10 @@ def _plddt_colors(atoms: AtomArray) -> dict[str, str]:
 
 
 def _chain_colors(atoms: AtomArray) -> dict[str, str]:
-    chains = list(dict.fromkeys(atoms.chain_id.tolist()))
+    """A colour for every chain that is drawn (waters are not), in order of appearance."""
+    import biotite.structure as struc
+
+    chains = list(dict.fromkeys(atoms.chain_id[~struc.filter_solvent(atoms)].tolist()))
     return {chain: CHAIN_COLORS[i % len(CHAIN_COLORS)] for i, chain in enumerate(chains)}
 
 
@@ -452,20 +481,26 @@ def structure_view(
     else:
         chain_colors = _chain_colors(atoms)
         # Ligands keep element colours with carbons in their chain's colour, to stand out.
-        ligand_chains = np.unique(atoms.chain_id[~_polymer_atoms(atoms)]).tolist()
+        chains_with_ligands = set(atoms.chain_id[~_polymer_atoms(atoms)].tolist())
+        ligand_chains = [chain for chain in chain_colors if chain in chains_with_ligands]
         _style_model(
             view,
             model,
             {"colorscheme": {"prop": "chain", "map": chain_colors}},
-            {chain: {"colorscheme": {"prop": "elem", "map": {"C": chain_colors[chain]}}} for chain in ligand_chains},
+            {
+                chain: {"colorscheme": {"prop": "elem", "map": {"C": chain_colors[chain]}}}
+                for chain in ligand_chains
+            },
         )
         legend += [_swatch(chain_color, f"chain {chain}") for chain, chain_color in chain_colors.items()]
     if rmsd is not None:
         legend.append(f"<span>RMSD {rmsd:.2f} \u00c5 (CA/C1\u2032 after superposition)</span>")
-    view.setHoverable({}, True, _HOVER_JS.replace("LABEL", json.dumps("pLDDT" if color == "plddt" else "B")), _UNHOVER_JS)
+    view.setHoverable(
+        {}, True, _HOVER_JS.replace("LABEL", json.dumps("pLDDT" if color == "plddt" else "B")), _UNHOVER_JS
+    )
     view.zoomTo()
     legend_html = (
-        f'<div class="megafold-legend" id="legend-{uuid.uuid4().hex[:8]}" style="font:12px sans-serif;'
+        '<div class="megafold-legend" style="font:12px sans-serif;'
         f'display:flex;flex-wrap:wrap;gap:4px 14px;margin:4px 0;max-width:{width}px">'
         + "".join(legend)
         + "</div>"
@@ -503,6 +538,11 @@ def show(
 
     if not isinstance(structure, StructureView):
         structure = structure_view(
-            structure, truth=truth, color=color, superpose_on_truth=superpose_on_truth, width=width, height=height
+            structure,
+            truth=truth,
+            color=color,
+            superpose_on_truth=superpose_on_truth,
+            width=width,
+            height=height,
         )
     display(HTML(structure.html()))
