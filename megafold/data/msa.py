@@ -217,15 +217,25 @@ class SequenceDatabase:
     """A digital pyhmmer sequence block: a FASTA database plus extra named sequences."""
 
     def __init__(self, fasta: str | Path | None = None, extra: Mapping[str, str] | None = None):
+        self.path = Path(fasta) if fasta is not None else default_sequence_db()
+        self.extra = dict(extra or {})
+
+    @cached_property
+    def alphabet(self):
         import pyhmmer
 
-        self.alphabet = pyhmmer.easel.Alphabet.amino()
-        self.path = Path(fasta) if fasta is not None else default_sequence_db()
-        block = _read_fasta_block(str(self.path))
-        self.sequences = pyhmmer.easel.DigitalSequenceBlock(self.alphabet, list(block))
-        for name, sequence in (extra or {}).items():
+        return pyhmmer.easel.Alphabet.amino()
+
+    @cached_property
+    def sequences(self):
+        """The digital sequences, read on first use (a process that never searches never reads)."""
+        import pyhmmer
+
+        sequences = pyhmmer.easel.DigitalSequenceBlock(self.alphabet, list(_read_fasta_block(str(self.path))))
+        for name, sequence in self.extra.items():
             text = pyhmmer.easel.TextSequence(name=name.encode(), sequence=_clean_protein(sequence))
-            self.sequences.append(text.digitize(self.alphabet))
+            sequences.append(text.digitize(self.alphabet))
+        return sequences
 
     def __len__(self) -> int:
         return len(self.sequences)
