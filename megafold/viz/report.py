@@ -22,6 +22,7 @@ from megafold.viz.plots import _figure_html
 from megafold.viz.structure import StructureView, threedmol_script
 
 if TYPE_CHECKING:
+    import pandas as pd
     import plotly.graph_objects as go
 
 _STYLE = """
@@ -54,7 +55,7 @@ class Section:
     text: str | None = None
     figure: go.Figure | None = None
     view: StructureView | None = None
-    table: Sequence[Mapping[str, Any]] | Any | None = None
+    table: Sequence[Mapping[str, Any]] | pd.DataFrame | None = None
     html: str | None = None
 
 

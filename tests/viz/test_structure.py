@@ -115,6 +115,30 @@ def test_atom_array_takes_torch_tensors_and_rejects_bad_input():
         viz.atom_array(truth.coord, *names[:3], truth.res_id.astype(float), truth.element)
 
 
+def test_pdb_files_and_text_read_back(tmp_path):
+    import gzip
+
+    original = viz.load_atoms(STRUCTURES / "3mht.cif.gz")
+    text = viz.to_pdb(original)
+    packed = tmp_path / "3mht.pdb.gz"
+    with gzip.open(packed, "wt") as handle:
+        handle.write(text)
+    for source in (text, packed):
+        atoms = viz.load_atoms(source)
+        assert atoms.array_length() == original.array_length()
+        np.testing.assert_allclose(atoms.coord, original.coord, atol=1e-3)
+        assert (atoms.res_name == original.res_name).all() and (atoms.hetero == original.hetero).all()
+
+
+def test_multi_letter_chains_need_mmcif():
+    atoms = viz.load_atoms(STRUCTURES / "1ubq.cif.gz")
+    atoms.chain_id[:] = "AB"
+    with pytest.raises(StructureError, match="use to_mmcif"):
+        viz.to_pdb(atoms)
+    assert "AB" in viz.to_mmcif(atoms)
+    assert "chain AB" in viz.view_html(atoms)
+
+
 def test_load_atoms_names_the_file_on_bad_input(tmp_path):
     with pytest.raises(StructureError, match="missing.cif: no such file"):
         viz.load_atoms(tmp_path / "missing.cif")
@@ -153,6 +177,13 @@ def test_plddt_band_edges(value, band):
     truth = viz.load_atoms(STRUCTURES / "1ubq.cif.gz")[:1]
     truth.b_factor[:] = value
     assert _plddt_colors(truth) == {_js_number_key(value): PLDDT_BANDS[band][1]}
+
+
+def test_colour_keys_are_javascript_number_strings():
+    # String(parseFloat(...)) in JavaScript, for the B-factor texts the view can contain.
+    javascript = {"100.00": "100", "90.0": "90", "87.50": "87.5", "0.01": "0.01", "0": "0", "33.33": "33.33"}
+    for text, expected in javascript.items():
+        assert _js_number_key(float(text)) == expected
 
 
 def test_every_atom_of_the_view_text_finds_its_plddt_colour():
