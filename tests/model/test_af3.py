@@ -1,0 +1,163 @@
+import math
+
+import pytest
+import torch
+
+from megafold.data.features import validate_example
+from megafold.model import AlphaFold3, model_summary, preset, synthetic_batch, synthetic_example
+from megafold.model.diffusion import random_rotations
+
+TERMS = {"diffusion", "smooth_lddt", "bond", "mse", "distogram", "plddt", "pae", "pde", "resolved", "confidence", "loss"}
+
+# Parameters that get no gradient in a training step. None: the paper's stops (recycling
+# before the last cycle, the confidence head's inputs) cut gradient paths, not parameters,
+# the noise-level Fourier weights are buffers, and the last MSA block, whose MSA updates
+# would feed nothing, has no such parameters (see msa.MSABlock).
+NO_GRADIENT: set[str] = set()
+
+
+def tiny(**overrides):
+    return preset("tiny", kernels="torch", **overrides)
+
+
+def test_training_loss_and_backward_on_real_structures(mixed_batch, perturb):
+    torch.manual_seed(0)
+    model = AlphaFold3(tiny(bond_loss_weight=1.0))
+    perturb(model)  # zero-initialised output layers would hide upstream parameters
+    model.train()
+    loss, terms = model.training_loss(mixed_batch, n_cycles=2)
+    assert set(terms) == TERMS
+    assert all(math.isfinite(v) for v in terms.values()), terms
+    assert terms["bond"] > 0  # 3mht's SAH is bonded
+    assert terms["loss"] == pytest.approx(float(loss.detach()))
+    loss.backward()
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.grad is None} == NO_GRADIENT
+    assert not [n for n, p in params.items() if not torch.isfinite(p.grad).all()]
+    assert not [n for n, p in params.items() if p.grad.abs().max() == 0]
+
+
+def test_confidence_loss_sends_no_gradient_into_the_trunk(mixed_batch, perturb):
+    model = AlphaFold3(tiny(diffusion_loss_weight=0.0, distogram_loss_weight=0.0, confidence_loss_weight=1.0))
+    perturb(model)
+    loss, _ = model.training_loss(mixed_batch, n_cycles=1)
+    loss.backward()
+    reached = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert reached == {"confidence_head"}
+
+
+def test_sample_on_real_structures(mixed_batch, perturb):
+    model = AlphaFold3(tiny()).eval()
+    perturb(model)
+    out = model.sample(mixed_batch, steps=4, samples=3)
+    B, A = mixed_batch["atom_mask"].shape
+    N = mixed_batch["token_mask"].shape[1]
+    assert out["coords"].shape == (B, 3, A, 3)
+    assert out["plddt"].shape == (B, 3, A) and out["resolved"].shape == (B, 3, A)
+    assert out["pae"].shape == out["pde"].shape == (B, 3, N, N)
+    for name, value in out.items():
+        assert torch.isfinite(value).all(), name
+    padded_atoms = ~mixed_batch["atom_mask"]
+    assert (out["coords"][:, :, :, :][padded_atoms[:, None].expand(-1, 3, -1)] == 0).all()
+    assert (out["plddt"] >= 0).all() and (out["plddt"] <= 100).all() and (out["pae"] >= 0).all()
+    # Samples differ (independent noise) but are structures, not noise: bonded neighbours
+    # stay within a few hundred A of each other even from an untrained model.
+    assert not torch.equal(out["coords"][:, 0], out["coords"][:, 1])
+
+
+def _rotate_conformers(batch: dict) -> dict:
+    """Each reference conformer rotated and translated by its own random transform."""
+    batch = dict(batch)
+    uid = batch["ref_space_uid"]
+    groups, inverse = torch.unique(uid, return_inverse=True)
+    rotation = random_rotations((len(groups),), uid.device)[inverse]
+    shift = 10 * torch.randn(len(groups), 3)[inverse]
+    batch["ref_pos"] = torch.einsum("baij,baj->bai", rotation, batch["ref_pos"]) + shift
+    return batch
+
+
+def test_trunk_is_invariant_to_rotating_reference_conformers(mixed_batch, perturb):
+    model = AlphaFold3(tiny()).eval()
+    perturb(model)
+    with torch.no_grad():
+        reference = model(mixed_batch, n_cycles=2)
+        rotated = model(_rotate_conformers(mixed_batch), n_cycles=2)
+    token_mask = mixed_batch["token_mask"]
+    for name in ("single", "pair", "distogram_logits"):
+        ref, out = reference[name][token_mask], rotated[name][token_mask]
+        assert (out - ref).norm() / ref.norm() < 1e-5, name
+    # ... and the features do see the conformers: perturbing their shape changes the trunk.
+    bent = dict(mixed_batch, ref_pos=mixed_batch["ref_pos"] + 0.5 * torch.randn_like(mixed_batch["ref_pos"]))
+    with torch.no_grad():
+        changed = model(bent, n_cycles=2)["single"][token_mask]
+    assert (changed - reference["single"][token_mask]).norm() / reference["single"][token_mask].norm() > 1e-3
+
+
+def test_padding_does_not_change_the_trunk(mixed_batch, make_batch, perturb):
+    model = AlphaFold3(tiny()).eval()
+    perturb(model)
+    alone = make_batch(("3mht", 24, "ligand"))
+    with torch.no_grad():
+        batched = model(mixed_batch, n_cycles=2)
+        single = model(alone, n_cycles=2)
+    N = alone["token_mask"].shape[1]
+    for name in ("single", "pair"):
+        ref = single[name][0]
+        out = batched[name][1][:N] if name == "single" else batched[name][1][:N, :N]
+        assert (out - ref).norm() / ref.norm() < 1e-5, name
+
+
+def _loss_and_grads(model, batch, kernels):
+    model.config = model.config.replace(kernels=kernels)
+    model.zero_grad()
+    torch.manual_seed(1)
+    loss, terms = model.training_loss(batch)
+    loss.backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_kernels_torch_and_triton_agree(make_batch, perturb):
+    """Same loss and gradients under the eager ops and the Triton kernels (interpreter on the
+    CPU, fp32): loss terms within 1e-4 relative, every gradient within 1e-3 (||d|| / ||g||)."""
+    config = tiny(pairformer_blocks=1, msa_blocks=2, template_blocks=1, confidence_blocks=1, diffusion_blocks=1,
+                  recycles=1, rollout_steps=1, bond_loss_weight=1.0)
+    model = AlphaFold3(config).eval()
+    perturb(model)
+    batch = make_batch(("1ubq", 6, "first", True))
+    eager_terms, eager_grads = _loss_and_grads(model, batch, "torch")
+    fused_terms, fused_grads = _loss_and_grads(model, batch, "triton")
+    for name, value in eager_terms.items():
+        assert fused_terms[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert eager_grads.keys() == fused_grads.keys()
+    for name, grad in eager_grads.items():
+        scale = grad.norm().clamp(min=1e-6)
+        assert (fused_grads[name] - grad).norm() / scale < 1e-3, name
+
+
+def test_synthetic_batch_is_valid_and_trains():
+    example = synthetic_example(10, atoms_per_token=5, msa_rows=3, templates=2, seed=3)
+    sizes = validate_example(example)
+    assert sizes["token"] == 10 and sizes["atom"] == 50 and sizes["msa_row"] == 3 and sizes["template"] == 2
+    batch = synthetic_batch(10, atoms_per_token=5, msa_rows=3, templates=2, batch_size=2, seed=3)
+    assert batch["atom_pos"].shape == (2, 50, 3)
+    assert not torch.equal(batch["atom_pos"][0], batch["atom_pos"][1])
+    loss, terms = AlphaFold3(tiny()).training_loss(batch)
+    loss.backward()
+    assert math.isfinite(terms["loss"])
+    with pytest.raises(ValueError, match="atoms_per_token"):
+        synthetic_example(4, atoms_per_token=2)
+
+
+def test_missing_feature_is_named(mixed_batch):
+    batch = {k: v for k, v in mixed_batch.items() if k != "ref_pos"}
+    with pytest.raises(ValueError, match="ref_pos"):
+        AlphaFold3(tiny())(batch)
+
+
+def test_model_summary_counts_every_parameter():
+    model = AlphaFold3(tiny())
+    summary = model_summary(model)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"{total:,}" in summary.splitlines()[-1]
+    for name in ("pairformer", "diffusion_module.transformer", "confidence_head", "msa_module", "template_embedder"):
+        assert name in summary
