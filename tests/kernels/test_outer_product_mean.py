@@ -1,0 +1,140 @@
+"""outer_product_mean: the Triton path against a float64 reference, forward and every gradient.
+
+Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
+  fp32: 1e-5. IEEE fp32 dots with fp32 accumulation over s and over (c, d); measured ~3e-7.
+  fp16: 5e-3. a, b, each outer-product slice and the scaled output gradient are rounded to
+        fp16 (2^-11 each) before a product; measured ~6e-4.
+  bf16: 2e-2. The same roundings with 8 mantissa bits; a wrong index or a lost mask gives O(1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megafold.kernels.outer_product_mean import PARAM_NAMES, outer_product_mean, outer_product_mean_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / empty_like inside the op return NaN-filled memory: skipped elements show."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def empty_like(*args, **kwargs):
+        out = real_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def make_params(c_m, c_h, c_z, dtype, device="cpu"):
+    params = {
+        "norm_weight": 1 + 0.2 * torch.randn(c_m, device=device),
+        "norm_bias": 0.2 * torch.randn(c_m, device=device),
+        "proj_weight": torch.randn(2 * c_h, c_m, device=device) / c_m**0.5,
+        "out_weight": torch.randn(c_z, c_h * c_h, device=device) / c_h,
+        "out_bias": torch.randn(c_z, device=device),
+    }
+    return {name: t.to(dtype).requires_grad_() for name, t in params.items()}
+
+
+def make_msa(B, S, N, c_m, dtype, device="cpu"):
+    m = (torch.randn(B, S, N, c_m, device=device) + 1).to(dtype).requires_grad_()
+    mask = torch.rand(B, S, N, device=device) > 0.2
+    return m, mask
+
+
+def check(m, mask, params, dtype, grad_out=None):
+    out = outer_product_mean(m, mask, params, backend="triton")
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    leaves = [m] + [params[n] for n in PARAM_NAMES]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = outer_product_mean_reference(ref_leaves[0], mask, dict(zip(PARAM_NAMES, ref_leaves[1:])))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    assert out.dtype == dtype and out.shape == ref.shape
+    errors = {"out": rel_err(out, ref)}
+    errors |= {f"d{n}": rel_err(g, r) for n, g, r in zip(("m",) + PARAM_NAMES, grads, ref_grads)}
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, S, N, c_m, c_h, c_z",
+    [
+        (2, 5, 7, 24, 8, 40),  # batch of 2, few MSA rows, c_h under the 16-wide dot minimum
+        (1, 70, 13, 16, 12, 24),  # odd c_h, S over one 64-row block in the backward
+        (1, 9, 10, 40, 32, 16),  # AF3's c_h = 32
+    ],
+)
+def test_matches_float64_reference(B, S, N, c_m, c_h, c_z, dtype, poisoned_empty):
+    m, mask = make_msa(B, S, N, c_m, dtype)
+    check(m, mask, make_params(c_m, c_h, c_z, dtype), dtype)
+
+
+def test_deep_msa_over_several_row_blocks():
+    # S > 128: the forward and backward both walk several s blocks.
+    m, mask = make_msa(1, 133, 6, 8, torch.float32)
+    check(m, mask, make_params(8, 8, 16, torch.float32), torch.float32)
+
+
+def test_fully_masked_residue_and_sequence():
+    # Residue 3 has no valid row (count 0: the output is the bias, gradients finite); row 2 is empty.
+    m, mask = make_msa(1, 6, 9, 16, torch.float32)
+    mask[:, :, 3] = False
+    mask[:, 2, :] = False
+    check(m, mask, make_params(16, 8, 16, torch.float32), torch.float32)
+
+
+def test_transposed_views():
+    m = torch.randn(2, 9, 5, 16).transpose(1, 2).requires_grad_()  # [B, S, N, c_m] view
+    mask = (torch.rand(2, 9, 5) > 0.2).transpose(1, 2)
+    grad_out = torch.randn(2, 9, 9, 24).transpose(1, 2)
+    check(m, mask, make_params(16, 8, 24, torch.float32), torch.float32, grad_out)
+
+
+def test_memory_is_quadratic_in_channels_only_once(monkeypatch):
+    # Nothing of the size of the [N, N, c_h, c_h] outer products is allocated or saved.
+    B, S, N, c_h = 1, 6, 20, 16
+    sizes = []
+    real_empty, real_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (t := real_empty(*a, **k), sizes.append(t.numel()))[0])
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: (t := real_like(*a, **k), sizes.append(t.numel()))[0])
+    m, mask = make_msa(B, S, N, 16, torch.float32)
+    params = make_params(16, c_h, 16, torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out = outer_product_mean(m, mask, params, backend="triton")
+    out.sum().backward()
+    assert max(sizes) < B * N * N * c_h * c_h // 8
+
+
+def test_weight_gradients_are_deterministic():
+    m, mask = make_msa(1, 11, 12, 16, torch.float32)
+    params = make_params(16, 8, 24, torch.float32)
+    out = outer_product_mean(m, mask, params, backend="triton")
+    grad_out = torch.randn_like(out)
+    leaves = [params[n] for n in PARAM_NAMES]
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, S", [(256, 128), (384, 128)])
+def test_bf16_real_size_on_gpu(N, S):
+    m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
+    check(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"), torch.bfloat16)
