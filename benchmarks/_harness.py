@@ -108,3 +108,21 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def kernel_breakdown(fn: Callable[[], object], steps: int = 5) -> dict[str, float]:
+    """Device time per kernel name (ms per call of ``fn``), from the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us:
+            totals[event.key[:60]] = device_us / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

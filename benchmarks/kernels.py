@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import environment, is_oom, peak_mib, print_table, rel_err, time_ms, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    environment, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
+)
 
 from megafold.kernels import evo_attention  # noqa: E402
 from megafold.kernels.evo_attention import evo_attention_reference  # noqa: E402
@@ -147,7 +149,7 @@ def _to_reference_layout(name, tensor, impl):
     return tensor.transpose(2, 3) if impl == "cueq" else tensor.permute(0, 2, 3, 1, 4)
 
 
-def bench_evo(ns, shapes, device, rows):
+def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None):
     for shape in shapes:
         for n in ns:
             dims = EVO_SHAPES[shape](n)
@@ -158,6 +160,8 @@ def bench_evo(ns, shapes, device, rows):
             leaves = ["q", "k", "v", "bias", "gate"]
             ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out, dtype=torch.float32)
             for impl, (prepare, run) in evo_implementations(S, n, H, D).items():
+                if impls and impl not in impls:
+                    continue
                 row = {"op": "evo_attention", "shape": shape, "N": n, "S": S, "H": H, "D": D,
                        "impl": impl}
                 try:
@@ -183,6 +187,9 @@ def bench_evo(ns, shapes, device, rows):
 
                     row["ms"] = time_ms(step)
                     row["peak_mib"] = peak_mib(step)
+                    if breakdown and device.type == "cuda":
+                        row["kernels_ms"] = kernel_breakdown(step)
+                        print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()})
                 except Exception as error:  # a peer that cannot run a shape is a row, not a crash
                     row["error"] = ("OOM" if is_oom(error) else f"{type(error).__name__}: {error}")[:200]
                 rows.append(row)
@@ -201,6 +208,8 @@ def main(argv=None):
                         help="comma list: evo_attention, pair (the four pair ops)")
     parser.add_argument("--shapes", default=",".join(EVO_SHAPES))
     parser.add_argument("--ns", default=None, help="comma list of N (overrides --quick)")
+    parser.add_argument("--breakdown", action="store_true", help="device time per megafold kernel")
+    parser.add_argument("--impls", default=None, help="comma list of implementations to run")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +222,8 @@ def main(argv=None):
     ops = args.ops.split(",")
     rows: list[dict] = []
     if "evo_attention" in ops:
-        bench_evo(ns, args.shapes.split(","), device, rows)
+        bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
+                  args.impls.split(",") if args.impls else None)
     if "pair" in ops:
         try:
             import _pair_ops
