@@ -20,7 +20,7 @@ class Component:
     """One CCD entry, heavy atoms only, in CCD atom order.
 
     ``ideal_pos`` is the CCD ideal conformer (``pdbx_model_Cartn_*_ideal``, the model
-    coordinates where the ideal ones are missing), centred on its mean: ``[K, 3]``.
+    coordinates where the ideal ones are missing), in the CCD's frame: ``[K, 3]``.
     """
 
     name: str
@@ -67,8 +67,6 @@ def component(name: str) -> Component | None:
     pos = atoms.coord[heavy].astype(np.float32)
     pos_mask = np.isfinite(pos).all(axis=1)
     pos = np.where(pos_mask[:, None], pos, 0.0).astype(np.float32)
-    if pos_mask.any():
-        pos[pos_mask] -= pos[pos_mask].mean(axis=0)
     leaving_flags = np.asarray(leaving.as_array()) if leaving is not None else np.array([])
     leaving_flags = (
         leaving_flags[heavy] == "Y" if len(leaving_flags) == len(heavy) else np.zeros(heavy.sum(), bool)

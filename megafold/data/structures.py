@@ -30,6 +30,10 @@ _POLY_TYPES = {
     "polydeoxyribonucleotide": "dna",
     "polydeoxyribonucleotide/polyribonucleotide hybrid": "dna",
 }
+_CATEGORIES_READ = (
+    "atom_site", "entity", "entity_poly", "entity_poly_seq", "entry", "exptl", "refine", "reflns",
+    "em_3d_reconstruction", "pdbx_database_status", "struct_conn", "chem_comp",
+)  # fmt: skip
 _PDB_RECORDS = re.compile(
     r"^(HEADER|TITLE|COMPND|SOURCE|KEYWDS|EXPDTA|AUTHOR|REVDAT|JRNL|REMARK|SEQRES|HET|"
     r"HELIX|SHEET|CRYST1|ORIGX|SCALE|MODEL|ATOM|HETATM|DBREF|SEQADV|FORMUL|LINK|SSBOND|"
@@ -155,6 +159,11 @@ def _structure_from_block(block, path: Path) -> Structure:
 
     if "atom_site" not in block:
         raise StructureError(f"{path}: no atom records (no _atom_site category)")
+    for category in _CATEGORIES_READ:
+        try:
+            _ = block[category] if category in block else None  # biotite parses categories lazily
+        except Exception as exc:
+            raise StructureError(f"{path}: malformed _{category} category ({exc}); truncated file?") from exc
     for axis in "xyz":
         raw = _column(block, "atom_site", f"Cartn_{axis}")
         if raw is None:
@@ -223,6 +232,12 @@ def _structure_from_block(block, path: Path) -> Structure:
         )
     if not any(c.kind != "ligand" for c in chains):
         raise StructureError(f"{path}: no polymer chain (protein, DNA or RNA)")
+    # Polymer chains first, then ligands, each in file order: the same chain order
+    # whichever way the file interleaves them (PDB files list ligands per chain).
+    chain_order = sorted(range(len(chains)), key=lambda i: (chains[i].kind == "ligand", i))
+    new_position = np.argsort(chain_order)
+    chains = [chains[i] for i in chain_order]
+    chain_index = new_position[chain_index].astype(np.int32)
 
     bonds = atoms.bonds.as_array()[:, :2].astype(np.int64) if atoms.bonds is not None else np.zeros((0, 2))
     old_to_new = np.cumsum(keep) - 1

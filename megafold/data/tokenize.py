@@ -216,10 +216,13 @@ def _residue_atoms(structure: Structure, name: str, observed: range):
     keep = np.array([not leaving or n in observed_names for n, leaving in zip(component.atom_names, component.leaving)], bool)
     new_index = np.cumsum(keep) - 1
     bonds = component.bonds[keep[component.bonds[:, 0]] & keep[component.bonds[:, 1]]]
+    ref_pos, ref_mask = component.ideal_pos[keep].copy(), component.pos_mask[keep]
+    if ref_mask.any():  # centred, so that rotating it (crop.random_rotate_conformers) keeps it in place
+        ref_pos[ref_mask] -= ref_pos[ref_mask].mean(axis=0)
     return (
         [n for n, k in zip(component.atom_names, keep) if k],
-        component.ideal_pos[keep],
-        component.pos_mask[keep],
+        ref_pos,
+        ref_mask,
         component.atomic_numbers[keep].tolist(),
         component.charges[keep].tolist(),
         new_index[bonds].astype(np.int64),
