@@ -15,7 +15,6 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megafold.data.features import FEATURES
 from megafold.kernels import use_kernels
@@ -42,7 +41,7 @@ from megafold.model.losses import (
 )
 from megafold.model.msa import MSAModule
 from megafold.model.pairformer import PairformerStack
-from megafold.model.primitives import LayerNorm, LinearNoBias
+from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed
 from megafold.model.template import TemplateEmbedder
 
 Batch = Mapping[str, torch.Tensor]
@@ -189,7 +188,7 @@ class AlphaFold3(nn.Module):
         for start in range(0, S, chunk):
             args = (x_noisy[:, start : start + chunk], x_aug[:, start : start + chunk], sigma[:, start : start + chunk])
             if chunk < S and torch.is_grad_enabled():
-                parts.append(checkpoint(chunk_terms, *args, use_reentrant=False))
+                parts.append(checkpointed(chunk_terms, *args))
             else:
                 parts.append(chunk_terms(*args))
         mse, lddt, bond = torch.cat(parts, dim=-1)

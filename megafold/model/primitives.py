@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megafold.kernels import evo_attention, layernorm_linear, transition
+from megafold.kernels import evo_attention, layernorm_linear, transition, use_kernels
+from megafold.kernels._common import default_backend
 
 # Standard deviation of a unit normal truncated to [-2, 2]: dividing by it keeps the
 # truncated LeCun initialiser's variance at 1 / fan_in.
@@ -89,6 +90,22 @@ def shared_dropout(x: torch.Tensor, p: float, training: bool, shared_dim: int) -
     return x * keep / (1.0 - p)
 
 
+def checkpointed(fn: Callable, *args):
+    """``torch.utils.checkpoint`` (non-reentrant) of ``fn(*args)``.
+
+    The backward recomputation runs outside the model's ``use_kernels`` block, so the
+    kernels backend of the forward is captured here and restored for it (torch restores
+    autocast itself); otherwise "auto" could pick other ops and another set of saved tensors.
+    """
+    backend = default_backend()
+
+    def run(*inputs):
+        with use_kernels(backend):
+            return fn(*inputs)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 def run_in_chunks(
     fn: Callable[..., torch.Tensor], split: Sequence[torch.Tensor], chunk_size: int, dim: int
 ) -> torch.Tensor:
@@ -105,7 +122,7 @@ def run_in_chunks(
         length = min(chunk_size, size - start)
         parts = [t.narrow(dim, start, length) for t in split]
         if torch.is_grad_enabled():
-            outputs.append(checkpoint(fn, *parts, use_reentrant=False))
+            outputs.append(checkpointed(fn, *parts))
         else:
             outputs.append(fn(*parts))
     return torch.cat(outputs, dim)
@@ -362,7 +379,7 @@ def checkpoint_pair_block(
     if not (enabled and torch.is_grad_enabled()):
         return block(pair, other, *args)
     if not pair_bf16:
-        return checkpoint(block, pair, other, *args, use_reentrant=False)
+        return checkpointed(block, pair, other, *args)
     stored = pair.to(torch.bfloat16)
 
     def delta_block(stored_pair, other_in, *rest):
@@ -370,5 +387,5 @@ def checkpoint_pair_block(
         pair_out, other_out = block(pair_in, other_in, *rest)
         return pair_out - pair_in, other_out
 
-    delta, other = checkpoint(delta_block, stored, other, *args, use_reentrant=False)
+    delta, other = checkpointed(delta_block, stored, other, *args)
     return pair + delta, other

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megafold.data.features import NUM_RESTYPES, collate
+from megafold.kernels import use_kernels
 from megafold.model.primitives import lecun_normal_
 
 STRUCTURES = Path("/work/shared/data/structures")
@@ -185,6 +186,14 @@ def mixed_batch() -> dict[str, torch.Tensor]:
     modified nucleotides, one token per atom (2q2k): three sizes, so tokens, atoms and
     templates are padded."""
     return real_batch(("1ubq", 14, "first", True), ("3mht", 24, "ligand"), ("2q2k", 16, "dna"))
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels():
+    """Modules called outside AlphaFold3 (which sets its config's backend) use the torch ops:
+    under TRITON_INTERPRET=1, "auto" would run the Triton interpreter, far too slow here."""
+    with use_kernels("torch"):
+        yield
 
 
 @pytest.fixture
