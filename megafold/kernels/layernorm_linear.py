@@ -134,20 +134,22 @@ def _layernorm_stats(
     x_ptr, x_rows, row_ok, stride_c, eps,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """fp32 mean and 1/std of each row (channel offsets in int64: a channel-major [c, N, N]
+    tensor has a channel stride of N^2)."""
     # Two passes in fp32 (mean, then centred variance): E[x^2] - E[x]^2 loses digits when
     # |mean| >> std, which residual streams do reach.
     total = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
         total += x.to(tl.float32)
     mean = tl.sum(total, axis=1) / K
     total = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
         centred = tl.where(ok, x.to(tl.float32) - mean[:, None], 0.0)
         total += centred * centred
     rstd = 1.0 / tl.sqrt(tl.sum(total, axis=1) / K + eps)
@@ -163,7 +165,7 @@ def _layernorm_chunk(
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * stride_c, mask=ok, other=0.0)
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
@@ -244,7 +246,7 @@ def _layernorm_linear_backward_kernel(
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
 
-    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * sx_c, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -258,7 +260,7 @@ def _layernorm_linear_backward_kernel(
             mask=col_ok[:, None] & k_ok[None, :], other=0.0,
         )
         dy = tl.load(
-            dy_ptr + dy_rows[:, None] + cols[None, :] * sdy_c,
+            dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )
         dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
@@ -312,7 +314,7 @@ def _layernorm_linear_weight_grad_kernel(
         xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
         dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
         dy = tl.load(
-            dy_ptr + dy_rows[:, None] + cols[None, :] * sdy_c,
+            dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )
         acc = tl.dot(tl.trans(dy), xn.to(dy.dtype), acc, input_precision=DOT_PRECISION)

@@ -120,7 +120,7 @@ def _transition_backward_kernel(
     xn = xn.to(w_in_ptr.dtype.element_ty)
     dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
     cos = tl.arange(0, BLOCK_CO)
-    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :] * sdy_c,
+    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
                  mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(w_in_ptr.dtype.element_ty)
 
     dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
@@ -135,7 +135,7 @@ def _transition_backward_kernel(
     cs = tl.arange(0, BLOCK_C)
     c_ok = cs < C
     ok = row_ok[:, None] & c_ok[None, :]
-    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :] * sx_c, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     dxhat = dxn * gamma[None, :]
@@ -182,7 +182,7 @@ def _transition_weight_grad_kernel(
         xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
         xn = xn.to(w_in_ptr.dtype.element_ty)
         dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :] * sdy_c,
+        dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
                      mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(xn.dtype)
         da, db, hidden, _, _ = _swiglu_backward_chunk(
             xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,

@@ -194,7 +194,7 @@ def _triangle_output_backward_kernel(
 
     d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
     ok = row_ok[:, None] & k_ok[None, :]
-    dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :] * sd_c, mask=ok, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0).to(tl.float32)
     d_update = (dout * gate).to(dtype)
     d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
     tl.store(d_update_ptr + flat[:, None] * CZ + ks[None, :], d_update, mask=ok)
@@ -246,7 +246,7 @@ def _triangle_input_backward_kernel(
     z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
     mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
-    z = tl.load(z_ptr + z_rows[:, None] + ks[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + z_rows[:, None] + ks[None, :].to(tl.int64) * sz_c, mask=ok, other=0.0).to(tl.float32)
     zhat = tl.where(ok, (z - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
