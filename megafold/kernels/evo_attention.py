@@ -74,8 +74,10 @@ def _evo_attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    block_m = tl.program_id(1)
+    # Query blocks vary fastest: the programs of one row run together and share its K/V in L2
+    # (the bias is small enough to stay in L2 whatever the order).
+    block_m = tl.program_id(0)
+    row = tl.program_id(1)
     batch_head = tl.program_id(2)
     b = batch_head // H
     h = batch_head % H
@@ -135,7 +137,7 @@ def _evo_attention_forward_kernel(
     att = acc / tl.where(empty, 1.0, l_i)[:, None]
     # Fully masked rows store lse = +inf, so the backward's exp(logit - lse) is exactly 0.
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    bh_row = (b * tl.num_programs(0) + row) * H + h
+    bh_row = (b * tl.num_programs(1) + row) * H + h
     tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
     # out/att are written contiguous [B, S, N, H, D].
     o_offs = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
@@ -149,6 +151,45 @@ def _evo_attention_forward_kernel(
         tl.store(att_ptr + o_offs, att.to(att_ptr.dtype.element_ty), mask=o_mask)
         att = att * tl.sigmoid(gate)
     tl.store(out_ptr + o_offs, att.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _evo_attention_backward_prep_kernel(
+    dout_ptr, gate_ptr, att_ptr, datt_ptr, dgate_ptr, delta_ptr,
+    stride_ob, stride_os, stride_on, stride_oh, stride_od,
+    stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
+    S, N, H, D,
+    HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One pass over [B, S, N, H, D]: the ungated output gradient, the gate gradient and
+    delta = rowsum(dO_att * att) of the softmax backward, all from fp32 arithmetic."""
+    block_n = tl.program_id(0)
+    row = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    n3 = offs_n[:, None, None]
+    h3 = offs_h[None, :, None]
+    d3 = offs_d[None, None, :]
+    valid = (n3 < N) & (h3 < H) & (d3 < D)
+    dout = tl.load(dout_ptr + b * stride_ob + row * stride_os + n3 * stride_on + h3 * stride_oh
+                   + d3 * stride_od, mask=valid, other=0.0).to(tl.float32)
+    contiguous = ((b * S + row) * N + n3) * (H * D) + h3 * D + d3
+    att = tl.load(att_ptr + contiguous, mask=valid, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * stride_gb + row * stride_gs + n3 * stride_gn + h3 * stride_gh
+                       + d3 * stride_gd, mask=valid, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        tl.store(dgate_ptr + contiguous, (dout * att * sig * (1.0 - sig)).to(dgate_ptr.dtype.element_ty),
+                 mask=valid)
+        dout = dout * sig
+    tl.store(datt_ptr + contiguous, dout.to(datt_ptr.dtype.element_ty), mask=valid)
+    # delta is [B, S, H, N].
+    delta = tl.sum(dout * att, axis=2)
+    tl.store(delta_ptr + ((b * S + row) * H + offs_h[None, :]) * N + offs_n[:, None], delta,
+             mask=(offs_n[:, None] < N) & (offs_h[None, :] < H))
 
 
 @triton.jit
@@ -188,8 +229,8 @@ def _evo_attention_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    block_n = tl.program_id(1)
+    block_n = tl.program_id(0)
+    row = tl.program_id(1)
     batch_head = tl.program_id(2)
     b = batch_head // H
     h = batch_head % H
@@ -256,8 +297,8 @@ def _evo_attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    block_m = tl.program_id(1)
+    block_m = tl.program_id(0)
+    row = tl.program_id(1)
     batch_head = tl.program_id(2)
     b = batch_head // H
     h = batch_head % H
@@ -456,7 +497,7 @@ def _forward(inp: _Inputs, scale: float):
     dummy = inp.q
 
     def launch(cfg):
-        grid = (S, triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), S, B * H)
         _evo_attention_forward_kernel[grid](
             inp.q, inp.k, inp.v,
             inp.bias if inp.bias is not None else dummy,
@@ -480,17 +521,18 @@ def _forward(inp: _Inputs, scale: float):
 def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     dtype = inp.q.dtype
-    dout = dout.reshape(B, S, N, H, D)
-    dgate = None
-    # Gate and delta in fp32: a few elementwise passes over [B, S, N, H, D], cheap next to N^3 work.
-    if inp.gate is not None:
-        sig = torch.sigmoid(inp.gate.float())
-        dout32 = dout.float()
-        dgate = (dout32 * att.float() * sig * (1.0 - sig)).to(inp.gate.dtype)
-        datt = (dout32 * sig).to(dtype).contiguous()
-    else:
-        datt = dout.to(dtype).contiguous()
-    delta = (datt.float() * att.float()).sum(-1).permute(0, 1, 3, 2).contiguous()  # [B, S, H, N]
+    dout = dout.view(B, S, N, H, D) if dout.dim() == 5 else dout.reshape(B, S, N, H, D)
+    datt = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
+    dgate = torch.empty_like(datt, dtype=inp.gate.dtype) if inp.gate is not None else None
+    delta = torch.empty((B, S, H, N), device=inp.q.device, dtype=torch.float32)
+    block_h, block_dp = next_power_of_2(H), next_power_of_2(D)
+    prep_block_n = max(1, min(64, 4096 // (block_h * block_dp)))
+    _evo_attention_backward_prep_kernel[(triton.cdiv(N, prep_block_n), S, B)](
+        dout, inp.gate if inp.gate is not None else dout, att, datt,
+        dgate if dgate is not None else datt, delta,
+        *dout.stride(), *_strides(inp.gate, 5), S, N, H, D,
+        HAS_GATE=inp.gate is not None, BLOCK_N=prep_block_n, BLOCK_H=block_h, BLOCK_D=block_dp,
+    )
     dq = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
@@ -503,7 +545,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
     strides = inp.args()
 
     def launch_dkdv(cfg):
-        grid = (S, triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), S, B * H)
         _evo_attention_dkdv_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
             S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
@@ -512,7 +554,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
         )
 
     def launch_dq(cfg):
-        grid = (S, triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), S, B * H)
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq, *strides,
             S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
