@@ -299,12 +299,15 @@ def _worker_died(task, isolated: bool, suspects: deque, report: BuildReport, bar
 
 
 def _preload_ccd() -> None:
-    """Load biotite's CCD once in the parent: forked workers share it instead of each
-    spending a second and a half reading it."""
+    """Read biotite's CCD once in the parent (its categories deserialize lazily, ~2 s):
+    forked workers share it instead of each paying for it."""
     if _mp_context().get_start_method() == "fork":
         import biotite.structure.info as info
 
-        info.get_ccd()
+        from megafold.data import ccd
+
+        ccd.component("ALA")
+        info.bonds_in_residue("ALA")
 
 
 def _mp_context():
