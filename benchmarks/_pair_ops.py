@@ -255,6 +255,6 @@ def run(ns, device, rows: list[dict]) -> None:
             print(f"  {case.op:18s} {case.shape:9s} N={case.N:5d} {impl:9s} "
                   + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
                      if "ms" in row else row["error"]), flush=True)
-        del inputs, ref, ref_grads
+        del ref, ref_grads
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -376,6 +376,14 @@ def layernorm_linear_forward(
     return out, mean, rstd
 
 
+def row_splits(total_blocks: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, row blocks per split) for a weight-gradient kernel: enough splits to fill the
+    GPU a few times over, while the fp32 partials (one per split) stay a few MiB."""
+    splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(device), tiles)))
+    per_split = triton.cdiv(total_blocks, splits)
+    return triton.cdiv(total_blocks, per_split), per_split
+
+
 def layernorm_linear_backward_input(
     x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
@@ -388,21 +396,32 @@ def layernorm_linear_backward_input(
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
     D0, _, D2 = rows.sizes
     block_k = block_size(K, 1 << 30)
+    parts = {}
+
+    def launch(cfg):
+        num_blocks = triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
+        parts["w"] = torch.empty(D0 * num_blocks, K, device=x.device, dtype=torch.float32)
+        parts["b"] = torch.empty_like(parts["w"])
+        _layernorm_linear_backward_kernel[(num_blocks, D0)](
+            x, dy, ln_weight, weight, mean, rstd, dx, parts["w"], parts["b"],
+            rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+            weight.stride(0), weight.stride(1),
+            K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+            DOT_PRECISION=dot_precision(weight.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
+        )
+
     # The row lives in registers: fewer rows per block as K grows, so wide rows still fit.
-    block_m = max(16, min(64, 8192 // block_k))
-    block_n = max(16, min(block_size(O, 64), 16384 // block_k))
-    num_blocks = triton.cdiv(rows.per_batch, block_m)
-    dln_w = torch.empty(D0 * num_blocks, K, device=x.device, dtype=torch.float32)
-    dln_b = torch.empty_like(dln_w)
-    _layernorm_linear_backward_kernel[(num_blocks, D0)](
-        x, dy, ln_weight, weight, mean, rstd, dx, dln_w, dln_b,
-        rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-        weight.stride(0), weight.stride(1),
-        K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-        DOT_PRECISION=dot_precision(weight.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_k >= 256 else 4,
-    )
-    return dx, dln_w.sum(0), dln_b.sum(0)
+    default = {"BLOCK_M": max(16, min(64, 8192 // block_k)),
+               "BLOCK_N": max(16, min(block_size(O, 64), 16384 // block_k)),
+               "num_warps": 8 if block_k >= 256 else 4}
+    candidates = [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw}
+        for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
+        for nw in (4, 8)
+    ] if block_k <= 128 else []
+    launch(_tuned("layernorm_linear_bwd_dx", (K, O, str(weight.dtype)), x.device, candidates, default, launch))
+    return dx, parts["w"].sum(0), parts["b"].sum(0)
 
 
 def layernorm_linear_weight_grad(
@@ -418,24 +437,29 @@ def layernorm_linear_weight_grad(
     O = dy.shape[-1]
     rows, (x, dy) = rows_of(x, dy)
     D0, _, D2 = rows.sizes
-    block_m, block_n, block_k = 64, block_size(O, 128), block_size(K, 128)
+    block_n, block_k = block_size(O, 128), block_size(K, 128)
     tiles = triton.cdiv(O, block_n) * triton.cdiv(K, block_k)
-    total_blocks = D0 * triton.cdiv(rows.per_batch, block_m)
-    # Enough splits to fill the GPU a few times over; the fp32 partials stay a few MiB.
-    splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(x.device), tiles)))
-    blocks_per_split = triton.cdiv(total_blocks, splits)
-    splits = triton.cdiv(total_blocks, blocks_per_split)
-    dw = torch.empty(splits, O, K, device=x.device, dtype=torch.float32)
-    db = torch.empty(splits, O, device=x.device, dtype=torch.float32) if with_bias else dw
-    _layernorm_linear_weight_grad_kernel[(tiles, splits)](
-        x, dy, ln_weight, ln_bias, mean, rstd, dw, db,
-        rows.per_batch, D2, O, D0, blocks_per_split,
-        *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-        K=K, HAS_BIAS=with_bias, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-        DOT_PRECISION=dot_precision(dy.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
-    )
-    return dw.sum(0), (db.sum(0) if with_bias else None)
+    parts = {}
+
+    def launch(cfg):
+        total_blocks = D0 * triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
+        splits, per_split = row_splits(total_blocks, tiles, x.device)
+        parts["w"] = torch.empty(splits, O, K, device=x.device, dtype=torch.float32)
+        parts["b"] = torch.empty(splits, O, device=x.device, dtype=torch.float32) if with_bias else parts["w"]
+        _layernorm_linear_weight_grad_kernel[(tiles, splits)](
+            x, dy, ln_weight, ln_bias, mean, rstd, parts["w"], parts["b"],
+            rows.per_batch, D2, O, D0, per_split,
+            *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+            K=K, HAS_BIAS=with_bias, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+            DOT_PRECISION=dot_precision(dy.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, **_launch_kwargs(cfg),
+        )
+
+    default = {"BLOCK_M": 64, "num_warps": 8}
+    candidates = [{"BLOCK_M": bm, "num_warps": nw, "num_stages": ns}
+                  for bm in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)]
+    launch(_tuned("layernorm_linear_bwd_dw", (K, O, str(dy.dtype), with_bias), x.device, candidates, default, launch))
+    return parts["w"].sum(0), (parts["b"].sum(0) if with_bias else None)
 
 
 # --------------------------------------------------------------------------- autograd

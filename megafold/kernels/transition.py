@@ -23,7 +23,7 @@ from megafold.kernels.layernorm_linear import (
     block_size,
     dot_precision,
     rows_of,
-    sm_count,
+    row_splits,
 )
 
 
@@ -279,10 +279,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         block_h = cfg["BLOCK_H"]
         tiles = triton.cdiv(H, block_h)
         total_blocks = D0 * triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        # Enough row splits to fill the GPU a few times over; partials stay a few MiB.
-        splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(x.device), tiles)))
-        per_split = triton.cdiv(total_blocks, splits)
-        splits = triton.cdiv(total_blocks, per_split)
+        splits, per_split = row_splits(total_blocks, tiles, x.device)
         parts["w_in"] = torch.empty(splits, 2 * H, C, device=x.device, dtype=torch.float32)
         parts["w_out"] = torch.empty(splits, C_OUT, H, device=x.device, dtype=torch.float32)
         _transition_weight_grad_kernel[(tiles, splits)](

@@ -29,7 +29,7 @@ from megafold.kernels.layernorm_linear import (
     block_size,
     dot_precision,
     layernorm_linear_weight_grad,
-    sm_count,
+    row_splits,
 )
 
 PARAM_NAMES = (
@@ -338,6 +338,11 @@ def _row_block(width: int) -> int:
     return max(16, min(64, 8192 // width))
 
 
+def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
+    """Autotune key, and whether the shape is one the candidates are meant for (c_z <= 128)."""
+    return (z.shape[-1], c_h, str(dtype)), block_size(z.shape[-1], 1 << 30) <= 128
+
+
 def _triangle_forward(z, mask, p, outgoing, eps):
     B, N, _, CZ = z.shape
     CH = p["norm_out_weight"].shape[0]
@@ -361,8 +366,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
             BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )
 
-    key = (CZ, CH, str(dtype))
-    small = block_cz <= 128
+    key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
@@ -391,27 +395,22 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
 
 
-def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd):
+def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
+    """dx ``[B, c_h, N, N]``, the gradients of the update and of the gate pre-activation
+    ``[B, N, N, c_z]`` and the output LayerNorm's parameter gradients."""
     B, N, _, CZ = z.shape
     CH = x.shape[1]
     NN = N * N
-    dtype = ab.dtype
-    dev = z.device
-    (sz, z_merged), (sm, m_merged), (sd, d_merged) = _pair_args(z), _mask_args(mask), _pair_args(dout)
+    dtype, dev = x.dtype, z.device
+    (sz, z_merged), (sd, d_merged) = _pair_args(z), _pair_args(dout)
     block_cz, block_ch = block_size(CZ, 1 << 30), block_size(CH, 1 << 30)
-    prec = dot_precision(dtype)
-    key = (CZ, CH, str(dtype))
-    small = block_cz <= 128
-    grads: dict[str, torch.Tensor] = {}
-
-    # Output side: dx, and the gradients of the update and of the gate pre-activation.
     dx = torch.empty_like(x)
     d_update = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
     d_gate = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
     w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
     parts = {}
 
-    def launch_out(cfg):
+    def launch(cfg):
         num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
         parts["w"] = torch.empty(B * num_blocks, CH, device=dev, dtype=torch.float32)
         parts["b"] = torch.empty_like(parts["w"])
@@ -419,79 +418,118 @@ def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean
             x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
             p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_update, d_gate, parts["w"], parts["b"],
             N, *sz, *sd, *w_og.stride(), *w_o.stride(),
-            CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=prec,
+            CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
         )
 
+    key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    launch_out(_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch_out))
-    grads["norm_out_weight"], grads["norm_out_bias"] = parts["w"].sum(0), parts["b"].sum(0)
-    x_pairs = x.permute(0, 2, 3, 1)  # [B, N, N, c_h] view of the channel-major x
-    grads["out_proj_weight"], _ = layernorm_linear_weight_grad(
-        x_pairs, d_update, p["norm_out_weight"], p["norm_out_bias"], x_mean, x_rstd, False
-    )
-    grads["out_gate_weight"], _ = layernorm_linear_weight_grad(
-        z, d_gate, p["norm_in_weight"], p["norm_in_bias"], z_mean, z_rstd, False
-    )
-    del d_update
+    launch(_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch))
+    return dx, d_update, d_gate, parts["w"].sum(0), parts["b"].sum(0)
 
-    # The triangular product, backwards, into one [2, B, c_h, N, N] buffer.
+
+def _product_backward(dx, ab, outgoing):
+    """Gradients of a and b, ``[2, B, c_h, N, N]``, from dx ``[B, c_h, N, N]`` (cuBLAS)."""
+    _, B, CH, N, _ = ab.shape
     dab = torch.empty_like(ab)
     a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
-    dx3 = dx.view(B * CH, N, N)
     da, db = dab[0].view(B * CH, N, N), dab[1].view(B * CH, N, N)
+    dx = dx.view(B * CH, N, N)
     if outgoing:  # x = a b^T
-        torch.bmm(dx3, b, out=da)
-        torch.bmm(dx3.transpose(1, 2), a, out=db)
+        torch.bmm(dx, b, out=da)
+        torch.bmm(dx.transpose(1, 2), a, out=db)
     else:  # x = a^T b
-        torch.bmm(b, dx3.transpose(1, 2), out=da)
-        torch.bmm(a, dx3, out=db)
-    del dx, dx3
+        torch.bmm(b, dx.transpose(1, 2), out=da)
+        torch.bmm(a, dx, out=db)
+    return dab
 
-    # Input side: dz through the LayerNorm from the a, b and gate paths, then weight grads.
+
+def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
+    """dz through the input LayerNorm from the a, b and gate paths, and the LayerNorm's
+    parameter gradients."""
+    B, N, _, CZ = z.shape
+    CH = dab.shape[2]
+    NN = N * N
+    dtype, dev = dab.dtype, z.device
+    (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
+    block_cz = block_size(CZ, 1 << 30)
     dz = torch.empty(B, N, N, CZ, device=dev, dtype=z.dtype)
-    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
-    common = (*sz, *sm, *w_p.stride(), *w_g.stride())
-    consts = dict(CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec, BLOCK_CZ=block_cz)
+    w_p, w_g, w_og = p["ab_proj_weight"], p["ab_gate_weight"], p["out_gate_weight"]
+    parts = {}
 
-    def launch_in(cfg):
+    def launch(cfg):
         num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
         parts["w"] = torch.empty(B * num_blocks, CZ, device=dev, dtype=torch.float32)
         parts["b"] = torch.empty_like(parts["w"])
         _triangle_input_backward_kernel[(num_blocks, B)](
             z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
-            dab, d_gate, dz, parts["w"], parts["b"], N, CH, dab.stride(0), *common, *w_og.stride(),
-            **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            dab, d_gate, dz, parts["w"], parts["b"], N, CH, dab.stride(0),
+            *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),
+            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )
 
+    key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    launch_in(_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch_in))
-    grads["norm_in_weight"], grads["norm_in_bias"] = parts["w"].sum(0), parts["b"].sum(0)
+    launch(_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch))
+    return dz, parts["w"].sum(0), parts["b"].sum(0)
 
-    def launch_dw(cfg):
-        block_m, block_c = cfg["BLOCK_M"], cfg["BLOCK_C"]
-        tiles = 2 * triton.cdiv(CH, block_c)
-        total_blocks = B * triton.cdiv(NN, block_m)
-        # Enough row splits to fill the GPU a few times over; partials stay a few MiB.
-        splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(dev), tiles)))
-        per_split = triton.cdiv(total_blocks, splits)
-        splits = triton.cdiv(total_blocks, per_split)
+
+def _input_weight_grad(z, mask, p, dab, z_mean, z_rstd):
+    """fp32 gradients of ab_proj_weight and ab_gate_weight ``[2 c_h, c_z]``."""
+    B, N, _, CZ = z.shape
+    CH = dab.shape[2]
+    NN = N * N
+    dtype, dev = dab.dtype, z.device
+    (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
+    block_cz = block_size(CZ, 1 << 30)
+    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
+    parts = {}
+
+    def launch(cfg):
+        tiles = 2 * triton.cdiv(CH, cfg["BLOCK_C"])
+        splits, per_split = row_splits(B * triton.cdiv(NN, cfg["BLOCK_M"]), tiles, dev)
         parts["p"] = torch.empty(splits, 2 * CH, CZ, device=dev, dtype=torch.float32)
         parts["g"] = torch.empty_like(parts["p"])
         _triangle_input_weight_grad_kernel[(tiles, splits)](
             z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, dab,
-            parts["p"], parts["g"], N, CH, B, dab.stride(0), per_split, *common,
-            **consts, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=cfg["num_warps"],
+            parts["p"], parts["g"], N, CH, B, dab.stride(0), per_split,
+            *sz, *sm, *w_p.stride(), *w_g.stride(),
+            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )
 
+    key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 8 if block_cz >= 128 else 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (16, 32, 64) for nw in (4, 8)] if small else []
-    launch_dw(_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch_dw))
-    grads["ab_proj_weight"], grads["ab_gate_weight"] = parts["p"].sum(0), parts["g"].sum(0)
+    launch(_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch))
+    return parts["p"].sum(0), parts["g"].sum(0)
+
+
+def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd):
+    """dz and the fp32 gradient of every parameter. Each pair-sized buffer is dropped as soon
+    as its last reader has run: the peak stays near the forward's."""
+    grads: dict[str, torch.Tensor] = {}
+    dx, d_update, d_gate, grads["norm_out_weight"], grads["norm_out_bias"] = _output_backward(
+        dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd
+    )
+    x_pairs = x.permute(0, 2, 3, 1)  # [B, N, N, c_h] view of the channel-major x
+    grads["out_proj_weight"], _ = layernorm_linear_weight_grad(
+        x_pairs, d_update, p["norm_out_weight"], p["norm_out_bias"], x_mean, x_rstd, False
+    )
+    del d_update
+    grads["out_gate_weight"], _ = layernorm_linear_weight_grad(
+        z, d_gate, p["norm_in_weight"], p["norm_in_bias"], z_mean, z_rstd, False
+    )
+    dab = _product_backward(dx, ab, outgoing)
+    del dx
+    dz, grads["norm_in_weight"], grads["norm_in_bias"] = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd)
+    del d_gate
+    grads["ab_proj_weight"], grads["ab_gate_weight"] = _input_weight_grad(z, mask, p, dab, z_mean, z_rstd)
     return dz, grads
 
 
