@@ -44,6 +44,12 @@ def block_size(n: int, cap: int) -> int:
     return max(16, min(cap, next_power_of_2(n)))
 
 
+def expect_shape(op: str, name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """A clear error for a wrongly shaped argument, before a kernel reads past its end."""
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -516,6 +522,15 @@ def layernorm_linear(
     or None. Returns ``[*, O]`` (in autocast's dtype under autocast). LayerNorm statistics
     are fp32; weight and LayerNorm gradients are deterministic.
     """
+    K, O = x.shape[-1], weight.shape[0]
+    for name, tensor, shape in (("ln_weight", ln_weight, (K,)), ("ln_bias", ln_bias, (K,)),
+                                ("weight", weight, (O, K)), ("bias", bias, (O,))):
+        expect_shape("layernorm_linear", name, tensor, shape)
     if resolve_backend(backend, x, ln_weight, ln_bias, weight, bias) == "torch" or x.numel() == 0:
         return layernorm_linear_reference(x, ln_weight, ln_bias, weight, bias, eps)
+    return _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+@torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
+def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps):
     return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, weight, bias, eps, autocast_dtype(x))

@@ -20,7 +20,14 @@ import triton
 import triton.language as tl
 
 from megafold.kernels._common import resolve_backend
-from megafold.kernels.layernorm_linear import _tuned, autocast_dtype, block_size, dot_precision, layernorm_linear
+from megafold.kernels.layernorm_linear import (
+    _tuned,
+    autocast_dtype,
+    block_size,
+    dot_precision,
+    expect_shape,
+    layernorm_linear,
+)
 
 PARAM_NAMES = ("norm_weight", "norm_bias", "proj_weight", "out_weight", "out_bias")
 NORM_EPS = 1e-3  # added to the count of valid MSA rows of each pair, as in AF3
@@ -301,6 +308,7 @@ def outer_product_mean(
     ``o_ij = sum_s a_si (x) b_sj / (1e-3 + sum_s mask_si mask_sj)``; returns
     ``flatten(o_ij) W_out^T + b_out``: ``[B, N, N, c_z]`` (in autocast's dtype under autocast).
     """
+    _check_shapes(m, mask, params)
     values = [params[name] for name in PARAM_NAMES]
     if resolve_backend(backend, m, *values) == "torch" or m.numel() == 0:
         return outer_product_mean_reference(m, mask, params)
@@ -311,4 +319,26 @@ def outer_product_mean(
     with torch.autocast(m.device.type, enabled=False):  # counts up to S must stay exact
         valid = mask.to(torch.float32)
         inv_norm = 1.0 / (NORM_EPS + torch.einsum("bsi,bsj->bij", valid, valid))
-    return OuterProductMeanFunction.apply(ab, inv_norm, p["out_weight"], p["out_bias"], autocast_dtype(m))
+    return _outer_product_triton(ab, inv_norm, p["out_weight"], p["out_bias"], autocast_dtype(m))
+
+
+@torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
+def _outer_product_triton(ab, inv_norm, out_weight, out_bias, compute_dtype):
+    return OuterProductMeanFunction.apply(ab, inv_norm, out_weight, out_bias, compute_dtype)
+
+
+def _check_shapes(m: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torch.Tensor]) -> None:
+    missing = [name for name in PARAM_NAMES if name not in params]
+    if missing:
+        raise KeyError(f"outer_product_mean: params lack {missing}")
+    if m.dim() != 4:
+        raise ValueError(f"outer_product_mean: m must be [B, S, N, c_m], got {tuple(m.shape)}")
+    if mask.shape != m.shape[:3] or mask.dtype != torch.bool:
+        raise ValueError(f"outer_product_mean: mask must be bool {tuple(m.shape[:3])}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    c_m, c_h2, c_z = m.shape[-1], params["proj_weight"].shape[0], params["out_weight"].shape[0]
+    c_h = c_h2 // 2
+    expected = {"norm_weight": (c_m,), "norm_bias": (c_m,), "proj_weight": (2 * c_h, c_m),
+                "out_weight": (c_z, c_h * c_h), "out_bias": (c_z,)}
+    for name, shape in expected.items():
+        expect_shape("outer_product_mean", name, params[name], shape)

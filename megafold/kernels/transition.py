@@ -22,6 +22,7 @@ from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
     dot_precision,
+    expect_shape,
     rows_of,
     row_splits,
 )
@@ -345,6 +346,15 @@ def transition(
     then b); w_out: ``[c_out, h]`` with h = n * c. Returns ``[*, c_out]`` (in autocast's dtype
     under autocast). The ``[*, 2 * h]`` hidden activation is never stored.
     """
+    C, (C_OUT, H) = x.shape[-1], w_out.shape
+    for name, tensor, shape in (("ln_weight", ln_weight, (C,)), ("ln_bias", ln_bias, (C,)),
+                                ("w_in", w_in, (2 * H, C)), ("w_out", w_out, (C_OUT, H))):
+        expect_shape("transition", name, tensor, shape)
     if resolve_backend(backend, x, ln_weight, ln_bias, w_in, w_out) == "torch" or x.numel() == 0:
         return transition_reference(x, ln_weight, ln_bias, w_in, w_out, eps)
+    return _transition_triton(x, ln_weight, ln_bias, w_in, w_out, eps)
+
+
+@torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
+def _transition_triton(x, ln_weight, ln_bias, w_in, w_out, eps):
     return TransitionFunction.apply(x, ln_weight, ln_bias, w_in, w_out, eps, autocast_dtype(x))

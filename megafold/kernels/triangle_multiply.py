@@ -28,6 +28,7 @@ from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
     dot_precision,
+    expect_shape,
     layernorm_linear_weight_grad,
     row_splits,
 )
@@ -591,9 +592,7 @@ def _check_shapes(z: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torc
         "norm_out_bias": (c_h,), "out_proj_weight": (c_z, c_h),
     }
     for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
-            raise ValueError(f"triangle_multiply: {name} must be {shape} for c_z={c_z}, c_h={c_h}, "
-                             f"got {tuple(params[name].shape)}")
+        expect_shape("triangle_multiply", name, params[name], shape)
 
 
 def triangle_multiply(
@@ -618,4 +617,9 @@ def triangle_multiply(
     values = [params[name] for name in PARAM_NAMES]
     if resolve_backend(backend, z, *values) == "torch" or z.numel() == 0:
         return triangle_multiply_reference(z, mask, params, outgoing)
+    return _triangle_multiply_triton(z, mask, outgoing, values)
+
+
+@torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
+def _triangle_multiply_triton(z, mask, outgoing, values):
     return TriangleMultiplyFunction.apply(z, mask, outgoing, 1e-5, autocast_dtype(z), *values)

@@ -126,3 +126,11 @@ def test_autocast_on_gpu():
     assert inputs["weight"].grad.dtype == torch.float32
     ref_inputs = {n: t.detach().double() for n, t in inputs.items()}
     assert rel_err(out, layernorm_linear_reference(**ref_inputs)) < TOL[torch.bfloat16]
+
+
+def test_bad_shapes_are_named():
+    inputs = make_inputs((4, 20), 8, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        layernorm_linear(**(inputs | {"weight": torch.randn(8, 19)}))
+    with pytest.raises(ValueError, match="ln_bias"):
+        layernorm_linear(**(inputs | {"ln_bias": torch.randn(21)}))

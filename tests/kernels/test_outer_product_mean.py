@@ -138,3 +138,12 @@ def test_weight_gradients_are_deterministic():
 def test_bf16_real_size_on_gpu(N, S):
     m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
     check(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+def test_bad_inputs_are_named():
+    m, mask = make_msa(1, 4, 5, 8, torch.float32)
+    params = make_params(8, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="mask"):
+        outer_product_mean(m, mask.float(), params)
+    with pytest.raises(ValueError, match="out_weight"):
+        outer_product_mean(m, mask, params | {"out_weight": torch.randn(16, 15)})

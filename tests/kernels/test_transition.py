@@ -109,3 +109,9 @@ def test_bf16_pair_transition_on_gpu(N):
 def test_bf16_single_transition_on_gpu():
     # The single track (c_s = 384): a row wider than one 128-wide block.
     check(make_inputs((1, 768, 384), 4, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+def test_bad_shapes_are_named():
+    inputs = make_inputs((4, 16), 4, torch.float32)
+    with pytest.raises(ValueError, match="w_in"):
+        transition(**(inputs | {"w_in": torch.randn(64, 16)}))
