@@ -206,9 +206,11 @@ def _transition_weight_grad_kernel(
 # --------------------------------------------------------------------------- launches
 
 
-def _blocks(C: int, C_OUT: int) -> tuple[int, int]:
+def _blocks(C: int, C_OUT: int) -> tuple[int, int, int]:
+    """Full-row widths of the input and output channels, and the wider of the two (which
+    bounds the register tiles: fewer rows per program as rows widen)."""
     block_c, block_co = block_size(C, 1 << 30), block_size(C_OUT, 1 << 30)
-    return block_c, block_co
+    return block_c, block_co, max(block_c, block_co)
 
 
 def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
@@ -218,8 +220,7 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
     out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_in.dtype)
     mean = torch.empty(rows.count, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_c, block_co = _blocks(C, C_OUT)
-    wide = max(block_c, block_co)
+    block_c, block_co, wide = _blocks(C, C_OUT)
 
     def launch(cfg):
         _transition_forward_kernel[(triton.cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0])](
@@ -247,8 +248,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
     rows, (x, dy) = rows_of(x, dy)
     D0, _, D2 = rows.sizes
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
-    block_c, block_co = _blocks(C, C_OUT)
-    wide = max(block_c, block_co)
+    block_c, block_co, wide = _blocks(C, C_OUT)
     common = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
               w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
     consts = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
