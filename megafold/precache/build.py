@@ -109,11 +109,14 @@ def build(
     from megafold.data.msa import default_sequence_db
 
     started = time.perf_counter()
-    out = create_store(out)
-    report = BuildReport()
     seq_db = Path(seq_db) if seq_db is not None else default_sequence_db()
     if search and not seq_db.is_file():
         raise CacheError(f"{seq_db}: sequence database not found")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    report = BuildReport()
     settings = {
         "out": str(out),
         "seq_db": str(seq_db) if search else None,
@@ -122,6 +125,7 @@ def build(
         "templates": templates,
     }
     with _build_lock(out):
+        create_store(out)
         _remove_stale_temporaries(out)
         tasks = _plan(find_sources(sources), out, settings, report, force=force)
         todo = [t for t in tasks if t.key not in report.reused]
@@ -342,23 +346,24 @@ def _msa_files_digest(msa_dir: str | None, key: str) -> str | None:
 
 
 class _build_lock:
-    """An exclusive lock on the store for the length of a build (one builder per store)."""
+    """An exclusive lock on the store directory itself for the length of a build (one
+    builder per store; no lock file is left behind)."""
 
     def __init__(self, out: Path):
-        self.path = out / ".build.lock"
+        self.out = out
 
     def __enter__(self):
-        self.handle = open(self.path, "w")
+        self.fd = os.open(self.out, os.O_RDONLY)
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.handle.close()
-            raise CacheError(f"{self.path.parent}: another build is running on this store") from None
+            os.close(self.fd)
+            raise CacheError(f"{self.out}: another build is running on this store") from None
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -188,3 +188,17 @@ print(tuple(batch["restype"].shape))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(2, 16)"
+
+
+def test_one_builder_per_store(tmp_path, sources):
+    import fcntl
+
+    path = tmp_path / "store"
+    path.mkdir()
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds it
+    try:
+        with pytest.raises(CacheError, match="another build is running"):
+            build([sources / "1znf.cif.gz"], path, search=False, progress=False)
+    finally:
+        os.close(fd)
