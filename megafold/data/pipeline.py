@@ -135,7 +135,13 @@ def featurize(
     return example, describe(structure, tokens, msas, origin, hits)
 
 
-def describe(structure, tokens, msas, origin, hits) -> dict:
+def describe(
+    structure: Structure,
+    tokens: Tokens,
+    msas: Mapping[int, Msa],
+    origin: Mapping[int, str],
+    hits: Mapping[int, Sequence[TemplateHit]],
+) -> dict:
     """JSON metadata of an example: entry facts and, per chain, what went into it."""
     chains = []
     for c, chain in enumerate(structure.chains):

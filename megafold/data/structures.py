@@ -1,4 +1,4 @@
-"""Read mmCIF (plain or gzipped) and PDB files into a :class:`Structure`.
+"""Read mmCIF and PDB files (plain, gzipped or bzip2ed) into a :class:`Structure`.
 
 biotite parses mmCIF; PDB files go through gemmi (entities, SEQRES, label_seq_id) into an
 in-memory mmCIF first, so both formats take one path. What is kept: the first model, one
@@ -10,11 +10,12 @@ coordinates are still part of the chain.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,6 @@ class Structure:
     method: str = ""
     resolution: float | None = None
     deposition_date: str | None = None
-    metadata: dict = field(default_factory=dict)
 
     @property
     def num_atoms(self) -> int:
@@ -86,7 +86,8 @@ class Structure:
 
 
 def load_structure(path: str | Path) -> Structure:
-    """Parse an mmCIF (``.cif``, ``.cif.gz``) or PDB (``.pdb``, ``.ent``, gzipped) file.
+    """Parse an mmCIF (``.cif``, ``.mmcif``) or PDB (``.pdb``, ``.ent``) file, plain or compressed
+    (gzip, bzip2; recognised by content, not by name).
 
     Raises StructureError naming the file and the problem for anything malformed: empty,
     truncated, neither mmCIF nor PDB, no atoms, non-numeric coordinates, no polymer.
@@ -112,8 +113,10 @@ def _read_text(path: Path) -> str:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
+        elif raw[:3] == b"BZh":
+            raw = bz2.decompress(raw)
         return raw.decode("utf-8", errors="replace")
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, ValueError) as exc:
         raise StructureError(f"{path}: cannot read ({exc}); truncated or corrupt file?") from exc
 
 

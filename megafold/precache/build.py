@@ -62,23 +62,27 @@ class _Task:
 
 def entry_key(path: str | Path) -> str:
     """Store key of a structure file: its name without structure/compression suffixes."""
-    name = Path(path).name
-    for suffix in (".gz", ".bz2"):
-        name = name.removesuffix(suffix)
+    name = _uncompressed_name(Path(path))
     for suffix in STRUCTURE_SUFFIXES:
         name = name.removesuffix(suffix)
     return name
 
 
+def _uncompressed_name(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".bz2")
+
+
+def _is_structure_file(path: Path) -> bool:
+    return path.is_file() and _uncompressed_name(path).endswith(STRUCTURE_SUFFIXES)
+
+
 def find_sources(sources: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus structure files (also gzipped) inside named directories."""
+    """Files named directly, plus structure files (also .gz/.bz2) inside named directories."""
     found: list[Path] = []
     for source in sources:
         source = Path(source)
         if source.is_dir():
-            found += sorted(
-                p for p in source.iterdir() if p.is_file() and p.name.removesuffix(".gz").endswith(STRUCTURE_SUFFIXES)
-            )
+            found += sorted(p for p in source.iterdir() if _is_structure_file(p))
         else:
             found.append(source)
     return found

@@ -143,3 +143,12 @@ def test_no_polymer(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(StructureError, match="nowhere.cif"):
         load_structure(tmp_path / "nowhere.cif")
+
+
+def test_bzip2_compressed_mmcif(tmp_path, shared_data, structure):
+    import bz2
+
+    path = tmp_path / "1ubq.cif.bz2"
+    path.write_bytes(bz2.compress(_ubq_text(shared_data).encode()))
+    parsed = load_structure(path)
+    np.testing.assert_array_equal(parsed.coord, structure("1ubq").coord)
