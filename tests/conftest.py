@@ -2,8 +2,19 @@
 on a machine without a GPU the Triton kernels then run on the CPU under the interpreter."""
 
 import os
+from pathlib import Path
 
 import torch
+
+# The real data of ../shared/data (beside the repository in a checkout and in CI). Tests read
+# it through MEGAFOLD_SHARED_DATA so that no test hard-codes a machine's path.
+_REPO = Path(__file__).resolve().parents[1]
+for _candidate in (_REPO.parent / "shared" / "data", Path("/work/shared/data")):
+    if (_candidate / "structures").is_dir():
+        os.environ.setdefault("MEGAFOLD_SHARED_DATA", str(_candidate))
+        break
+else:
+    raise RuntimeError(f"tests need ../shared/data beside the repository ({_REPO.parent / 'shared'})")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

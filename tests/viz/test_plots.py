@@ -1,6 +1,7 @@
 """megafold.viz.plots: PAE, distogram and contact heatmaps, offline notebook rendering."""
 
 import re
+import os
 from pathlib import Path
 
 import gemmi
@@ -12,7 +13,7 @@ import megafold.viz as viz
 from megafold.errors import StructureError
 from megafold.viz.plots import AF3_DISTOGRAM_EDGES
 
-STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = Path(os.environ["MEGAFOLD_SHARED_DATA"]) / "structures"
 
 
 def test_pae_figure_shows_the_matrix_with_chain_boundaries():

@@ -10,7 +10,7 @@ import pytest
 import megafold.viz as viz
 from megafold.viz.structure import _STATIC
 
-STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = Path(os.environ["MEGAFOLD_SHARED_DATA"]) / "structures"
 LIBRARY_3DMOL = (_STATIC / "3Dmol-min.js").read_text(encoding="utf-8")
 
 

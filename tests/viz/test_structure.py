@@ -4,6 +4,7 @@ gemmi is the independent reader: what megafold writes through biotite must read 
 """
 
 import re
+import os
 from pathlib import Path
 
 import gemmi
@@ -14,7 +15,7 @@ import megafold.viz as viz
 from megafold.errors import StructureError
 from megafold.viz.structure import _STATIC, PLDDT_BANDS, _js_number_key, _plddt_colors, _view_model_text
 
-STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = Path(os.environ["MEGAFOLD_SHARED_DATA"]) / "structures"
 LIBRARY_TEXT = (_STATIC / "3Dmol-min.js").read_text(encoding="utf-8")
 
 
