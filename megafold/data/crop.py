@@ -139,7 +139,9 @@ def apply_crop(
     keep_atom = keep_token[example["atom_to_token"]]
     new_atom = np.cumsum(keep_atom) - 1
 
-    msa_rows = _msa_rows(example["msa"][:, tokens], rng, max_msa_rows)
+    msa = example["msa"][:, tokens]
+    msa_rows = _msa_rows(msa, rng, max_msa_rows)
+    all_rows = len(msa_rows) == len(msa)
     out: dict[str, np.ndarray] = {}
     for name, spec in FEATURES.items():
         value = example[name]
@@ -151,7 +153,8 @@ def apply_crop(
         elif dims[:1] == ("atom",):
             value = value[keep_atom]
         elif dims[:1] == ("msa_row",):
-            value = value[msa_rows][:, tokens]
+            value = msa if name == "msa" else value[:, tokens]  # columns first: the cheap cut
+            value = value if all_rows else value[msa_rows]
         elif dims[:1] == ("template",) and len(dims) > 1:
             value = value[:, tokens]
         out[name] = value
