@@ -14,6 +14,13 @@ TERMS = {"diffusion", "smooth_lddt", "bond", "mse", "distogram", "plddt", "pae",
 # the noise-level Fourier weights are buffers, and the last MSA block, whose MSA updates
 # would feed nothing, has no such parameters (see msa.MSABlock).
 NO_GRADIENT: set[str] = set()
+# Parameters whose gradient is zero in exact arithmetic, by the paper's design: LayerNorm
+# biases that only add a per-head constant to every logit of a softmax (LN(z) -> LinearNoBias
+# pair biases), and the decoder's output LayerNorm bias, a global translation of the
+# prediction, which the aligned MSE, smooth LDDT and bond losses ignore.
+SHIFT_INVARIANT = (
+    "attention.pair_norm_bias", "pair_weighted_averaging.pair_norm_bias", "atom_decoder.out_norm_bias"
+)
 
 
 def tiny(**overrides):
@@ -22,7 +29,8 @@ def tiny(**overrides):
 
 def test_training_loss_and_backward_on_real_structures(mixed_batch, perturb):
     torch.manual_seed(0)
-    model = AlphaFold3(tiny(bond_loss_weight=1.0))
+    # Unit loss weights put the gradients of all heads on one scale for the check below.
+    model = AlphaFold3(tiny(bond_loss_weight=1.0, confidence_loss_weight=1.0, distogram_loss_weight=1.0))
     perturb(model)  # zero-initialised output layers would hide upstream parameters
     model.train()
     loss, terms = model.training_loss(mixed_batch, n_cycles=2)
@@ -34,7 +42,11 @@ def test_training_loss_and_backward_on_real_structures(mixed_batch, perturb):
     params = dict(model.named_parameters())
     assert {n for n, p in params.items() if p.grad is None} == NO_GRADIENT
     assert not [n for n, p in params.items() if not torch.isfinite(p.grad).all()]
-    assert not [n for n, p in params.items() if p.grad.abs().max() == 0]
+    norms = {n: float(p.grad.norm()) for n, p in params.items()}
+    typical = sorted(norms.values())[len(norms) // 2]
+    shift_invariant = {n for n in params if n.endswith(SHIFT_INVARIANT)}
+    assert shift_invariant and all(norms[n] < 1e-5 * typical for n in shift_invariant)
+    assert not [n for n in params if n not in shift_invariant and norms[n] < 1e-4 * typical]
 
 
 def test_confidence_loss_sends_no_gradient_into_the_trunk(mixed_batch, perturb):
@@ -118,7 +130,8 @@ def _loss_and_grads(model, batch, kernels):
 
 def test_kernels_torch_and_triton_agree(make_batch, perturb):
     """Same loss and gradients under the eager ops and the Triton kernels (interpreter on the
-    CPU, fp32): loss terms within 1e-4 relative, every gradient within 1e-3 (||d|| / ||g||)."""
+    CPU, fp32): loss terms within 1e-4 relative; every gradient within 1e-3 of its norm
+    (plus 1e-5 of a typical gradient's norm, for the ones that vanish analytically)."""
     config = tiny(pairformer_blocks=1, msa_blocks=2, template_blocks=1, confidence_blocks=1, diffusion_blocks=1,
                   recycles=1, rollout_steps=1, bond_loss_weight=1.0)
     model = AlphaFold3(config).eval()
@@ -129,9 +142,11 @@ def test_kernels_torch_and_triton_agree(make_batch, perturb):
     for name, value in eager_terms.items():
         assert fused_terms[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert eager_grads.keys() == fused_grads.keys()
+    # Gradients that vanish analytically (SHIFT_INVARIANT) hold only rounding noise: an
+    # absolute allowance of 1e-5 of a typical gradient norm covers it.
+    typical = sorted(float(g.norm()) for g in eager_grads.values())[len(eager_grads) // 2]
     for name, grad in eager_grads.items():
-        scale = grad.norm().clamp(min=1e-6)
-        assert (fused_grads[name] - grad).norm() / scale < 1e-3, name
+        assert (fused_grads[name] - grad).norm() <= 1e-3 * grad.norm() + 1e-5 * typical, name
 
 
 def test_synthetic_batch_is_valid_and_trains():
@@ -161,3 +176,37 @@ def test_model_summary_counts_every_parameter():
     assert f"{total:,}" in summary.splitlines()[-1]
     for name in ("pairformer", "diffusion_module.transformer", "confidence_head", "msa_module", "template_embedder"):
         assert name in summary
+
+
+@pytest.mark.slow
+def test_tiny_overfits_one_real_structure(make_batch):
+    """Training "tiny" on one crop of ubiquitin halves its diffusion loss within 120 steps
+    (about 50 in practice). The loss is measured on fixed noise draws before and after."""
+    torch.manual_seed(0)
+    batch = make_batch(("1ubq", 16))
+    model = AlphaFold3(tiny(diffusion_samples=8, pair_dropout=0.0, msa_dropout=0.0))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+    def diffusion_loss() -> float:
+        model.eval()
+        values = []
+        with torch.no_grad():
+            for seed in range(3):
+                torch.manual_seed(100 + seed)
+                values.append(model.training_loss(batch, n_cycles=1)[1]["diffusion"])
+        model.train()
+        return sum(values) / len(values)
+
+    start = diffusion_loss()
+    history = []
+    for step in range(1, 121):
+        loss, _ = model.training_loss(batch, n_cycles=1)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimiser.step()
+        if step % 10 == 0:
+            history.append(diffusion_loss())
+            if history[-1] < 0.5 * start:
+                break
+    assert history[-1] < 0.5 * start, (start, history)
