@@ -17,6 +17,7 @@ benchmarks/_pair_ops.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -231,8 +232,11 @@ def main(argv=None):
             print(f"pair ops skipped: {error}")
         else:
             _pair_ops.run(ns, device, rows)
+    from megafold.kernels._common import autotune_cache_path
+
+    tuned = json.loads(autotune_cache_path().read_text()) if autotune_cache_path().exists() else {}
     path = write_json("kernels", env, rows, {"ns": ns, "ops": ops, "dtype": "bfloat16",
-                                             "mode": "forward+backward"}, args.out)
+                                             "mode": "forward+backward", "tuned": tuned}, args.out)
     print()
     print_table(rows, ["op", "shape", "N", "impl", "ms", "peak_mib", "rel_err", "error"])
     print(f"\nwrote {path}")

@@ -69,7 +69,7 @@ def _evo_attention_forward_kernel(
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
-    H, N, D, scale,
+    H, N, D: tl.constexpr, scale,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -158,7 +158,7 @@ def _evo_attention_backward_prep_kernel(
     dout_ptr, gate_ptr, att_ptr, datt_ptr, dgate_ptr, delta_ptr,
     stride_ob, stride_os, stride_on, stride_oh, stride_od,
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
-    S, N, H, D,
+    S, N, H: tl.constexpr, D: tl.constexpr,
     HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -224,7 +224,7 @@ def _evo_attention_dkdv_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D, scale,
+    S, H, N, D: tl.constexpr, scale,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -292,7 +292,7 @@ def _evo_attention_dq_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D, scale,
+    S, H, N, D: tl.constexpr, scale,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -355,7 +355,7 @@ def _evo_attention_dbias_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D, scale,
+    S, H, N, D: tl.constexpr, scale,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -428,9 +428,9 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
 _DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 _CANDIDATES = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64))
+    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64), (64, 32), (128, 32))
     for w in (4, 8)
-    for st in (2, 3)
+    for st in (1, 2, 3)
 ]
 
 
