@@ -32,9 +32,10 @@ was current. Owners are (module, part, phase):
 * memory: at every switch the allocator's current allocation is sampled
   (``torch.cuda.memory_allocated``) and the peak since the previous switch is read and reset
   (``max_memory_allocated`` / ``reset_peak_memory_stats``), so the peak of every segment,
-  module and stage is exact on a GPU. On the CPU, memory is the process's resident set size
-  above its size when profiling began, sampled every 2 ms by a thread (an estimate: the
-  allocator may keep freed memory).
+  module and stage is exact on a GPU. The CPU has no allocator statistics: there a
+  ``TorchDispatchMode`` counts the bytes of the tensor storages created while profiling that
+  are still alive (freed ones leave through weakref finalizers), an equally exact figure for
+  tensors (not for the allocator's own caching or fragmentation).
 
 The hooks cost a few microseconds of host time per switch (thousands per "paper" step); on
 a GPU that overhead hides behind queued kernels except where the step is launch-bound.
@@ -60,6 +61,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -67,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megafold.errors import ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config, preset, synthetic_batch
@@ -157,6 +160,15 @@ def variants(config: AlphaFold3Config | str, names: Sequence[str] = ("torch", "t
     return {name: known[name] for name in names}
 
 
+def variant_label(variant: Variant, device: str | torch.device | None = None) -> str:
+    """The kernels a variant runs on ``device`` ("auto" resolved), "+compile" if compiled."""
+    from megafold.kernels._common import resolve_backend, use_kernels
+
+    with use_kernels(variant.config.kernels):
+        kernels = resolve_backend("auto", torch.empty(0, device=resolve_device(device)))
+    return f"{kernels}+compile" if variant.compile else kernels
+
+
 def resolve_config(config: AlphaFold3Config | str) -> AlphaFold3Config:
     return preset(config) if isinstance(config, str) else config
 
@@ -231,73 +243,84 @@ class _Clock:
         return np.diff(np.asarray(marks, dtype=np.float64)) * 1e3
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource  # peak, not current: the best other Unix systems offer cheaply
+class _LiveTensors(TorchDispatchMode):
+    """Counts the bytes of live tensor storages created while it is active (the CPU has no
+    allocator statistics): every op's outputs are noted once per storage, and a weakref
+    finalizer subtracts a storage when it is freed."""
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.bytes = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def _note(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        with self._lock:
+            if key in self.live:
+                return
+            size = storage.nbytes()
+            self.live[key] = size
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            self.bytes -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._note(leaf)
+        return out
 
 
 class _Memory:
-    """Current and peak memory in MiB.
+    """Current and peak memory in MiB; ``take_peak`` returns the peak since its last call.
 
-    GPU: the caching allocator's allocated bytes; ``take_peak`` reads and resets its peak.
-    CPU: resident set size above the size at construction, sampled by a thread every
-    ``interval_s``; ``take_peak`` returns the largest sample since the previous call.
+    GPU: the caching allocator's allocated bytes (``memory_allocated``, peaks read and reset
+    with ``max_memory_allocated`` / ``reset_peak_memory_stats``). CPU: the bytes of tensor
+    storages created inside the ``with`` block that are still alive (``_LiveTensors``).
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.002):
+    def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.method = (
-            "torch.cuda.memory_allocated (exact peaks per segment)"
+            "torch.cuda.memory_allocated (exact peak per segment)"
             if self.cuda
-            else f"process RSS above its size when profiling began, sampled every {interval_s * 1e3:g} ms"
+            else "live tensor storages created while profiling (a dispatch mode; exact peak per segment)"
         )
-        self._interval = interval_s
-        self._baseline = 0 if self.cuda else _rss_bytes()
-        self._peak = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._live = None if self.cuda else _LiveTensors()
 
     def __enter__(self) -> "_Memory":
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._thread = threading.Thread(target=self._sample, name="megafold-rss", daemon=True)
-            self._thread.start()
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            current = _rss_bytes() - self._baseline
-            with self._lock:
-                self._peak = max(self._peak, current)
+        if self._live is not None:
+            self._live.__exit__(*exc)
 
     def allocated(self) -> float:
         if self.cuda:
             return torch.cuda.memory_allocated(self.device) / MIB
-        return max(_rss_bytes() - self._baseline, 0) / MIB
+        return self._live.bytes / MIB
 
     def take_peak(self) -> float:
-        """Peak since the previous call (MiB), at least the current value."""
         if self.cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return peak / MIB
-        current = _rss_bytes() - self._baseline
-        with self._lock:
-            peak, self._peak = max(self._peak, current), current
-        return max(peak, 0) / MIB
+        with self._live._lock:
+            peak, self._live.peak = self._live.peak, self._live.bytes
+        return peak / MIB
 
 
 # --------------------------------------------------------------------------- timeline
@@ -535,21 +558,38 @@ class _StepRecord:
 
 
 class _Session:
-    """A model, its optimizer and a batch source on one device, ready to run steps."""
+    """A model and its optimizer on one device, ready to run steps; memory is counted from
+    before the model is built (``with _Session(...) as session:``)."""
 
     def __init__(
         self, variant: Variant, device: torch.device, *, backward: bool, n_cycles: int, seed: int,
     ):  # fmt: skip
         self.variant, self.device = variant, device
-        self.backward, self.n_cycles = backward, n_cycles
+        self.backward, self.n_cycles, self.seed = backward, n_cycles, seed
         self.clock = _Clock(device)
         self.memory = _Memory(device)
-        torch.manual_seed(seed)
-        self.model = AlphaFold3(variant.config).to(device).train()
-        if variant.compile:
-            _compile_blocks(self.model, variant.compile)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), **ADAM) if backward else None
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.model: AlphaFold3 | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.parameters = 0
+
+    def __enter__(self) -> "_Session":
+        self.memory.__enter__()
+        try:
+            torch.manual_seed(self.seed)
+            self.model = AlphaFold3(self.variant.config).to(self.device).train()
+            if self.variant.compile:
+                _compile_blocks(self.model, self.variant.compile)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), **ADAM) if self.backward else None
+            self.parameters = sum(p.numel() for p in self.model.parameters())
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model = self.optimizer = None
+        self.memory.__exit__(*exc)
+        _free_memory(self.device)
 
     def step(self, batches: Iterator[Batch], tracer: _Tracer | None = None) -> _StepRecord:
         timeline = _Timeline(self.clock, self.memory)
@@ -580,13 +620,6 @@ class _Session:
             self.clock.durations_ms(timeline.marks), timeline.owners, timeline.allocated, timeline.peaks,
             dict(tracer.entries), loss_value,
         )
-
-    def release(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.model = self.optimizer = None
-        _free_memory(self.device)
-
 
 def _free_memory(device: torch.device) -> None:
     gc.collect()
@@ -660,11 +693,10 @@ def _config_attrs(variant: Variant) -> dict[str, Any]:
 
 
 def _base_attrs(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": describe_device(device),
-        "date": datetime.date.today().isoformat(),
-        **_versions(),
-    }
+    attrs = {"device": describe_device(device), "date": datetime.date.today().isoformat(), **_versions()}
+    if device.type == "cuda":
+        attrs["device_memory_mib"] = torch.cuda.get_device_properties(device).total_memory / MIB
+    return attrs
 
 
 def _profile_dataset(
@@ -764,19 +796,16 @@ def profile_step(
         _cycle(batches) if batches is not None
         else _synthetic_batches(crop, device, msa_rows, atoms_per_token, seed)
     )  # fmt: skip
-    session = _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed)
-    try:
-        with session.memory:
-            for _ in range(warmup):
-                session.step(source)
-            placeholder = _Timeline(session.clock, session.memory)
-            tracer = _Tracer(session.model, placeholder, traced=modules)
-            try:
-                records = [session.step(source, tracer) for _ in range(steps)]
-            finally:
-                tracer.detach()
+    with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
+        for _ in range(warmup):
+            session.step(source)
+        tracer = _Tracer(session.model, _Timeline(session.clock, session.memory), traced=modules)
+        try:
+            records = [session.step(source, tracer) for _ in range(steps)]
+        finally:
+            tracer.detach()
         attrs = {
-            "label": label or variant.config.kernels,
+            "label": label or variant_label(variant, device),
             "crop": crop,
             "data": "batches from the given source" if batches is not None
             else f"synthetic: {crop} tokens x {atoms_per_token} atoms, {msa_rows} MSA rows",
@@ -792,8 +821,6 @@ def profile_step(
             **_base_attrs(device),
         }  # fmt: skip
         return _profile_dataset(records, session, tracer.traced_modules, attrs)
-    finally:
-        session.release()
 
 
 def longest_crop(
@@ -837,34 +864,30 @@ def longest_crop(
     max_crop = max_crop or defaults["max_crop"]
     if step < 1 or start < 1 or max_crop < start:
         raise ConfigError(f"longest_crop: need step >= 1 and 1 <= start <= max_crop, got {start}, {step}, {max_crop}")
-    session = _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed)
     crops, fits, peaks, times, outcomes = [], [], [], [], []
     stopped_by = "max_crop"
     began = time.perf_counter()
-    try:
-        with session.memory:
-            for crop in range(start, max_crop + 1, step):
-                if time_budget_s is not None and crops and time.perf_counter() - began > time_budget_s:
-                    stopped_by = "time budget"
-                    break
-                record = _attempt(session, crop, msa_rows, atoms_per_token, seed)
-                crops.append(crop)
-                if record is None:
-                    outcome, peak, elapsed = "out of memory", np.nan, np.nan
-                else:
-                    peak = max(record.peaks)
-                    elapsed = float(record.durations_ms.sum())
-                    over = memory_budget_mib is not None and peak > memory_budget_mib
-                    outcome = "over budget" if over else "fits"
-                fits.append(outcome == "fits")
-                peaks.append(peak)
-                times.append(elapsed)
-                outcomes.append(outcome)
-                if outcome != "fits":
-                    stopped_by = "out of memory" if record is None else "memory budget"
-                    break
-    finally:
-        session.release()
+    with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
+        for crop in range(start, max_crop + 1, step):
+            if time_budget_s is not None and crops and time.perf_counter() - began > time_budget_s:
+                stopped_by = "time budget"
+                break
+            record = _attempt(session, crop, msa_rows, atoms_per_token, seed)
+            crops.append(crop)
+            if record is None:
+                outcome, peak, elapsed = "out of memory", np.nan, np.nan
+            else:
+                peak = max(record.peaks)
+                elapsed = float(record.durations_ms.sum())
+                over = memory_budget_mib is not None and peak > memory_budget_mib
+                outcome = "over budget" if over else "fits"
+            fits.append(outcome == "fits")
+            peaks.append(peak)
+            times.append(elapsed)
+            outcomes.append(outcome)
+            if outcome != "fits":
+                stopped_by = "out of memory" if record is None else "memory budget"
+                break
     fitting = [c for c, ok in zip(crops, fits) if ok]
     return xr.Dataset(
         {
@@ -875,7 +898,7 @@ def longest_crop(
         },
         coords={"crop": np.array(crops, dtype=np.int64)},
         attrs={
-            "label": label or variant.config.kernels,
+            "label": label or variant_label(variant, device),
             "longest_crop": max(fitting) if fitting else 0,
             "stopped_by": stopped_by,
             "memory_budget_mib": memory_budget_mib if memory_budget_mib is not None else "none",
@@ -916,7 +939,7 @@ def compare(
     same crop and batches, side by side along a new ``config`` dimension.
 
     ``longest=True`` also runs ``longest_crop`` for each (options in ``longest_options``) and
-    adds longest_crop / longest_stopped_by ``[config]`` and crop_fits / crop_peak_mib /
+    adds longest_crop / longest_stopped_by / longest_budget_mib ``[config]`` and crop_fits / crop_peak_mib /
     crop_step_ms ``[config, crop]``. ``on_result(label, partial)`` is called after each
     config with the results so far (a dashboard draws them as they arrive). Per-config
     settings (kernels, compile, checkpoint, dtype, crop) become coordinates along ``config``.
@@ -938,6 +961,7 @@ def compare(
     return combine(results, searches)
 
 
+_SEARCH_VARIABLES = ("fits", "peak_mib", "step_ms", "outcome")
 _PER_CONFIG_ATTRS = ("label", "kernels", "compile", "checkpoint", "dtype", "crop", "config_json", "parameters")
 
 
@@ -964,17 +988,24 @@ def combine(results: Mapping[str, "xr.Dataset"], searches: Mapping[str, "xr.Data
             search = searches.get(label)
             if search is None:
                 search = xr.Dataset(coords={"crop": np.array([], dtype=np.int64)})
+            names = [name for name in _SEARCH_VARIABLES if name in search]
             sweep.append(
-                _pad(search[[v for v in ("fits", "peak_mib", "step_ms") if v in search]], "crop", crops)
-                .rename({"fits": "crop_fits", "peak_mib": "crop_peak_mib", "step_ms": "crop_step_ms"})
+                _pad(search[names], "crop", crops)
+                .rename({name: f"crop_{name}" for name in names})
                 .expand_dims(config=[label])
                 .assign(
                     longest_crop=("config", [search.attrs.get("longest_crop", 0)]),
                     longest_stopped_by=("config", [search.attrs.get("stopped_by", "not searched")]),
+                    longest_budget_mib=("config", [_budget(search)]),
                 )
             )
         combined = xr.merge([combined, xr.concat(sweep, dim="config")], combine_attrs="override")
     return combined
+
+
+def _budget(search: "xr.Dataset") -> float:
+    budget = search.attrs.get("memory_budget_mib")
+    return float(budget) if isinstance(budget, (int, float)) else np.nan
 
 
 def _pad(ds: "xr.Dataset", dim: str, index: np.ndarray) -> "xr.Dataset":
@@ -986,9 +1017,6 @@ def _pad(ds: "xr.Dataset", dim: str, index: np.ndarray) -> "xr.Dataset":
             fill[name] = "" if kind in "US" else False if kind == "b" else np.nan
     if dim not in ds.coords:
         ds = ds.assign_coords({dim: np.arange(ds.sizes.get(dim, 0))})
-    for name in ("fits", "crop_fits"):
-        if name in ds and ds[name].sizes.get(dim, 1) == 0:
-            ds[name] = ds[name].astype(bool)
     return ds.reindex({dim: index}, fill_value=fill)
 
 
@@ -1042,8 +1070,8 @@ def load(path: str | os.PathLike) -> "xr.Dataset":
     if not (path / "zarr.json").is_file():
         raise ConfigError(f"{path}: no saved profile here (expected a zarr store written by megafold.profile.save)")
     ds = xr.open_zarr(path, consolidated=False).load()
-    for name, var in list(ds.variables.items()):
-        if var.dtype.kind in "OT":
-            ds[name] = var.astype(str)
-    return ds
+    strings = {name: var for name, var in ds.variables.items() if var.dtype.kind in "OT"}
+    as_str = {name: (var.dims, np.array(var.values.tolist(), dtype=str), var.attrs) for name, var in strings.items()}
+    coords = {name: value for name, value in as_str.items() if name in ds.coords}
+    return ds.assign_coords(coords).assign({name: value for name, value in as_str.items() if name not in coords})
 
