@@ -68,8 +68,9 @@ class MSAPairWeightedAveraging(nn.Module):
             -1, (2, H, D)
         ).unbind(-3)
         bias = layernorm_linear(pair, self.pair_norm_weight, self.pair_norm_bias, self.pair_bias_weight)
+        bias = bias.permute(0, 3, 1, 2).contiguous()  # [B, H, N, N], read once per MSA row
         zeros = value.new_zeros(()).expand_as(value)
-        out = evo_attention(zeros, zeros, value, bias=bias.permute(0, 3, 1, 2), mask=msa_mask, gate=gate)
+        out = evo_attention(zeros, zeros, value, bias=bias, mask=msa_mask, gate=gate)
         return F.linear(out.flatten(-2), self.out_proj_weight)
 
 

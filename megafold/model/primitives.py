@@ -271,9 +271,10 @@ class AttentionPairBias(nn.Module):
 
     def pair_bias(self, pair: torch.Tensor) -> torch.Tensor:
         """``LinearNoBias(LN(pair))`` per head: ``[B, I, J, c_pair] -> [B, H, I, J]``
-        (``[B, K, Q, M, c] -> [B, K, H, Q, M]`` for atom windows), a view of the projection."""
+        (``[B, K, Q, M, c] -> [B, K, H, Q, M]`` for atom windows), contiguous: it is read
+        once per query row and sample."""
         bias = layernorm_linear(pair, self.pair_norm_weight, self.pair_norm_bias, self.pair_bias_weight)
-        return bias.movedim(-1, -3)
+        return bias.movedim(-1, -3).contiguous()
 
     def forward(
         self,

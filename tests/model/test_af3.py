@@ -210,3 +210,42 @@ def test_tiny_overfits_one_real_structure(make_batch):
             if history[-1] < 0.5 * start:
                 break
     assert history[-1] < 0.5 * start, (start, history)
+
+
+def _train_step(config, batch, perturb):
+    torch.manual_seed(0)
+    model = AlphaFold3(config).train()
+    perturb(model)
+    torch.manual_seed(1)
+    loss, terms = model.training_loss(batch, n_cycles=2)
+    loss.backward()
+    return terms, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_memory_switches_keep_the_result(mixed_batch, perturb):
+    """Checkpointing (with dropout on: the recomputation must redraw the same masks) and
+    row chunking change nothing in fp32; bf16 autocast with bf16 pair checkpoints stays
+    within bf16 tolerance (loss terms 5e-2, whole gradient 1e-1)."""
+    plain_terms, plain_grads = _train_step(tiny(), mixed_batch, perturb)
+    lean = tiny(checkpoint=True, transition_chunk=3, attention_chunk=5, diffusion_chunk=1)
+    terms, grads = _train_step(lean, mixed_batch, perturb)
+    for name, value in plain_terms.items():
+        assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+    bf16 = lean.replace(bf16=True, pair_bf16_checkpoint=True)
+    terms, grads = _train_step(bf16, mixed_batch, perturb)
+    for name in ("diffusion", "smooth_lddt", "distogram", "mse"):
+        assert terms[name] == pytest.approx(plain_terms[name], rel=5e-2), name
+    flat = torch.cat([g.flatten() for g in plain_grads.values()])
+    flat_bf16 = torch.cat([grads[n].flatten().float() for n in plain_grads])
+    assert (flat_bf16 - flat).norm() / flat.norm() < 1e-1
+
+
+def test_atom_loss_weights(mixed_batch):
+    weights = AlphaFold3(tiny()).atom_loss_weights(mixed_batch)
+    kind = {name: torch.gather(mixed_batch[name], 1, mixed_batch["atom_to_token"]) for name in ("is_protein", "is_dna", "is_ligand")}
+    assert (weights[kind["is_protein"]] == 1).all()
+    assert (weights[kind["is_dna"]] == 6).all() and kind["is_dna"].any()
+    assert (weights[kind["is_ligand"]] == 11).all() and kind["is_ligand"].any()
