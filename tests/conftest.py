@@ -9,12 +9,12 @@ import torch
 # The real data of ../shared/data (beside the repository in a checkout and in CI). Tests read
 # it through MEGAFOLD_SHARED_DATA so that no test hard-codes a machine's path.
 _REPO = Path(__file__).resolve().parents[1]
+# Where it is missing (a GPU machine given only the repository) the tests that read it fail
+# with this path in their error; the kernel tests do not need it.
 for _candidate in (_REPO.parent / "shared" / "data", Path("/work/shared/data")):
     if (_candidate / "structures").is_dir():
-        os.environ.setdefault("MEGAFOLD_SHARED_DATA", str(_candidate))
         break
-else:
-    raise RuntimeError(f"tests need ../shared/data beside the repository ({_REPO.parent / 'shared'})")
+os.environ.setdefault("MEGAFOLD_SHARED_DATA", str(_candidate))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
