@@ -107,6 +107,12 @@ def autotune_enabled() -> bool:
     return not interpreter_active() and os.environ.get("MEGAFOLD_AUTOTUNE", "1") != "0"
 
 
+def packaged_tuning_path(device: torch.device) -> Path:
+    """Choices tuned on a known GPU and shipped with the package (read when the local cache misses)."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in device_name(device))
+    return Path(__file__).resolve().parent / "tuned" / f"{name}.json"
+
+
 def autotune_cache_path() -> Path:
     root = os.environ.get("MEGAFOLD_CACHE_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "megafold"
@@ -152,6 +158,7 @@ def pick_config(
     cache_key = json.dumps([op, list(key), device_name(device)])
     with _cache_lock:
         if not _memory_cache:
+            _memory_cache.update(_read_disk_cache(packaged_tuning_path(device)))
             _memory_cache.update(_read_disk_cache(autotune_cache_path()))
         hit = _memory_cache.get(cache_key)
     if hit is not None:

@@ -428,9 +428,9 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
 _DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 _CANDIDATES = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64), (64, 32), (128, 32))
+    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (64, 32))
     for w in (4, 8)
-    for st in (1, 2, 3)
+    for st in (2, 3)
 ]
 
 
