@@ -1,0 +1,297 @@
+"""The ``megafold`` command (also ``python -m megafold``).
+
+    megafold quickstart                                   # precache, train, predict, profile, report
+    megafold precache SRC... --out STORE [--msa-dir D]    # features of structure files -> zarr store
+    megafold train --store STORE [--preset tiny] [--steps N] [--crop 384] [--out DIR] [--resume]
+    megafold predict INPUT... --checkpoint DIR/checkpoint.pt [--out DIR]
+    megafold profile [--preset tiny] [--crop 32] [--kernels torch triton]
+    megafold bench [ARGS...]                              # benchmarks/kernels.py
+
+A mistake in the input (a missing store, an unknown preset, a bad crop size, a path that
+does not exist) prints one line on stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from megafold.errors import ConfigError, MegafoldError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (status 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _device_default() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_config(preset_name: str | None, kernels: str, device: str, *, bf16: bool | None = None, checkpointing: bool | None = None):
+    """The model config of a command line: the preset ("tiny" on the CPU, "small" on a GPU by
+    default) with the kernels, bf16 (default: the preset's on a GPU, off on the CPU) and
+    activation checkpointing switches applied."""
+    from megafold.model import preset
+
+    name = preset_name or ("small" if device.startswith("cuda") else "tiny")
+    overrides = {"kernels": kernels}
+    if bf16 is not None:
+        overrides["bf16"] = bf16
+    elif not device.startswith("cuda"):
+        overrides["bf16"] = False  # bf16 autocast on the CPU is slow and not what a GPU run does
+    if checkpointing is not None:
+        overrides["checkpoint"] = checkpointing
+    return preset(name, **overrides)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="precache store to train on (megafold precache)")
+    parser.add_argument("--out", default="outputs/train", help="run directory (checkpoint.pt, metrics.csv/.zarr)")
+    parser.add_argument("--preset", default=None, help='model preset: "tiny", "small" or "paper" (default: tiny on the CPU, small on a GPU)')
+    parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="kernels backend (default auto)")
+    parser.add_argument("--steps", type=_positive_int, default=1000, help="optimiser steps (default 1000)")
+    parser.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
+    parser.add_argument("--crop", type=_positive_int, default=384, help="crop size in tokens (default 384)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
+    parser.add_argument("--lr", type=_positive_float, default=1.8e-3, help="peak learning rate (AF3: 1.8e-3)")
+    parser.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps (AF3: 1000)")
+    parser.add_argument("--decay-every", type=_positive_int, default=50_000, help="x0.95 every this many steps (AF3: 50k)")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every N steps (0: never)")
+    parser.add_argument("--keys", nargs="+", default=None, help="train on these store entries only")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for GPU presets, off on the CPU)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None, help="per-block activation checkpointing (default: the preset's)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megafold.model import AlphaFold3Config
+    from megafold.precache import open_store
+    from megafold.train import TrainConfig, Trainer, load_checkpoint
+    from megafold.train.trainer import CHECKPOINT_NAME
+
+    out = Path(args.out)
+    checkpoint = out / CHECKPOINT_NAME
+    open_store(args.store)  # a missing or foreign store fails here, in one line
+    if args.resume:
+        state = load_checkpoint(checkpoint)
+        config = TrainConfig.from_dict(state["train_config"]).replace(
+            steps=args.steps, max_minutes=args.minutes, progress=not args.quiet, store=args.store, workers=args.workers
+        )
+        model = AlphaFold3Config().replace(**state["model_config"])
+    else:
+        if checkpoint.exists():
+            raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
+        device = args.device or _device_default()
+        model = model_config(args.preset, args.kernels, device, bf16=args.bf16, checkpointing=args.checkpointing)
+        config = TrainConfig(
+            store=args.store, out=str(out), keys=tuple(args.keys) if args.keys else None, crop_size=args.crop,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, max_minutes=args.minutes,
+            lr=args.lr, warmup_steps=args.warmup, decay_every=args.decay_every, checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every, workers=args.workers, seed=args.seed, device=device, progress=not args.quiet,
+        )  # fmt: skip
+    trainer = Trainer(model, config)
+    if args.resume:
+        trainer.resume(checkpoint)
+    trainer.fit()
+    last = trainer.history[-1] if trainer.history else {}
+    print(
+        f"trained to step {trainer.step} ({trainer.skipped_steps} skipped), loss {last.get('loss', float('nan')):.3f}; "
+        f"checkpoint {trainer.checkpoint_path}, metrics {out / 'metrics.csv'}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def load_model(checkpoint: str | os.PathLike, *, ema: bool = True, device: str | None = None):
+    """The model of a training checkpoint (its EMA weights unless ``ema=False``), in eval mode."""
+    import torch
+
+    from megafold.model import AlphaFold3, AlphaFold3Config
+    from megafold.train import load_checkpoint
+
+    device = device or _device_default()
+    state = load_checkpoint(checkpoint)
+    model = AlphaFold3(AlphaFold3Config().replace(**state["model_config"]))
+    if ema:
+        prefix = "module."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)})
+    else:
+        model.load_state_dict(state["model"])
+    return model.to(torch.device(device)).eval()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from megafold.train.predict import predict
+
+    inputs = [Path(p) for p in args.inputs]
+    for path in inputs:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such structure file")
+    model = load_model(args.checkpoint, ema=not args.no_ema, device=args.device)
+    for path in inputs:
+        result = predict(model, path, args.out, steps=args.steps, samples=args.samples, msa_dir=args.msa_dir, seed=args.seed)
+        scores = "".join(f", {name} {value:.3f}" for name, value in result.metrics.items())
+        print(f"{result.cif_path}: mean pLDDT {max(result.ranking):.1f}{scores}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- profile, bench
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    try:
+        from megafold.profile import compare, save, summary, variants
+    except ImportError as exc:
+        print(f"megafold profile: the profiler (megafold.profile) is not available in this install ({exc})", file=sys.stderr)
+        return 2
+    if "triton" in args.kernels and _device_default() == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+        raise ConfigError("kernels triton on the CPU need TRITON_INTERPRET=1 set before the run (the Triton interpreter, very slow)")
+    device = args.device or _device_default()
+    config = model_config(args.preset, "torch", device)
+    result = compare(variants(config, tuple(args.kernels)), crop=args.crop, backward=not args.forward_only, device=device, steps=args.steps)
+    print(summary(result).to_string(float_format=lambda v: f"{v:.2f}"))
+    if args.out:
+        print(f"saved {save(result, args.out)}")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    script = REPO_ROOT / "benchmarks" / "kernels.py"
+    if not script.is_file():
+        raise ConfigError(f"{script}: no such benchmark (megafold bench runs from a source checkout)")
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
+# ---------------------------------------------------------------------------- quickstart, precache
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    if not args.no_profile and not torch.cuda.is_available():
+        # Triton kernels run on the CPU only in the interpreter, which must be chosen before
+        # triton is first imported (training still uses kernels "torch").
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from megafold.train.quickstart import QuickstartOptions, quickstart
+
+    report = quickstart(
+        QuickstartOptions(
+            data=args.data, out=args.out, minutes=args.minutes, steps=args.steps, crop=args.crop,
+            predict_steps=args.predict_steps, profile=not args.no_profile, workers=args.workers,
+        )  # fmt: skip
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_precache(argv: Sequence[str]) -> int:
+    from megafold.precache import build_main
+
+    return build_main(list(argv))
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="megafold", description="Fast, memory-lean AlphaFold3-style training.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    quick = commands.add_parser("quickstart", help="precache, train, predict, profile and write an HTML report")
+    quick.add_argument("--data", default="cached_data", help="the shipped data (structures/, msas/)")
+    quick.add_argument("--out", default="outputs/quickstart", help="output directory (report.html)")
+    quick.add_argument("--minutes", type=_positive_float, default=1.5, help="training time (default 1.5)")
+    quick.add_argument("--steps", type=_positive_int, default=None, help="stop training after this many steps")
+    quick.add_argument("--crop", type=_positive_int, default=None, help="crop size (default 48 on the CPU, 256 on a GPU)")
+    quick.add_argument("--predict-steps", type=_positive_int, default=None, help="sampler steps of the prediction")
+    quick.add_argument("--no-profile", action="store_true", help="skip the torch vs triton step profile")
+    quick.add_argument("--workers", type=_positive_int, default=2, help="precache processes (default 2)")
+
+    commands.add_parser("precache", help="precompute features into a zarr store (megafold precache -h)", add_help=False)
+
+    train = commands.add_parser("train", help="train a model on a precache store")
+    _add_train_arguments(train)
+
+    pred = commands.add_parser("predict", help="predict structures (mmCIF with pLDDT, PAE .npy)")
+    pred.add_argument("inputs", nargs="+", help="mmCIF / PDB files")
+    pred.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    pred.add_argument("--out", default="outputs/predictions")
+    pred.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
+    pred.add_argument("--samples", type=_positive_int, default=None, help="samples per input (default: the model's)")
+    pred.add_argument("--msa-dir", default=None, help="MSAs: MSA_DIR/KEY/CHAIN.a3m (default: the query alone)")
+    pred.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    pred.add_argument("--seed", type=int, default=0)
+    pred.add_argument("--device", default=None)
+
+    prof = commands.add_parser("profile", help="time and memory per AF3 module, kernels compared")
+    prof.add_argument("--preset", default=None, help="model preset (default: tiny on the CPU, small on a GPU)")
+    prof.add_argument("--crop", type=_positive_int, default=None, help="tokens (default 32 on the CPU, 384 on a GPU)")
+    prof.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=("torch", "triton", "compile"))
+    prof.add_argument("--steps", type=_positive_int, default=1)
+    prof.add_argument("--forward-only", action="store_true")
+    prof.add_argument("--device", default=None)
+    prof.add_argument("--out", default=None, help="save the results (zarr)")
+
+    commands.add_parser("bench", help="kernel benchmarks (benchmarks/kernels.py [--quick])", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in PASS_THROUGH:  # these keep their own arguments
+            return PASS_THROUGH[argv[0]](argv[1:])
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except MegafoldError as exc:
+        print(f"megafold: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megafold: interrupted", file=sys.stderr)
+        return 130
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "predict": cmd_predict, "profile": cmd_profile}
+PASS_THROUGH = {"precache": cmd_precache, "bench": cmd_bench}
