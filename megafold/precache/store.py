@@ -69,7 +69,11 @@ def stored_arrays(example: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarr
             pairs = np.argwhere(np.triu(np.asarray(example[name], bool), k=1)).astype(np.int32)
             out[BOND_PAIRS] = (pairs.reshape(-1, 2), ("bond", "pair"))
         else:
-            out[name] = (np.ascontiguousarray(np.asarray(example[name]).astype(storage_dtype(name))), spec.dims)
+            value = np.asarray(example[name])
+            stored = np.ascontiguousarray(value.astype(storage_dtype(name)))
+            if stored.dtype != value.dtype and not np.array_equal(stored, value):
+                raise CacheError(f"feature {name}: values do not fit its storage dtype {stored.dtype}")
+            out[name] = (stored, spec.dims)
     return out
 
 
@@ -115,10 +119,10 @@ class Store:
         return len(self.keys())
 
     def __contains__(self, key: str) -> bool:
-        return (self.path / key / "zarr.json").is_file() and not key.startswith(".")
+        return bool(_KEY_PATTERN.fullmatch(key)) and (self.path / key / "zarr.json").is_file()
 
     def attrs(self, key: str) -> dict[str, Any]:
-        """The entry's megafold attributes: versions, inputs, checksums, sizes, metadata."""
+        """The entry's megafold attributes: versions, inputs, checksums, metadata."""
         return self._entry_meta(key)["attributes"][ATTRS_KEY]
 
     def load(self, key: str) -> dict[str, np.ndarray]:
@@ -134,6 +138,8 @@ class Store:
             value = _read_array(os.path.join(entry, stored), arrays[stored])
             if name == "token_bonds":
                 n_tokens = len(out["restype"])
+                if value.size and value.max() >= n_tokens:
+                    raise CacheError(f"{entry}: token_bond_pairs point past the tokens; run verify() and rebuild")
                 value, pairs = np.zeros((n_tokens, n_tokens), bool), value
                 value[pairs[:, 0], pairs[:, 1]] = value[pairs[:, 1], pairs[:, 0]] = True
             out[name] = value.astype(spec.dtype, copy=False)
