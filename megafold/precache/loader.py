@@ -6,8 +6,8 @@ epoch of feature batches (``features.collate`` layout, padding masks included). 
 * loads and crops each sample in DataLoader worker processes, with a random generator
   derived from (seed, epoch, sample), so a sample's crop does not depend on the worker
   count, and a resumed run sees the very batches it would have seen;
-* pins host memory and, with a CUDA device, copies the next batch on a side stream
-  while the current one is used;
+* pins host memory and, with a CUDA device, copies the next batches to the GPU on a
+  side stream from a background thread while the current one is used;
 * measures how long the training loop waited for each batch (``stats()``);
 * resumes mid-epoch from ``state_dict()`` (epoch, position, seed) and shards samples
   over ``world_size`` ranks.
@@ -15,6 +15,8 @@ epoch of feature batches (``features.collate`` layout, padding masks included). 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -91,7 +93,11 @@ class CroppedExamples(Dataset):
 
 
 class Loader:
-    """Iterable of feature batches, one epoch per ``iter()``; see the module docstring."""
+    """Iterable of feature batches, one epoch per ``iter()``; see the module docstring.
+
+    ``source`` is a :class:`Store` or anything with ``keys()`` and ``load(key)`` returning
+    an example (e.g. :class:`OnTheFlySource`, or a subset of a store's keys).
+    """
 
     def __init__(
         self,
@@ -120,6 +126,8 @@ class Loader:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
         self.dataset = CroppedExamples(
             source, keys, crop_size, seed=seed, crop_weights=crop_weights, max_msa_rows=max_msa_rows
@@ -137,6 +145,7 @@ class Loader:
             persistent_workers=workers > 0,
             prefetch_factor=prefetch_factor if workers > 0 else None,
         )
+        self._prefetcher: _CudaPrefetcher | None = None
         self.reset_stats()
 
     @property
@@ -154,22 +163,33 @@ class Loader:
         return samples // self.batch_size if self.batches.drop_last else -(-samples // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._stop_prefetch()  # an epoch abandoned half way still had its copy thread
         batches = iter(self.data_loader)
-        prefetch = _CudaPrefetcher(self.device) if self.device.type == "cuda" else None
-        while True:
-            requested = time.perf_counter()
-            try:
-                batch = next(batches) if prefetch is None else prefetch.next(batches)
-            except StopIteration:
-                break
-            self._wait_s += time.perf_counter() - requested
-            self._batches += 1
-            size = batch["token_mask"].shape[0]
-            self._samples += size
-            self.sampler.start += size
-            yield batch if prefetch is not None else batch_to(batch, self.device)
+        if self.device.type == "cuda":
+            self._prefetcher = _CudaPrefetcher(batches, self.device)
+            batches = self._prefetcher
+        try:
+            while True:
+                requested = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                self._wait_s += time.perf_counter() - requested
+                self._batches += 1
+                size = batch["token_mask"].shape[0]
+                self._samples += size
+                self.sampler.start += size
+                yield batch if self._prefetcher is not None else batch_to(batch, self.device)
+        finally:
+            self._stop_prefetch()
         self.sampler.epoch += 1
         self.sampler.start = 0
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def state_dict(self) -> dict[str, int]:
         """Where the loader is: checkpoint it with the model to resume mid-epoch."""
@@ -198,36 +218,56 @@ class Loader:
 
 
 class _CudaPrefetcher:
-    """Copies batch k+1 to the GPU on a side stream while the caller uses batch k."""
+    """A background thread that takes host batches and copies them to the GPU on a side
+    stream, up to ``depth`` batches ahead, so the copy overlaps the caller's compute."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]], device: torch.device, depth: int = 2):
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.ready: dict | None = None
-        self.started = False
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True)
+        self.thread.start()
 
-    def _copy_next(self, batches) -> None:
+    def _run(self, batches) -> None:
         try:
-            host = next(batches)
-        except StopIteration:
-            self.ready = None
-            return
-        with torch.cuda.stream(self.stream):
-            self.ready = batch_to(host, self.device, non_blocking=True)
+            torch.cuda.set_device(self.device)  # the current device is per thread
+            for host in batches:
+                with torch.cuda.stream(self.stream):
+                    batch = batch_to(host, self.device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                if not self._put((batch, copied)):
+                    return
+            self._put(None)
+        except BaseException as exc:  # re-raised in the consumer's thread
+            self._put(exc)
 
-    def next(self, batches) -> dict[str, torch.Tensor]:
-        if not self.started:
-            self._copy_next(batches)
-            self.started = True
-        if self.ready is None:
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        item = self.queue.get()
+        if item is None:
             raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, copied = item
         current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)
-        batch = self.ready
+        current.wait_event(copied)
         for tensor in batch.values():
-            tensor.record_stream(current)  # the caching allocator must not reuse it early
-        self._copy_next(batches)
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
         return batch
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
 
 
 def loader(
