@@ -57,12 +57,14 @@ def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, p
         torch.manual_seed(1)
         loss, terms = model.training_loss(batch)
         loss.backward()
-        results.append((terms, {n: p.grad for n, p in model.named_parameters()}))
+        results.append((terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (terms0, grads0), (terms1, grads1) = results
     for name in terms0:
         assert terms1[name] == pytest.approx(terms0[name], rel=1e-5, abs=1e-7), name
-    for name, grad in grads0.items():
-        torch.testing.assert_close(grads1[name], grad, rtol=1e-4, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    typical = sorted(float(g.norm()) for g in grads0.values())[len(grads0) // 2]
+    for name, grad in grads0.items():  # fp32 summed in another order; some vanish analytically
+        assert (grads1[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-5 * typical, name
 
 
 def test_sampler_with_an_oracle_denoiser_reaches_the_structure():

@@ -148,10 +148,14 @@ def test_confidence_targets_of_a_perfect_and_a_moved_prediction(make_batch):
         for name in ("pae", "pde"):
             bins, mask = targets[name]
             assert mask.any() and (bins[mask] == 0).all(), name
-    # Frames exist for protein and DNA tokens, not for the per-atom tokens of 2q2k's 5IU.
+    # Frames exist for protein and nucleotide tokens, not for one-atom tokens (ligands and
+    # modified residues such as 2q2k's 5IU) nor padding.
     _, frame_ok = token_frame_atoms(batch)
-    assert frame_ok[0][batch["token_mask"][0]].all() and not frame_ok[0][~batch["token_mask"][0]].any()
-    assert frame_ok[1][batch["is_dna"][1]].all() and not frame_ok[1][batch["is_ligand"][1]].any()
+    atoms_per_token = torch.zeros_like(batch["token_mask"], dtype=torch.long).scatter_add_(
+        1, batch["atom_to_token"], batch["atom_mask"].long()
+    )
+    polymer = (batch["is_protein"] | batch["is_dna"]) & (atoms_per_token > 1)
+    assert torch.equal(frame_ok, polymer) and (batch["is_dna"][1] & polymer[1]).any()
 
     # Moving one centre atom by 3 A along x: PDE of its pairs near 3 A (bin 6 = [3, 3.5)).
     shifted = x_true.clone()
