@@ -218,6 +218,7 @@ def _search_context(scans: list[dict]) -> dict:
 
 def _build_entry(task: _Task):
     """Pass 2: featurize one source and write its entry."""
+    from megafold.data.features import validate_example
     from megafold.data.msa import SequenceDatabase, write_a3m
     from megafold.data.pipeline import chain_msas, chain_templates, describe, make_example
     from megafold.data.structures import load_structure
@@ -241,6 +242,7 @@ def _build_entry(task: _Task):
                 write_a3m(msas[c], Path(settings["msa_dir"]) / task.key / f"{structure.chains[c].auth_chain_id}.a3m")
     hits = chain_templates(structure, msas, _WORKER["template_db"])
     example = make_example(structure, tokens=tokens, msas=msas, templates=hits)
+    validate_example(example, f"{task.path}")  # schema, shapes, no NaN/inf: before it is stored
     inputs = dict(task.inputs, msa_files_sha256=_msa_files_digest(settings["msa_dir"], task.key))
     metadata = describe(structure, tokens, msas, origin, hits)
     write_entry(settings["out"], task.key, example, {"inputs": inputs, "metadata": metadata})
