@@ -132,13 +132,16 @@ def read_msa(path: str | Path, query: str | None = None) -> Msa:
     ``#=GC RF`` line and do not contain the query itself: pass ``query`` to put it on row 0.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    text = raw.decode()
-    if text.lstrip().startswith("# STOCKHOLM"):
-        return _read_stockholm(path, query)
-    msa = parse_a3m(text)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode()
+        msa = _read_stockholm(path, query) if text.lstrip().startswith("# STOCKHOLM") else parse_a3m(text)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable MSA ({exc})") from exc
+    if query is not None and msa.rows.shape[1] != len(query):
+        raise ValueError(f"{path}: MSA has {msa.rows.shape[1]} query columns, the chain has {len(query)} residues")
     if query is not None and msa.query != query:
         return Msa((query, *msa.aligned), ("query", *msa.descriptions))
     return msa
@@ -150,7 +153,7 @@ def _read_stockholm(path: Path, query: str | None) -> Msa:
     with pyhmmer.easel.MSAFile(str(path), format="stockholm") as msa_file:
         alignment = msa_file.read()
     if alignment is None:
-        raise ValueError(f"{path}: empty Stockholm file")
+        raise ValueError("empty Stockholm file")
     rf = alignment.reference
     rf = rf.decode() if isinstance(rf, bytes) else rf
     columns = alignment.alignment
@@ -166,7 +169,7 @@ def _read_stockholm(path: Path, query: str | None) -> Msa:
     descriptions = [f"{_text(s.name)} {_text(s.description)}".strip() for s in alignment.sequences]
     if query is not None:
         if sum(match) != len(query):
-            raise ValueError(f"{path}: {sum(match)} match columns, the query has {len(query)} residues")
+            raise ValueError(f"{sum(match)} match columns, the query has {len(query)} residues")
         aligned.insert(0, query)
         descriptions.insert(0, "query")
     return Msa(tuple(aligned), tuple(descriptions))

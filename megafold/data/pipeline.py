@@ -14,7 +14,16 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from megafold.data.features import FEATURES, MSA_GAP, NUM_RESTYPES
-from megafold.data.msa import MAX_MSA_ROWS, Msa, SequenceDatabase, find_msa_file, merge_msas, pair_rows, read_msa
+from megafold.data.msa import (
+    MAX_MSA_ROWS,
+    Msa,
+    SequenceDatabase,
+    find_msa_file,
+    merge_msas,
+    pair_rows,
+    read_msa,
+    search_msa,
+)
 from megafold.data.structures import Structure
 from megafold.data.templates import TemplateDatabase, TemplateHit, search_templates
 from megafold.data.tokenize import MSA_LETTERS, RESTYPE_LETTER, UNKNOWN_RESTYPE, Tokens, restype_of, tokenize
@@ -72,8 +81,6 @@ def chain_msas(
         elif query in by_query:
             msas[c], origin[c] = by_query[query]
         elif chain.kind == "protein" and sequence_db is not None:
-            from megafold.data.msa import search_msa
-
             msa = search_msa(query, sequence_db, exclude_prefix=self_hit_prefix(structure.pdb_id), max_rows=max_rows)
             by_query[query] = (msa, "search")
             msas[c], origin[c] = msa, "search"

@@ -104,3 +104,12 @@ def test_msa_features_pair_heteromer_chains(structure):
     profile = example["profile"]
     np.testing.assert_allclose(profile.sum(axis=1), 1.0, rtol=1e-6)
     assert example["msa_mask"].all() and not example["has_deletion"].any()
+
+
+def test_unreadable_or_mismatched_msa_files_name_the_file(tmp_path):
+    (tmp_path / "bad.a3m").write_text("no header line\n")
+    with pytest.raises(ValueError, match="bad.a3m"):
+        read_msa(tmp_path / "bad.a3m")
+    (tmp_path / "short.a3m").write_text(">query\nMKV\n")
+    with pytest.raises(ValueError, match=r"short\.a3m.*3 query columns.*5 residues"):
+        read_msa(tmp_path / "short.a3m", query="MKVLL")
