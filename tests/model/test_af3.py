@@ -233,7 +233,7 @@ def test_memory_switches_keep_the_result(mixed_batch, perturb):
         assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     typical = sorted(float(g.norm()) for g in plain_grads.values())[len(plain_grads) // 2]
     for name, grad in plain_grads.items():  # fp32 summed in another order; see SHIFT_INVARIANT
-        assert (grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-5 * typical, name
+        assert (grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-4 * typical, name
 
     bf16 = lean.replace(bf16=True, pair_bf16_checkpoint=True)
     terms, grads = _train_step(bf16, mixed_batch, perturb)

@@ -64,7 +64,7 @@ def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, p
     assert grads0.keys() == grads1.keys()
     typical = sorted(float(g.norm()) for g in grads0.values())[len(grads0) // 2]
     for name, grad in grads0.items():  # fp32 summed in another order; some vanish analytically
-        assert (grads1[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-5 * typical, name
+        assert (grads1[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-4 * typical, name
 
 
 def test_sampler_with_an_oracle_denoiser_reaches_the_structure():
