@@ -70,11 +70,9 @@ def test_sample_on_real_structures(mixed_batch, perturb):
     for name, value in out.items():
         assert torch.isfinite(value).all(), name
     padded_atoms = ~mixed_batch["atom_mask"]
-    assert (out["coords"][:, :, :, :][padded_atoms[:, None].expand(-1, 3, -1)] == 0).all()
+    assert (out["coords"][padded_atoms[:, None].expand(-1, 3, -1)] == 0).all()
     assert (out["plddt"] >= 0).all() and (out["plddt"] <= 100).all() and (out["pae"] >= 0).all()
-    # Samples differ (independent noise) but are structures, not noise: bonded neighbours
-    # stay within a few hundred A of each other even from an untrained model.
-    assert not torch.equal(out["coords"][:, 0], out["coords"][:, 1])
+    assert not torch.equal(out["coords"][:, 0], out["coords"][:, 1])  # independent noise per sample
 
 
 def _rotate_conformers(batch: dict) -> dict:
