@@ -155,7 +155,8 @@ class AlphaFold3(nn.Module):
             + c.confidence_loss_weight * conf_total
         )
         terms = {**diffusion, "distogram": distogram, **confidence, "confidence": conf_total, "loss": loss}
-        return loss, {name: float(value.detach()) for name, value in terms.items()}
+        values = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one device sync
+        return loss, dict(zip(terms, values))
 
     def _diffusion_terms(self, batch: Batch, ctx: DiffusionContext) -> dict[str, torch.Tensor]:
         """The diffusion batch: ``diffusion_samples`` noised, rotated and translated copies of the
