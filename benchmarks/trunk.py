@@ -1,0 +1,188 @@
+"""Trunk benchmark: the 48-block Pairformer of the "paper" config, forward + backward.
+
+    python benchmarks/trunk.py [--ns 384,768] [--stacks eager,triton,cueq,compile] [--longest]
+
+bf16 autocast and per-block activation checkpointing (pair activations stored in bf16), as in
+the "paper" preset. Stacks: eager (kernels torch), triton (megafold kernels), compile
+(torch.compile of each eager block), cueq (cuEquivariance's triangle attention and triangle
+multiplication in the same modules, when cuequivariance_torch is importable). Step time is the
+median of timed steps after one warm-up step; peak memory is the allocator's peak during a step
+above what the inputs and weights hold. ``--longest`` steps N up by 128 from the last size until
+a step runs out of memory and records the longest that fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import environment, is_oom, print_table, write_json  # noqa: E402
+
+from megafold.model import preset  # noqa: E402
+from megafold.model.pairformer import PairformerStack, TriangleAttention, TriangleMultiplication  # noqa: E402
+
+
+@contextlib.contextmanager
+def cueq_modules():
+    """TriangleAttention and TriangleMultiplication on cuEquivariance's kernels, same weights."""
+    import cuequivariance_torch as cuet
+
+    from megafold.kernels import layernorm_linear
+
+    def tri_mul(self, pair, pair_mask):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else pair.dtype
+        w = {n: (p.to(dtype) if p.dim() == 2 else p) for n, p in self.named_parameters(recurse=False)}
+        return cuet.triangle_multiplicative_update(
+            pair.to(dtype), direction="outgoing" if self.outgoing else "incoming", mask=pair_mask.to(dtype),
+            norm_in_weight=w["norm_in_weight"], norm_in_bias=w["norm_in_bias"],
+            p_in_weight=w["ab_proj_weight"], g_in_weight=w["ab_gate_weight"],
+            norm_out_weight=w["norm_out_weight"], norm_out_bias=w["norm_out_bias"],
+            p_out_weight=w["out_proj_weight"], g_out_weight=w["out_gate_weight"],
+        )
+
+    def tri_attn(self, pair, pair_mask):
+        H, D = self.heads, self.head_dim
+        proj = layernorm_linear(pair, self.norm_weight, self.norm_bias, self.in_proj_weight, backend="torch")
+        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)
+        bias = proj[..., 4 * H * D:]
+        if self.ending:
+            q, k, v, gate = (t.transpose(1, 2) for t in (q, k, v, gate))
+            bias, mask = bias.permute(0, 3, 2, 1), pair_mask.transpose(1, 2)
+        else:
+            bias, mask = bias.permute(0, 3, 1, 2), pair_mask
+        # cuEquivariance's layout: [B, S, H, N, D], bias [B, 1, H, N, N], mask [B, S, 1, 1, N].
+        out = cuet.triangle_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3),
+                                      bias[:, None], mask[:, :, None, None, :])
+        out = out.transpose(2, 3) * torch.sigmoid(gate)
+        out = torch.nn.functional.linear(out.flatten(-2), self.out_proj_weight.to(out.dtype))
+        return out.transpose(1, 2) if self.ending else out
+
+    saved = TriangleMultiplication.forward, TriangleAttention.forward
+    TriangleMultiplication.forward, TriangleAttention.forward = tri_mul, tri_attn
+    try:
+        yield
+    finally:
+        TriangleMultiplication.forward, TriangleAttention.forward = saved
+
+
+def build_stack(kernels: str, device) -> tuple[PairformerStack, object]:
+    config = preset("paper", kernels=kernels)
+    stack = PairformerStack(config, config.pairformer_blocks, config.c_z, config.c_s).to(device)
+    return stack, config
+
+
+def step_fn(stack, config, N, device, compiled=False):
+    from megafold.kernels import use_kernels
+
+    pair = torch.randn(1, N, N, config.c_z, device=device, requires_grad=True)
+    single = torch.randn(1, N, config.c_s, device=device, requires_grad=True)
+    token_mask = torch.ones(1, N, dtype=torch.bool, device=device)
+    token_mask[:, N - max(1, N // 20):] = False  # crop padding
+    pair_mask = token_mask[:, :, None] & token_mask[:, None, :]
+    if compiled:
+        for i, block in enumerate(stack.blocks):
+            stack.blocks[i] = torch.compile(block, dynamic=False)
+
+    def step():
+        with use_kernels(config.kernels), torch.autocast("cuda", torch.bfloat16):
+            pair_out, single_out = stack(pair, single, pair_mask, token_mask)
+        loss = pair_out.float().square().mean() + single_out.float().square().mean()
+        loss.backward()
+        stack.zero_grad(set_to_none=True)
+        pair.grad = single.grad = None
+
+    return step
+
+
+def measure(name, N, device, reps=2):
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    kernels = {"eager": "torch", "compile": "torch", "triton": "triton", "cueq": "torch"}[name]
+    context = cueq_modules() if name == "cueq" else contextlib.nullcontext()
+    with context:
+        stack, config = build_stack(kernels, device)
+        step = step_fn(stack, config, N, device, compiled=name == "compile")
+        step()  # warm-up: compilation, tuning
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    del stack, step
+    torch.cuda.empty_cache()
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ns", default="384,768")
+    parser.add_argument("--stacks", default="eager,triton,cueq,compile")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--longest", action="store_true", help="also step N up by 128 until OOM")
+    parser.add_argument("--longest-stacks", default="triton")
+    parser.add_argument("--max-n", type=int, default=3072)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/trunk.py needs a GPU")
+    device = torch.device("cuda")
+    env = environment()
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}")
+    rows: list[dict] = []
+    stacks = args.stacks.split(",")
+    ns = [int(n) for n in args.ns.split(",")]
+    for name in stacks:
+        if name == "cueq":
+            try:
+                import cuequivariance_torch  # noqa: F401
+            except ImportError:
+                print("cueq stack skipped: cuequivariance_torch not importable")
+                continue
+        for N in ns:
+            row = {"stack": name, "N": N}
+            try:
+                row["step_s"], row["peak_gib"] = measure(name, N, device, args.reps)
+            except Exception as error:
+                row["error"] = "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:200]
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print("  ", row, flush=True)
+    if args.longest:
+        for name in args.longest_stacks.split(","):
+            longest, N = None, max(ns)
+            while N <= args.max_n:
+                try:
+                    measure(name, N, device, reps=1)
+                    longest = N
+                    print(f"   {name}: N={N} fits", flush=True)
+                except Exception as error:
+                    if not is_oom(error):
+                        raise
+                    print(f"   {name}: N={N} out of memory", flush=True)
+                    torch.cuda.empty_cache()
+                    break
+                N += 128
+            rows.append({"stack": name, "longest_N": longest, "max_tried": N})
+    path = write_json("trunk", env, rows, {"preset": "paper", "blocks": 48, "bf16": True,
+                                           "checkpoint": True, "ns": ns}, args.out)
+    print()
+    print_table(rows, ["stack", "N", "step_s", "peak_gib", "longest_N", "error"])
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
