@@ -191,6 +191,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = args.device or _device_default()
     config = model_config(args.preset, "torch", device)
     result = compare(variants(config, tuple(args.kernels)), crop=args.crop, backward=not args.forward_only, device=device, steps=args.steps)
+    from megafold.train.quickstart import profile_rows
+
+    for row in profile_rows(result):
+        print("  ".join(f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}" for name, value in row.items()))
     print(summary(result).to_string(float_format=lambda v: f"{v:.2f}"))
     if args.out:
         print(f"saved {save(result, args.out)}")

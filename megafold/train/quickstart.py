@@ -185,7 +185,9 @@ def _smooth(values: np.ndarray, span: int = 20) -> np.ndarray:
     return out
 
 
-def _profile_rows(profile) -> list[dict]:
+def profile_rows(profile) -> list[dict]:
+    """One row per config of a ``megafold.profile.compare`` result: step, forward and backward
+    time (ms), peak memory (MiB) and the loss."""
     rows = []
     for config in profile.config.values:
         ds = profile.sel(config=config)
@@ -253,6 +255,6 @@ def _report(out: Path, trainer, prediction, truth: Path, profile, seconds: dict[
             "Run `megafold quickstart` on a GPU, or `megafold profile`, for a real comparison."
             if device == "cpu" else "One training step at the training crop, after one warm-up step."
         )
-        sections.append(Section("Profile: kernels torch vs triton", text=note, table=_profile_rows(profile), figure=module_time_figure(profile)))
+        sections.append(Section("Profile: kernels torch vs triton", text=note, table=profile_rows(profile), figure=module_time_figure(profile)))
     path = write_report(out / "report.html", sections, title="megafold quickstart")
     return path

@@ -190,13 +190,13 @@ class Trainer:
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches forever, epoch after epoch, from where the loader's state says."""
-        while True:
-            empty = True
+        empty_epochs = 0  # one is normal: a resume at the end of an epoch
+        while empty_epochs < 2:
+            empty_epochs += 1
             for batch in self.data:
-                empty = False
+                empty_epochs = 0
                 yield batch
-            if empty and self.data.position == 0:
-                raise CacheError(f"{self.config.store}: the loader yields no batches (too few entries?)")
+        raise CacheError(f"{self.config.store}: the loader yields no batches (fewer entries than the batch size?)")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._batch_stream is None:
