@@ -132,7 +132,7 @@ def step_figure(ds: "xr.Dataset", baseline: str | None = None) -> "go.Figure":
     base_ms = float(step_ms.sel(config=baseline)) if baseline in configs else float("nan")
     fig = make_subplots(
         rows=1, cols=2, horizontal_spacing=0.12,
-        subplot_titles=(f"Step time (speedup vs {baseline})", "Peak memory by stage"),
+        subplot_titles=(f"Step time (speedup vs {baseline})", "Peak memory (MiB)"),
     )  # fmt: skip
     for stage in STAGES:
         fig.add_trace(
@@ -160,6 +160,7 @@ def step_figure(ds: "xr.Dataset", baseline: str | None = None) -> "go.Figure":
         )  # fmt: skip
     fig.update_layout(
         barmode="stack", title=_title("Training step by stage", ds), height=440, plot_bgcolor="white",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0},
     )  # fmt: skip
     fig.update_yaxes(title_text="ms", gridcolor="#e5e5e5", row=1, col=1)
     fig.update_yaxes(title_text="MiB", gridcolor="#e5e5e5", row=1, col=2)
