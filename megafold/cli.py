@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="precache, train, predict, profile and write an HTML report")
     quick.add_argument("--data", default="cached_data", help="the shipped data (structures/, msas/)")
     quick.add_argument("--out", default="outputs/quickstart", help="output directory (report.html)")
-    quick.add_argument("--minutes", type=_positive_float, default=1.5, help="training time (default 1.5)")
+    quick.add_argument("--minutes", type=_positive_float, default=2.0, help="training time (default 2)")
     quick.add_argument("--steps", type=_positive_int, default=None, help="stop training after this many steps")
     quick.add_argument("--crop", type=_positive_int, default=None, help="crop size (default 48 on the CPU, 256 on a GPU)")
     quick.add_argument("--predict-steps", type=_positive_int, default=None, help="sampler steps of the prediction")

@@ -30,7 +30,7 @@ CPU_PROFILE_CROP = 8  # tokens: the Triton interpreter runs one forward there in
 class QuickstartOptions:
     data: str = "cached_data"
     out: str = "outputs/quickstart"
-    minutes: float = 1.5  # training time
+    minutes: float = 2.0  # training time
     steps: int | None = None  # stop training earlier, after this many steps
     crop: int | None = None  # default: 48 on the CPU, 256 on a GPU
     predict_steps: int | None = None  # sampler steps (default: 50 on the CPU, 200 on a GPU)
@@ -138,12 +138,12 @@ def _profile(model_config, options: QuickstartOptions, gpu: bool):
     """``megafold.profile.compare`` of kernels torch vs triton: a training step at the training
     crop on a GPU; on the CPU one forward at a few tokens (the Triton interpreter is slow), or
     torch alone when the interpreter is off."""
-    from megafold.kernels._common import interpreter_active
+    from megafold.kernels._common import interpreter_active, triton_available
     from megafold.profile import compare, variants
 
     if gpu:
         return compare(variants(model_config, ("torch", "triton")), crop=options.crop or 256, steps=1, warmup=1)
-    names = ("torch", "triton") if interpreter_active() else ("torch",)
+    names = ("torch", "triton") if interpreter_active() and triton_available() else ("torch",)
     return compare(
         variants(model_config, names), crop=CPU_PROFILE_CROP, backward=False, steps=1, warmup=0,
         msa_rows=4, atoms_per_token=4,
@@ -249,12 +249,16 @@ def _report(out: Path, trainer, prediction, truth: Path, profile, seconds: dict[
     if profile is not None:
         from megafold.profile.plots import module_time_figure
 
-        note = (
-            "On the CPU the triton row runs the Triton interpreter (TRITON_INTERPRET=1), which executes "
-            "every kernel in Python: it shows that the kernels give the same loss as torch, not their speed. "
-            "Run `megafold quickstart` on a GPU, or `megafold profile`, for a real comparison."
-            if device == "cpu" else "One training step at the training crop, after one warm-up step."
-        )
+        if device == "cuda":
+            note = "One training step at the training crop, after one warm-up step."
+        elif "triton" in profile.config.values:
+            note = (
+                "On the CPU the triton row runs the Triton interpreter (TRITON_INTERPRET=1), which executes "
+                "every kernel in Python: it shows that the kernels give the same loss as torch, not their speed. "
+                "Run `megafold quickstart` on a GPU, or `megafold profile`, for a real comparison."
+            )
+        else:
+            note = "Triton kernels run on the CPU only under the Triton interpreter (not available in this run): torch alone."
         sections.append(Section("Profile: kernels torch vs triton", text=note, table=profile_rows(profile), figure=module_time_figure(profile)))
     path = write_report(out / "report.html", sections, title="megafold quickstart")
     return path

@@ -66,7 +66,7 @@ class TrainConfig:
     clip_norm: float = 10.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500  # steps (and always at the end)
-    eval_every: int = 0  # steps; 0: no evaluation during training
+    eval_every: int = 0  # steps; 0: no evaluation during training (``evaluate()`` still works)
     eval_keys: tuple[str, ...] | None = None  # evaluated entries (default: the first 8 trained on)
     eval_sampler_steps: int | None = None  # default: the model config's sampler_steps
     workers: int = 2  # loader worker processes
@@ -163,7 +163,7 @@ class Trainer:
         self.train_keys = list(config.keys) if config.keys else store.keys()
         self.data = self._loader(KeySubset(store, self.train_keys), shuffle=True)
         eval_keys = list(config.eval_keys) if config.eval_keys else self.train_keys[:8]
-        self.eval_source = KeySubset(store, eval_keys) if config.eval_every else None
+        self.eval_source = KeySubset(store, eval_keys)
         self.step = 0  # optimiser steps taken (skipped ones included)
         self.skipped_steps = 0  # steps skipped by the NaN/inf guard
         self.elapsed_s = 0.0  # training time over all sessions of this run
@@ -297,8 +297,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics (``megafold.train.metrics.evaluate``) of the EMA model on the eval entries,
         cropped as in training, the same crops every time; logged to ``eval.csv``."""
-        if self.eval_source is None:
-            raise ConfigError("evaluation needs eval_every > 0 in the train config")
         loader = self._loader(self.eval_source, shuffle=False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(EVAL_SEED)

@@ -1,0 +1,119 @@
+"""Learning curve: a "small" model trained for N minutes on a fixed 16-entry subset of the
+shipped structures (cached_data/store.zarr), scored every few minutes on that training set.
+
+    python benchmarks/learning_curve.py [--minutes 10] [--eval-every 1] [--quick]
+
+Target (issue 6): on one H100, 10 minutes reach a mean training-set CA-lDDT >= 0.6.
+Every ``--eval-every`` minutes of training the EMA model samples each of the 16 entries whole
+(crop 256 exceeds the largest, 213 tokens) and CA-lDDT, all-atom lDDT, CA RMSD and
+distogram accuracy are averaged over them. Evaluation time is not training time.
+Writes ``benchmarks/results/<gpu>/<date>-learning_curve.json`` (rows: one per evaluation;
+config: the command, the subset, the model and training configs) and prints the curve.
+``--quick`` is a CPU smoke test ("tiny", seconds, 2 entries), written under outputs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import ROOT, environment, print_table, write_json  # noqa: E402
+
+from megafold.model import preset  # noqa: E402
+from megafold.train import TrainConfig, Trainer  # noqa: E402
+
+# The 16 shipped entries of at most 213 tokens (the 6 largest, 256..558 tokens, left out).
+SUBSET = (
+    "1a8o", "1ejg", "1sp1", "1ubi", "1ubq", "1zaa", "1zfd", "1znf",
+    "2beg", "2crb", "2q2k", "3u8v", "4cup", "4zey", "5pti", "7l39",
+)  # fmt: skip
+TARGET_CA_LDDT = 0.6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time (default 10)")
+    parser.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
+    parser.add_argument("--store", default=str(ROOT / "cached_data" / "store.zarr"))
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1.8e-3, help="peak learning rate (AF3's)")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up steps (AF3: 1000, too long for 10 minutes)")
+    parser.add_argument("--kernels", default="triton", choices=("triton", "torch", "auto"))
+    parser.add_argument("--sampler-steps", type=int, default=None, help="sampler steps of the evaluation (default: the preset's)")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "learning_curve"), help="run directory (checkpoint, metrics)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny, 2 entries, a few steps")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        keys = SUBSET[:2]
+        model_config = preset("tiny", kernels="torch", bf16=False)
+        minutes, eval_every, crop, sampler_steps = 0.1, 0.05, 32, 4
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a GPU (use --quick for a CPU smoke test)")
+        keys = SUBSET
+        model_config = preset("small", kernels=args.kernels)
+        minutes, eval_every, crop, sampler_steps = args.minutes, args.eval_every, args.crop, args.sampler_steps
+    config = TrainConfig(
+        store=args.store, out=args.out, keys=keys, crop_size=crop, steps=10**9, lr=args.lr,
+        warmup_steps=args.warmup, checkpoint_every=10**9, eval_keys=keys, eval_every=0,
+        eval_sampler_steps=sampler_steps, workers=0 if args.quick else 2, seed=args.seed,
+    )  # fmt: skip
+    trainer = Trainer(model_config, config)  # eval_every=0: evaluations on the clock below
+
+    rows = []
+    started = time.perf_counter()
+    for chunk in range(math.ceil(minutes / eval_every - 1e-9)):
+        trainer.config = trainer.config.replace(max_minutes=min(eval_every, minutes - chunk * eval_every))
+        trainer.fit()
+        evaluation_started = time.perf_counter()
+        scores = trainer.evaluate()
+        recent = trainer.history[-50:]
+        rows.append({
+            "minutes": round(trainer.elapsed_s / 60, 3),
+            "step": trainer.step,
+            "loss": sum(r["loss"] for r in recent) / len(recent),
+            **{name: value for name, value in scores.items() if name != "step"},
+            "eval_s": round(time.perf_counter() - evaluation_started, 1),
+        })  # fmt: skip
+        print_table(rows[-1:], list(rows[-1]))
+
+    final = rows[-1]["ca_lddt"]
+    env = environment()
+    path = write_json(
+        "learning_curve",
+        env,
+        rows,
+        {
+            "command": shlex.join(["python", "benchmarks/learning_curve.py", *(sys.argv[1:] if argv is None else argv)]),
+            "subset": list(keys),
+            "train_minutes": minutes,
+            "wall_minutes": round((time.perf_counter() - started) / 60, 2),
+            "target_ca_lddt": TARGET_CA_LDDT,
+            "final_ca_lddt": final,
+            "reached_target": final >= TARGET_CA_LDDT,
+            "skipped_steps": trainer.skipped_steps,
+            "model_config": dataclasses.asdict(model_config),
+            "train_config": config.to_dict(),
+        },
+        out_dir=ROOT / "outputs" / "benchmarks" if args.quick else None,
+    )
+    print(f"\nwrote {path}")
+    print_table(rows, ["minutes", "step", "loss", "ca_lddt", "lddt", "ca_rmsd", "distogram_accuracy", "eval_s"])
+    print(f"final training-set CA-lDDT {final:.3f} (target {TARGET_CA_LDDT})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
