@@ -173,7 +173,7 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
     Dataset or a comparison made with ``longest=True``."""
     import plotly.graph_objects as go
 
-    if "crop_peak_mib" not in ds and "peak_mib" in ds and "crop" in ds.dims:
+    if "fits" in ds and "crop" in ds["fits"].dims:  # one longest_crop() search
         label = str(ds.attrs.get("label", "search"))
         ds = ds.rename({name: f"crop_{name}" for name in ("fits", "peak_mib", "step_ms", "outcome")})
         ds = ds.expand_dims(config=[label]).assign(longest_crop=("config", [ds.attrs.get("longest_crop", 0)]))

@@ -92,7 +92,7 @@ class DashboardSettings:
 
     @classmethod
     def for_device(cls, device: str | torch.device | None = None, **overrides: Any) -> "DashboardSettings":
-        if resolve_device(device).type == "cuda":
+        if (torch.device(device) if device is not None else resolve_device()).type == "cuda":
             base = cls(preset="paper", crop=384)
         else:
             base = cls(
@@ -195,6 +195,8 @@ class Dashboard:
         self.defaults = DashboardSettings.for_device(device, **settings)
         self.device = resolve_device(device)
         self.result: xr.Dataset | None = None
+        self.figures: dict[str, Any] = {}  # the plotly figures drawn last
+        self.input_view: Any = None  # the 3Dmol view of the profiled input
         self.runs = 0
         d = self.defaults
         base = preset(d.preset)
@@ -305,7 +307,8 @@ class Dashboard:
         """Redraw every figure that ``ds`` has data for."""
         from IPython.display import HTML, display
 
-        for name, figure in plots.figures(ds).items():
+        self.figures = plots.figures(ds)
+        for name, figure in self.figures.items():
             figure.update_layout(height=420, margin={"l": 50, "r": 10, "t": 95, "b": 40})
             with self.outputs[name]:
                 self.outputs[name].clear_output(wait=True)
@@ -332,7 +335,7 @@ class Dashboard:
             batch = next(iter(_store_batches(settings.crop, device)))
         else:
             batch = synthetic_batch(settings.crop, atoms_per_token=settings.atoms_per_token, msa_rows=settings.msa_rows)
-        view = example_view(batch)
+        view = self.input_view = example_view(batch)
         with self.structure:
             self.structure.clear_output(wait=True)
             display(HTML(f"<b>Profiled input</b> ({int(batch['token_mask'].sum())} tokens)"))

@@ -1,0 +1,86 @@
+"""Plotly figures of profiles: what each shows, for one profile and for a comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megafold.profile import MODULES, STAGES, combine, longest_crop, profile_step
+from megafold.profile import plots
+
+SMALL = {"msa_rows": 4, "atoms_per_token": 4}
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    torch.set_num_threads(1)
+    from megafold.model import preset
+    from megafold.profile.widgets import QUICK_OVERRIDES
+
+    config = preset("tiny", kernels="torch", **QUICK_OVERRIDES)
+    results = {
+        "torch": profile_step(config, crop=8, warmup=0, label="torch", **SMALL),
+        "checkpointed": profile_step(config.replace(checkpoint=True), crop=8, warmup=0, label="checkpointed", **SMALL),
+    }
+    searches = {label: longest_crop(config, start=8, step=8, max_crop=16, label=label, **SMALL) for label in results}
+    return combine(results, searches), searches
+
+
+@pytest.fixture
+def comparison(profiles):
+    return profiles[0]
+
+
+def test_module_time_figure_stacks_af3_modules_per_config_and_phase(comparison):
+    fig = plots.module_time_figure(comparison)
+    names = [trace.name for trace in fig.data]
+    assert names and set(names) <= set(MODULES)
+    assert "TriangleAttention" in names
+    x_configs, x_phases = fig.data[0].x
+    assert set(x_configs) == {"torch", "checkpointed"}
+    assert set(x_phases) == {"forward", "backward", "recompute"}  # the checkpointed run recomputes
+    total = sum(np.nansum(trace.y) for trace in fig.data)
+    assert total == pytest.approx(float(comparison["time_ms"].sum()))
+
+
+def test_step_figure_shows_stages_and_speedup(comparison):
+    fig = plots.step_figure(comparison, baseline="torch")
+    stage_traces = [t for t in fig.data if t.xaxis == "x"]
+    assert [t.name for t in stage_traces] == list(STAGES)
+    texts = [a.text for a in fig.layout.annotations if "x<br>" in a.text]
+    assert len(texts) == 2 and texts[0].startswith("1.00x")
+
+
+def test_memory_timeline_has_one_line_per_config(comparison):
+    fig = plots.memory_timeline_figure(comparison)
+    assert [t.name for t in fig.data] == ["torch", "checkpointed"]
+    for trace, config in zip(fig.data, ("torch", "checkpointed")):
+        peaks = comparison["timeline_peak_mib"].sel(config=config).values
+        assert max(trace.y) == pytest.approx(np.nanmax(peaks))
+
+
+def test_memory_timeline_is_thinned_keeping_peaks(comparison, monkeypatch):
+    monkeypatch.setattr(plots, "MAX_TIMELINE_POINTS", 10)
+    fig = plots.memory_timeline_figure(comparison.sel(config=["torch"]))
+    assert len(fig.data[0].y) == 11
+    assert max(fig.data[0].y) == pytest.approx(float(comparison["timeline_peak_mib"].sel(config="torch").max()))
+
+
+def test_longest_crop_figure(profiles):
+    comparison, searches = profiles
+    fig = plots.longest_crop_figure(comparison)
+    assert [t.name for t in fig.data] == ["torch: longest 16", "checkpointed: longest 16"]
+    assert list(fig.data[0].x) == [8, 16]
+    single = plots.longest_crop_figure(searches["torch"])  # one search, without a comparison
+    assert [t.name for t in single.data] == ["torch: longest 16"]
+    assert list(single.data[0].y) == list(searches["torch"]["peak_mib"].values)
+    with pytest.raises(ValueError, match="longest_crop"):
+        plots.longest_crop_figure(comparison.drop_vars([v for v in comparison.data_vars if v.startswith(("crop_", "longest_"))]))
+
+
+def test_figures_of_a_single_profile(comparison):
+    one = comparison.sel(config="torch").drop_vars([v for v in comparison.data_vars if v.startswith(("crop_", "longest_"))])
+    figures = plots.figures(one.drop_vars("config"))
+    assert set(figures) == {"modules", "memory", "step"}
+    assert set(plots.figures(comparison)) == {"modules", "memory", "step", "longest"}
