@@ -9,7 +9,7 @@ Dimension names (also the xarray dimension names of the precache):
   atom      A   every heavy atom
   msa_row   S   MSA rows (row 0 is the query sequence)
   template  T   template hits
-  token2 / xyz / bb / chars / profile: inner axes of the arrays below.
+  token2 / xyz / bb / chars / restype_class: inner axes of the arrays below.
 
 Index features that point at other entries (``atom_to_token``, ``token_center_atom``,
 ``token_rep_atom``) hold indices *within their own example*; padded entries point at 0
@@ -55,7 +55,7 @@ FEATURES: dict[str, FeatureSpec] = {
     "is_rna": _f(["token"], bool, False),
     "is_dna": _f(["token"], bool, False),
     "is_ligand": _f(["token"], bool, False),
-    "profile": _f(["token", "profile"], np.float32, 0.0, "MSA residue distribution, 32"),
+    "profile": _f(["token", "restype_class"], np.float32, 0.0, "MSA residue distribution, 32"),
     "deletion_mean": _f(["token"], np.float32, 0.0),
     "token_center_atom": _f(["token"], np.int64, 0, "atom index of CA / C1' / the ligand atom"),
     "token_rep_atom": _f(["token"], np.int64, 0, "distogram atom: CB (CA for Gly), C4/C2, ligand atom"),
@@ -89,7 +89,7 @@ FEATURES: dict[str, FeatureSpec] = {
 
 # Axes a batch pads to a common length; "token2" pads with "token".
 PADDED_DIMS = ("token", "token2", "atom", "msa_row", "template")
-FIXED_SIZES = {"xyz": 3, "bb": 3, "chars": 4, "profile": NUM_RESTYPES}
+FIXED_SIZES = {"xyz": 3, "bb": 3, "chars": 4, "restype_class": NUM_RESTYPES}
 
 
 def validate_example(example: Mapping[str, np.ndarray], name: str = "example") -> dict[str, int]:

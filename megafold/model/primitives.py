@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megafold.kernels import evo_attention, layernorm_linear, transition, use_kernels
-from megafold.kernels._common import default_backend
+from megafold.kernels import default_backend
 
 # Standard deviation of a unit normal truncated to [-2, 2]: dividing by it keeps the
 # truncated LeCun initialiser's variance at 1 / fan_in.
