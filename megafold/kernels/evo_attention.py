@@ -286,14 +286,14 @@ def _evo_attention_dkdv_kernel(
 
 @triton.jit
 def _evo_attention_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     S, H, N, D: tl.constexpr, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -339,6 +339,10 @@ def _evo_attention_dq_kernel(
                                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                                 mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+        if WRITE_DBIAS:
+            # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
+            tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], ds,
+                     mask=m_valid[:, None] & n_valid[None, :])
         if IEEE:
             dq += tl.dot(ds, k, input_precision="ieee")
         else:
@@ -553,11 +557,19 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
+    dbias = None
+    if need_dbias:
+        dbias = torch.empty((B, H, N, N), device=inp.q.device, dtype=torch.float32)
+    # With one row the dQ pass sees every dS tile exactly once: it writes the bias gradient and
+    # the separate dBias pass (a third recomputation) is skipped.
+    dbias_in_dq = need_dbias and S == 1
+
     def launch_dq(cfg):
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), S, B * H)
         _evo_attention_dq_kernel[grid](
-            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq, *strides,
-            S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
+            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
+            dbias if dbias_in_dq else dq, *strides,
+            S, H, N, D, scale, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -567,9 +579,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
     launch_dkdv(_config("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias))
     launch_dq(_config("dq", launch_dq, device, S, N, D, H, dtype, has_bias))
 
-    dbias = None
-    if need_dbias:
-        dbias = torch.empty((B, H, N, N), device=device, dtype=torch.float32)
+    if need_dbias and not dbias_in_dq:
 
         def launch_dbias(cfg):
             grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]), B * H)
