@@ -83,7 +83,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/train", help="run directory (checkpoint.pt, metrics.csv/.zarr)")
     parser.add_argument("--preset", default=None, help='model preset: "tiny", "small" or "paper" (default: tiny on the CPU, small on a GPU)')
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="kernels backend (default auto)")
-    parser.add_argument("--steps", type=_positive_int, default=1000, help="optimiser steps (default 1000)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps in all (default 1000; on --resume the run's)")
     parser.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
     parser.add_argument("--crop", type=_positive_int, default=384, help="crop size in tokens (default 384)")
     parser.add_argument("--batch-size", type=_positive_int, default=1)
@@ -105,18 +105,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from megafold.model import AlphaFold3Config
-    from megafold.precache import open_store
     from megafold.train import TrainConfig, Trainer, load_checkpoint
     from megafold.train.trainer import CHECKPOINT_NAME
 
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_NAME
-    open_store(args.store)  # a missing or foreign store fails here, in one line
-    if args.resume:
+    if args.resume:  # the run's own configs; the command line may move, extend or time-limit it
         state = load_checkpoint(checkpoint)
-        config = TrainConfig.from_dict(state["train_config"]).replace(
-            steps=args.steps, max_minutes=args.minutes, progress=not args.quiet, store=args.store, workers=args.workers
-        )
+        saved = TrainConfig.from_dict(state["train_config"])
+        config = saved.replace(
+            store=args.store, out=str(out), steps=args.steps or saved.steps, max_minutes=args.minutes,
+            workers=args.workers, device=args.device or saved.device, progress=not args.quiet,
+        )  # fmt: skip
         model = AlphaFold3Config().replace(**state["model_config"])
     else:
         if checkpoint.exists():
@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = model_config(args.preset, args.kernels, device, bf16=args.bf16, checkpointing=args.checkpointing)
         config = TrainConfig(
             store=args.store, out=str(out), keys=tuple(args.keys) if args.keys else None, crop_size=args.crop,
-            batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, max_minutes=args.minutes,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps or 1000, max_minutes=args.minutes,
             lr=args.lr, warmup_steps=args.warmup, decay_every=args.decay_every, checkpoint_every=args.checkpoint_every,
             eval_every=args.eval_every, workers=args.workers, seed=args.seed, device=device, progress=not args.quiet,
         )  # fmt: skip
