@@ -114,7 +114,7 @@ def _train(options: QuickstartOptions, out: Path, keys: list[str], device: str):
         warmup_steps=50,  # AF3's 1,000 is longer than the whole quickstart
         checkpoint_every=1_000_000,  # once, at the end
         workers=2 if gpu else 0,
-        max_msa_rows=256,
+        max_msa_rows=256,  # bounds the cost of the deepest MSAs (hundreds of rows) on a CPU
         device=device,
     )
     trainer = Trainer(model_config, config)
