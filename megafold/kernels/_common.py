@@ -153,7 +153,7 @@ def pick_config(
     ``bench(config)`` runs the kernel with a config and returns its time in ms (raising
     if the config cannot run, e.g. out of shared memory).
     """
-    if not autotune_enabled() or device.type != "cuda" or len(candidates) <= 1:
+    if device.type != "cuda" or len(candidates) <= 1:
         return default
     cache_key = json.dumps([op, list(key), device_name(device)])
     with _cache_lock:
@@ -163,6 +163,8 @@ def pick_config(
         hit = _memory_cache.get(cache_key)
     if hit is not None:
         return hit
+    if not autotune_enabled():  # tuning off: a stored choice where there is one, else the default
+        return default
     best, best_ms = default, float("inf")
     for config in candidates:
         try:

@@ -1,0 +1,75 @@
+"""Backend choice and the on-disk autotune cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megafold.kernels import _common
+from megafold.kernels._common import pick_config, resolve_backend, use_kernels
+
+
+def test_auto_resolves_to_triton_under_the_interpreter_and_torch_on_request():
+    cpu = torch.zeros(1)
+    assert _common.interpreter_active()
+    assert resolve_backend("auto", cpu) == "triton"
+    with use_kernels("torch"):
+        assert resolve_backend("auto", cpu) == "torch"
+        assert resolve_backend("triton", cpu) == "triton"  # an explicit argument wins
+    assert resolve_backend("torch", cpu) == "torch"
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.zeros(1))
+    assert resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_common, "device_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_common, "_memory_cache", {})
+    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
+    return torch.device("cuda")
+
+
+def test_tuning_picks_the_fastest_config_once_and_stores_it(fake_gpu, tmp_path):
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}, {"BLOCK": 128}, {"BLOCK": 256}]
+    timings = {32: 3.0, 64: 1.0, 128: 2.0}
+    calls = []
+
+    def bench(config):
+        calls.append(config["BLOCK"])
+        if config["BLOCK"] == 256:
+            raise RuntimeError("out of shared memory")  # not a candidate on this GPU
+        return timings[config["BLOCK"]]
+
+    best = pick_config("op", (1, 2), fake_gpu, candidates, {"BLOCK": 32}, bench)
+    assert best == {"BLOCK": 64} and calls == [32, 64, 128, 256]
+    again = pick_config("op", (1, 2), fake_gpu, candidates, {"BLOCK": 32}, bench)
+    assert again == best and len(calls) == 4  # the second call reads the cache
+    stored = json.loads((tmp_path / "autotune.json").read_text())
+    assert stored == {json.dumps(["op", [1, 2], "Fake GPU 80GB"]): {"BLOCK": 64}}
+    _common._memory_cache.clear()  # a new process reads the choice from disk
+    assert pick_config("op", (1, 2), fake_gpu, candidates, {"BLOCK": 32}, bench) == best
+    assert len(calls) == 4
+
+
+def test_tuning_off_uses_a_stored_choice_or_the_default(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
+
+    def bench(config):
+        raise AssertionError("no tuning when it is off")
+
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}]
+    assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({json.dumps(["op", [5], "Fake GPU 80GB"]): {"BLOCK": 64}}))
+    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: shipped)
+    _common._memory_cache.clear()
+    assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
