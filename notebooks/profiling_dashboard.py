@@ -52,7 +52,7 @@ from megafold.profile import describe_device
 
 viz.init_notebook()  # plotly and 3Dmol.js render offline
 DEVICE = describe_device()
-print("running on", DEVICE)
+print(f"running on {DEVICE}")
 
 # %% [markdown]
 # ## The dashboard
