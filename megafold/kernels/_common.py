@@ -181,6 +181,28 @@ def pick_config(
     return best
 
 
+def run_tuned(
+    op: str,
+    key: Sequence,
+    device: torch.device,
+    candidates: Sequence[dict],
+    default: dict,
+    launch: Callable[[dict], object],
+) -> object:
+    """Launch with the tuned (or stored) configuration for this key.
+
+    A stored choice that does not fit this launch (a shared-memory overflow: the key missed
+    something that changes the kernel's footprint) falls back to the default, not a crash.
+    """
+    config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)))
+    try:
+        return launch(config)
+    except Exception as error:
+        if config == default or "out of resource" not in str(error).lower():
+            raise
+        return launch(default)
+
+
 def bench_ms(fn: Callable[[], object], reps: int = 10) -> float:
     """Median time of ``fn`` in ms on the current CUDA stream (used by the tuner)."""
     fn()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import bench_ms, next_power_of_2, pick_config, resolve_backend
+from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
 
@@ -339,10 +339,6 @@ def _layernorm_linear_weight_grad_kernel(
 # --------------------------------------------------------------------------- launches
 
 
-def _tuned(op: str, key: tuple, device: torch.device, candidates: list[dict], default: dict, launch) -> dict:
-    return pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)))
-
-
 def _launch_kwargs(cfg: dict) -> dict:
     return {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
 
@@ -378,7 +374,7 @@ def layernorm_linear_forward(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw}
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8)
     ]
-    launch(_tuned("layernorm_linear_fwd", (K, O, str(weight.dtype), bias is not None), x.device, candidates, default, launch))
+    run_tuned("layernorm_linear_fwd", (K, O, str(weight.dtype), str(x.dtype), bias is not None), x.device, candidates, default, launch)
     return out, mean, rstd
 
 
@@ -426,7 +422,7 @@ def layernorm_linear_backward_input(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
         for nw in (4, 8)
     ] if block_k <= 128 else []
-    launch(_tuned("layernorm_linear_bwd_dx", (K, O, str(weight.dtype)), x.device, candidates, default, launch))
+    run_tuned("layernorm_linear_bwd_dx", (K, O, str(weight.dtype), str(x.dtype), str(dy.dtype)), x.device, candidates, default, launch)
     return dx, parts["w"].sum(0), parts["b"].sum(0)
 
 
@@ -464,7 +460,7 @@ def layernorm_linear_weight_grad(
     default = {"BLOCK_M": 64, "num_warps": 8}
     candidates = [{"BLOCK_M": bm, "num_warps": nw, "num_stages": ns}
                   for bm in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)]
-    launch(_tuned("layernorm_linear_bwd_dw", (K, O, str(dy.dtype), with_bias), x.device, candidates, default, launch))
+    run_tuned("layernorm_linear_bwd_dw", (K, O, str(dy.dtype), str(x.dtype), with_bias), x.device, candidates, default, launch)
     return parts["w"].sum(0), (parts["b"].sum(0) if with_bias else None)
 
 

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
-    _tuned,
     autocast_dtype,
     block_size,
     dot_precision,
@@ -221,7 +220,7 @@ def _opm_forward(ab, inv_norm, weight, bias):
         for bi in (16, 32) for bj in (4, 8) for bs in sorted({block_size(S, 32), block_size(S, 64), block_s})
         for nw in (4, 8) for ns in (2, 3)
     ] if small else []
-    launch(_tuned("outer_product_mean_fwd", (CH, CZ, min(S, 64), str(weight.dtype)), ab.device, candidates, default, launch))
+    run_tuned("outer_product_mean_fwd", (CH, CZ, min(S, 64), str(weight.dtype), str(ab.dtype)), ab.device, candidates, default, launch)
     return out, left
 
 

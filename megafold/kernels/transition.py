@@ -13,12 +13,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
-    _tuned,
     autocast_dtype,
     block_size,
     dot_precision,
@@ -238,7 +237,7 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
     ] if wide <= 128 else []
-    launch(_tuned("transition_fwd", (C, H, C_OUT, str(w_in.dtype)), x.device, candidates, default, launch))
+    run_tuned("transition_fwd", (C, H, C_OUT, str(w_in.dtype), str(x.dtype)), x.device, candidates, default, launch)
     return out, mean, rstd
 
 
@@ -253,7 +252,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
               w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
     consts = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
                   DOT_PRECISION=dot_precision(w_in.dtype), BLOCK_C=block_c, BLOCK_CO=block_co)
-    key = (C, H, C_OUT, str(w_in.dtype))
+    key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype), str(dy.dtype))
     small_m = max(16, min(64, 8192 // wide))
 
     parts = {}
@@ -274,7 +273,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
-    launch_dx(_tuned("transition_bwd_dx", key, x.device, candidates, default, launch_dx))
+    run_tuned("transition_bwd_dx", key, x.device, candidates, default, launch_dx)
 
     def launch_dw(cfg):
         block_h = cfg["BLOCK_H"]
@@ -295,7 +294,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
         for bm in (32, 64, 128) for bh in (16, 32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
-    launch_dw(_tuned("transition_bwd_dw", key, x.device, candidates, default, launch_dw))
+    run_tuned("transition_bwd_dw", key, x.device, candidates, default, launch_dw)
     return dx, parts["ln_w"].sum(0), parts["ln_b"].sum(0), parts["w_in"].sum(0), parts["w_out"].sum(0)
 
 

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
-    _tuned,
     autocast_dtype,
     block_size,
     dot_precision,
@@ -341,7 +340,7 @@ def _row_block(width: int) -> int:
 
 def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
     """Autotune key, and whether the shape is one the candidates are meant for (c_z <= 128)."""
-    return (z.shape[-1], c_h, str(dtype)), block_size(z.shape[-1], 1 << 30) <= 128
+    return (z.shape[-1], c_h, str(dtype), str(z.dtype)), block_size(z.shape[-1], 1 << 30) <= 128
 
 
 def _triangle_forward(z, mask, p, outgoing, eps):
@@ -371,7 +370,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    launch_in(_tuned("triangle_multiply_in_fwd", key, dev, candidates, default, launch_in))
+    run_tuned("triangle_multiply_in_fwd", key, dev, candidates, default, launch_in)
 
     a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
     x = torch.bmm(a, b.transpose(1, 2)) if outgoing else torch.bmm(a.transpose(1, 2), b)
@@ -392,7 +391,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
 
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    launch_out(_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out))
+    run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
 
 
@@ -426,7 +425,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    launch(_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch))
+    run_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch)
     return dx, d_update, d_gate, parts["w"].sum(0), parts["b"].sum(0)
 
 
@@ -475,7 +474,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    launch(_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch))
+    run_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch)
     return dz, parts["w"].sum(0), parts["b"].sum(0)
 
 
@@ -507,7 +506,7 @@ def _input_weight_grad(z, mask, p, dab, z_mean, z_rstd):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 8 if block_cz >= 128 else 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (16, 32, 64) for nw in (4, 8)] if small else []
-    launch(_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch))
+    run_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch)
     return parts["p"].sum(0), parts["g"].sum(0)
 
 

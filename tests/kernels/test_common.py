@@ -73,3 +73,22 @@ def test_tuning_off_uses_a_stored_choice_or_the_default(fake_gpu, tmp_path, monk
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: shipped)
     _common._memory_cache.clear()
     assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+
+
+def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
+    from megafold.kernels._common import run_tuned
+
+    launched = []
+
+    def launch(config):
+        launched.append(config["BLOCK"])
+        if config["BLOCK"] == 128:
+            raise RuntimeError("out of resource: shared memory, Required: 264192")
+        return config["BLOCK"]
+
+    _common._memory_cache[json.dumps(["op", [7], "Fake GPU 80GB"])] = {"BLOCK": 128}
+    assert run_tuned("op", (7,), fake_gpu, [{"BLOCK": 32}, {"BLOCK": 128}], {"BLOCK": 32}, launch) == 32
+    assert launched == [128, 32]
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        run_tuned("op", (8,), fake_gpu, [], {"BLOCK": 32},
+                  lambda config: (_ for _ in ()).throw(RuntimeError("illegal memory access")))
