@@ -1,8 +1,8 @@
-"""Reference outputs and gradients at sizes where the plain reference does not fit in memory.
+"""What the kernel tests and benchmarks share: the error measure, its tolerances, and
+references at sizes where the plain reference does not fit in memory.
 
-Used by the GPU tests and the benchmarks to check the kernels in float64 (or float32) at real
-sizes: EvoAttention's rows are independent except for the shared bias, so the reference runs
-row chunk by row chunk and sums the bias gradient over the chunks.
+EvoAttention's rows are independent except for the shared bias, so its reference runs row
+chunk by row chunk and sums the bias gradient over the chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +10,18 @@ from __future__ import annotations
 import torch
 
 from megafold.kernels.evo_attention import evo_attention_reference
+
+# Relative Frobenius error allowed against a float64 reference, by the kernels' input dtype:
+# fp32 arithmetic lands far under 1e-5; fp16 and bf16 round operands to 11 and 8 mantissa
+# bits (and P / dS before the second product of each pair), so errors of 1e-4..1e-3 and
+# 3e-3..1e-2 are expected; an indexing or masking bug gives O(1).
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; non-finite values in ``x`` fail at once."""
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def evo_attention_reference_chunked(

@@ -13,30 +13,7 @@ import pytest
 import torch
 
 from megafold.kernels.outer_product_mean import PARAM_NAMES, outer_product_mean, outer_product_mean_reference
-
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values"
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like inside the op return NaN-filled memory: skipped elements show."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def empty_like(*args, **kwargs):
-        out = real_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
+from megafold.kernels.testing import TOL, rel_err
 
 
 def make_params(c_m, c_h, c_z, dtype, device="cpu"):
