@@ -8,6 +8,7 @@ CPU. Optionally the first template slot is filled with the structure itself.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from megafold.data.crop import apply_crop, spatial_crop
 from megafold.kernels import use_kernels
 from megafold.model.primitives import lecun_normal_
 
-STRUCTURES = Path("/work/shared/data/structures")
+STRUCTURES = Path(os.environ["MEGAFOLD_SHARED_DATA"]) / "structures"
 
 
 def _atom_names(example: dict) -> np.ndarray:
