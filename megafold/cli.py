@@ -191,7 +191,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = args.device or _device_default()
     config = model_config(args.preset, "torch", device)
     result = compare(variants(config, tuple(args.kernels)), crop=args.crop, backward=not args.forward_only, device=device, steps=args.steps)
-    from megafold.train.quickstart import profile_rows
+    from megafold.quickstart import profile_rows
 
     for row in profile_rows(result):
         print("  ".join(f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}" for name, value in row.items()))
@@ -218,7 +218,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         # Triton kernels run on the CPU only in the interpreter, which must be chosen before
         # triton is first imported (training still uses kernels "torch").
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from megafold.train.quickstart import QuickstartOptions, quickstart
+    from megafold.quickstart import QuickstartOptions, quickstart
 
     report = quickstart(
         QuickstartOptions(
