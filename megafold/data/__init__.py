@@ -4,6 +4,7 @@ The feature schema lives in ``features.py``. biotite, gemmi and pyhmmer are impo
 inside the functions that use them, so GPU-side code imports this package without them.
 """
 
+from megafold.data.atoms import atom_array, load_atoms, to_mmcif, to_pdb
 from megafold.data.crop import CROP_WEIGHTS, crop_example, random_rotate_conformers
 from megafold.data.features import FEATURES, batch_to, collate, validate_example
 from megafold.data.msa import Msa, SequenceDatabase, parse_a3m, read_msa, search_msa, write_a3m
@@ -22,10 +23,12 @@ __all__ = [
     "Structure",
     "TemplateDatabase",
     "Tokens",
+    "atom_array",
     "batch_to",
     "collate",
     "crop_example",
     "featurize",
+    "load_atoms",
     "load_structure",
     "make_example",
     "parse_a3m",
@@ -34,6 +37,8 @@ __all__ = [
     "search_msa",
     "search_templates",
     "template_chains",
+    "to_mmcif",
+    "to_pdb",
     "tokenize",
     "validate_example",
     "write_a3m",

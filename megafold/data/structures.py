@@ -93,8 +93,6 @@ def load_structure(path: str | Path) -> Structure:
     truncated, neither mmCIF nor PDB, no atoms, non-numeric coordinates, no polymer.
     """
     path = Path(path)
-    if not path.is_file():
-        raise StructureError(f"{path}: no such file")
     text = _read_text(path)
     if not text.strip():
         raise StructureError(f"{path}: empty file")
@@ -109,6 +107,9 @@ def load_structure(path: str | Path) -> Structure:
 
 
 def _read_text(path: Path) -> str:
+    """The text of a plain, gzipped or bzip2ed file (compression recognised by content)."""
+    if not path.is_file():
+        raise StructureError(f"{path}: no such file")
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":

@@ -122,7 +122,7 @@ def predict(
             out["coords"][:, best], batch, plddt=out["plddt"][:, best], distogram_logits=out["distogram_logits"]
         )
 
-    from megafold.viz import atom_array, to_mmcif
+    from megafold.data import atom_array, to_mmcif
 
     atoms = atom_array(
         coords, labels.atom_name, labels.res_name, labels.chain_id, labels.res_id, labels.element, plddt=plddt
@@ -236,7 +236,7 @@ def author_numbering(structure) -> dict[tuple[int, int], tuple[str, int, str]]:
     matched to the structure's atoms by their exact coordinates, a majority per residue).
     Unobserved ones are numbered from the nearest observed residue of their chain.
     """
-    from megafold.viz import load_atoms
+    from megafold.data import load_atoms
 
     atoms = load_atoms(structure.path)
     by_coord = {

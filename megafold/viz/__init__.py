@@ -4,6 +4,7 @@
 is loaded from a CDN. Heavy imports (biotite, py3Dmol, plotly, IPython) happen on first use.
 """
 
+from megafold.data.atoms import atom_array, load_atoms, to_mmcif, to_pdb
 from megafold.viz.plots import (
     contact_map,
     distogram_figure,
@@ -19,14 +20,10 @@ from megafold.viz.structure import (
     THREEDMOL_VERSION,
     StructureView,
     Superposition,
-    atom_array,
-    load_atoms,
     show,
     structure_view,
     superpose,
     threedmol_script,
-    to_mmcif,
-    to_pdb,
     view_html,
 )
 

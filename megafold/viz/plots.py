@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megafold.errors import StructureError
-from megafold.viz.structure import StructureLike, _pair_by_key, _to_numpy, load_atoms
+from megafold.data.atoms import StructureLike, load_atoms, to_numpy
+from megafold.viz.structure import _pair_by_key
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -27,7 +28,7 @@ PURINE_MARKER_ATOM = "N9"  # present in purines (and modified purines), absent i
 
 def _square_matrix(values: Any, name: str, trailing: int = 0) -> np.ndarray:
     """``values`` as a float64 array ``[N, N, *trailing]``; leading size-1 axes are dropped."""
-    array = _to_numpy(values).astype(np.float64)
+    array = to_numpy(values).astype(np.float64)
     while array.ndim > 2 + trailing and array.shape[0] == 1:
         array = array[0]
     square = array.shape[:2]
@@ -103,7 +104,7 @@ def pae_figure(
 
 
 def _bin_centres(bins: Any, n_bins: int) -> np.ndarray:
-    bins = _to_numpy(bins).astype(np.float64).ravel()
+    bins = to_numpy(bins).astype(np.float64).ravel()
     if len(bins) == n_bins:
         return bins
     if len(bins) == n_bins + 1:  # edges
