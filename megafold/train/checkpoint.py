@@ -57,6 +57,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed every global random generator (python, numpy, torch CPU and CUDA) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The state of every global random generator (python, numpy, torch CPU and CUDA), as
     tensors and plain values."""

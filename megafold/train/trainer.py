@@ -10,6 +10,13 @@ updated after every step. A step whose loss or gradient norm is NaN or inf chang
 EMA): it is skipped and counted. bf16 autocast and per-block activation checkpointing are
 switches of the model config (``bf16``, ``checkpoint``).
 
+Under ``torchrun`` the same loop trains data-parallel (``distributed.py``): each rank loads
+its shard of the data and draws its own random numbers (rank 0 the stream of a one-process
+run, rank r > 0 one derived from (seed, r)); DDP averages the gradients; the NaN guard's
+verdict is all-reduced so that every rank skips the same steps; rank 0 alone writes files.
+The checkpoint counts the loader's position in global samples and keeps every rank's random
+state, so a run resumes exactly on as many processes, and at the same sample on any number.
+
 A run directory ``out`` holds ``checkpoint.pt`` (everything a resume needs, see
 ``checkpoint.py``), ``metrics.csv`` (one row per step), ``eval.csv`` (one row per
 evaluation) and ``metrics.zarr``, the two as one xarray Dataset (dims ``step`` and
@@ -18,6 +25,7 @@ evaluation) and ``metrics.zarr``, the two as one xarray Dataset (dims ``step`` a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -25,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -37,7 +46,8 @@ from megafold.errors import CacheError, ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config
 from megafold.precache.loader import Loader
 from megafold.precache.store import Store, open_store
-from megafold.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from megafold.train import distributed
+from megafold.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from megafold.train.metrics import evaluate
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -141,20 +151,35 @@ class KeySubset:
         return self.store.load(key)
 
 
+class _TrainingLoss(torch.nn.Module):
+    """``model.training_loss`` as a ``forward``: DistributedDataParallel hooks the gradient
+    all-reduce into the backward of what its forward returns."""
+
+    def __init__(self, model: AlphaFold3):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.training_loss(batch)
+
+
 class Trainer:
     """Trains ``AlphaFold3(model_config)`` as ``config`` says; see the module docstring."""
 
     def __init__(self, model_config: AlphaFold3Config, config: TrainConfig):
         self.config = config
         self.model_config = model_config
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = distributed.init(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.out = Path(config.out)
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
+        seed_rng(config.seed)  # the same initial weights on every rank
         self.model = AlphaFold3(model_config).to(self.device)
+        if self.rank > 0:
+            seed_rng(distributed.rank_seed(config.seed, self.rank))
+        self.loss_module = distributed.data_parallel(_TrainingLoss(self.model), self.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
@@ -180,8 +205,8 @@ class Trainer:
             shuffle=shuffle,
             workers=config.workers,
             seed=config.seed,
-            rank=0,
-            world_size=1,
+            rank=self.rank,
+            world_size=self.world_size,
             device=self.device,
             max_msa_rows=config.max_msa_rows,
         )
@@ -222,22 +247,23 @@ class Trainer:
         finite = True
         wait_s = 0.0
         tokens = 0
-        for _ in range(config.grad_accum):
+        for micro in range(config.grad_accum):
             requested = time.perf_counter()
             batch = self.next_batch()
             wait_s += time.perf_counter() - requested
             tokens += int(batch["token_mask"].sum())
-            loss, terms = self.model.training_loss(batch)
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value / config.grad_accum
-            if not math.isfinite(float(loss.detach())):
-                finite = False
-            if finite:
-                (loss / config.grad_accum).backward()
+            last = micro == config.grad_accum - 1
+            with contextlib.nullcontext() if last else distributed.no_sync(self.loss_module):
+                loss, terms = self.loss_module(batch)
+                for name, value in terms.items():
+                    terms_sum[name] = terms_sum.get(name, 0.0) + value / config.grad_accum
+                finite = distributed.all_true(finite and math.isfinite(terms["loss"]), self.device)
+                if finite:  # the last backward all-reduces the gradients (DDP buckets, overlapped)
+                    (loss / config.grad_accum).backward()
         grad_norm = float("nan")
         if finite:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm))
-            finite = math.isfinite(grad_norm)
+            finite = distributed.all_true(math.isfinite(grad_norm), self.device)
         if finite:
             self.optimizer.step()
             self.ema.update_parameters(self.model)
@@ -245,16 +271,17 @@ class Trainer:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        reduced = distributed.reduce_values(terms_sum, {"tokens": float(tokens)}, self.device)
         step_s = time.perf_counter() - started
         self.elapsed_s += step_s
         row = {
             "step": self.step,
             "epoch": self.data.epoch,
-            **terms_sum,
+            **{name: reduced[name] for name in terms_sum},
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": int(not finite),
-            "tokens": tokens,
+            "tokens": int(reduced["tokens"]),  # of the global batch
             "step_s": step_s,
             "data_wait_s": wait_s,
             "elapsed_s": self.elapsed_s,
@@ -271,18 +298,21 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else math.inf
         session: list[dict[str, float]] = []
-        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", disable=not (config.progress and main), dynamic_ncols=True)
         try:
-            while self.step < config.steps and time.perf_counter() < deadline:
+            # Ranks' clocks differ: rank 0's deadline decides for all, or they would part ways.
+            while self.step < config.steps and distributed.all_true(time.perf_counter() < deadline, self.device):
                 row = self.train_step()
                 self._log(row)
                 session.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", s_per_step=f"{row['step_s']:.2f}", lr=f"{row['lr']:.2e}", skipped=self.skipped_steps)
-                if config.eval_every and self.step % config.eval_every == 0:
+                if config.eval_every and self.step % config.eval_every == 0 and main:  # the EMA is the same on every rank
                     result = self.evaluate()
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
                 if self.step % config.checkpoint_every == 0:
@@ -303,12 +333,14 @@ class Trainer:
             result = evaluate(self.ema.module, loader, steps=self.config.eval_sampler_steps)
         row = {"step": self.step, **result}
         self.eval_history.append(row)
-        _append_csv(self.out / "eval.csv", row)
+        if distributed.is_main():
+            _append_csv(self.out / "eval.csv", row)
         return row
 
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
-        _append_csv(self.out / "metrics.csv", row)
+        if distributed.is_main():
+            _append_csv(self.out / "metrics.csv", row)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -317,6 +349,10 @@ class Trainer:
         return self.out / CHECKPOINT_NAME
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs. Under torchrun every rank must call it (it gathers the
+        ranks' random states); the loader's position is counted in global samples."""
+        loader = {**self.data.state_dict(), "position": self.data.position * self.world_size}
+        random_states = distributed.gather(rng_state())
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -325,21 +361,27 @@ class Trainer:
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "elapsed_s": self.elapsed_s,
-            "rng": rng_state(),
-            "loader": self.data.state_dict(),
+            "rng": random_states[0],
+            "rng_ranks": random_states,
+            "world_size": self.world_size,
+            "loader": loader,
             "model_config": dataclasses.asdict(self.model_config),
             "train_config": self.config.to_dict(),
         }
 
     def save(self) -> Path:
-        """Checkpoint (atomically) and write ``metrics.zarr``."""
-        path = save_checkpoint(self.checkpoint_path, self.state_dict())
-        write_metrics_zarr(self.out, self.history, self.eval_history, attrs=self._attrs())
-        return path
+        """Checkpoint (atomically) and write ``metrics.zarr``; rank 0 writes, all ranks call it."""
+        state = self.state_dict()
+        if distributed.is_main():
+            save_checkpoint(self.checkpoint_path, state)
+            write_metrics_zarr(self.out, self.history, self.eval_history, attrs=self._attrs())
+        distributed.barrier()  # nobody runs ahead to read a checkpoint not yet written
+        return self.checkpoint_path
 
     def resume(self, path: str | os.PathLike | None = None) -> None:
         """Continue from a checkpoint (default ``out/checkpoint.pt``): the same batches, random
-        numbers and updates as if the run had never stopped."""
+        numbers and updates as if the run had never stopped (on another number of processes:
+        the same next sample, and random streams reseeded from (seed, rank, step))."""
         path = Path(path) if path is not None else self.checkpoint_path
         state = load_checkpoint(path, map_location=self.device)
         saved = AlphaFold3Config().replace(**state["model_config"])
@@ -352,18 +394,36 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.elapsed_s = float(state["elapsed_s"])
-        self.data.load_state_dict(state["loader"])
+        self._load_loader_state(state["loader"])
         self._batch_stream = None
-        set_rng_state(state["rng"])
+        random_states = state.get("rng_ranks", [state["rng"]])
+        if len(random_states) == self.world_size:
+            set_rng_state(random_states[self.rank])
+        else:
+            seed_rng(distributed.rank_seed(self.config.seed, self.rank, self.step))
         # Rows logged after the checkpoint was written belong to a future that did not happen.
         self.history = _truncate_csv(self.out / "metrics.csv", self.step)
         self.eval_history = _truncate_csv(self.out / "eval.csv", self.step)
+
+    def _load_loader_state(self, state: Mapping[str, int]) -> None:
+        """The loader at the checkpoint's global position (samples of the epoch handed out by
+        all ranks together): rank r resumes at its share of it, so any world size continues
+        from the same sample of the same epoch order."""
+        position = int(state["position"])
+        if position % self.world_size and distributed.is_main():
+            warnings.warn(
+                f"resuming at sample {position} of the epoch on {self.world_size} processes: "
+                f"{position % self.world_size} sample(s) are seen twice in this epoch",
+                stacklevel=3,
+            )
+        self.data.load_state_dict({**state, "position": position // self.world_size})
 
     def _attrs(self) -> dict[str, Any]:
         return {
             "model_config": repr(dataclasses.asdict(self.model_config)),
             "train_config": repr(self.config.to_dict()),
             "device": str(self.device),
+            "world_size": self.world_size,
             "skipped_steps": self.skipped_steps,
         }
 
