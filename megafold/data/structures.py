@@ -51,6 +51,11 @@ class Chain:
     entity_id: int
     kind: str  # one of CHAIN_KINDS
     sequence: tuple[str, ...]  # CCD code of every residue; polymers: the full SEQRES
+    # Author numbering of every residue of ``sequence`` (auth_seq_id, pdbx_PDB_ins_code, "" for
+    # none) as in the file; residues without coordinates are numbered on from the nearest
+    # observed residue of the chain, without insertion code.
+    auth_seq_id: tuple[int, ...]
+    ins_code: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ def _structure_from_block(block, path: Path) -> Structure:
                 block,
                 model=1,
                 altloc="occupancy",
-                extra_fields=["occupancy", "b_factor", "label_entity_id", "auth_asym_id"],
+                extra_fields=["occupancy", "b_factor", "label_entity_id", "auth_asym_id", "auth_seq_id"],
                 use_author_fields=False,
                 include_bonds=True,
             )
@@ -215,13 +220,14 @@ def _structure_from_block(block, path: Path) -> Structure:
         names = [chain_atoms.res_name[s] for s in residue_starts[:-1]]
         if kind == "ligand":
             sequence = tuple(names)
-            positions = np.arange(len(names))
+            positions, dropped = np.arange(len(names)), []
         else:
             sequence, positions, dropped = _align_to_sequence(
                 chain_atoms, residue_starts, names, entity_sequence.get(entity)
             )
             for s in dropped:
                 keep[start + residue_starts[s] : start + residue_starts[s + 1]] = False
+        auth_seq_id, ins_code = _author_numbering(chain_atoms, residue_starts, positions, dropped, len(sequence), path)
         counts = np.diff(residue_starts)
         residue_index[start:stop] = np.repeat(positions, counts)
         chain_index[start:stop] = len(chains)
@@ -232,6 +238,8 @@ def _structure_from_block(block, path: Path) -> Structure:
                 entity_id=entity_numbers.setdefault(entity, len(entity_numbers) + 1),
                 kind=kind,
                 sequence=tuple(sequence),
+                auth_seq_id=auth_seq_id,
+                ins_code=ins_code,
             )
         )
     if not any(c.kind != "ligand" for c in chains):
@@ -293,6 +301,28 @@ def _align_to_sequence(chain_atoms, residue_starts, names, full_sequence):
     for seq_id, r in best.items():
         sequence[seq_id - 1] = names[r]
     return tuple(sequence), seq_ids - 1, dropped
+
+
+def _author_numbering(
+    chain_atoms, residue_starts, positions, dropped, length: int, path: Path
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(auth_seq_id, insertion code) of each of a chain's ``length`` sequence positions: the
+    file's for observed residues, numbered on from the nearest observed one for the rest."""
+    first_atoms = residue_starts[:-1]
+    try:
+        observed_numbers = chain_atoms.auth_seq_id[first_atoms].astype(np.int64)
+    except ValueError as exc:
+        raise StructureError(f"{path}: non-integer auth_seq_id in chain {chain_atoms.chain_id[0]} ({exc})") from exc
+    observed_codes = np.char.strip(chain_atoms.ins_code[first_atoms].astype(str))
+    kept = np.setdiff1d(np.arange(len(first_atoms)), np.asarray(dropped, dtype=np.int64))
+    observed_positions = np.asarray(positions)[kept]
+    observed_numbers, observed_codes = observed_numbers[kept], observed_codes[kept]
+    everywhere = np.arange(length)
+    nearest = np.abs(everywhere[:, None] - observed_positions[None, :]).argmin(axis=1)
+    numbers = observed_numbers[nearest] + everywhere - observed_positions[nearest]
+    codes = np.where(observed_positions[nearest] == everywhere, observed_codes[nearest], "")
+    codes = np.where(np.isin(codes, ["?", "."]), "", codes)
+    return tuple(int(n) for n in numbers), tuple(str(c) for c in codes)
 
 
 def _entity_kinds(block) -> dict[str, str]:

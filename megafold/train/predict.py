@@ -16,7 +16,6 @@ import json
 import os
 import string
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -201,7 +200,8 @@ def feature_labels(batch: Mapping[str, torch.Tensor]) -> AtomLabels:
 
 def structure_labels(structure, batch: Mapping[str, torch.Tensor]) -> AtomLabels:
     """Labels of the source structure: author chain ids, residue numbers and insertion codes
-    (read from its file), CCD residue names. The batch must hold the whole structure."""
+    (``Chain.auth_seq_id``, ``Chain.ins_code``), CCD residue names. The batch must hold the
+    whole structure."""
     from megafold.data.tokenize import tokenize
 
     tokens = tokenize(structure)
@@ -212,9 +212,11 @@ def structure_labels(structure, batch: Mapping[str, torch.Tensor]) -> AtomLabels
             f"{structure.path}: the features hold {n_tokens} tokens / {int(atom_mask.sum())} atoms, the "
             f"structure {tokens.num_tokens} / {len(tokens.features['atom_to_token'])} (a cropped example?)"
         )
-    numbering = author_numbering(structure)
     token_keys = list(zip(tokens.chain.tolist(), tokens.residue.tolist()))
-    token_labels = [numbering[key] for key in token_keys]
+    token_labels = [
+        (structure.chains[c].auth_chain_id, structure.chains[c].auth_seq_id[r], structure.chains[c].ins_code[r])
+        for c, r in token_keys
+    ]
     atom_to_token = batch["atom_to_token"][0].numpy()[atom_mask]
     res_names = np.array([structure.chains[c].sequence[r] for c, r in token_keys])
     return AtomLabels(
@@ -226,41 +228,6 @@ def structure_labels(structure, batch: Mapping[str, torch.Tensor]) -> AtomLabels
         element=_elements(batch["ref_element"][0].numpy()[atom_mask]),
         token_chain_id=np.array([label[0] for label in token_labels]),
     )
-
-
-def author_numbering(structure) -> dict[tuple[int, int], tuple[str, int, str]]:
-    """(chain index, sequence position) -> (author chain id, author residue number, insertion
-    code) for every residue of ``structure``.
-
-    Observed residues take their numbers from the file (its atoms read with author fields and
-    matched to the structure's atoms by their exact coordinates, a majority per residue).
-    Unobserved ones are numbered from the nearest observed residue of their chain.
-    """
-    from megafold.data import load_atoms
-
-    atoms = load_atoms(structure.path)
-    by_coord = {
-        tuple(xyz): (str(chain), int(res), str(ins))
-        for xyz, chain, res, ins in zip(atoms.coord.tolist(), atoms.chain_id, atoms.res_id, atoms.ins_code)
-    }
-    votes: dict[tuple[int, int], Counter] = {}
-    for c, r, xyz in zip(structure.chain.tolist(), structure.residue.tolist(), structure.coord.tolist()):
-        label = by_coord.get(tuple(xyz))
-        if label is not None:
-            votes.setdefault((c, r), Counter())[label] += 1
-    observed = {key: counter.most_common(1)[0][0] for key, counter in votes.items()}
-    numbering = {}
-    for c, chain in enumerate(structure.chains):
-        known = sorted((r, label) for (cc, r), label in observed.items() if cc == c)
-        for r in range(len(chain.sequence)):
-            if (c, r) in observed:
-                numbering[c, r] = observed[c, r]
-            elif known:
-                nearest_r, (_, nearest_number, _) = min(known, key=lambda item: abs(item[0] - r))
-                numbering[c, r] = (chain.auth_chain_id, nearest_number + r - nearest_r, "")
-            else:
-                numbering[c, r] = (chain.auth_chain_id, r + 1, "")
-    return numbering
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -36,6 +36,47 @@ def test_dna_ligand_and_unobserved_residues(structure):
     assert proteins[0].entity_id == proteins[1].entity_id
 
 
+def _gemmi_author_labels(shared_data, pdb_id: str) -> set[tuple[str, int, str]]:
+    import gemmi
+
+    model = gemmi.read_structure(str(shared_data / "structures" / f"{pdb_id}.cif.gz"))[0]
+    return {
+        (chain.name, residue.seqid.num, residue.seqid.icode.strip())
+        for chain in model
+        for residue in chain
+        if residue.name not in ("HOH", "DOD")
+    }
+
+
+def _observed_author_labels(entry) -> set[tuple[str, int, str]]:
+    return {
+        (entry.chains[c].auth_chain_id, entry.chains[c].auth_seq_id[r], entry.chains[c].ins_code[r])
+        for c, r in zip(entry.chain.tolist(), entry.residue.tolist())
+    }
+
+
+def test_author_numbering_keeps_insertion_codes(structure, shared_data):
+    urokinase = structure("4zhl")  # chymotrypsin numbering: insertion codes A-D
+    assert _observed_author_labels(urokinase) == _gemmi_author_labels(shared_data, "4zhl")
+    assert {code for chain in urokinase.chains for code in chain.ins_code} >= {"", "A", "B", "C", "D"}
+    for chain in urokinase.chains:
+        assert len(chain.auth_seq_id) == len(chain.ins_code) == len(chain.sequence)
+
+
+def test_unobserved_residues_are_numbered_on_from_their_neighbours(structure, shared_data):
+    entry = structure("2q2k")
+    assert _observed_author_labels(entry) == _gemmi_author_labels(shared_data, "2q2k")
+    index = next(i for i, c in enumerate(entry.chains) if c.kind == "protein")
+    protein = entry.chains[index]
+    observed = np.unique(entry.residue[entry.chain == index])
+    first, last = observed.min(), observed.max()
+    assert first > 0 and len(protein.sequence) - 1 > last  # unobserved His tag before, tail after
+    numbers = np.array(protein.auth_seq_id)
+    np.testing.assert_array_equal(np.diff(numbers[: first + 1]), 1)
+    np.testing.assert_array_equal(np.diff(numbers[last:]), 1)
+    assert all(code == "" for r, code in enumerate(protein.ins_code) if r not in observed)
+
+
 def test_altloc_keeps_highest_occupancy(structure):
     # 5pti Glu7 side chain: altloc A occupancy 0.7 at CB (33.865, 5.265, -4.204), B 0.3
     pti = structure("5pti")
@@ -65,6 +106,7 @@ def test_pdb_format_matches_mmcif(tmp_path, shared_data, structure):
     path.write_text(_pdb_text(shared_data, "1hvr"))
     from_pdb, from_cif = load_structure(path), structure("1hvr")
     assert [(c.kind, c.sequence) for c in from_pdb.chains] == [(c.kind, c.sequence) for c in from_cif.chains]
+    assert [(c.auth_seq_id, c.ins_code) for c in from_pdb.chains] == [(c.auth_seq_id, c.ins_code) for c in from_cif.chains]
     assert from_pdb.num_atoms == from_cif.num_atoms
     np.testing.assert_allclose(from_pdb.coord, from_cif.coord, atol=1e-3)
 

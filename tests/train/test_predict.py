@@ -8,7 +8,7 @@ import torch
 
 from megafold.data.features import collate
 from megafold.errors import StructureError
-from megafold.train.predict import _chain_name, author_numbering, predict
+from megafold.train.predict import _chain_name, predict
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +55,6 @@ def test_prediction_from_store_features_names_ligands_like_the_truth(model, stor
         assert sorted(set(zip(ours.chain_id, ours.res_id))) == sorted(set(zip(theirs.chain_id, theirs.res_id)))
     assert set(atoms.hetero[np.isin(atoms.res_name, ["PO4", "UNX"])]) == {True}
     assert superpose(prediction.cif_path, source).n_pairs == 58
-
-
-def test_author_numbering_keeps_insertion_codes(structures):
-    from megafold.data import load_structure
-    from megafold.viz import load_atoms
-
-    source = structures / "4zhl.cif.gz"  # urokinase: chymotrypsin numbering, insertion codes A-D
-    structure = load_structure(source)
-    numbering = author_numbering(structure)
-    truth = load_atoms(source)
-    true_labels = set(zip(truth.chain_id, truth.res_id.tolist(), truth.ins_code))
-    observed = {(c, r) for c, r in zip(structure.chain.tolist(), structure.residue.tolist())}
-    ours = {numbering[key] for key in observed}
-    assert ours == true_labels
-    assert {label[2] for label in ours} >= {"", "A", "B", "C", "D"}
-    assert len(numbering) == sum(len(chain.sequence) for chain in structure.chains)  # unobserved too
 
 
 def test_features_alone_name_chains_by_asym_id(model, store, tmp_path):
