@@ -96,7 +96,8 @@ class Loader:
     """Iterable of feature batches, one epoch per ``iter()``; see the module docstring.
 
     ``source`` is a :class:`Store` or anything with ``keys()`` and ``load(key)`` returning
-    an example (e.g. :class:`OnTheFlySource`, or a subset of a store's keys).
+    an example (e.g. :class:`OnTheFlySource`); ``keys`` picks a subset of its entries
+    (default: all), e.g. a training split.
     """
 
     def __init__(
@@ -115,10 +116,19 @@ class Loader:
         max_msa_rows: int | None = None,
         crop_weights: Mapping[str, float] = CROP_WEIGHTS,
         prefetch_factor: int = 2,
+        keys: Sequence[str] | None = None,
     ):
-        keys = source.keys()
+        name = getattr(source, "path", source)
+        available = source.keys()
+        if keys is None:
+            keys = available
+        else:
+            missing = sorted(set(keys) - set(available))
+            if missing:
+                raise CacheError(f"{name}: no entries {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            keys = sorted(set(keys))  # the same batches whatever order the keys came in
         if not keys:
-            raise CacheError(f"{getattr(source, 'path', source)}: no entries to load")
+            raise CacheError(f"{name}: no entries to load")
         if rank is None or world_size is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if distributed else 0
@@ -284,8 +294,12 @@ def loader(
     device: str | torch.device | None = None,
     max_msa_rows: int | None = None,
     crop_weights: Mapping[str, float] = CROP_WEIGHTS,
+    keys: Sequence[str] | None = None,
 ) -> Loader:
     """A :class:`Loader` of cropped, collated feature batches from a precache store.
+
+    keys: train on these entries only (default: every entry); an unknown key raises
+    ``CacheError``.
 
     rank / world_size default to torch.distributed's when it is initialized (else 0 / 1);
     device defaults to CUDA when available (batches arrive there, prefetched).
@@ -304,6 +318,7 @@ def loader(
         device=device,
         max_msa_rows=max_msa_rows,
         crop_weights=crop_weights,
+        keys=keys,
     )
 
 

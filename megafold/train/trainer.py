@@ -45,7 +45,7 @@ from torch.optim.swa_utils import AveragedModel
 from megafold.errors import CacheError, ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config
 from megafold.precache.loader import Loader
-from megafold.precache.store import Store, open_store
+from megafold.precache.store import open_store
 from megafold.train import distributed
 from megafold.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from megafold.train.metrics import evaluate
@@ -135,22 +135,6 @@ def ema_update(decay: float):
     return update
 
 
-class KeySubset:
-    """The entries ``keys`` of a store, as a loader source (``keys()`` and ``load()``)."""
-
-    def __init__(self, store: Store, keys: Sequence[str]):
-        missing = sorted(set(keys) - set(store.keys()))
-        if missing:
-            raise CacheError(f"{store.path}: no entries {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        self.store, self.path, self._keys = store, store.path, sorted(keys)
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def load(self, key: str) -> dict[str, np.ndarray]:
-        return self.store.load(key)
-
-
 class _TrainingLoss(torch.nn.Module):
     """``model.training_loss`` as a ``forward``: DistributedDataParallel hooks the gradient
     all-reduce into the backward of what its forward returns."""
@@ -184,11 +168,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
         )
-        store = open_store(config.store)
-        self.train_keys = list(config.keys) if config.keys else store.keys()
-        self.data = self._loader(KeySubset(store, self.train_keys), shuffle=True)
-        eval_keys = list(config.eval_keys) if config.eval_keys else self.train_keys[:8]
-        self.eval_source = KeySubset(store, eval_keys)
+        self.store = open_store(config.store)
+        self.train_keys = sorted(config.keys) if config.keys else self.store.keys()
+        self.data = self._loader(self.train_keys, shuffle=True)
+        self.eval_keys = sorted(config.eval_keys) if config.eval_keys else self.train_keys[:8]
+        self._loader(self.eval_keys, shuffle=False)  # unknown eval keys fail here, not at the first evaluation
         self.step = 0  # optimiser steps taken (skipped ones included)
         self.skipped_steps = 0  # steps skipped by the NaN/inf guard
         self.elapsed_s = 0.0  # training time over all sessions of this run
@@ -196,10 +180,10 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self._batch_stream: Iterator[dict[str, torch.Tensor]] | None = None
 
-    def _loader(self, source, *, shuffle: bool) -> Loader:
+    def _loader(self, keys: Sequence[str], *, shuffle: bool) -> Loader:
         config = self.config
         return Loader(
-            source,
+            self.store,
             config.crop_size,
             config.batch_size,
             shuffle=shuffle,
@@ -209,6 +193,7 @@ class Trainer:
             world_size=self.world_size,
             device=self.device,
             max_msa_rows=config.max_msa_rows,
+            keys=keys,
         )
 
     # ------------------------------------------------------------------ data
@@ -327,7 +312,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics (``megafold.train.metrics.evaluate``) of the EMA model on the eval entries,
         cropped as in training, the same crops every time; logged to ``eval.csv``."""
-        loader = self._loader(self.eval_source, shuffle=False)
+        loader = self._loader(self.eval_keys, shuffle=False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(EVAL_SEED)
             result = evaluate(self.ema.module, loader, steps=self.config.eval_sampler_steps)

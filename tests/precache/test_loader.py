@@ -98,3 +98,19 @@ def test_cuda_prefetch_delivers_batches_on_the_gpu(built_store):
         assert all(t.is_cuda for t in batch.values())
         torch.cuda.synchronize()
     assert data.stats()["batches"] == 2
+
+
+def test_keys_pick_a_subset_of_the_store(built_store):
+    from megafold.errors import CacheError
+
+    path = built_store[0]
+    store = open_store(path)
+    subset = store.keys()[:2][::-1]
+    data = loader(path, crop_size=4096, batch_size=1, shuffle=False, workers=0, keys=subset)
+    batches = list(data)
+    assert len(data) == len(batches) == 2
+    for key, batch in zip(sorted(subset), batches):
+        restype = store.load(key)["restype"]
+        assert torch.equal(batch["restype"][0], torch.from_numpy(restype)), key
+    with pytest.raises(CacheError, match=r"no entries \['nope'\]"):
+        loader(path, crop_size=32, batch_size=1, workers=0, keys=[subset[0], "nope"])

@@ -28,5 +28,5 @@ def test_small_trains_in_bf16_with_triton_kernels(train_config, tmp_path):
     resumed.fit()
     assert resumed.step == 7 and math.isfinite(resumed.history[-1]["loss"])
 
-    prediction = predict(trainer.ema.module, trainer.eval_source.load("1ubq"), tmp_path, steps=20, samples=2)
+    prediction = predict(trainer.ema.module, trainer.store.load("1ubq"), tmp_path, steps=20, samples=2)
     assert prediction.plddt.shape[0] == prediction.coords.shape[0] and torch.isfinite(torch.from_numpy(prediction.pae)).all()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megafold.errors import ConfigError
+from megafold.errors import CacheError, ConfigError
 from megafold.train import TrainConfig, Trainer, learning_rate, load_metrics
 from megafold.train.trainer import ema_update
 
@@ -203,3 +203,10 @@ def test_bad_train_configs_say_what_is_wrong():
     with pytest.raises(ConfigError, match="max_minutes"):
         TrainConfig(store="x", max_minutes=-1)
     assert TrainConfig.from_dict(TrainConfig(store="x", keys=("a", "b")).to_dict()).keys == ("a", "b")
+
+
+def test_unknown_train_or_eval_keys_fail_at_construction(tiny_config, train_config):
+    with pytest.raises(CacheError, match=r"no entries \['nope'\]"):
+        Trainer(tiny_config, train_config(keys=("1znf", "nope")))
+    with pytest.raises(CacheError, match=r"no entries \['nope'\]"):
+        Trainer(tiny_config, train_config(keys=("1znf",), eval_keys=("nope",)))
