@@ -14,7 +14,6 @@ alone, and one that kills its worker again is skipped.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import multiprocessing
@@ -29,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from megafold.errors import CacheError, StructureError
+from megafold.arguments import OneLineParser, one_line, positive_int
+from megafold.errors import CacheError, ConfigError, MegafoldError, StructureError
 from megafold.precache.store import PIPELINE_VERSION, SCHEMA_VERSION, Store, create_store, verify_entry, write_entry
 
 STRUCTURE_SUFFIXES = (".cif", ".mmcif", ".pdb", ".ent")
@@ -77,14 +77,17 @@ def _is_structure_file(path: Path) -> bool:
 
 
 def find_sources(sources: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus structure files (also .gz/.bz2) inside named directories."""
+    """Files named directly, plus structure files (also .gz/.bz2) inside named directories.
+    A named path that does not exist raises ``CacheError``."""
     found: list[Path] = []
     for source in sources:
         source = Path(source)
         if source.is_dir():
             found += sorted(p for p in source.iterdir() if _is_structure_file(p))
-        else:
+        elif source.exists():
             found.append(source)
+        else:
+            raise CacheError(f"{source}: no such file or directory")
     return found
 
 
@@ -113,13 +116,21 @@ def build(
     from megafold.data.msa import default_sequence_db
 
     started = time.perf_counter()
+    if workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers}")
     seq_db = Path(seq_db) if seq_db is not None else default_sequence_db()
     if search and not seq_db.is_file():
         raise CacheError(f"{seq_db}: sequence database not found")
+    paths = find_sources(sources)  # before the store exists: a typo leaves nothing behind
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CacheError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"{out}: cannot create the store directory ({exc.strerror or exc})") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CacheError(f"{out}: not writable")
     report = BuildReport()
     settings = {
         "out": str(out),
@@ -131,7 +142,7 @@ def build(
     with _build_lock(out):
         create_store(out)
         _remove_stale_temporaries(out)
-        tasks = _plan(find_sources(sources), out, settings, report, force=force)
+        tasks = _plan(paths, out, settings, report, force=force)
         todo = [t for t in tasks if t.key not in report.reused]
         if todo:
             _preload_ccd()
@@ -386,15 +397,16 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     """``megafold precache SRC... --out STORE [--seq-db FASTA] [--workers K] ...``.
 
     Returns the process exit code: 0 when every source was built or unchanged, 1 when
-    some were skipped (listed with the reason), 2 on a usage or store error.
+    some were skipped (listed with the reason), 2 on a usage or store error (one line on
+    stderr, as every ``megafold`` command reports them).
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="megafold precache", description="Precompute AF3 features of structure files into a zarr store."
     )
     parser.add_argument("sources", nargs="+", help="mmCIF/PDB files (optionally gzipped) or directories of them")
     parser.add_argument("--out", required=True, help="the store directory (created if missing)")
     parser.add_argument("--seq-db", default=None, help="FASTA to search MSAs in (default: shipped UniProt subset)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     parser.add_argument("--msa-dir", default=None, help="precomputed MSAs: MSA_DIR/KEY/CHAIN.a3m; searches land here")
     parser.add_argument("--no-search", action="store_true", help="no MSA search: chains without files get the query only")
     parser.add_argument("--no-templates", action="store_true", help="leave every template slot empty")
@@ -413,8 +425,8 @@ def build_main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             progress=not args.quiet,
         )
-    except CacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except MegafoldError as exc:
+        print(f"megafold: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(report)
     return 1 if report.skipped else 0

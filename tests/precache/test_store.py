@@ -202,3 +202,43 @@ def test_one_builder_per_store(tmp_path, sources):
             build([sources / "1znf.cif.gz"], path, search=False, progress=False)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_source", "megafold: error: {tmp}/missing.cif: no such file or directory"),
+        ("out_under_a_file", "megafold: error: {tmp}/file/store: cannot create the store directory (Not a directory)"),
+        ("workers_zero", "megafold precache: error: argument --workers: expected a positive integer, got 0"),
+        ("workers_word", "megafold precache: error: argument --workers: expected a positive integer, got 'two'"),
+        ("no_sources", "megafold precache: error: the following arguments are required: sources"),
+    ],
+)
+def test_cli_user_errors_are_one_line_with_status_2(case, message, tmp_path, sources, capsys):
+    from megafold.cli import main
+
+    (tmp_path / "file").write_text("x")
+    source, out = str(sources / "1znf.cif.gz"), str(tmp_path / "store")
+    argv = {
+        "missing_source": [str(tmp_path / "missing.cif"), "--out", out],
+        "out_under_a_file": [source, "--out", str(tmp_path / "file" / "store")],
+        "workers_zero": [source, "--out", out, "--workers", "0"],
+        "workers_word": [source, "--out", out, "--workers", "two"],
+        "no_sources": ["--out", out],
+    }[case]
+    try:
+        status = main(["precache", *argv, "--no-search", "--quiet"])
+    except SystemExit as exit:  # argparse
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == message.format(tmp=tmp_path) + "\n"
+    assert not (tmp_path / "store").exists()  # nothing was created
+
+
+def test_build_rejects_zero_workers(tmp_path, sources):
+    from megafold.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers must be a positive integer, got 0"):
+        build([sources / "1znf.cif.gz"], tmp_path / "store", workers=0, search=False, progress=False)
+    assert not (tmp_path / "store").exists()
