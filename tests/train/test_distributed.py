@@ -208,12 +208,12 @@ def test_two_ranks_equal_one_process_with_the_global_batch_and_resume_on_one(tmp
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # per-rank streams
 
     # Resume on 1 process with the global batch: the same next samples as the 1-process run.
+    reference.train_step()  # first: a model built later would draw from the reference's noise
     resumed = Trainer(model_config(), train_config(out, batch_size=2, steps=3))
     resumed.resume()
     assert resumed.step == 2 and resumed.data.position == 2
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, rank0["step2"][name]), name
-    reference.train_step()  # before the resumed run's noise replaces the reference's
     PerExampleNoise(resumed, offset=0).install(monkeypatch)
     resumed.fit()
     assert resumed.data.state_dict() == reference.data.state_dict()
