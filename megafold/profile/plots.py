@@ -176,7 +176,11 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
     if "fits" in ds and "crop" in ds["fits"].dims:  # one longest_crop() search
         label = str(ds.attrs.get("label", "search"))
         ds = ds.rename({name: f"crop_{name}" for name in ("fits", "peak_mib", "step_ms", "outcome")})
-        ds = ds.expand_dims(config=[label]).assign(longest_crop=("config", [ds.attrs.get("longest_crop", 0)]))
+        budget = ds.attrs.get("memory_budget_mib")
+        ds = ds.expand_dims(config=[label]).assign(
+            longest_crop=("config", [ds.attrs.get("longest_crop", 0)]),
+            longest_budget_mib=("config", [budget if isinstance(budget, (int, float)) else np.nan]),
+        )
     if "crop_peak_mib" not in ds:
         raise ValueError("longest_crop_figure needs a longest_crop() result or compare(..., longest=True)")
     fig = go.Figure()

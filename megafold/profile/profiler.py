@@ -966,40 +966,51 @@ _PER_CONFIG_ATTRS = ("label", "kernels", "compile", "checkpoint", "dtype", "crop
 
 
 def combine(results: Mapping[str, "xr.Dataset"], searches: Mapping[str, "xr.Dataset"] | None = None) -> "xr.Dataset":
-    """Profiles (and longest-crop searches) keyed by label -> one Dataset along ``config``."""
+    """Profiles and longest-crop searches keyed by label -> one Dataset along ``config``
+    (either may be empty; a label without a search gets longest_stopped_by "not searched")."""
     import xarray as xr
 
-    labels = list(results)
-    parts = []
-    for label in labels:
-        ds = results[label]
-        per_config = {name: ds.attrs[name] for name in _PER_CONFIG_ATTRS if name in ds.attrs}
-        ds = ds.assign_attrs({k: v for k, v in ds.attrs.items() if k not in per_config})
-        parts.append(ds.expand_dims(config=[label]).assign_coords({
-            name: ("config", [value]) for name, value in per_config.items() if name != "label"
-        }))  # fmt: skip
-    longest_samples = max(ds.sizes["sample"] for ds in parts)
-    parts = [_pad(ds, "sample", np.arange(longest_samples)) for ds in parts]
-    combined = xr.concat(parts, dim="config", combine_attrs="drop_conflicts", join="outer")
+    searches = searches or {}
+    labels = list(results) or list(searches)
+    combined = xr.Dataset()
+    if results:
+        parts = []
+        for label in labels:
+            ds = results[label]
+            per_config = {name: ds.attrs[name] for name in _PER_CONFIG_ATTRS if name in ds.attrs}
+            ds = ds.assign_attrs({k: v for k, v in ds.attrs.items() if k not in per_config})
+            parts.append(ds.expand_dims(config=[label]).assign_coords({
+                name: ("config", [value]) for name, value in per_config.items() if name != "label"
+            }))  # fmt: skip
+        longest_samples = max(ds.sizes["sample"] for ds in parts)
+        parts = [_pad(ds, "sample", np.arange(longest_samples)) for ds in parts]
+        combined = xr.concat(parts, dim="config", combine_attrs="drop_conflicts", join="outer")
     if searches:
         crops = np.array(sorted({int(c) for s in searches.values() for c in s.crop.values}), dtype=np.int64)
+        not_searched = xr.Dataset(
+            {
+                "fits": ("crop", np.zeros(0, bool)), "peak_mib": ("crop", np.zeros(0)),
+                "step_ms": ("crop", np.zeros(0)), "outcome": ("crop", np.zeros(0, dtype=str)),
+            },
+            coords={"crop": np.zeros(0, np.int64)},
+            attrs={"stopped_by": "not searched"},
+        )  # fmt: skip
         sweep = []
         for label in labels:
-            search = searches.get(label)
-            if search is None:
-                search = xr.Dataset(coords={"crop": np.array([], dtype=np.int64)})
-            names = [name for name in _SEARCH_VARIABLES if name in search]
+            search = searches.get(label, not_searched)
             sweep.append(
-                _pad(search[names], "crop", crops)
-                .rename({name: f"crop_{name}" for name in names})
+                _pad(search[list(_SEARCH_VARIABLES)], "crop", crops)
+                .rename({name: f"crop_{name}" for name in _SEARCH_VARIABLES})
                 .expand_dims(config=[label])
                 .assign(
                     longest_crop=("config", [search.attrs.get("longest_crop", 0)]),
-                    longest_stopped_by=("config", [search.attrs.get("stopped_by", "not searched")]),
+                    longest_stopped_by=("config", [search.attrs["stopped_by"]]),
                     longest_budget_mib=("config", [_budget(search)]),
                 )
             )
-        combined = xr.merge([combined, xr.concat(sweep, dim="config")], combine_attrs="override")
+        per_search = {*_PER_CONFIG_ATTRS, "longest_crop", "stopped_by", "memory_budget_mib", "search"}
+        attrs = combined.attrs or {k: v for k, v in next(iter(searches.values())).attrs.items() if k not in per_search}
+        combined = xr.merge([combined, xr.concat(sweep, dim="config")], combine_attrs="override").assign_attrs(attrs)
     return combined
 
 
