@@ -123,11 +123,16 @@ def bond_loss(x: torch.Tensor, x_true: torch.Tensor, pairs: torch.Tensor) -> tor
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the True entries of ``mask`` (0 if none)."""
+    """Cross-entropy averaged over the True entries of ``mask`` of each example, then over the
+    examples that have any (0 if none). Per-example means keep an example's weight independent
+    of its size and of which examples share its batch (or data-parallel rank)."""
     with fp32(logits.device):
         ce = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
-        maskf = mask.float()
-        return (ce * maskf).sum() / maskf.sum().clamp(min=1)
+        maskf = mask.float().flatten(1)
+        count = maskf.sum(1)
+        per_example = (ce.flatten(1) * maskf).sum(1) / count.clamp(min=1)
+        present = (count > 0).float()
+        return (per_example * present).sum() / present.sum().clamp(min=1)
 
 
 def distogram_loss(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -185,3 +185,19 @@ def test_bond_loss_on_a_ligand(make_batch):
     d = float((x_true[0, m[0]] - x_true[0, l[0]]).norm())
     loss = float(bond_loss(stretched[:, None], x_true, pairs))
     assert loss >= (0.5 * d) ** 2 / len(pairs) - 1e-6
+
+
+def test_cross_entropy_weighs_examples_equally_whatever_their_size():
+    from megafold.model.losses import masked_cross_entropy
+
+    logits = torch.randn(2, 10, 5)
+    target = torch.randint(0, 5, (2, 10))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :2] = True  # a small example
+    mask[1, :9] = True  # a large one
+    alone = [masked_cross_entropy(logits[i:i + 1], target[i:i + 1], mask[i:i + 1]) for i in range(2)]
+    together = masked_cross_entropy(logits, target, mask)
+    assert torch.allclose(together, (alone[0] + alone[1]) / 2)
+    empty = torch.zeros_like(mask)
+    empty[0] = mask[0]  # an example with no valid entry does not dilute the other
+    assert torch.allclose(masked_cross_entropy(logits, target, empty), alone[0])
