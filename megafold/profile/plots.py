@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megafold.profile.profiler import MODULES, OTHER, PHASES, STAGES
+from megafold.profile.profiler import MODULES, OTHER, PHASES, SEARCH_DIM, STAGES
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -175,7 +175,7 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
 
     if "fits" in ds and "crop" in ds["fits"].dims:  # one longest_crop() search
         label = str(ds.attrs.get("label", "search"))
-        ds = ds.rename({name: f"crop_{name}" for name in ("fits", "peak_mib", "step_ms", "outcome")})
+        ds = ds.rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in ("fits", "peak_mib", "step_ms", "outcome")}})
         budget = ds.attrs.get("memory_budget_mib")
         ds = ds.expand_dims(config=[label]).assign(
             longest_crop=("config", [ds.attrs.get("longest_crop", 0)]),
@@ -186,7 +186,7 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
     fig = go.Figure()
     for config in ds.config.values:
         one = ds.sel(config=config)
-        crops = one.crop.values
+        crops = one[SEARCH_DIM].values
         tried = one["crop_outcome"].values.astype(str) != ""
         fits = one["crop_fits"].values.astype(bool)
         peak = one["crop_peak_mib"].values

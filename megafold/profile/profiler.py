@@ -940,7 +940,7 @@ def compare(
 
     ``longest=True`` also runs ``longest_crop`` for each (options in ``longest_options``) and
     adds longest_crop / longest_stopped_by / longest_budget_mib ``[config]`` and crop_fits / crop_peak_mib /
-    crop_step_ms ``[config, crop]``. ``on_result(label, partial)`` is called after each
+    crop_step_ms / crop_outcome ``[config, search_crop]``. ``on_result(label, partial)`` is called after each
     config with the results so far (a dashboard draws them as they arrive). Per-config
     settings (kernels, compile, checkpoint, dtype, crop) become coordinates along ``config``.
     """
@@ -962,6 +962,9 @@ def compare(
 
 
 _SEARCH_VARIABLES = ("fits", "peak_mib", "step_ms", "outcome")
+# A comparison keeps each profile's crop as the coordinate "crop" along config; the crops a
+# search tried get their own dimension.
+SEARCH_DIM = "search_crop"
 _PER_CONFIG_ATTRS = ("label", "kernels", "compile", "checkpoint", "dtype", "crop", "config_json", "parameters")
 
 
@@ -1000,7 +1003,7 @@ def combine(results: Mapping[str, "xr.Dataset"], searches: Mapping[str, "xr.Data
             search = searches.get(label, not_searched)
             sweep.append(
                 _pad(search[list(_SEARCH_VARIABLES)], "crop", crops)
-                .rename({name: f"crop_{name}" for name in _SEARCH_VARIABLES})
+                .rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in _SEARCH_VARIABLES}})
                 .expand_dims(config=[label])
                 .assign(
                     longest_crop=("config", [search.attrs.get("longest_crop", 0)]),

@@ -288,7 +288,8 @@ def test_compare_runs_torch_and_triton_side_by_side(quick_config):
 def test_zarr_round_trip(quick_config, tmp_path):
     ds = compare({"eager": quick_config, "checkpointed": quick_config.replace(checkpoint=True)}, crop=8,
                  warmup=0, longest=True, longest_options={"start": 8, "step": 8, "max_crop": 16}, **SMALL)  # fmt: skip
-    assert ds.sizes["config"] == 2 and list(ds.crop.values) == [8, 16]
+    assert ds.sizes["config"] == 2 and list(ds.search_crop.values) == [8, 16]
+    assert list(ds["crop"].values) == [8, 8]
     assert set(ds["timeline_module"].dims) == {"config", "sample"}
     assert (ds["longest_crop"].values == 16).all()
     path = save(ds, tmp_path / "profile.zarr")

@@ -39,7 +39,8 @@ def test_dashboard_runs_and_redraws(tmp_path):
     assert "done" in dash.status.value and "(run 1)" in dash.status.value
     assert list(result.config.values) == ["torch"] and int(result["crop"].values[0]) == 12
     assert float(result["time_ms"].sel(phase="recompute").sum()) > 0  # checkpointing was on
-    assert list(result.crop_fits.crop.values) == [12, 24]  # the CPU search steps by the crop
+    assert list(result.search_crop.values) == [12, 24]  # the CPU search steps by the crop
+    assert list(result["crop"].values) == [12]  # the profiled crop, per config
     assert set(dash.figures) == {"modules", "step", "memory", "longest"}
     assert "3Dmol" in dash.input_view.html()
     dash.save_path.value = str(tmp_path / "dash.zarr")
