@@ -20,36 +20,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from megafold.arguments import OneLineParser, one_line, positive_float, positive_int
 from megafold.errors import ConfigError, MegafoldError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (status 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def _device_default() -> str:
@@ -83,15 +57,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/train", help="run directory (checkpoint.pt, metrics.csv/.zarr)")
     parser.add_argument("--preset", default=None, help='model preset: "tiny", "small" or "paper" (default: tiny on the CPU, small on a GPU)')
     parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"), help="kernels backend (default auto)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps in all (default 1000; on --resume the run's)")
-    parser.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
-    parser.add_argument("--crop", type=_positive_int, default=384, help="crop size in tokens (default 384)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
-    parser.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
-    parser.add_argument("--lr", type=_positive_float, default=1.8e-3, help="peak learning rate (AF3: 1.8e-3)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimiser steps in all (default 1000; on --resume the run's)")
+    parser.add_argument("--minutes", type=positive_float, default=None, help="stop after this many minutes")
+    parser.add_argument("--crop", type=positive_int, default=384, help="crop size in tokens (default 384)")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
+    parser.add_argument("--lr", type=positive_float, default=1.8e-3, help="peak learning rate (AF3: 1.8e-3)")
     parser.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps (AF3: 1000)")
-    parser.add_argument("--decay-every", type=_positive_int, default=50_000, help="x0.95 every this many steps (AF3: 50k)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    parser.add_argument("--decay-every", type=positive_int, default=50_000, help="x0.95 every this many steps (AF3: 50k)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=500)
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every N steps (0: never)")
     parser.add_argument("--keys", nargs="+", default=None, help="train on these store entries only")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
@@ -133,6 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         trainer.resume(checkpoint)
     trainer.fit()
+    from megafold.train.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
     last = trainer.history[-1] if trainer.history else {}
     print(
         f"trained to step {trainer.step} ({trainer.skipped_steps} skipped), loss {last.get('loss', float('nan')):.3f}; "
@@ -240,18 +218,18 @@ def cmd_precache(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="megafold", description="Fast, memory-lean AlphaFold3-style training.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser = OneLineParser(prog="megafold", description="Fast, memory-lean AlphaFold3-style training.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     quick = commands.add_parser("quickstart", help="precache, train, predict, profile and write an HTML report")
     quick.add_argument("--data", default="cached_data", help="the shipped data (structures/, msas/)")
     quick.add_argument("--out", default="outputs/quickstart", help="output directory (report.html)")
-    quick.add_argument("--minutes", type=_positive_float, default=2.0, help="training time (default 2)")
-    quick.add_argument("--steps", type=_positive_int, default=None, help="stop training after this many steps")
-    quick.add_argument("--crop", type=_positive_int, default=None, help="crop size (default 48 on the CPU, 256 on a GPU)")
-    quick.add_argument("--predict-steps", type=_positive_int, default=None, help="sampler steps of the prediction")
+    quick.add_argument("--minutes", type=positive_float, default=2.0, help="training time (default 2)")
+    quick.add_argument("--steps", type=positive_int, default=None, help="stop training after this many steps")
+    quick.add_argument("--crop", type=positive_int, default=None, help="crop size (default 48 on the CPU, 256 on a GPU)")
+    quick.add_argument("--predict-steps", type=positive_int, default=None, help="sampler steps of the prediction")
     quick.add_argument("--no-profile", action="store_true", help="skip the torch vs triton step profile")
-    quick.add_argument("--workers", type=_positive_int, default=2, help="precache processes (default 2)")
+    quick.add_argument("--workers", type=positive_int, default=2, help="precache processes (default 2)")
 
     commands.add_parser("precache", help="precompute features into a zarr store (megafold precache -h)", add_help=False)
 
@@ -262,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", nargs="+", help="mmCIF / PDB files")
     pred.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     pred.add_argument("--out", default="outputs/predictions")
-    pred.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
-    pred.add_argument("--samples", type=_positive_int, default=None, help="samples per input (default: the model's)")
+    pred.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the model's)")
+    pred.add_argument("--samples", type=positive_int, default=None, help="samples per input (default: the model's)")
     pred.add_argument("--msa-dir", default=None, help="MSAs: MSA_DIR/KEY/CHAIN.a3m (default: the query alone)")
     pred.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     pred.add_argument("--seed", type=int, default=0)
@@ -271,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = commands.add_parser("profile", help="time and memory per AF3 module, kernels compared")
     prof.add_argument("--preset", default=None, help="model preset (default: tiny on the CPU, small on a GPU)")
-    prof.add_argument("--crop", type=_positive_int, default=None, help="tokens (default 32 on the CPU, 384 on a GPU)")
+    prof.add_argument("--crop", type=positive_int, default=None, help="tokens (default 32 on the CPU, 384 on a GPU)")
     prof.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=("torch", "triton", "compile"))
-    prof.add_argument("--steps", type=_positive_int, default=1)
+    prof.add_argument("--steps", type=positive_int, default=1)
     prof.add_argument("--forward-only", action="store_true")
     prof.add_argument("--device", default=None)
     prof.add_argument("--out", default=None, help="save the results (zarr)")
@@ -290,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except MegafoldError as exc:
-        print(f"megafold: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"megafold: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("megafold: interrupted", file=sys.stderr)
