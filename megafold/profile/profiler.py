@@ -576,7 +576,8 @@ class _Session:
         self.memory.__enter__()
         try:
             torch.manual_seed(self.seed)
-            self.model = AlphaFold3(self.variant.config).to(self.device).train()
+            with torch.device(self.device):  # initialise on the device: seconds faster for "paper"
+                self.model = AlphaFold3(self.variant.config).train()
             if self.variant.compile:
                 _compile_blocks(self.model, self.variant.compile)
             self.optimizer = torch.optim.Adam(self.model.parameters(), **ADAM) if self.backward else None

@@ -145,6 +145,7 @@ def jupyterlab(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_dashboard_in_jupyterlab(jupyterlab, tmp_path):
     chromium = _chromium()
     if chromium is None:

@@ -15,8 +15,6 @@ REQUIRED = {
     "tutorials": ("01_evoattention", "02_precache", "03_training", "04_profiling", "05_visualization"),
 }
 NOTEBOOKS = sorted(path for folder in REQUIRED for path in (REPO / folder).glob("*.ipynb"))
-# Over 30 s on 2 CPU cores: these run Triton kernels in the interpreter or train.
-SLOW = {"profiling_dashboard", "03_training"}
 
 
 def _id(path: Path) -> str:
@@ -24,7 +22,7 @@ def _id(path: Path) -> str:
 
 
 def _params():
-    return [pytest.param(path, id=_id(path), marks=[pytest.mark.slow] if path.stem in SLOW else []) for path in NOTEBOOKS]
+    return [pytest.param(path, id=_id(path)) for path in NOTEBOOKS]
 
 
 def test_every_notebook_is_there_as_a_pair():
@@ -56,9 +54,11 @@ def test_paired_stripped_and_set_up_for_colab(notebook):
 def test_runs_headless_on_the_cpu(notebook, tmp_path):
     from nbclient import NotebookClient
 
+    from megafold.profile import describe_device
+
     nb = nbformat.read(notebook, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
     printed = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert "running on CPU" in printed or "running on" in printed
+    assert f"running on {describe_device()}" in printed

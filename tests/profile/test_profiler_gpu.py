@@ -1,0 +1,68 @@
+"""megafold.profile on a GPU: real sizes, bf16, CUDA events, a real out-of-memory, and the
+dashboard's target ("paper" at crop 384, torch vs triton with their longest crops, in under
+two minutes)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megafold.model import preset
+from megafold.profile import compare, longest_crop, profile_step, variants
+
+pytestmark = pytest.mark.gpu
+
+
+def test_paper_step_on_the_gpu():
+    ds = profile_step(preset("paper"), crop=256, steps=1, warmup=1)
+    assert ds.attrs["timing"].startswith("CUDA events") and torch.cuda.get_device_name() in ds.attrs["device"]
+    time_ms, step_ms = ds["time_ms"], float(ds["step_ms"].mean())
+    assert np.isfinite(time_ms).all() and float(time_ms.sum()) <= step_ms
+    # "paper" checkpoints every pair block: their modules are recomputed in backward.
+    assert float(time_ms.sel(module="TriangleAttention", phase="recompute")) > 0
+    assert int(ds["calls"].sel(module="TriangleAttention", phase="forward")) == 2 * (48 + 4 + 2 + 4)
+    weights_gib = ds.attrs["parameters"] * 4 / 2**30
+    peaks = ds["stage_peak_mib"] / 1024
+    assert float(peaks.sel(stage="optimizer")) >= 3.9 * weights_gib  # weights, grads, Adam moments
+    assert float(peaks.max()) < ds.attrs["device_memory_mib"] / 1024
+
+
+def test_torch_and_triton_compute_the_same_step():
+    ds = compare(variants(preset("paper"), ("torch", "triton")), crop=128, warmup=0)
+    losses = ds["loss"].sel(step=0).values
+    assert np.isfinite(losses).all() and losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16
+    for phase in ("forward", "backward"):
+        assert (ds["time_ms"].sel(module="TriangleAttention", phase=phase) > 0).all()
+
+
+def test_longest_crop_recovers_from_a_real_out_of_memory():
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, 6 * 2**30 / total)  # a ~6 GiB card: "small" runs out within a few steps
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        search = longest_crop(preset("small", checkpoint=False), start=256, step=256, max_crop=8192)
+        assert search.attrs["stopped_by"] == "out of memory"
+        assert search.attrs["longest_crop"] >= 256 and search["outcome"].values[-1] == "out of memory"
+        # Everything of the failed step was freed: a new step at the longest crop runs.
+        assert torch.cuda.memory_allocated(device) < 2**28
+        again = profile_step(preset("small", checkpoint=False), crop=int(search.attrs["longest_crop"]), warmup=0)
+        assert np.isfinite(again["step_ms"]).all()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+@pytest.mark.slow
+def test_dashboard_target_paper_at_384_within_two_minutes():
+    from megafold.profile.widgets import DashboardSettings, run_profile
+
+    began = time.perf_counter()
+    ds = run_profile(DashboardSettings.for_device("cuda"))
+    seconds = time.perf_counter() - began
+    assert list(ds.config.values) == ["torch", "triton"]
+    assert (ds["longest_crop"] >= 384).all()
+    print(f"dashboard run: {seconds:.1f} s; longest crops {dict(zip(ds.config.values, ds['longest_crop'].values))}")
+    assert seconds < 120
