@@ -128,9 +128,8 @@ CPU_SEARCH = {"start": 16, "step": 16, "max_crop": 64}
 GPU_SEARCH = {"start": 128, "step": 128, "max_crop": 8192}
 MIB = 2**20
 
-_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
-)
+# torch.OutOfMemoryError (torch >= 2.5) is torch.cuda.OutOfMemoryError under a newer name.
+_OOM_ERROR: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # --------------------------------------------------------------------------- setup
@@ -226,12 +225,13 @@ class _Clock:
     """Marks on the device timeline: CUDA events on a GPU, perf_counter on the CPU."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 
@@ -270,6 +270,12 @@ class _LiveTensors(TorchDispatchMode):
     def _free(self, key: int) -> None:
         with self._lock:
             self.bytes -= self.live.pop(key, 0)
+
+    def take_peak(self) -> int:
+        """The peak in bytes since the previous call (which restarts it at the current count)."""
+        with self._lock:
+            peak, self.peak = self.peak, self.bytes
+        return peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -318,9 +324,7 @@ class _Memory:
             peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return peak / MIB
-        with self._live._lock:
-            peak, self._live.peak = self._live.peak, self._live.bytes
-        return peak / MIB
+        return self._live.take_peak() / MIB
 
 
 # --------------------------------------------------------------------------- timeline
@@ -365,8 +369,8 @@ _PROBE_LEAF = torch.zeros((), requires_grad=True)
 
 
 def _next_sequence_nr() -> int:
-    """The autograd sequence number the next node created on this thread will get (nearly:
-    the probe's own node takes one number, which only shifts the boundary by one)."""
+    """The sequence number the next autograd node created on this thread will get (a probe
+    node takes the one before it)."""
     with torch.enable_grad():
         return (_PROBE_LEAF * 1.0).grad_fn._sequence_nr() + 1
 
@@ -387,8 +391,8 @@ class _Tracer:
     """Owns the timeline's current owner: module hooks in forward (and recompute), node
     pre-hooks in backward. See the module docstring."""
 
-    def __init__(self, model: nn.Module, timeline: _Timeline, traced: bool):
-        self.timeline = timeline
+    def __init__(self, model: nn.Module, traced: bool):
+        self.timeline: _Timeline | None = None  # set by begin()
         self.stack: list[Owner] = []
         self.base: Owner = _STAGE_OWNERS["data"]
         self.in_backward = False
@@ -594,7 +598,7 @@ class _Session:
 
     def step(self, batches: Iterator[Batch], tracer: _Tracer | None = None) -> _StepRecord:
         timeline = _Timeline(self.clock, self.memory)
-        tracer = tracer or _Tracer(self.model, timeline, traced=False)
+        tracer = tracer or _Tracer(self.model, traced=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         tracer.begin(timeline)
@@ -800,7 +804,7 @@ def profile_step(
     with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
         for _ in range(warmup):
             session.step(source)
-        tracer = _Tracer(session.model, _Timeline(session.clock, session.memory), traced=modules)
+        tracer = _Tracer(session.model, traced=modules)
         try:
             records = [session.step(source, tracer) for _ in range(steps)]
         finally:
@@ -918,7 +922,7 @@ def _attempt(session: _Session, crop: int, msa_rows: int, atoms_per_token: int, 
     try:
         source = _synthetic_batches(crop, session.device, msa_rows, atoms_per_token, seed)
         record = session.step(source)
-    except _OOM_ERRORS:
+    except _OOM_ERROR:
         pass  # the traceback (and the tensors its frames hold) is released on leaving this block
     source = None
     if session.optimizer is not None:

@@ -80,7 +80,7 @@ def test_time_is_exclusive_per_module_in_forward_and_backward(quick_config):
     with profiler._Session(Variant(quick_config), torch.device("cpu"), backward=True, n_cycles=1, seed=0) as session:
         session.model = model = _ToyModel()
         session.optimizer = torch.optim.Adam(session.model.parameters())
-        tracer = profiler._Tracer(session.model, profiler._Timeline(session.clock, session.memory), traced=True)
+        tracer = profiler._Tracer(session.model, traced=True)
         batches = iter([{"x": torch.randn(4)}])
         record = session.step(batches, tracer)
         tracer.detach()
@@ -255,7 +255,7 @@ def test_longest_crop_recovers_from_out_of_memory(quick_config, monkeypatch):
     def loss_or_oom(model, batch, n_cycles=None):
         sessions.append(model)
         if batch["token_mask"].shape[1] >= 16:
-            raise profiler._OOM_ERRORS[0]("CUDA out of memory (simulated)")
+            raise profiler._OOM_ERROR("CUDA out of memory (simulated)")
         return original(model, batch, n_cycles)
 
     monkeypatch.setattr(profiler.AlphaFold3, "training_loss", loss_or_oom)
