@@ -56,9 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", default=defaults.quick, help="one block per stack")
     parser.add_argument("--no-longest", action="store_true", help="skip the longest-crop search")
     parser.add_argument("--max-crop", type=int, default=defaults.max_crop)
-    parser.add_argument("--time-budget", type=float, default=defaults.time_budget_s, help="seconds per variant for the search")
+    parser.add_argument(
+        "--time-budget", type=float, default=defaults.time_budget_s, help="seconds per variant for the search"
+    )
     parser.add_argument("--data", choices=("synthetic", "store"), default="synthetic")
-    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results); files go to <root>/<gpu-name>/")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results root (default benchmarks/results), files in <root>/<gpu>/"
+    )
     return parser.parse_args(argv)
 
 
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"{device}: {settings}")
     began = time.perf_counter()
-    ds = run_profile(settings, on_status=lambda text: print(f"[{time.perf_counter() - began:6.1f} s] {text}", flush=True))
+    ds = run_profile(settings, on_status=lambda text: print(f"[{time.perf_counter() - began:6.1f} s] {text}"))
     seconds = time.perf_counter() - began
 
     rows = _rows(ds, settings)

@@ -30,14 +30,14 @@ STAGE_COLORS = {"data": "#8c564b", "forward": "#1f77b4", "backward": "#ff7f0e", 
 MAX_TIMELINE_POINTS = 4000
 
 
-def as_comparison(ds: "xr.Dataset") -> "xr.Dataset":
+def as_comparison(ds: xr.Dataset) -> xr.Dataset:
     """A single profile as a comparison of one config (its label)."""
     if "config" in ds.dims:
         return ds
     return ds.expand_dims(config=[str(ds.attrs.get("label", "profile"))])
 
 
-def _title(text: str, ds: "xr.Dataset", with_crop: bool = True) -> str:
+def _title(text: str, ds: xr.Dataset, with_crop: bool = True) -> str:
     """``text`` over a line naming the crop and the device."""
     details = []
     if with_crop and "crop" in ds.coords and ds["crop"].ndim <= 1:
@@ -47,7 +47,7 @@ def _title(text: str, ds: "xr.Dataset", with_crop: bool = True) -> str:
     return f"{text}<br><sup>{', '.join(details)}</sup>" if details else text
 
 
-def module_time_figure(ds: "xr.Dataset") -> "go.Figure":
+def module_time_figure(ds: xr.Dataset) -> go.Figure:
     """Stacked bars of exclusive time per AF3 module (ms per step), one bar per config and
     phase (forward, backward, recompute); phases without time are left out."""
     import plotly.graph_objects as go
@@ -85,7 +85,7 @@ def _thin(ends: np.ndarray, peaks: np.ndarray, labels: np.ndarray) -> tuple[np.n
     return ends[keep], peaks[keep], labels[keep]
 
 
-def memory_timeline_figure(ds: "xr.Dataset") -> "go.Figure":
+def memory_timeline_figure(ds: xr.Dataset) -> go.Figure:
     """Memory over one step, one line per config: the peak of each timeline segment (MiB)
     against the time the segment ends (ms); hover names the module and phase."""
     import plotly.graph_objects as go
@@ -117,7 +117,7 @@ def memory_timeline_figure(ds: "xr.Dataset") -> "go.Figure":
     return fig
 
 
-def step_figure(ds: "xr.Dataset", baseline: str | None = None) -> "go.Figure":
+def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
     """Step time by stage (stacked, with the speedup over ``baseline``, default "torch" when
     present) and peak memory by stage, one bar per config."""
     import plotly.graph_objects as go
@@ -167,7 +167,7 @@ def step_figure(ds: "xr.Dataset", baseline: str | None = None) -> "go.Figure":
     return fig
 
 
-def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
+def longest_crop_figure(ds: xr.Dataset) -> go.Figure:
     """Peak memory against crop size for each config, up to the crop that no longer fits
     (marked x), with each config's longest crop in the legend. Takes a ``longest_crop``
     Dataset or a comparison made with ``longest=True``."""
@@ -175,7 +175,8 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
 
     if "fits" in ds and "crop" in ds["fits"].dims:  # one longest_crop() search
         label = str(ds.attrs.get("label", "search"))
-        ds = ds.rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in ("fits", "peak_mib", "step_ms", "outcome")}})
+        variables = ("fits", "peak_mib", "step_ms", "outcome")
+        ds = ds.rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in variables}})
         budget = ds.attrs.get("memory_budget_mib")
         ds = ds.expand_dims(config=[label]).assign(
             longest_crop=("config", [ds.attrs.get("longest_crop", 0)]),
@@ -222,7 +223,7 @@ def longest_crop_figure(ds: "xr.Dataset") -> "go.Figure":
     return fig
 
 
-def figures(ds: "xr.Dataset") -> dict[str, "go.Figure"]:
+def figures(ds: xr.Dataset) -> dict[str, go.Figure]:
     """Every figure that applies to ``ds``: modules, memory, step and (with a search) longest."""
     out = {"modules": module_time_figure(ds), "memory": memory_timeline_figure(ds), "step": step_figure(ds)}
     if "crop_peak_mib" in ds:

@@ -62,9 +62,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -303,7 +304,7 @@ class _Memory:
         )
         self._live = None if self.cuda else _LiveTensors()
 
-    def __enter__(self) -> "_Memory":
+    def __enter__(self) -> _Memory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -576,7 +577,7 @@ class _Session:
         self.optimizer: torch.optim.Optimizer | None = None
         self.parameters = 0
 
-    def __enter__(self) -> "_Session":
+    def __enter__(self) -> _Session:
         self.memory.__enter__()
         try:
             torch.manual_seed(self.seed)
@@ -625,6 +626,7 @@ class _Session:
             self.clock.durations_ms(timeline.marks), timeline.owners, timeline.allocated, timeline.peaks,
             dict(tracer.entries), loss_value,
         )
+
 
 def _free_memory(device: torch.device) -> None:
     gc.collect()
@@ -706,7 +708,7 @@ def _base_attrs(device: torch.device) -> dict[str, Any]:
 
 def _profile_dataset(
     records: Sequence[_StepRecord], session: _Session, traced_modules: set[str], attrs: dict[str, Any]
-) -> "xr.Dataset":
+) -> xr.Dataset:
     import xarray as xr
 
     tables = [_step_tables(record) for record in records]
@@ -729,13 +731,13 @@ def _profile_dataset(
         {
             "time_ms": (dims["module"], time_ms, {"doc": "exclusive time per step (mean over steps)", "units": "ms"}),
             "calls": (dims["module"], calls, {"doc": "entries per step (backward: stretches of its autograd nodes)"}),
-            "peak_mib": (dims["module"], peak, {"doc": "peak memory while the module owned the timeline", "units": "MiB"}),
+            "peak_mib": (dims["module"], peak, {"doc": "peak while the module owned the timeline", "units": "MiB"}),
             "part_time_ms": (dims["part"], mean("part_time_ms"), {"doc": "time per top-level part", "units": "ms"}),
             "stage_ms": (("step", "stage"), np.stack([t["stage_ms"] for t in tables]), {"units": "ms"}),
             "step_ms": (("step",), np.stack([t["stage_ms"].sum() for t in tables]), {"units": "ms"}),
             "stage_peak_mib": (("stage",), np.max([t["stage_peak_mib"] for t in tables], axis=0), {"units": "MiB"}),
             "loss": (("step",), np.array([r.loss for r in records])),
-            "timeline_ms": (("sample",), ends, {"doc": "end of each segment since the step began (last step)", "units": "ms"}),
+            "timeline_ms": (("sample",), ends, {"doc": "end of each segment since the last step began", "units": "ms"}),
             "timeline_mib": (("sample",), allocated, {"doc": "allocated at the segment's end", "units": "MiB"}),
             "timeline_peak_mib": (("sample",), segment_peaks, {"doc": "peak within the segment", "units": "MiB"}),
             "timeline_module": (("sample",), np.array([o[0] for o in owners], dtype=str)),
@@ -771,7 +773,7 @@ def profile_step(
     atoms_per_token: int = 8,
     seed: int = 0,
     label: str = "",
-) -> "xr.Dataset":
+) -> xr.Dataset:
     """Profile ``steps`` training steps of ``config`` (a preset name, a config or a Variant)
     after ``warmup`` unmeasured ones (Triton compiles and autotunes, Adam allocates its state).
 
@@ -843,7 +845,7 @@ def longest_crop(
     atoms_per_token: int = 8,
     seed: int = 0,
     label: str = "",
-) -> "xr.Dataset":
+) -> xr.Dataset:
     """The longest crop (tokens) whose training step fits, found by stepping up from ``start``
     by ``step`` until a step runs out of memory.
 
@@ -937,9 +939,9 @@ def compare(
     crop: int | None = None,
     longest: bool = False,
     longest_options: Mapping[str, Any] | None = None,
-    on_result: Callable[[str, "xr.Dataset"], None] | None = None,
+    on_result: Callable[[str, xr.Dataset], None] | None = None,
     **profile_options: Any,
-) -> "xr.Dataset":
+) -> xr.Dataset:
     """``profile_step`` for each labelled config (e.g. ``variants(preset("paper"))``), at the
     same crop and batches, side by side along a new ``config`` dimension.
 
@@ -973,7 +975,7 @@ SEARCH_DIM = "search_crop"
 _PER_CONFIG_ATTRS = ("label", "kernels", "compile", "checkpoint", "dtype", "crop", "config_json", "parameters")
 
 
-def combine(results: Mapping[str, "xr.Dataset"], searches: Mapping[str, "xr.Dataset"] | None = None) -> "xr.Dataset":
+def combine(results: Mapping[str, xr.Dataset], searches: Mapping[str, xr.Dataset] | None = None) -> xr.Dataset:
     """Profiles and longest-crop searches keyed by label -> one Dataset along ``config``
     (either may be empty; a label without a search gets longest_stopped_by "not searched")."""
     import xarray as xr
@@ -1022,12 +1024,12 @@ def combine(results: Mapping[str, "xr.Dataset"], searches: Mapping[str, "xr.Data
     return combined
 
 
-def _budget(search: "xr.Dataset") -> float:
+def _budget(search: xr.Dataset) -> float:
     budget = search.attrs.get("memory_budget_mib")
     return float(budget) if isinstance(budget, (int, float)) else np.nan
 
 
-def _pad(ds: "xr.Dataset", dim: str, index: np.ndarray) -> "xr.Dataset":
+def _pad(ds: xr.Dataset, dim: str, index: np.ndarray) -> xr.Dataset:
     """Reindex ``dim`` to ``index``, filling with NaN, "" or False by dtype."""
     fill = {}
     for name, var in ds.data_vars.items():
@@ -1039,7 +1041,7 @@ def _pad(ds: "xr.Dataset", dim: str, index: np.ndarray) -> "xr.Dataset":
     return ds.reindex({dim: index}, fill_value=fill)
 
 
-def summary(ds: "xr.Dataset") -> Any:
+def summary(ds: xr.Dataset) -> Any:
     """Time per AF3 module (ms per step) as a pandas DataFrame, largest first, modules that
     took no time left out: one column per config (forward + backward + recompute) for a
     comparison, one per phase plus "total" for a single profile."""
@@ -1055,7 +1057,7 @@ def summary(ds: "xr.Dataset") -> Any:
 # --------------------------------------------------------------------------- zarr
 
 
-def save(ds: "xr.Dataset", path: str | os.PathLike) -> Path:
+def save(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to a zarr store at ``path`` atomically (a temporary store renamed into
     place; an existing store at ``path`` is replaced). Strings are stored as variable-length
     UTF-8 (a zarr v3 data type with a specification)."""
@@ -1081,7 +1083,7 @@ def save(ds: "xr.Dataset", path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> "xr.Dataset":
+def load(path: str | os.PathLike) -> xr.Dataset:
     """A profile saved with ``save``, loaded into memory (strings back as numpy str)."""
     import xarray as xr
 

@@ -17,9 +17,10 @@ import dataclasses
 import html
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class DashboardSettings:
     device: str | None = None
 
     @classmethod
-    def for_device(cls, device: str | torch.device | None = None, **overrides: Any) -> "DashboardSettings":
+    def for_device(cls, device: str | torch.device | None = None, **overrides: Any) -> DashboardSettings:
         if (torch.device(device) if device is not None else resolve_device()).type == "cuda":
             base = cls(preset="paper", crop=384)
         else:
@@ -124,9 +125,9 @@ def _store_batches(crop: int, device: torch.device) -> Iterable[Batch]:
 
 def run_profile(
     settings: DashboardSettings,
-    on_result: Callable[[str, "xr.Dataset"], None] | None = None,
+    on_result: Callable[[str, xr.Dataset], None] | None = None,
     on_status: Callable[[str], None] | None = None,
-) -> "xr.Dataset":
+) -> xr.Dataset:
     """Profile every kernel variant of ``settings`` (then search their longest crops), calling
     ``on_result(label, results so far)`` after each and ``on_status(text)`` before each."""
     device = resolve_device(settings.device)
@@ -238,7 +239,10 @@ class Dashboard:
         self.structure = w.Output(layout=w.Layout(width="440px"))
         self.table = w.Output(layout=w.Layout(width="auto", overflow="auto"))
         self.log = w.Output()
-        header = w.HTML(f"<h3 style='margin:4px 0'>megafold profiling dashboard</h3><i>{html.escape(describe_device(self.device))}</i>")
+        header = w.HTML(
+            "<h3 style='margin:4px 0'>megafold profiling dashboard</h3>"
+            f"<i>{html.escape(describe_device(self.device))}</i>"
+        )
         self.widget = w.VBox([
             header,
             w.HBox([self.preset, self.crop, self.dtype, self.data]),
@@ -275,7 +279,7 @@ class Dashboard:
             data=self.data.value,
         )
 
-    def run(self) -> "xr.Dataset | None":
+    def run(self) -> xr.Dataset | None:
         """Profile with the current settings, drawing as results arrive; returns the Dataset
         (also ``self.result``), or None if the run failed (the error is shown)."""
         settings = self.settings()
@@ -298,12 +302,13 @@ class Dashboard:
         self.runs += 1
         self.save_button.disabled = False
         steps = ", ".join(
-            f"{label} {float(ms):.0f} ms" for label, ms in zip(self.result.config.values, self.result.step_ms.mean("step").values)
+            f"{label} {float(ms):.0f} ms"
+            for label, ms in zip(self.result.config.values, self.result.step_ms.mean("step").values)
         )  # fmt: skip
         self._set_status(f"<b>done</b> (run {self.runs}) in {time.perf_counter() - began:.1f} s: {steps}")
         return self.result
 
-    def draw(self, ds: "xr.Dataset") -> None:
+    def draw(self, ds: xr.Dataset) -> None:
         """Redraw every figure that ``ds`` has data for."""
         from IPython.display import HTML, display
 
@@ -316,7 +321,8 @@ class Dashboard:
         with self.table:
             self.table.clear_output(wait=True)
             table = _summary_table(ds)
-            display(HTML("<b>Exclusive time per module (ms per step)</b>" + table.to_html(float_format="{:.1f}".format)))
+            caption = "<b>Exclusive time per module (ms per step)</b>"
+            display(HTML(caption + table.to_html(float_format="{:.1f}".format)))
 
     def save(self) -> Path | None:
         from megafold.profile import save
@@ -346,7 +352,7 @@ class Dashboard:
         self.status.value = f"<span style='color:{color}'>{text if not error else html.escape(text)}</span>"
 
 
-def _summary_table(ds: "xr.Dataset"):
+def _summary_table(ds: xr.Dataset):
     """Time per module (ms) per config plus the step totals, for display."""
     from megafold.profile.profiler import summary
 

@@ -161,7 +161,8 @@ def test_dashboard_in_jupyterlab(jupyterlab, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_context(viewport={"width": 1400, "height": 2000}).new_page()
-            page.on("request", lambda r: remote.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
+            local = (url, "data:", "blob:")
+            page.on("request", lambda r: remote.append(r.url) if not r.url.startswith(local) else None)
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=90_000)
@@ -169,7 +170,7 @@ def test_dashboard_in_jupyterlab(jupyterlab, tmp_path):
             _run_all_cells(page)
 
             # The first run: the notebook's dash.run() cell.
-            page.wait_for_function("document.body.textContent.includes('(run 1)')", timeout=int(os.environ.get("T1", "240000")))
+            page.wait_for_function("document.body.textContent.includes('(run 1)')", timeout=240_000)
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
             page.wait_for_selector(".megafold-structure canvas", timeout=60_000)
             assert page.locator(".js-plotly-plot").count() >= 3  # modules, step, memory

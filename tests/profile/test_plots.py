@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megafold.profile import MODULES, STAGES, combine, longest_crop, profile_step
-from megafold.profile import plots
+from megafold.profile import MODULES, STAGES, combine, longest_crop, plots, profile_step
 
 SMALL = {"msa_rows": 4, "atoms_per_token": 4}
 
@@ -30,6 +29,10 @@ def profiles():
 @pytest.fixture
 def comparison(profiles):
     return profiles[0]
+
+
+def _without_search(ds):
+    return ds.drop_vars([name for name in ds.data_vars if name.startswith(("crop_", "longest_"))])
 
 
 def test_module_time_figure_stacks_af3_modules_per_config_and_phase(comparison):
@@ -76,11 +79,11 @@ def test_longest_crop_figure(profiles):
     assert [t.name for t in single.data] == ["torch: longest 16"]
     assert list(single.data[0].y) == list(searches["torch"]["peak_mib"].values)
     with pytest.raises(ValueError, match="longest_crop"):
-        plots.longest_crop_figure(comparison.drop_vars([v for v in comparison.data_vars if v.startswith(("crop_", "longest_"))]))
+        plots.longest_crop_figure(_without_search(comparison))
 
 
 def test_figures_of_a_single_profile(comparison):
-    one = comparison.sel(config="torch").drop_vars([v for v in comparison.data_vars if v.startswith(("crop_", "longest_"))])
+    one = _without_search(comparison).sel(config="torch")
     figures = plots.figures(one.drop_vars("config"))
     assert set(figures) == {"modules", "memory", "step"}
     assert set(plots.figures(comparison)) == {"modules", "memory", "step", "longest"}

@@ -15,7 +15,6 @@ import megafold.profile.profiler as profiler
 from megafold.errors import ConfigError
 from megafold.model import preset
 from megafold.profile import (
-    AF3_MODULES,
     MODULES,
     PHASES,
     STAGES,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from megafold.profile import load
 from megafold.profile.widgets import QUICK_OVERRIDES, Dashboard, DashboardSettings, example_view, run_profile
 
@@ -23,7 +21,8 @@ def test_settings_build_the_config():
     quick = DashboardSettings(preset="tiny", crop=8, quick=True, dtype="bf16", checkpoint=True).config()
     assert quick.pair_bf16_checkpoint and quick.bf16
     assert all(getattr(quick, name) == value for name, value in QUICK_OVERRIDES.items())
-    assert list(DashboardSettings(preset="tiny", crop=8, kernels=("torch", "compile")).variants()) == ["torch", "compile"]
+    both = DashboardSettings(preset="tiny", crop=8, kernels=("torch", "compile")).variants()
+    assert list(both) == ["torch", "compile"] and both["compile"].compile is True
 
 
 def test_dashboard_runs_and_redraws(tmp_path):
