@@ -67,7 +67,7 @@ def entry_row(key: str) -> dict:
         "key": key,
         "method": meta.get("method", ""),
         "resolution (A)": meta.get("resolution"),
-        "chains": " ".join(f"{c['chain_id']}:{c['kind']}" for c in chains),
+        "chains": " ".join(f"{c['auth_chain_id']}:{c['kind']}" for c in chains),  # author chain ids
         "tokens": sum(c.get("tokens", 0) for c in chains),
         "max MSA depth": max((c.get("msa_depth", 0) for c in chains), default=0),
         "templates": sum(len(c.get("templates", [])) for c in chains),
@@ -93,10 +93,12 @@ def msa_depth_figure(example: dict, key: str) -> go.Figure:
     present = example["msa_mask"] & (example["msa"] != MSA_GAP)
     depth = present.sum(0)
     chains = example["asym_id"]
+    names = [f"{c['auth_chain_id']} ({c['kind']})" for c in store.attrs(key)["metadata"]["chains"]]  # asym_id order
     fig = go.Figure()
     for chain in np.unique(chains):
         tokens = np.flatnonzero(chains == chain)
-        fig.add_trace(go.Scatter(x=tokens, y=depth[tokens], mode="lines", name=f"chain {chain}"))
+        name = names[chain - 1] if chain - 1 < len(names) else str(chain)
+        fig.add_trace(go.Scatter(x=tokens, y=depth[tokens], mode="lines", name=f"chain {name}"))
     fig.update_layout(
         title=f"{key}: MSA depth ({example['msa'].shape[0]} rows)", xaxis_title="token",
         yaxis_title="rows with a residue", height=320, plot_bgcolor="white",
@@ -117,7 +119,7 @@ def show(key: str) -> None:
 # %%
 import ipywidgets as widgets
 
-choice = widgets.Dropdown(options=list(entries.index), value="2q2k", description="entry")
+choice = widgets.Dropdown(options=list(entries.index), value="1y57", description="entry")
 view = widgets.interactive_output(show, {"key": choice})
 display(choice, view)
 

@@ -106,7 +106,8 @@ view
 true_rep, labels = viz.representative_atoms(truth)
 mock_rep, _ = viz.representative_atoms(prediction)
 distance = lambda x: np.linalg.norm(x[:, None] - x[None, :], axis=-1)  # noqa: E731
-viz.pae_figure(np.abs(distance(mock_rep) - distance(true_rep)), chain_ids=[label.split(":")[0] for label in labels])
+chains = [label.split(":")[0] for label in labels]  # labels: "A:LYS48:CB"
+viz.pae_figure(np.abs(distance(mock_rep) - distance(true_rep)), chain_ids=chains)
 
 # %% [markdown]
 # `distogram_figure` takes logits or probabilities over AF3's 64 distance bins (2-22 Å) and
