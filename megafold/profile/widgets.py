@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from megafold.errors import CacheError
 from megafold.model import PRESETS, AlphaFold3Config, preset, synthetic_batch
 from megafold.profile import plots
 from megafold.profile.profiler import (
@@ -119,7 +120,7 @@ def _store_batches(crop: int, device: torch.device) -> Iterable[Batch]:
 
     store = find_store()
     if store is None:
-        raise FileNotFoundError("no cached_data/store.zarr found next to the package or the working directory")
+        raise CacheError("cached_data/store.zarr: not found next to the package or the working directory")
     return loader(open_store(store), crop, 1, workers=0 if device.type == "cpu" else 2, device=device)
 
 
