@@ -10,9 +10,7 @@ the UniProt headers) and the unpaired rest is stacked densely, as in AF3.
 from __future__ import annotations
 
 import gzip
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from megafold.files import atomic_open
 
 MAX_MSA_ROWS = 16_384
 JACKHMMER_OPTIONS = dict(max_iterations=1, E=1e-4, incE=1e-4, F1=5e-4, F2=5e-5, F3=5e-7)
@@ -181,12 +181,8 @@ def _text(value) -> str:
 
 def write_a3m(msa: Msa, path: str | Path) -> None:
     """Write ``msa`` as a3m atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_open(path, "w") as handle:
         handle.write(msa.to_a3m())
-    os.replace(tmp, path)
 
 
 def find_msa_file(msa_dir: str | Path, key: str, auth_chain_id: str) -> list[Path]:

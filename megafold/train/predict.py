@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +25,7 @@ import torch
 from megafold.data.features import batch_to, collate
 from megafold.errors import StructureError
 from megafold.train.metrics import structure_metrics
+from megafold.files import atomic_open
 
 PDB_CHAIN_LETTERS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 
@@ -239,13 +239,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_atomically(path: Path, data: bytes) -> Path:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
     return path

@@ -49,6 +49,7 @@ from megafold.precache.store import open_store
 from megafold.train import distributed
 from megafold.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from megafold.train.metrics import evaluate
+from megafold.files import atomic_open
 
 CHECKPOINT_NAME = "checkpoint.pt"
 EVAL_SEED = 1234  # evaluation samples with its own generator: the training stream is untouched
@@ -438,12 +439,10 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 def _rewrite_csv(path: Path, rows: Sequence[Mapping[str, float]], columns: Sequence[str] | None = None) -> None:
     columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(temporary, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, restval="nan")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def _truncate_csv(path: Path, last_step: int) -> list[dict[str, float]]:
