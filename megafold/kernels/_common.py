@@ -107,10 +107,47 @@ def autotune_enabled() -> bool:
     return not interpreter_active() and os.environ.get("MEGAFOLD_AUTOTUNE", "1") != "0"
 
 
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
 def packaged_tuning_path(device: torch.device) -> Path:
     """Choices tuned on a known GPU and shipped with the package (read when the local cache misses)."""
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in device_name(device))
-    return Path(__file__).resolve().parent / "tuned" / f"{name}.json"
+    return TUNED_DIR / f"{name}.json"
+
+
+def device_capability(device: torch.device) -> list[int] | None:
+    if device.type != "cuda":
+        return None
+    return list(torch.cuda.get_device_capability(device))
+
+
+def packaged_choices(device: torch.device) -> dict[str, dict]:
+    """The shipped choices for this GPU, keyed as ``pick_config`` keys them.
+
+    A GPU with no file of its own borrows those of a shipped GPU of the same architecture
+    (same compute capability: an H100 uses the H200's, which has the same SMs and shared
+    memory), re-keyed to this device's name. The file's ``_capability`` entry says which.
+    """
+    own = _read_disk_cache(packaged_tuning_path(device))
+    if own:
+        return {k: v for k, v in own.items() if not k.startswith("_")}
+    capability = device_capability(device)
+    if capability is None:
+        return {}
+    name = device_name(device)
+    for path in sorted(TUNED_DIR.glob("*.json")):
+        data = _read_disk_cache(path)
+        if data.get("_capability") != capability:
+            continue
+        borrowed = {}
+        for key, value in data.items():
+            if key.startswith("_"):
+                continue
+            op, shape, _other = json.loads(key)
+            borrowed[json.dumps([op, shape, name])] = value
+        return borrowed
+    return {}
 
 
 def autotune_cache_path() -> Path:
@@ -158,7 +195,7 @@ def pick_config(
     cache_key = json.dumps([op, list(key), device_name(device)])
     with _cache_lock:
         if not _memory_cache:
-            _memory_cache.update(_read_disk_cache(packaged_tuning_path(device)))
+            _memory_cache.update(packaged_choices(device))
             _memory_cache.update(_read_disk_cache(autotune_cache_path()))
         hit = _memory_cache.get(cache_key)
     if hit is not None:

@@ -35,6 +35,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
     monkeypatch.setattr(_common, "_memory_cache", {})
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
+    monkeypatch.setattr(_common, "device_capability", lambda device: None)
     return torch.device("cuda")
 
 
@@ -92,3 +93,23 @@ def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
     with pytest.raises(RuntimeError, match="illegal memory"):
         run_tuned("op", (8,), fake_gpu, [], {"BLOCK": 32},
                   lambda config: (_ for _ in ()).throw(RuntimeError("illegal memory access")))
+
+
+def test_a_gpu_without_its_own_file_borrows_one_of_the_same_architecture(fake_gpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(_common, "TUNED_DIR", tmp_path)
+    shipped = {
+        "_capability": [9, 0],
+        json.dumps(["op", [5], "Other GPU 141GB"]): {"BLOCK": 64},
+    }
+    (tmp_path / "Other_GPU_141GB.json").write_text(json.dumps(shipped))
+
+    def bench(config):
+        raise AssertionError("no tuning when it is off")
+
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}]
+    for capability, expected in (([8, 0], {"BLOCK": 32}), ([9, 0], {"BLOCK": 64})):
+        monkeypatch.setattr(_common, "device_capability", lambda device, c=capability: c)
+        _common._memory_cache.clear()
+        assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == expected
+    _common._memory_cache.clear()
