@@ -10,12 +10,18 @@ distogram accuracy are averaged over them. Evaluation time is not training time.
 Writes ``benchmarks/results/<gpu>/<date>-learning_curve.json`` (rows: one per evaluation;
 config: the command, the subset, the model and training configs) and prints the curve.
 ``--quick`` is a CPU smoke test ("tiny", seconds, 2 entries), written under outputs/.
+
+A run can be split over several processes (a job with a wall-clock limit per command):
+``--wall-budget M`` saves a checkpoint and the curve so far in ``--out`` and stops after the
+first evaluation that ends past M minutes of wall time; the same command with ``--resume``
+continues where it stopped, exactly (the trainer's resume), until ``--minutes`` of training.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shlex
 import sys
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import ROOT, environment, print_table, write_json  # noqa: E402
 
+from megafold.files import atomic_open  # noqa: E402
 from megafold.model import preset  # noqa: E402
 from megafold.train import TrainConfig, Trainer  # noqa: E402
 
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "learning_curve"), help="run directory (checkpoint, metrics)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny, 2 entries, a few steps")
+    parser.add_argument("--wall-budget", type=float, default=None,
+                        help="minutes of wall time after which to checkpoint and stop (continue with --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -72,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     trainer = Trainer(model_config, config)  # eval_every=0: evaluations on the clock below
 
-    rows = []
+    rows, wall_before = [], 0.0
+    curve_path = Path(args.out) / "curve.json"
+    if args.resume:
+        trainer.resume()
+        saved = json.loads(curve_path.read_text())
+        rows, wall_before = saved["rows"], saved["wall_s"]
+        print(f"resumed at step {trainer.step}, {trainer.elapsed_s / 60:.2f} training minutes, {len(rows)} evaluations")
     started = time.perf_counter()
-    for chunk in range(math.ceil(minutes / eval_every - 1e-9)):
+    chunks = math.ceil(minutes / eval_every - 1e-9)
+    for chunk in range(len(rows), chunks):
         trainer.config = trainer.config.replace(max_minutes=min(eval_every, minutes - chunk * eval_every))
         trainer.fit()
         evaluation_started = time.perf_counter()
@@ -88,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             "eval_s": round(time.perf_counter() - evaluation_started, 1),
         })  # fmt: skip
         print_table(rows[-1:], list(rows[-1]))
+        wall_minutes = (time.perf_counter() - started) / 60
+        if args.wall_budget is not None and wall_minutes >= args.wall_budget and chunk + 1 < chunks:
+            trainer.save()
+            with atomic_open(curve_path, "w") as handle:
+                json.dump({"rows": rows, "wall_s": wall_before + 60 * wall_minutes}, handle)
+            print(f"paused after {wall_minutes:.1f} wall minutes at step {trainer.step}: run again with --resume")
+            return 0
 
     final = rows[-1]["ca_lddt"]
     env = environment()
@@ -99,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join(["python", "benchmarks/learning_curve.py", *(sys.argv[1:] if argv is None else argv)]),
             "subset": list(keys),
             "train_minutes": minutes,
-            "wall_minutes": round((time.perf_counter() - started) / 60, 2),
+            "wall_minutes": round((wall_before + time.perf_counter() - started) / 60, 2),
+            "processes": "resumed" if args.resume else "one",
             "target_ca_lddt": TARGET_CA_LDDT,
             "final_ca_lddt": final,
             "reached_target": final >= TARGET_CA_LDDT,

@@ -1,12 +1,19 @@
-"""Whole-model benchmark: one AlphaFold3 "paper" training step (trunk with 1 recycle, the
-48-sample diffusion batch, every loss including the confidence mini-rollout).
+"""Whole-model benchmark: one AlphaFold3 training step ("paper" by default: trunk with 1
+recycle, the 48-sample diffusion batch, every loss including the confidence mini-rollout).
 
-    python benchmarks/train_step.py [--crop 384] [--kernels torch,triton,compile] [--store cached_data/store.zarr]
+    python benchmarks/train_step.py [--preset paper] [--crop 384] [--kernels torch,triton,compile]
+                                    [--source store|onthefly|synthetic] [--longest]
 
-Batches come from the shipped precache through the prefetching loader (crop 384; entries
-shorter than the crop are padded), so the data-wait share is the real one; ``--synthetic``
-uses a synthetic batch of exactly ``--crop`` tokens instead. Step time is the median over
-``--steps`` steps after one warm-up step; peak memory is the allocator's peak above the weights.
+Batches come from the shipped precache through the prefetching loader (entries shorter than
+the crop are padded), so the data-wait share is the real one. ``--source onthefly`` feeds the
+same loader from the shipped mmCIF files instead, parsing and searching MSAs and templates
+with pyhmmer for every sample (the pipeline without the cache, what the precache is measured
+against); ``--source synthetic`` uses a synthetic batch of exactly ``--crop`` tokens. Step time
+is the median over ``--steps`` steps after one warm-up step; peak memory is the allocator's
+peak above the weights. ``compile`` is torch.compile of the eager model's repeated blocks (as
+the profiler does it; compiling the whole loss takes longer and was no faster).
+``--longest`` adds, per kernels setting, the longest crop whose step fits (synthetic batches,
+stepping up by 128 from ``--crop`` until out of memory, within ``--longest-budget`` seconds).
 """
 
 from __future__ import annotations
@@ -25,18 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import ROOT, environment, is_oom, print_table, write_json  # noqa: E402
 
 from megafold.model import AlphaFold3, preset  # noqa: E402
+from megafold.profile.profiler import _compile_blocks, longest_crop, variants  # noqa: E402
 
 
 def batches(args, device):
-    if args.synthetic:
+    if args.source == "synthetic":
         from megafold.model.synthetic import synthetic_batch
 
         while True:
             yield synthetic_batch(args.crop, atoms_per_token=8, msa_rows=256, device=device), 0.0
-    from megafold.precache import loader, open_store
+    from megafold.precache import open_store
+    from megafold.precache.loader import Loader, OnTheFlySource
 
-    data = loader(open_store(args.store), crop_size=args.crop, batch_size=1, shuffle=True,
-                  workers=2, device=device)
+    if args.source == "onthefly":
+        source = OnTheFlySource([ROOT / "cached_data" / "structures"])
+    else:
+        source = open_store(args.store)
+    data = Loader(source, args.crop, 1, shuffle=True, workers=args.workers, device=device)
     while True:
         for batch in data:
             yield batch, data.stats()["wait_s"]
@@ -44,45 +56,71 @@ def batches(args, device):
 
 def run(kernels: str, args, device) -> dict:
     torch._dynamo.reset()
+    cuda = device.type == "cuda"  # else a CPU smoke run ("tiny"): no memory counters
     torch.cuda.empty_cache()
-    config = preset("paper", kernels="torch" if kernels == "compile" else kernels)
+    config = preset(args.preset, kernels="torch" if kernels == "compile" else kernels)
     model = AlphaFold3(config).to(device).train()
-    training_loss = torch.compile(model.training_loss) if kernels == "compile" else model.training_loss
+    if kernels == "compile":
+        _compile_blocks(model, True)
+    training_loss = model.training_loss
     source = batches(args, device)
     times, waits = [], []
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    base = torch.cuda.memory_allocated() if cuda else 0
     for i in range(args.steps + 1):
         batch, waited_total = next(source)  # the loader's cumulative wait for data, seconds
-        if i == 1:
+        if i == 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         loss, _terms = training_loss(batch, n_cycles=1)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if i > 0:  # the first step compiles and tunes
             times.append(time.perf_counter() - start)
         waits.append(waited_total)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
     step_s = statistics.median(times)
     wait_per_step = (waits[-1] - waits[1]) / max(1, len(waits) - 2)
-    return {"kernels": kernels, "crop": args.crop, "step_s": step_s, "peak_gib": peak,
-            "data_wait_frac": wait_per_step / (wait_per_step + step_s)}
+    row = {"kernels": kernels, "preset": args.preset, "crop": args.crop, "source": args.source,
+           "step_s": step_s, "peak_gib": peak, "data_wait_s": wait_per_step,
+           "data_wait_frac": wait_per_step / (wait_per_step + step_s)}
+    source.close()
+    del model, source
+    return row
+
+
+def longest(kernels: str, args, device) -> dict:
+    """The longest crop whose training step fits, for one kernels setting."""
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    variant = variants(preset(args.preset), (kernels,))[kernels]
+    found = longest_crop(variant, start=args.crop, step=128, max_crop=args.max_crop,
+                         time_budget_s=args.longest_budget, device=device)
+    return {"longest_N": int(found.attrs["longest_crop"]), "longest_stopped_by": str(found.attrs["stopped_by"])}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper")
     parser.add_argument("--crop", type=int, default=384)
     parser.add_argument("--kernels", default="torch,triton")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--store", default=str(ROOT / "cached_data" / "store.zarr"))
-    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--source", choices=("store", "onthefly", "synthetic"), default="store")
+    parser.add_argument("--synthetic", action="store_true", help="same as --source synthetic")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    parser.add_argument("--longest", action="store_true", help="also find the longest crop that fits")
+    parser.add_argument("--longest-budget", type=float, default=240.0, help="seconds per kernels setting")
+    parser.add_argument("--max-crop", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/train_step.py needs a GPU")
-    device = torch.device("cuda")
+    if args.synthetic:
+        args.source = "synthetic"
+    if not torch.cuda.is_available() and args.preset != "tiny":
+        sys.exit("benchmarks/train_step.py needs a GPU (on the CPU: --preset tiny, a smoke test)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}")
     rows = []
@@ -92,12 +130,21 @@ def main(argv=None):
         except Exception as error:
             row = {"kernels": kernels, "crop": args.crop,
                    "error": "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:300]}
+        if args.longest:
+            try:
+                row.update(longest(kernels, args, device))
+            except Exception as error:
+                row["longest_error"] = f"{type(error).__name__}: {error}"[:300]
         rows.append(row)
         print("  ", row, flush=True)
-    path = write_json("train_step", env, rows, {"preset": "paper", "crop": args.crop,
-                                                "recycles": 1, "synthetic": args.synthetic}, args.out)
+    name = "train_step" if args.source == "store" and args.preset == "paper" else f"train_step-{args.preset}-{args.source}"
+    path = write_json(name, env, rows, {"preset": args.preset, "crop": args.crop, "recycles": 1,
+                                        "source": args.source, "workers": args.workers,
+                                        "command": " ".join(["python", "benchmarks/train_step.py", *(argv or sys.argv[1:])])},
+                      args.out)
     print()
-    print_table(rows, ["kernels", "crop", "step_s", "peak_gib", "data_wait_frac", "error"])
+    print_table(rows, ["kernels", "preset", "crop", "source", "step_s", "peak_gib", "data_wait_frac",
+                       "longest_N", "error"])
     print(f"\nwrote {path}")
 
 

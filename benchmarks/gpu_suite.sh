@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks behind the committed results, in stages that each fit one
+# 10-minute command of the device tool (see benchmarks/NOTES.md). Run from the repo root:
+#
+#   OUT=/some/folder bash benchmarks/gpu_suite.sh STAGE
+#
+# Results (JSON) land in $OUT/<gpu-name>/, logs in $OUT/<stage>-*.log; the kernels' tuning
+# cache in $OUT/autotune.json. Each step has its own time limit so one hang cannot eat the rest.
+# Stages:
+#   tests     pytest -m gpu over the whole tree, then benchmarks/kernels.py --quick
+#   whole     benchmarks/trunk.py (eager, triton, cueq, compile at N=384, 768) and
+#             benchmarks/train_step.py (paper, crop 384, torch / triton / compile)
+#   dashboard benchmarks/dashboard_screenshot.py (paper, crop 384, torch vs triton, longest crops)
+#             and the longest crop of the trunk
+#   datawait  a "small" training step's wait for data: precache vs parsing + search on the fly
+#   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
+#             then `curve-resume` continues it on the same machine)
+set -uo pipefail
+stage=${1:?stage}
+OUT=${OUT:?set OUT}
+export PYTHONPATH=${PYTHONPATH:-.}:.
+export PYTHONUNBUFFERED=1 MEGAFOLD_CACHE_DIR=$OUT MEGAFOLD_AUTOTUNE=${MEGAFOLD_AUTOTUNE:-0}
+py=${PYTHON:-python3}
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s): $*"
+    local started=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT/$stage-$name.log" | tail -n 60
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+case $stage in
+tests)
+    # the GPU test files by name: other test modules import biotite, which the GPU image lacks;
+    # the dashboard's two-minute test is the `dashboard` stage's run
+    step pytest 300 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
+        tests/kernels tests/model/test_gpu.py tests/profile/test_profiler_gpu.py \
+        tests/precache/test_loader.py tests/train/test_gpu.py
+    step kernels 270 $py benchmarks/kernels.py --quick --out "$OUT"
+    ;;
+whole)
+    step trunk 330 $py benchmarks/trunk.py --ns 384,768 --stacks eager,triton,cueq,compile --out "$OUT"
+    step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton,compile --out "$OUT"
+    ;;
+dashboard)
+    step dashboard 200 $py benchmarks/dashboard_screenshot.py --out "$OUT"
+    (cd "$OUT" && tar czf dashboard.tgz --remove-files */*-dashboard.zarr 2>/dev/null)
+    step trunk_longest 330 $py benchmarks/trunk.py --ns 1024 --stacks triton,eager --longest \
+        --longest-stacks triton,eager --out "$OUT"
+    ;;
+datawait)
+    step store 120 $py benchmarks/train_step.py --preset small --kernels triton --steps 30 --source store --out "$OUT"
+    step onthefly 240 $py benchmarks/train_step.py --preset small --kernels triton --steps 30 --source onthefly \
+        --workers 12 --out "$OUT"
+    ;;
+curve)
+    step curve 560 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --wall-budget 6.5 --out outputs/curve
+    ;;
+curve-resume)
+    step curve 580 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
+    cp benchmarks/results/*/*learning_curve.json "$OUT"/ 2>/dev/null
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
