@@ -56,7 +56,7 @@ datawait)
         --workers 12 --out "$OUT"
     ;;
 curve)
-    step curve 560 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --wall-budget 6.5 --out outputs/curve
+    step curve 560 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --wall-budget 4.5 --out outputs/curve
     ;;
 curve-resume)
     step curve 580 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
