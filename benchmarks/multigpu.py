@@ -63,12 +63,13 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     from benchmarks._harness import environment, print_table, write_json
 
-    rows = []
+    rows, env = [], environment()
     for name in args.presets:
         single = None
         for gpus in sorted({1, args.gpus}):
@@ -79,8 +80,11 @@ def main(argv=None) -> None:
                 samples_per_s = json.loads(Path(result.name).read_text())["samples_per_s"]
             single = single or samples_per_s
             rows.append({"gpus": gpus, "preset": name, "samples_per_s": samples_per_s, "scaling": samples_per_s / single})
+            print(rows[-1], flush=True)
+            # written after every run, so a job stopped half way keeps what it measured
+            path = write_json("multigpu", env, rows, {"crop": args.crop, "steps": args.steps,
+                                                      "kernels": args.kernels, "recycles": 1}, args.out)
     print_table(rows, ["preset", "gpus", "samples_per_s", "scaling"])
-    path = write_json("multigpu", environment(), rows, {"crop": args.crop, "steps": args.steps, "kernels": args.kernels, "recycles": 1})
     print(f"wrote {path}")
 
 

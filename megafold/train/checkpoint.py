@@ -76,8 +76,21 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what ``rng_state`` returned."""
+    # A checkpoint loaded with map_location="cuda" has its RNG tensors on the GPU: the
+    # generators take CPU byte tensors.
+    state = {k: _to_cpu(v) for k, v in state.items()}
     python = state["python"]
     random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss_next"]))
     numpy = state["numpy"]

@@ -39,7 +39,7 @@ def test_torch_and_triton_compute_the_same_step():
 
 
 def test_longest_crop_recovers_from_a_real_out_of_memory():
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # set_per_process_memory_fraction wants an index
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = min(1.0, 6 * 2**30 / total)  # a ~6 GiB card: "small" runs out within a few steps
     torch.cuda.set_per_process_memory_fraction(fraction, device)

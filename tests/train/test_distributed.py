@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,7 @@ KEYS = ("1zfd", "1znf")  # cropped to 16 tokens each: the same token counts, dif
 # mean, another sample) gives O(1).
 GRAD_TOL = 1e-5
 UPDATE_TOL = 1e-3
+DEVICE_VARIABLE = "MEGAFOLD_DDP_TEST_DEVICE"  # "cuda": the same check with NCCL on 2 GPUs
 
 
 def model_config():
@@ -60,7 +62,8 @@ def train_config(out: Path, batch_size: int, steps: int):
 
     return TrainConfig(
         store=str(STORE), out=str(out), keys=KEYS, crop_size=16, batch_size=batch_size, steps=steps,
-        warmup_steps=2, lr=1e-3, checkpoint_every=1000, workers=0, max_msa_rows=16, device="cpu", progress=False,
+        warmup_steps=2, lr=1e-3, checkpoint_every=1000, workers=0, max_msa_rows=16, progress=False,
+        device=os.environ.get(DEVICE_VARIABLE, "cpu"),
     )  # fmt: skip
 
 
@@ -101,8 +104,15 @@ class PerExampleNoise:
         return self.draw(tuple(tensor.shape), device=tensor.device, dtype=tensor.dtype)
 
 
+def strict_fp32(trainer):
+    """The trainer turns TF32 on for CUDA; the tolerances here are fp32's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return trainer
+
+
 def weights(trainer) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    return {name: value.detach().cpu().clone() for name, value in trainer.model.state_dict().items()}
 
 
 def gradients(trainer) -> dict[str, torch.Tensor]:
@@ -111,7 +121,7 @@ def gradients(trainer) -> dict[str, torch.Tensor]:
     original = trainer.optimizer.step
 
     def step(*args, **kwargs):
-        kept.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+        kept.update({n: p.grad.detach().cpu().clone() for n, p in trainer.model.named_parameters()})
         trainer.optimizer.step = original
         return original(*args, **kwargs)
 
@@ -127,7 +137,7 @@ def worker(out: Path, dumps: Path) -> None:
     from megafold.train import Trainer
 
     torch.set_num_threads(1)
-    trainer = Trainer(model_config(), train_config(out, batch_size=1, steps=1))
+    trainer = strict_fp32(Trainer(model_config(), train_config(out, batch_size=1, steps=1)))
     PerExampleNoise(trainer, offset=trainer.rank).install()
     initial = weights(trainer)
     grads = gradients(trainer)
@@ -136,7 +146,7 @@ def worker(out: Path, dumps: Path) -> None:
     trainer.config = trainer.config.replace(steps=2)
     trainer.fit()
     dump["step2"] = weights(trainer)
-    dump["ema"] = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    dump["ema"] = {k: v.cpu().clone() for k, v in trainer.ema.state_dict().items()}
     dump["rows"] = trainer.history
     torch.save(dump, dumps / f"rank{trainer.rank}.pt")
 
@@ -173,16 +183,31 @@ def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict
 def test_two_ranks_equal_one_process_with_the_global_batch_and_resume_on_one(tmp_path, monkeypatch):
     """2 gloo ranks x batch 1 == 1 process x batch 2, step by step; rank 0 alone writes; the
     2-rank checkpoint resumes on 1 process at the same sample, continuing the 1-process run."""
+    monkeypatch.setenv(DEVICE_VARIABLE, "cpu")
+    check_ddp_against_one_process(tmp_path, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_equal_one_gpu_with_the_global_batch_and_resume_on_one(tmp_path, monkeypatch):
+    """The same on 2 GPUs (NCCL, NVLink multicast off) against 1 GPU, fp32 (TF32 off: the
+    tolerances are fp32's; GPU reductions add in another order, well inside them)."""
+    monkeypatch.setenv(DEVICE_VARIABLE, "cuda")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    check_ddp_against_one_process(tmp_path, monkeypatch)
+
+
+def check_ddp_against_one_process(tmp_path, monkeypatch):
     from megafold.train import Trainer
 
     out, dumps = torchrun(tmp_path, nproc=2)
-    rank0, rank1 = torch.load(dumps / "rank0.pt", weights_only=True), torch.load(dumps / "rank1.pt", weights_only=True)
+    rank0, rank1 = (torch.load(dumps / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in (0, 1))
 
-    reference = Trainer(model_config(), train_config(tmp_path / "reference", batch_size=2, steps=3))
+    reference = strict_fp32(Trainer(model_config(), train_config(tmp_path / "reference", batch_size=2, steps=3)))
     PerExampleNoise(reference, offset=0).install(monkeypatch)
     initial = weights(reference)
     for name, value in initial.items():  # the same initial weights (seeded before the model)
-        assert torch.equal(value, rank0["initial"][name]), name
+        assert torch.equal(value.cpu(), rank0["initial"][name]), name
     grads = gradients(reference)
     reference.train_step()
     after = {1: weights(reference)}
@@ -209,7 +234,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch_and_resume_on_one(tmp
 
     # Resume on 1 process with the global batch: the same next samples as the 1-process run.
     reference.train_step()  # first: a model built later would draw from the reference's noise
-    resumed = Trainer(model_config(), train_config(out, batch_size=2, steps=3))
+    resumed = strict_fp32(Trainer(model_config(), train_config(out, batch_size=2, steps=3)))
     resumed.resume()
     assert resumed.step == 2 and resumed.data.position == 2
     for name, value in resumed.model.state_dict().items():
