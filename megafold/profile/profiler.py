@@ -846,13 +846,20 @@ def longest_crop(
     seed: int = 0,
     label: str = "",
 ) -> xr.Dataset:
-    """The longest crop (tokens) whose training step fits, found by stepping up from ``start``
-    by ``step`` until a step runs out of memory.
+    """The longest crop (tokens, on the grid ``start + k * step``) whose training step fits.
 
-    On a GPU a step that raises ``torch.OutOfMemoryError`` ends the search; the profiler frees
-    the failed step (gradients, cached blocks) and returns normally. ``memory_budget_mib``
-    ends it at the first step whose peak exceeds the budget instead (to ask what fits a
-    smaller card). On the CPU nothing runs out of memory first: the search stops at
+    Where memory has a limit (a GPU's memory, or ``memory_budget_mib``) the search predicts
+    instead of walking: after two crops that fit it fits the measured peaks (``a + c N^2``,
+    then a quadratic in N from three points on) and jumps to the last grid crop predicted to
+    fit, then closes the bracket (the longest crop that fits, the next grid crop that does
+    not) by bisection. A search that would take ~15 steps of 128 tokens on an H100 takes ~5,
+    so it fits a dashboard's time budget. Without a limit (the CPU without a budget) it steps
+    up by ``step``.
+
+    On a GPU a step that raises ``torch.OutOfMemoryError`` counts as "does not fit"; the
+    profiler frees the failed step (gradients, cached blocks) and goes on. ``memory_budget_mib``
+    makes a step whose peak exceeds the budget count as "does not fit" instead (to ask what fits
+    a smaller card). On the CPU nothing runs out of memory first: the search stops at
     ``max_crop`` (default 64, steps of 16) or at the budget, measured as the process's
     resident memory above its size when the search began. ``time_budget_s`` stops before a
     crop that would start after that many seconds.
@@ -871,16 +878,29 @@ def longest_crop(
     max_crop = max_crop or defaults["max_crop"]
     if step < 1 or start < 1 or max_crop < start:
         raise ConfigError(f"longest_crop: need step >= 1 and 1 <= start <= max_crop, got {start}, {step}, {max_crop}")
-    crops, fits, peaks, times, outcomes = [], [], [], [], []
+    if memory_budget_mib is not None:
+        limit_mib = float(memory_budget_mib)
+    elif device.type == "cuda":  # what the allocator can hand out, less a little for fragmentation
+        limit_mib = 0.96 * torch.cuda.get_device_properties(device).total_memory / MIB
+    else:
+        limit_mib = None
+    last = start + (max_crop - start) // step * step  # the largest grid crop
+    tried: dict[int, tuple[bool, float, float, str]] = {}  # crop -> (fits, peak, ms, outcome)
     stopped_by = "max_crop"
     began = time.perf_counter()
     with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
-        for crop in range(start, max_crop + 1, step):
-            if time_budget_s is not None and crops and time.perf_counter() - began > time_budget_s:
+        while True:
+            crop = _next_crop(tried, start, step, last, limit_mib)
+            if crop is None:  # the bracket is closed, or max_crop fits
+                failed = [c for c, t in tried.items() if not t[0]]
+                if failed:
+                    outcome = tried[min(failed)][3]
+                    stopped_by = "out of memory" if outcome == "out of memory" else "memory budget"
+                break
+            if time_budget_s is not None and tried and time.perf_counter() - began > time_budget_s:
                 stopped_by = "time budget"
                 break
             record = _attempt(session, crop, msa_rows, atoms_per_token, seed)
-            crops.append(crop)
             if record is None:
                 outcome, peak, elapsed = "out of memory", np.nan, np.nan
             else:
@@ -888,13 +908,12 @@ def longest_crop(
                 elapsed = float(record.durations_ms.sum())
                 over = memory_budget_mib is not None and peak > memory_budget_mib
                 outcome = "over budget" if over else "fits"
-            fits.append(outcome == "fits")
-            peaks.append(peak)
-            times.append(elapsed)
-            outcomes.append(outcome)
-            if outcome != "fits":
-                stopped_by = "out of memory" if record is None else "memory budget"
-                break
+            tried[crop] = (outcome == "fits", peak, elapsed, outcome)
+    crops = sorted(tried)
+    fits = [tried[c][0] for c in crops]
+    peaks = [tried[c][1] for c in crops]
+    times = [tried[c][2] for c in crops]
+    outcomes = [tried[c][3] for c in crops]
     fitting = [c for c, ok in zip(crops, fits) if ok]
     return xr.Dataset(
         {
@@ -909,13 +928,63 @@ def longest_crop(
             "longest_crop": max(fitting) if fitting else 0,
             "stopped_by": stopped_by,
             "memory_budget_mib": memory_budget_mib if memory_budget_mib is not None else "none",
-            "search": f"start {start}, step {step}, max {max_crop}",
+            "search": f"start {start}, step {step}, max {max_crop}, "
+            + ("predicted from measured peaks, then bisection" if limit_mib is not None else "stepping up"),
+            "attempts": len(crops),
             "backward": backward,
             "memory": session.memory.method,
             **_config_attrs(variant),
             **_base_attrs(device),
         },
     )
+
+
+def _next_crop(
+    tried: Mapping[int, tuple[bool, float, float, str]], start: int, step: int, last: int, limit_mib: float | None
+) -> int | None:
+    """The next crop of a longest-crop search, or None when it is decided (see ``longest_crop``)."""
+    fit = sorted(c for c, t in tried.items() if t[0])
+    failed = sorted(c for c, t in tried.items() if not t[0])
+    if not tried:
+        return start
+    if failed and failed[0] == start:
+        return None  # not even the first crop fits
+    lo = fit[-1] if fit else start - step
+    hi = failed[0] if failed else None
+    if hi is not None:  # bisect the bracket on the grid
+        gap = (hi - lo) // step
+        return None if gap <= 1 else lo + gap // 2 * step
+    if lo >= last:
+        return None
+    if limit_mib is None or len(fit) < 2:
+        return lo + step
+    predicted = _predict_crop([(c, tried[c][1]) for c in fit], limit_mib)
+    if predicted is None:
+        return lo + step
+    grid = start + int((predicted - start) // step) * step
+    return int(min(max(grid, lo + step), last))
+
+
+def _predict_crop(points: Sequence[tuple[int, float]], limit_mib: float) -> float | None:
+    """The crop whose peak memory reaches ``limit_mib``, from measured (crop, peak MiB) pairs:
+    peak = a + c N^2 through two points (the pair representation dominates), a least-squares
+    quadratic in N from three on. None if the fit does not grow with N."""
+    n = np.array([p[0] for p in points], dtype=np.float64)
+    peak = np.array([p[1] for p in points], dtype=np.float64)
+    if not np.isfinite(peak).all():
+        return None
+    if len(points) == 2:
+        c = (peak[1] - peak[0]) / (n[1] ** 2 - n[0] ** 2)
+        if c <= 0:
+            return None
+        a = peak[0] - c * n[0] ** 2
+        return float(np.sqrt(max(limit_mib - a, 0.0) / c))
+    c2, c1, c0 = np.polyfit(n, peak, 2)
+    if c2 <= 0:  # no curvature measured: a straight line through the last points
+        c1, c0 = np.polyfit(n[-2:], peak[-2:], 1)
+        return float((limit_mib - c0) / c1) if c1 > 0 else None
+    disc = c1 * c1 - 4 * c2 * (c0 - limit_mib)
+    return float((-c1 + np.sqrt(disc)) / (2 * c2)) if disc >= 0 else None
 
 
 def _attempt(session: _Session, crop: int, msa_rows: int, atoms_per_token: int, seed: int) -> _StepRecord | None:

@@ -4,6 +4,7 @@ and the zarr round trip."""
 from __future__ import annotations
 
 import time
+import types
 
 import numpy as np
 import pytest
@@ -263,6 +264,33 @@ def test_longest_crop_recovers_from_out_of_memory(quick_config, monkeypatch):
     assert list(search["outcome"].values) == ["fits", "out of memory"]
     assert np.isnan(search["peak_mib"].values[1])
     assert all(p.grad is None for p in sessions[-1].parameters())  # the failed step was cleaned up
+
+
+def test_longest_crop_predicts_from_measured_peaks_then_bisects(quick_config, monkeypatch):
+    """With a memory limit the search jumps to the predicted crop and closes the bracket: the
+    exact longest grid crop in a handful of steps where stepping by 128 would take 24."""
+    attempts = []
+
+    def fake_attempt(session, crop, *args):
+        attempts.append(crop)
+        if crop > 2500:  # a hard out-of-memory beyond the memory model, as a GPU can have
+            return None
+        return types.SimpleNamespace(peaks=[1000 + 0.01 * crop**2 + 3 * crop], durations_ms=np.array([1.0]))
+
+    monkeypatch.setattr(profiler, "_attempt", fake_attempt)
+    # The budget alone would allow 2944 (peak(3000) = 100000 MiB); the out-of-memory above
+    # 2500 tokens binds first: the prediction overshoots, bisection finds 2432 = 19 x 128.
+    search = longest_crop(quick_config, start=128, step=128, max_crop=8192, memory_budget_mib=100_000)
+    assert search.attrs["longest_crop"] == 2432
+    assert search.attrs["stopped_by"] == "out of memory"
+    assert 2560 in attempts and len(attempts) <= 8 and search.attrs["attempts"] == len(attempts)
+    assert list(search.crop.values) == sorted(attempts)  # reported in crop order
+    attempts.clear()
+    search = longest_crop(quick_config, start=128, step=128, max_crop=2400, memory_budget_mib=60_000)
+    # peak(N) <= 60000 up to N = 2283: 2176 fits, 2304 is over budget
+    assert search.attrs["longest_crop"] == 2176 and search.attrs["stopped_by"] == "memory budget"
+    assert set(search["outcome"].values) == {"fits", "over budget"} and len(attempts) <= 5
+    assert attempts[:2] == [128, 256]  # two measured crops before the first prediction
 
 
 # --------------------------------------------------------------------------- compare, zarr
