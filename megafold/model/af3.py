@@ -36,6 +36,7 @@ from megafold.model.losses import (
     distogram_loss,
     edm_weight,
     smooth_lddt_loss,
+    smooth_lddt_pairs,
     weighted_mse,
     weighted_rigid_align,
 )
@@ -175,12 +176,13 @@ class AlphaFold3(nn.Module):
         weight = self.atom_loss_weights(batch)
         nucleotide = torch.gather(batch["is_dna"] | batch["is_rna"], 1, batch["atom_to_token"])
         pairs = bonded_atom_pairs(batch) if c.bond_loss_weight > 0 else torch.zeros(0, 3, dtype=torch.long)
+        lddt_pairs = smooth_lddt_pairs(x_true, nucleotide, resolved)  # once, not per chunk
 
         def chunk_terms(x_noisy_c: torch.Tensor, x_aug_c: torch.Tensor, sigma_c: torch.Tensor) -> torch.Tensor:
             x_denoised = self.diffusion_module(ctx, x_noisy_c, sigma_c)
             aligned = weighted_rigid_align(x_denoised, x_aug_c, (weight * resolved)[:, None])
             mse = weighted_mse(x_denoised, aligned, weight[:, None], resolved[:, None])
-            lddt = smooth_lddt_loss(x_denoised, x_aug_c, nucleotide[:, None], resolved[:, None])
+            lddt = smooth_lddt_loss(x_denoised, x_aug_c, nucleotide[:, None], resolved[:, None], lddt_pairs)
             bond = bond_loss(x_denoised, x_true, pairs)
             return torch.stack([mse, lddt, bond])  # [3, B, chunk]
 

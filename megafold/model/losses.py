@@ -9,7 +9,7 @@ Diffusion weight: ``(sigma^2 + sigma_data^2) / (sigma * sigma_data)^2``, EDM's l
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,23 @@ def weighted_rigid_align(x: torch.Tensor, x_true: torch.Tensor, weight: torch.Te
 
 
 def smooth_lddt_loss(
-    x: torch.Tensor, x_true: torch.Tensor, is_nucleotide: torch.Tensor, mask: torch.Tensor
+    x: torch.Tensor,
+    x_true: torch.Tensor,
+    is_nucleotide: torch.Tensor,
+    mask: torch.Tensor,
+    pairs: LddtPairs | None = None,
 ) -> torch.Tensor:
     """AF3 Alg. 27: ``1 - smooth LDDT``, per structure.
 
     x, x_true ``[*, A, 3]``; is_nucleotide, mask ``[*, A]`` bool (broadcast over leading dims).
     Pairs l != m count when the true distance is under 30 A (l a nucleotide atom) or 15 A.
+
+    ``pairs`` (from ``smooth_lddt_pairs`` of the untransformed truth ``[B, A, 3]``) computes the
+    same loss for x ``[B, S, A, 3]`` on the counted pairs only (x_true, is_nucleotide and mask
+    are then not read): the training loss does this for its diffusion samples.
     """
+    if pairs is not None:
+        return _smooth_lddt_on_pairs(x, pairs)
     with fp32(x.device):
         d_true = pairwise_distances(x_true.float())
         delta = (d_true - pairwise_distances(x.float())).abs()
@@ -72,6 +82,48 @@ def smooth_lddt_loss(
         counted = (d_true < cutoff) & mask[..., :, None] & mask[..., None, :] & not_self
         counted = counted.float()
         return 1.0 - (score * counted).sum((-1, -2)) / counted.sum((-1, -2)).clamp(min=1)
+
+
+class LddtPairs(NamedTuple):
+    """The atom pairs that smooth LDDT counts, from the truth (``smooth_lddt_pairs``): unordered
+    pairs l < m with ``weight`` 1 or 2 (how many of (l, m), (m, l) count: the cutoff depends on
+    the first atom's kind), their true distances, and the ordered-pair count per structure."""
+
+    batch: torch.Tensor  # [P] long
+    first: torch.Tensor  # [P] long, l
+    second: torch.Tensor  # [P] long, m > l
+    weight: torch.Tensor  # [P] float
+    distance: torch.Tensor  # [P] float, true |l - m|
+    count: torch.Tensor  # [B] float, ordered pairs counted
+
+
+def smooth_lddt_pairs(x_true: torch.Tensor, is_nucleotide: torch.Tensor, mask: torch.Tensor) -> LddtPairs:
+    """Once per step: the pairs ``smooth_lddt_loss`` counts, for x_true ``[B, A, 3]`` and
+    is_nucleotide, mask ``[B, A]``. Only pairs within 15 A (30 A from a nucleotide atom) of each
+    other in the truth count (about a tenth of all pairs in a 384-token crop), so the loss over
+    the diffusion samples is computed on those alone instead of on every [A, A] pair."""
+    with fp32(x_true.device), torch.no_grad():
+        d_true = pairwise_distances(x_true.float())
+        cutoff = torch.where(is_nucleotide, 30.0, 15.0)[..., :, None]
+        counted = (d_true < cutoff) & mask[..., :, None] & mask[..., None, :]
+        counted &= ~torch.eye(x_true.shape[-2], dtype=torch.bool, device=x_true.device)
+        weight = (counted.float() + counted.transpose(-1, -2).float()).triu(1)  # unordered pairs l < m
+        batch, first, second = weight.nonzero(as_tuple=True)
+        return LddtPairs(
+            batch, first, second, weight[batch, first, second], d_true[batch, first, second], counted.sum((-1, -2)).float()
+        )
+
+
+def _smooth_lddt_on_pairs(x: torch.Tensor, pairs: LddtPairs) -> torch.Tensor:
+    with fp32(x.device):
+        x = x.float()
+        diff = x[pairs.batch, :, pairs.first] - x[pairs.batch, :, pairs.second]  # [P, S, 3]
+        # |diff| with a zero gradient where two atoms coincide (as cdist's), not NaN
+        d_pred = diff.square().sum(-1).clamp(min=1e-12).sqrt()
+        delta = (pairs.distance[:, None] - d_pred).abs()
+        score = sum(torch.sigmoid(t - delta) for t in LDDT_THRESHOLDS) / len(LDDT_THRESHOLDS)
+        total = x.new_zeros(x.shape[0], x.shape[1]).index_add(0, pairs.batch, pairs.weight[:, None] * score)
+        return 1.0 - total / pairs.count.clamp(min=1)[:, None]
 
 
 def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:

@@ -201,3 +201,40 @@ def test_cross_entropy_weighs_examples_equally_whatever_their_size():
     empty = torch.zeros_like(mask)
     empty[0] = mask[0]  # an example with no valid entry does not dilute the other
     assert torch.allclose(masked_cross_entropy(logits, target, empty), alone[0])
+
+
+def test_smooth_lddt_on_the_counted_pairs_equals_the_dense_loss():
+    """The training loss computes smooth LDDT on the pairs within the cutoffs only (from the
+    untransformed truth, once per step): the same values and gradients as over all pairs, with
+    nucleotide atoms (30 A, so (l, m) and (m, l) can count differently), padding
+    and samples that are rotated copies of the truth plus noise."""
+    from megafold.model.losses import smooth_lddt_pairs
+
+    torch.manual_seed(0)
+    B, S, A = 2, 3, 37
+    x_true = torch.randn(B, A, 3, dtype=torch.float64) * 12.0  # spread: some pairs beyond 15 and 30 A
+    nucleotide = torch.rand(B, A) < 0.3
+    mask = torch.rand(B, A) < 0.85
+    mask[1, -5:] = False
+    rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    x_aug = (x_true @ rotation.T + 4.0)[:, None].expand(B, S, A, 3)  # what the model compares against
+    x = (x_aug + 1.5 * torch.randn(B, S, A, 3, dtype=torch.float64)).requires_grad_()
+
+    dense = smooth_lddt_loss(x, x_aug, nucleotide[:, None], mask[:, None])
+    (dense_grad,) = torch.autograd.grad(dense.sum(), x)
+    pairs = smooth_lddt_pairs(x_true, nucleotide, mask)
+    sparse = smooth_lddt_loss(x, x_aug, nucleotide[:, None], mask[:, None], pairs)
+    (sparse_grad,) = torch.autograd.grad(sparse.sum(), x)
+    assert sparse.shape == dense.shape == (B, S)
+    # Both compute in fp32 (as every loss here) and sum in other orders: fp32 rounding apart.
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    assert float((sparse_grad - dense_grad).norm() / dense_grad.norm()) < 1e-5
+    assert (pairs.weight == 1).any() and (pairs.weight == 2).any()  # asymmetric and symmetric pairs
+    assert len(pairs.batch) < B * A * (A - 1) / 2  # pairs beyond the cutoff are left out
+
+    # Two predicted atoms on top of each other: a finite gradient (zero for that pair), not NaN.
+    x_same = x.detach().clone()
+    x_same[:, :, 1] = x_same[:, :, 0]
+    x_same.requires_grad_()
+    smooth_lddt_loss(x_same, x_aug, nucleotide[:, None], mask[:, None], pairs).sum().backward()
+    assert torch.isfinite(x_same.grad).all()
