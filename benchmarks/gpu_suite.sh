@@ -13,6 +13,9 @@
 #   dashboard benchmarks/dashboard_screenshot.py (paper, crop 384, torch vs triton, longest crops)
 #             and the longest crop of the trunk
 #   datawait  a "small" training step's wait for data: precache vs parsing + search on the fly
+#   step      benchmarks/train_step.py, "paper" at crop 384, torch vs triton only (compile's row
+#             needs a stage of its own: compiling every block took over 240 s)
+#   multigpu  (a 2-GPU machine) the NCCL equivalence test and benchmarks/multigpu.py
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
 #             then `curve-resume` continues it on the same machine)
 set -uo pipefail
@@ -49,6 +52,14 @@ dashboard)
     (cd "$OUT" && tar czf dashboard.tgz --remove-files */*-dashboard.zarr 2>/dev/null)
     step trunk_longest 330 $py benchmarks/trunk.py --ns 1024 --stacks triton,eager --longest \
         --longest-stacks triton,eager --out "$OUT"
+    ;;
+step)
+    step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton --out "$OUT"
+    ;;
+multigpu)
+    export NCCL_NVLS_ENABLE=0
+    step ddp_test 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/train/test_distributed.py
+    step multigpu 330 $py benchmarks/multigpu.py --gpus 2 --presets paper small --kernels triton --steps 6 --out "$OUT"
     ;;
 datawait)
     step store 120 $py benchmarks/train_step.py --preset small --kernels triton --steps 30 --source store --out "$OUT"
