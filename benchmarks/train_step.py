@@ -12,8 +12,9 @@ against); ``--source synthetic`` uses a synthetic batch of exactly ``--crop`` to
 is the median over ``--steps`` steps after one warm-up step; peak memory is the allocator's
 peak above the weights. ``compile`` is torch.compile of the eager model's repeated blocks (as
 the profiler does it; compiling the whole loss takes longer and was no faster).
-``--longest`` adds, per kernels setting, the longest crop whose step fits (synthetic batches,
-stepping up by 128 from ``--crop`` until out of memory, within ``--longest-budget`` seconds).
+``--longest`` adds, per kernels setting, the longest crop whose step fits on a grid of 128
+tokens from ``--crop`` (``megafold.profile.longest_crop`` on synthetic batches, within
+``--longest-budget`` seconds).
 """
 
 from __future__ import annotations

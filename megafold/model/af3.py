@@ -35,7 +35,7 @@ from megafold.model.losses import (
     confidence_losses,
     distogram_loss,
     edm_weight,
-    smooth_lddt_loss,
+    smooth_lddt_loss_on_pairs,
     smooth_lddt_pairs,
     weighted_mse,
     weighted_rigid_align,
@@ -182,7 +182,7 @@ class AlphaFold3(nn.Module):
             x_denoised = self.diffusion_module(ctx, x_noisy_c, sigma_c)
             aligned = weighted_rigid_align(x_denoised, x_aug_c, (weight * resolved)[:, None])
             mse = weighted_mse(x_denoised, aligned, weight[:, None], resolved[:, None])
-            lddt = smooth_lddt_loss(x_denoised, x_aug_c, nucleotide[:, None], resolved[:, None], lddt_pairs)
+            lddt = smooth_lddt_loss_on_pairs(x_denoised, lddt_pairs)
             bond = bond_loss(x_denoised, x_true, pairs)
             return torch.stack([mse, lddt, bond])  # [3, B, chunk]
 

@@ -59,29 +59,28 @@ def smooth_lddt_loss(
     x_true: torch.Tensor,
     is_nucleotide: torch.Tensor,
     mask: torch.Tensor,
-    pairs: LddtPairs | None = None,
 ) -> torch.Tensor:
     """AF3 Alg. 27: ``1 - smooth LDDT``, per structure.
 
     x, x_true ``[*, A, 3]``; is_nucleotide, mask ``[*, A]`` bool (broadcast over leading dims).
     Pairs l != m count when the true distance is under 30 A (l a nucleotide atom) or 15 A.
-
-    ``pairs`` (from ``smooth_lddt_pairs`` of the untransformed truth ``[B, A, 3]``) computes the
-    same loss for x ``[B, S, A, 3]`` on the counted pairs only (x_true, is_nucleotide and mask
-    are then not read): the training loss does this for its diffusion samples.
+    Over every [A, A] pair: the reference for ``smooth_lddt_loss_on_pairs``, which the training
+    loss uses.
     """
-    if pairs is not None:
-        return _smooth_lddt_on_pairs(x, pairs)
     with fp32(x.device):
         d_true = pairwise_distances(x_true.float())
-        delta = (d_true - pairwise_distances(x.float())).abs()
-        score = sum(torch.sigmoid(t - delta) for t in LDDT_THRESHOLDS) / len(LDDT_THRESHOLDS)
+        score = _smooth_score((d_true - pairwise_distances(x.float())).abs())
         cutoff = torch.where(is_nucleotide, 30.0, 15.0)[..., :, None]
         A = x.shape[-2]
         not_self = ~torch.eye(A, dtype=torch.bool, device=x.device)
         counted = (d_true < cutoff) & mask[..., :, None] & mask[..., None, :] & not_self
         counted = counted.float()
         return 1.0 - (score * counted).sum((-1, -2)) / counted.sum((-1, -2)).clamp(min=1)
+
+
+def _smooth_score(delta: torch.Tensor) -> torch.Tensor:
+    """AF3 Alg. 27's per-pair score: the mean of sigmoid(t - delta) over the four thresholds."""
+    return sum(torch.sigmoid(t - delta) for t in LDDT_THRESHOLDS) / len(LDDT_THRESHOLDS)
 
 
 class LddtPairs(NamedTuple):
@@ -114,14 +113,15 @@ def smooth_lddt_pairs(x_true: torch.Tensor, is_nucleotide: torch.Tensor, mask: t
         )
 
 
-def _smooth_lddt_on_pairs(x: torch.Tensor, pairs: LddtPairs) -> torch.Tensor:
+def smooth_lddt_loss_on_pairs(x: torch.Tensor, pairs: LddtPairs) -> torch.Tensor:
+    """``smooth_lddt_loss`` of x ``[B, S, A, 3]`` on the counted pairs alone (``pairs`` from
+    ``smooth_lddt_pairs`` of the truth): the same values ``[B, S]``, a fraction of the work."""
     with fp32(x.device):
         x = x.float()
         diff = x[pairs.batch, :, pairs.first] - x[pairs.batch, :, pairs.second]  # [P, S, 3]
         # |diff| with a zero gradient where two atoms coincide (as cdist's), not NaN
         d_pred = diff.square().sum(-1).clamp(min=1e-12).sqrt()
-        delta = (pairs.distance[:, None] - d_pred).abs()
-        score = sum(torch.sigmoid(t - delta) for t in LDDT_THRESHOLDS) / len(LDDT_THRESHOLDS)
+        score = _smooth_score((pairs.distance[:, None] - d_pred).abs())
         total = x.new_zeros(x.shape[0], x.shape[1]).index_add(0, pairs.batch, pairs.weight[:, None] * score)
         return 1.0 - total / pairs.count.clamp(min=1)[:, None]
 

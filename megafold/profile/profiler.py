@@ -885,16 +885,16 @@ def longest_crop(
     else:
         limit_mib = None
     last = start + (max_crop - start) // step * step  # the largest grid crop
-    tried: dict[int, tuple[bool, float, float, str]] = {}  # crop -> (fits, peak, ms, outcome)
+    tried: dict[int, tuple[str, float, float]] = {}  # crop -> (outcome, peak MiB, step ms)
     stopped_by = "max_crop"
     began = time.perf_counter()
     with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
         while True:
             crop = _next_crop(tried, start, step, last, limit_mib)
             if crop is None:  # the bracket is closed, or max_crop fits
-                failed = [c for c, t in tried.items() if not t[0]]
+                failed = [c for c, t in tried.items() if t[0] != "fits"]
                 if failed:
-                    outcome = tried[min(failed)][3]
+                    outcome = tried[min(failed)][0]
                     stopped_by = "out of memory" if outcome == "out of memory" else "memory budget"
                 break
             if time_budget_s is not None and tried and time.perf_counter() - began > time_budget_s:
@@ -908,12 +908,10 @@ def longest_crop(
                 elapsed = float(record.durations_ms.sum())
                 over = memory_budget_mib is not None and peak > memory_budget_mib
                 outcome = "over budget" if over else "fits"
-            tried[crop] = (outcome == "fits", peak, elapsed, outcome)
+            tried[crop] = (outcome, peak, elapsed)
     crops = sorted(tried)
-    fits = [tried[c][0] for c in crops]
-    peaks = [tried[c][1] for c in crops]
-    times = [tried[c][2] for c in crops]
-    outcomes = [tried[c][3] for c in crops]
+    outcomes, peaks, times = ([tried[c][i] for c in crops] for i in range(3))
+    fits = [outcome == "fits" for outcome in outcomes]
     fitting = [c for c, ok in zip(crops, fits) if ok]
     return xr.Dataset(
         {
@@ -940,11 +938,11 @@ def longest_crop(
 
 
 def _next_crop(
-    tried: Mapping[int, tuple[bool, float, float, str]], start: int, step: int, last: int, limit_mib: float | None
+    tried: Mapping[int, tuple[str, float, float]], start: int, step: int, last: int, limit_mib: float | None
 ) -> int | None:
     """The next crop of a longest-crop search, or None when it is decided (see ``longest_crop``)."""
-    fit = sorted(c for c, t in tried.items() if t[0])
-    failed = sorted(c for c, t in tried.items() if not t[0])
+    fit = sorted(c for c, t in tried.items() if t[0] == "fits")
+    failed = sorted(c for c, t in tried.items() if t[0] != "fits")
     if not tried:
         return start
     if failed and failed[0] == start:

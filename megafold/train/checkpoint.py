@@ -76,27 +76,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, Mapping):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what ``rng_state`` returned."""
-    # A checkpoint loaded with map_location="cuda" has its RNG tensors on the GPU: the
-    # generators take CPU byte tensors.
-    state = {k: _to_cpu(v) for k, v in state.items()}
+    """Restore what ``rng_state`` returned (also from a checkpoint loaded with
+    ``map_location="cuda"``: the generators take CPU tensors, hence the ``.cpu()`` calls)."""
     python = state["python"]
     random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss_next"]))
     numpy = state["numpy"]
     np.random.set_state(
-        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"])
+        (numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"])
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

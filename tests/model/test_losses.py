@@ -208,7 +208,7 @@ def test_smooth_lddt_on_the_counted_pairs_equals_the_dense_loss():
     untransformed truth, once per step): the same values and gradients as over all pairs, with
     nucleotide atoms (30 A, so (l, m) and (m, l) can count differently), padding
     and samples that are rotated copies of the truth plus noise."""
-    from megafold.model.losses import smooth_lddt_pairs
+    from megafold.model.losses import smooth_lddt_loss_on_pairs, smooth_lddt_pairs
 
     torch.manual_seed(0)
     B, S, A = 2, 3, 37
@@ -223,7 +223,7 @@ def test_smooth_lddt_on_the_counted_pairs_equals_the_dense_loss():
     dense = smooth_lddt_loss(x, x_aug, nucleotide[:, None], mask[:, None])
     (dense_grad,) = torch.autograd.grad(dense.sum(), x)
     pairs = smooth_lddt_pairs(x_true, nucleotide, mask)
-    sparse = smooth_lddt_loss(x, x_aug, nucleotide[:, None], mask[:, None], pairs)
+    sparse = smooth_lddt_loss_on_pairs(x, pairs)
     (sparse_grad,) = torch.autograd.grad(sparse.sum(), x)
     assert sparse.shape == dense.shape == (B, S)
     # Both compute in fp32 (as every loss here) and sum in other orders: fp32 rounding apart.
@@ -236,5 +236,5 @@ def test_smooth_lddt_on_the_counted_pairs_equals_the_dense_loss():
     x_same = x.detach().clone()
     x_same[:, :, 1] = x_same[:, :, 0]
     x_same.requires_grad_()
-    smooth_lddt_loss(x_same, x_aug, nucleotide[:, None], mask[:, None], pairs).sum().backward()
+    smooth_lddt_loss_on_pairs(x_same, pairs).sum().backward()
     assert torch.isfinite(x_same.grad).all()
