@@ -99,14 +99,16 @@ def test_cuda_prefetch_delivers_batches_on_the_gpu():
     shipped = Path(__file__).resolve().parents[2] / "cached_data" / "store.zarr"
     keys = open_store(shipped).keys()[:4]
     data = loader(shipped, crop_size=384, batch_size=2, workers=2, device="cuda", keys=keys, shuffle=False)
+    arrived = []
     for batch in data:
         assert all(t.is_cuda for t in batch.values())
-        torch.cuda.synchronize()
+        arrived.append({name: t.cpu() for name, t in batch.items()})
     assert data.stats()["batches"] == 2
+    # The same epoch read on the CPU: the same values arrive, not just tensors on the GPU.
     cpu = loader(shipped, crop_size=384, batch_size=2, workers=0, device="cpu", keys=keys, shuffle=False)
-    for on_gpu, on_cpu in zip(data, cpu):  # the same values arrive, not just tensors on the GPU
+    for on_gpu, on_cpu in zip(arrived, cpu, strict=True):
         for name, value in on_cpu.items():
-            assert torch.equal(on_gpu[name].cpu(), value), name
+            assert torch.equal(on_gpu[name], value), name
 
 
 def test_keys_pick_a_subset_of_the_store(built_store):
