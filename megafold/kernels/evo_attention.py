@@ -59,6 +59,10 @@ def evo_attention_reference(q, k, v, bias=None, mask=None, gate=None, scale=None
 
 # --------------------------------------------------------------------------- kernels
 
+# The kernels keep logits in base 2: log2(e) is folded into the scale and the bias.
+LOG2E = math.log2(math.e)
+_LOG2E = tl.constexpr(LOG2E)
+
 
 @triton.jit
 def _evo_attention_forward_kernel(
@@ -69,7 +73,7 @@ def _evo_attention_forward_kernel(
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
-    H, N, D: tl.constexpr, scale,
+    H, N, D: tl.constexpr, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -94,8 +98,10 @@ def _evo_attention_forward_kernel(
         mask=m_valid[:, None] & d_valid[None, :], other=0.0,
     )
 
+    # Logits are kept in base 2 (log2(e) folded into the scale and the bias): exp2 is the
+    # hardware's exponential, so tl.exp would only add a multiply per logit.
     # Online softmax invariant: after each key block, m_i is the running row max of the
-    # logits, l_i = sum_j exp(logit_j - m_i) and acc = sum_j exp(logit_j - m_i) v_j.
+    # logits, l_i = sum_j exp2(logit_j - m_i) and acc = sum_j exp2(logit_j - m_i) v_j.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -106,16 +112,16 @@ def _evo_attention_forward_kernel(
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if IEEE:
-            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         else:
-            logits = tl.dot(q, tl.trans(k)) * scale
+            logits = tl.dot(q, tl.trans(k)) * scale_log2
         if HAS_BIAS:
             bias = tl.load(
                 bias_ptr + b * stride_bb + h * stride_bh
                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                 mask=m_valid[:, None] & n_valid[None, :], other=0.0,
             ).to(tl.float32)
-            logits += bias
+            logits += bias * _LOG2E
         key_ok = n_valid
         if HAS_MASK:
             key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
@@ -124,8 +130,8 @@ def _evo_attention_forward_kernel(
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         # A row with no attended key so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(logits - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
+        p = tl.exp2(logits - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -135,8 +141,9 @@ def _evo_attention_forward_kernel(
 
     empty = l_i == 0.0
     att = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # Fully masked rows store lse = +inf, so the backward's exp(logit - lse) is exactly 0.
-    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    # lse is base 2 like the logits. Fully masked rows store lse = +inf, so the backward's
+    # exp2(logit - lse) is exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     bh_row = (b * tl.num_programs(1) + row) * H + h
     tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
     # out/att are written contiguous [B, S, N, H, D].
@@ -194,20 +201,22 @@ def _evo_attention_backward_prep_kernel(
 
 @triton.jit
 def _recompute_ds(
-    q, k, v, do, lse, delta, bias_tile, key_ok, scale,
+    q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2,
     IEEE: tl.constexpr,
 ):
     """Probabilities and logit gradient of one (query block, key block) tile.
 
-    Returns (p, ds): p = exp(logits - lse), ds = p * (dO v^T - delta), both fp32.
+    bias_tile and lse are in base 2 (times log2(e)), as in the forward.
+    Returns (p, ds): p = exp2(logits - lse), ds = p * (dO v^T - delta), both fp32; ds is the
+    gradient of the natural-base logits.
     """
     if IEEE:
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
     else:
-        logits = tl.dot(q, tl.trans(k)) * scale
+        logits = tl.dot(q, tl.trans(k)) * scale_log2
     logits += bias_tile
     logits = tl.where(key_ok[None, :], logits, float("-inf"))
-    p = tl.exp(logits - lse[:, None])
+    p = tl.exp2(logits - lse[:, None])
     if IEEE:
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
     else:
@@ -224,7 +233,7 @@ def _evo_attention_dkdv_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale,
+    S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -271,8 +280,9 @@ def _evo_attention_dkdv_kernel(
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
                                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         if IEEE:
             dv += tl.dot(tl.trans(p), do, input_precision="ieee")
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
@@ -292,7 +302,7 @@ def _evo_attention_dq_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale,
+    S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -337,8 +347,9 @@ def _evo_attention_dq_kernel(
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
                                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
             tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], ds,
@@ -359,7 +370,7 @@ def _evo_attention_dbias_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale,
+    S, H, N, D: tl.constexpr, scale_log2,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
@@ -378,10 +389,11 @@ def _evo_attention_dbias_kernel(
     qd_mask = m_valid[:, None] & d_valid[None, :]
     kv_mask = n_valid[:, None] & d_valid[None, :]
     tile_mask = m_valid[:, None] & n_valid[None, :]
-    # The bias tile is the same for every row: load it once, reduce all rows' dS in registers.
+    # The bias tile is the same for every row: load (and take to base 2) once, reduce all rows'
+    # dS in registers.
     bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
                         + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                        mask=tile_mask, other=0.0).to(tl.float32)
+                        mask=tile_mask, other=0.0).to(tl.float32) * _LOG2E
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for row in range(0, S):
         bh_row = (b * S + row) * H + h
@@ -404,7 +416,7 @@ def _evo_attention_dbias_kernel(
         if HAS_MASK:
             key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
                                        mask=n_valid, other=0) != 0)
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale, IEEE)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         dbias += ds
     # dbias is written contiguous [B, H, N, N] in fp32.
     tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], dbias, mask=tile_mask)
@@ -510,7 +522,7 @@ def _forward(inp: _Inputs, scale: float):
             out, att, lse,
             *inp.q.stride(), *inp.k.stride(), *inp.v.stride(),
             *_strides(inp.bias, 4), *_strides(inp.mask, 3), *_strides(inp.gate, 5),
-            H, N, D, scale,
+            H, N, D, scale * LOG2E,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee,
@@ -552,7 +564,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), S, B * H)
         _evo_attention_dkdv_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
-            S, H, N, D, scale, HAS_BIAS=inp.bias is not None,
+            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -569,7 +581,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
-            S, H, N, D, scale, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
+            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -585,7 +597,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
             grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]), B * H)
             _evo_attention_dbias_kernel[grid](
                 inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dbias, *strides,
-                S, H, N, D, scale,
+                S, H, N, D, scale * LOG2E,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
