@@ -27,11 +27,10 @@ import triton
 import triton.language as tl
 
 from megafold.kernels._common import (
-    bench_ms,
     interpreter_active,
     next_power_of_2,
-    pick_config,
     resolve_backend,
+    run_tuned,
 )
 
 # --------------------------------------------------------------------------- reference
@@ -441,13 +440,42 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+def _blocks(block_m, block_n, num_warps, num_stages):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+# Defaults for shapes with no tuned choice, per kernel: the H200's tuned choices (same SMs as
+# the H100) for many rows (triangle, diffusion: S >= 8) and for one row (pair bias, S = 1),
+# with D <= 32. A one-row grid has few programs, so larger tiles and more warps keep the SMs
+# busy; many rows fill the GPU with small tiles, whose bias loads and exp work overlap better.
+_DEFAULTS = {
+    # kind: (one row, many rows)
+    "fwd": (_blocks(64, 128, 8, 3), _blocks(64, 32, 4, 2)),
+    "dkdv": (_blocks(128, 64, 4, 2), _blocks(64, 128, 4, 2)),
+    "dq": (_blocks(128, 64, 8, 3), _blocks(64, 32, 4, 3)),
+    "dbias": (_blocks(64, 32, 4, 2), _blocks(64, 32, 4, 2)),
+}
+# The interpreter runs every program serially: small blocks keep masked tails cheap.
+_INTERPRETER_BLOCKS = _blocks(16, 16, 1, 1)
 _CANDIDATES = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (64, 32))
+    _blocks(bm, bn, w, st)
+    for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64), (64, 128), (128, 128))
     for w in (4, 8)
     for st in (2, 3)
-]
+] + [_blocks(bm, bn, w, 4) for bm, bn in ((64, 32), (64, 128), (128, 64)) for w in (4, 8)]
+
+
+def _default_blocks(kind: str, S: int, D: int) -> dict:
+    if interpreter_active():
+        return _INTERPRETER_BLOCKS
+    config = dict(_DEFAULTS[kind][S >= 8])
+    if D > 32:
+        # Twice the head dim doubles the fp32 accumulators and the K/V/Q tiles: keep tiles of
+        # at most 64 x 64 and two stages, as for the old single default (passed at D = 48, 64).
+        config["BLOCK_M"] = min(config["BLOCK_M"], 64)
+        config["BLOCK_N"] = min(config["BLOCK_N"], 64)
+        config["num_stages"] = 2
+    return config
 
 
 def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has_bias: bool):
@@ -455,13 +483,12 @@ def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has
     return (kind, bucket(S), bucket(N), next_power_of_2(D), H, str(dtype), has_bias)
 
 
-def _config(kind, launch, device, S, N, D, H, dtype, has_bias):
-    if interpreter_active():
-        # The interpreter runs every program serially: small blocks keep masked tails cheap.
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
-    return pick_config(
+def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
+    """Launch with the tuned choice for this shape, else the default (a stored choice that
+    overflows shared memory here falls back to the default)."""
+    run_tuned(
         "evo_attention", _tune_key(kind, S, N, D, H, dtype, has_bias), device, _CANDIDATES,
-        _DEFAULT, lambda cfg: bench_ms(lambda: launch(cfg)),
+        _default_blocks(kind, S, D), launch,
     )
 
 
@@ -529,8 +556,7 @@ def _forward(inp: _Inputs, scale: float):
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    cfg = _config("fwd", launch, inp.q.device, S, N, D, H, dtype, inp.bias is not None)
-    launch(cfg)
+    _run("fwd", launch, inp.q.device, S, N, D, H, dtype, inp.bias is not None)
     return out, att, lse
 
 
@@ -588,8 +614,8 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
 
     device = inp.q.device
     has_bias = inp.bias is not None
-    launch_dkdv(_config("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias))
-    launch_dq(_config("dq", launch_dq, device, S, N, D, H, dtype, has_bias))
+    _run("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias)
+    _run("dq", launch_dq, device, S, N, D, H, dtype, has_bias)
 
     if need_dbias and not dbias_in_dq:
 
@@ -602,7 +628,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
 
-        launch_dbias(_config("dbias", launch_dbias, device, S, N, D, H, dtype, has_bias))
+        _run("dbias", launch_dbias, device, S, N, D, H, dtype, has_bias)
     return dq, dk, dv, dbias, dgate
 
 
