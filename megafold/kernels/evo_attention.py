@@ -275,19 +275,31 @@ def _evo_attention_dkdv_kernel(
             do = do.to(tl.float32)
         lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
         delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_BIAS:
-            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
-                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
-            bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
+        # Tiles are [BLOCK_N, BLOCK_M] (keys x queries): P^T and dS^T come out in the layout
+        # the dV and dK products take as their left operand; transposing a register tile
+        # instead costs a round trip through shared memory per product.
         if IEEE:
-            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            logits_t = tl.dot(k, tl.trans(q), input_precision="ieee") * scale_log2
         else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            logits_t = tl.dot(k, tl.trans(q)) * scale_log2
+        if HAS_BIAS:
+            bias_t = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                             + offs_n[:, None] * stride_bj + offs_m[None, :] * stride_bi,
+                             mask=n_valid[:, None] & m_valid[None, :], other=0.0)
+            logits_t += bias_t.to(tl.float32) * _LOG2E
+        logits_t = tl.where(key_ok[:, None], logits_t, float("-inf"))
+        p_t = tl.exp2(logits_t - lse[None, :])
+        if IEEE:
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        if IEEE:
+            dv += tl.dot(p_t, do, input_precision="ieee")
+            dk += tl.dot(ds_t, q, input_precision="ieee")
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dk += tl.dot(ds_t.to(q.dtype), q)
     out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
