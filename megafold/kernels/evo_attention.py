@@ -363,7 +363,8 @@ def _evo_attention_dq_kernel(
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
-            tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], ds,
+            tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :],
+                     ds.to(dbias_ptr.dtype.element_ty),
                      mask=m_valid[:, None] & n_valid[None, :])
         if IEEE:
             dq += tl.dot(ds, k, input_precision="ieee")
@@ -429,8 +430,9 @@ def _evo_attention_dbias_kernel(
                                        mask=n_valid, other=0) != 0)
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         dbias += ds
-    # dbias is written contiguous [B, H, N, N] in fp32.
-    tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :], dbias, mask=tile_mask)
+    # dbias is written contiguous [B, H, N, N], rounded once from the fp32 sum.
+    tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :],
+             dbias.to(dbias_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # --------------------------------------------------------------------------- host side
@@ -572,7 +574,8 @@ def _forward(inp: _Inputs, scale: float):
     return out, att, lse
 
 
-def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
+def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dtype | None):
+    """Gradients of q, k, v, gate and (if ``dbias_dtype`` is given, in that dtype) the bias."""
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     dtype = inp.q.dtype
     dout = dout.view(B, S, N, H, D) if dout.dim() == 5 else dout.reshape(B, S, N, H, D)
@@ -607,9 +610,10 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, need_dbias: bool):
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
+    need_dbias = dbias_dtype is not None
     dbias = None
     if need_dbias:
-        dbias = torch.empty((B, H, N, N), device=inp.q.device, dtype=torch.float32)
+        dbias = torch.empty((B, H, N, N), device=inp.q.device, dtype=dbias_dtype)
     # With one row the dQ pass sees every dS tile exactly once: it writes the bias gradient and
     # the separate dBias pass (a third recomputation) is skipped.
     dbias_in_dq = need_dbias and S == 1
@@ -660,12 +664,16 @@ class _EvoAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         *tensors, att, lse = ctx.saved_tensors
         inp = _Inputs.restore(ctx.lead, tensors)
-        need_dbias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias, dgate = _backward(inp, att, lse, dout, ctx.scale, need_dbias)
         shape = (*inp.lead, inp.S, inp.N, inp.H, inp.D)
+        full_bias_shape = (*inp.lead, inp.H, inp.N, inp.N)
+        dbias_dtype = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
+            # A bias broadcast over batch dims gets the sum of their gradients, reduced in fp32;
+            # an unbroadcast one is written in its own dtype (no cast pass, no fp32 copy).
+            dbias_dtype = ctx.bias_dtype if tuple(ctx.bias_shape) == full_bias_shape else torch.float32
+        dq, dk, dv, dbias, dgate = _backward(inp, att, lse, dout, ctx.scale, dbias_dtype)
         if dbias is not None:
-            dbias = dbias.view(*inp.lead, inp.H, inp.N, inp.N)
-            # A bias broadcast over batch dims gets the sum of their gradients.
+            dbias = dbias.view(full_bias_shape)
             dbias = _sum_to_shape(dbias, ctx.bias_shape).to(ctx.bias_dtype)
         return (
             dq.view(shape), dk.view(shape), dv.view(shape), dbias, None,
