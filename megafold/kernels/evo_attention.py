@@ -382,14 +382,16 @@ def _evo_attention_dbias_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale_log2,
+    S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     block_m = tl.program_id(1)
-    batch_head = tl.program_id(2)
+    # Axis 2 is (chunk of rows, batch x head); chunk c sums rows [c, c + 1) * ROWS_PER_CHUNK.
+    chunk = tl.program_id(2) // BH
+    batch_head = tl.program_id(2) % BH
     b = batch_head // H
     h = batch_head % H
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -407,7 +409,8 @@ def _evo_attention_dbias_kernel(
                         + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                         mask=tile_mask, other=0.0).to(tl.float32) * _LOG2E
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for row in range(0, S):
+    row_start = chunk * ROWS_PER_CHUNK
+    for row in range(row_start, tl.minimum(row_start + ROWS_PER_CHUNK, S)):
         bh_row = (b * S + row) * H + h
         q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
                     + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
@@ -430,8 +433,8 @@ def _evo_attention_dbias_kernel(
                                        mask=n_valid, other=0) != 0)
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         dbias += ds
-    # dbias is written contiguous [B, H, N, N], rounded once from the fp32 sum.
-    tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :],
+    # dbias is written contiguous [chunks, B, H, N, N], rounded once from the fp32 sum.
+    tl.store(dbias_ptr + ((chunk * BH + batch_head) * N + offs_m[:, None]) * N + offs_n[None, :],
              dbias.to(dbias_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -490,6 +493,17 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
         config["BLOCK_N"] = min(config["BLOCK_N"], 64)
         config["num_stages"] = 2
     return config
+
+
+def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
+    """Chunks of rows the dBias pass splits S into, so that its ``tiles`` programs (one per
+    bias tile and batch x head) become enough to give every SM about four; each chunk keeps at
+    least 32 rows, since it costs a ``[B, H, N, N]`` fp32 partial sum."""
+    return max(1, min(triton.cdiv(4 * multiprocessors, tiles), S // 32))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has_bias: bool):
@@ -636,13 +650,21 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     if need_dbias and not dbias_in_dq:
 
         def launch_dbias(cfg):
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+            tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(N, cfg["BLOCK_M"]) * B * H
+            rows_per_chunk = triton.cdiv(S, _dbias_row_chunks(tiles, S, _multiprocessors(device)))
+            chunks = triton.cdiv(S, rows_per_chunk)
+            # Several chunks write fp32 partials, summed below in a fixed order (deterministic).
+            target = dbias if chunks == 1 else torch.empty((chunks, B, H, N, N), device=device,
+                                                           dtype=torch.float32)
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
             _evo_attention_dbias_kernel[grid](
-                inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dbias, *strides,
-                S, H, N, D, scale * LOG2E,
+                inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
+                S, H, N, D, scale * LOG2E, B * H, rows_per_chunk,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
+            if chunks > 1:
+                dbias.copy_(target.sum(0))
 
         _run("dbias", launch_dbias, device, S, N, D, H, dtype, has_bias)
     return dq, dk, dv, dbias, dgate

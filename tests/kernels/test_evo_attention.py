@@ -14,12 +14,17 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from megafold.kernels import evo_attention, use_kernels
 from megafold.kernels.evo_attention import evo_attention_reference
 from megafold.kernels.testing import TOL, evo_attention_reference_chunked, rel_err
+
+# The module itself (megafold.kernels.evo_attention the attribute is the op, not the module).
+evo_module = importlib.import_module("megafold.kernels.evo_attention")
 
 
 def make_inputs(lead, S, N, H, D, dtype, device="cpu", bias=True, mask=True, gate=True,
@@ -131,12 +136,39 @@ def test_broadcast_bias_gets_summed_gradient():
 
 
 def test_bias_gradient_is_deterministic():
-    inputs = make_inputs((1,), 6, 21, 2, 16, torch.float32)
+    inputs = make_inputs((1,), 5, 17, 1, 16, torch.float32)
     runs = []
     for _ in range(2):
         out = evo_attention(**inputs, backend="triton")
         runs.append(torch.autograd.grad(out, inputs["bias"], torch.ones_like(out))[0])
     assert torch.equal(runs[0], runs[1])
+
+
+def test_bias_gradient_summed_over_row_chunks(monkeypatch):
+    """The dBias pass split into chunks of rows (small grids on a GPU): partial sums add up to
+    the reference, bitwise the same on every run, including a chunk shorter than the others."""
+    monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 3)
+    inputs = make_inputs((2,), 7, 9, 1, 8, torch.float32, masked_rows=(4,))
+    grad_out = torch.randn_like(inputs["q"])
+    runs = [torch.autograd.grad(evo_attention(**inputs, backend="triton"), inputs["bias"], grad_out)[0]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    ref_inputs = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
+                  for n, t in inputs.items()}
+    ref = torch.autograd.grad(evo_attention_reference(**ref_inputs), ref_inputs["bias"],
+                              grad_out.double())[0]
+    assert rel_err(runs[0], ref) < TOL[torch.float32]
+
+
+def test_dbias_row_chunks_fill_the_gpu_only_when_needed():
+    # Triangle N=384 on 132 SMs with 64x32 tiles: 288 programs -> 2 chunks of 192 rows.
+    assert evo_module._dbias_row_chunks(288, 384, 132) == 2
+    # Enough programs already (triangle N=768, diffusion): one chunk, no partial sums.
+    assert evo_module._dbias_row_chunks(1152, 768, 132) == 1
+    assert evo_module._dbias_row_chunks(4608, 48, 132) == 1
+    # Few rows: chunks keep at least 32 rows.
+    assert evo_module._dbias_row_chunks(8, 40, 132) == 1
+    assert evo_module._dbias_row_chunks(8, 100, 132) == 3
 
 
 def test_chunked_reference_matches_plain_reference():
