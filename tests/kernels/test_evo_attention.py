@@ -212,14 +212,7 @@ def test_bad_inputs_raise_clear_errors(bad, error):
 # --------------------------------------------------------------------------- GPU, real sizes
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "S,N,H,D",
-    [(256, 256, 4, 32), (384, 384, 4, 32), (767, 767, 4, 32), (1024, 1024, 4, 32),  # triangle
-     (48, 384, 16, 48), (48, 768, 16, 48),  # diffusion: 48 samples share one bias
-     (1, 1024, 16, 24), (1, 512, 16, 64)],  # single attention with pair bias
-)
-def test_gpu_bf16_real_sizes(S, N, H, D):
+def check_gpu_bf16(S, N, H, D):
     dtype = torch.bfloat16
     inputs = make_inputs((1,), S, N, H, D, dtype, device="cuda", masked_rows=(3 % S,))
     inputs["mask"][..., N - 17:] = False  # padded tail of keys, as in a padded crop
@@ -235,3 +228,28 @@ def test_gpu_bf16_real_sizes(S, N, H, D):
     out2 = evo_attention(**inputs, backend="triton")
     again = torch.autograd.grad(out2, inputs["bias"], grad_out)[0]
     assert torch.equal(again, grads["bias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "S,N,H,D",
+    [(256, 256, 4, 32), (384, 384, 4, 32), (767, 767, 4, 32), (1024, 1024, 4, 32),  # triangle
+     (48, 384, 16, 48), (48, 768, 16, 48),  # diffusion: 48 samples share one bias
+     (1, 1024, 16, 24), (1, 512, 16, 64)],  # single attention with pair bias
+)
+def test_gpu_bf16_real_sizes(S, N, H, D):
+    check_gpu_bf16(S, N, H, D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "S,N,H,D",
+    [(768, 768, 4, 32), (384, 384, 4, 32), (48, 768, 16, 48), (1, 768, 16, 64), (1, 384, 16, 24),
+     (8, 256, 2, 128)],
+)
+def test_gpu_default_blocks(S, N, H, D, monkeypatch):
+    """Every kernel with its default blocks (what a GPU with no tuned choice runs): they
+    compile, fit in shared memory and match the reference."""
+    monkeypatch.setattr(evo_module, "run_tuned",
+                        lambda op, key, device, candidates, default, launch: launch(default))
+    check_gpu_bf16(S, N, H, D)
