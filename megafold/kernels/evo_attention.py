@@ -261,7 +261,9 @@ def _evo_attention_dkdv_kernel(
     bh_row = (b * S + row) * H + h
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
+    # A key block that is all padding gets zero gradients without a pass over the queries.
+    m_end = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, N, 0)
+    for start_m in range(0, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
         qd_mask = m_valid[:, None] & d_valid[None, :]
@@ -339,7 +341,12 @@ def _evo_attention_dq_kernel(
     lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    n_end = N
+    if not WRITE_DBIAS:
+        # Query rows whose keys are all masked (lse = +inf) have zero gradients: skip the keys
+        # (unless this pass also writes the bias gradient, which needs its zeros stored).
+        n_end = tl.where(tl.min(lse, axis=0) < float("inf"), N, 0)
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         kv_mask = n_valid[:, None] & d_valid[None, :]
