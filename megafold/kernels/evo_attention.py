@@ -10,12 +10,15 @@ Layout: q, k, v, gate ``[*, S, N, H, D]`` with any strides (the ending-node tria
 passes a transposed view: no copy is made); bias ``[*, H, N, N]``; mask ``[*, S, N]`` bool,
 True = key attended. A row whose keys are all masked gives output 0 and gradient 0.
 
-Forward: one program per (row s, query block, batch x head), online softmax over key blocks.
+Forward: one program per (row s, query block, batch x head), online softmax over key blocks
+in base 2 (log2(e) folded into the scale and the bias; the saved log-sum-exp is base 2 too).
 Backward, deterministic and without atomics, in three kernels that each own what they write:
-  dK, dV  one program per (row, key block), loops over query blocks;
+  dK, dV  one program per (row, key block), loops over query blocks (tiles keys x queries);
   dQ      one program per (row, query block), loops over key blocks;
   dBias   one program per (query block, key block, batch x head), loops over the S rows and
-          reduces their dS in registers before a single store.
+          reduces their dS in registers before a single store. When that grid is too small
+          to fill the GPU, the rows are split into chunks whose fp32 partial sums are added
+          in a fixed order afterwards.
 """
 
 from __future__ import annotations
