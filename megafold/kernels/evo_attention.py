@@ -67,6 +67,70 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK: tl.constexpr):
+    """K and V tiles ``[BLOCK_N, BLOCK_D]`` of one row and which of its keys are attended."""
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_row + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_row + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    key_ok = n_valid
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
+                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of one row's online softmax; returns the new (m_i, l_i, acc).
+
+    Logits are kept in base 2 (log2(e) folded into the scale and the bias): exp2 is the
+    hardware's exponential, so tl.exp would only add a multiply per logit.
+    Invariant: after each key block, m_i is the running row max of the logits,
+    l_i = sum_j exp2(logit_j - m_i) and acc = sum_j exp2(logit_j - m_i) v_j.
+    """
+    if IEEE:
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    else:
+        logits = tl.dot(q, tl.trans(k)) * scale_log2
+    if HAS_BIAS:
+        logits += bias
+    logits = tl.where(key_ok[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    # A row with no attended key so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(logits - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_row(m_i, l_i, acc, out_ptr, att_ptr, lse_ptr, gate_row, bh_row, h, offs_m, offs_d,
+               m_valid, d_valid, stride_gn, stride_gd, H, N, D: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Normalise one row's accumulator; store its output, ungated output and lse."""
+    empty = l_i == 0.0
+    att = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse is base 2 like the logits. Fully masked rows store lse = +inf, so the backward's
+    # exp2(logit - lse) is exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
+    # out/att are written contiguous [B, S, N, H, D].
+    o_offs = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    o_mask = m_valid[:, None] & d_valid[None, :]
+    if HAS_GATE:
+        gate = tl.load(gate_row + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                       mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(att_ptr + o_offs, att.to(att_ptr.dtype.element_ty), mask=o_mask)
+        att = att * tl.sigmoid(gate)
+    tl.store(out_ptr + o_offs, att.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
 def _evo_attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, gate_ptr, out_ptr, att_ptr, lse_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -75,15 +139,18 @@ def _evo_attention_forward_kernel(
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
-    H, N, D: tl.constexpr, scale_log2,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
+    S, H, N, D: tl.constexpr, scale_log2,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # Query blocks vary fastest: the programs of one row run together and share its K/V in L2
-    # (the bias is small enough to stay in L2 whatever the order).
+    # Query blocks vary fastest: the programs of the same rows run together and share their
+    # K/V in L2. A program serves ROWS (1 or 2) rows for one query block: each bias tile it
+    # loads serves all of them, and the rows' dot/exp chains overlap.
     block_m = tl.program_id(0)
-    row = tl.program_id(1)
+    row0 = tl.program_id(1) * ROWS
+    # With an odd S the last program takes its last row twice and stores the same values twice.
+    row1 = tl.minimum(row0 + 1, S - 1)
     batch_head = tl.program_id(2)
     b = batch_head // H
     h = batch_head % H
@@ -91,75 +158,50 @@ def _evo_attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     d_valid = offs_d < D
+    q_offs = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q_head = q_ptr + b * stride_qb + h * stride_qh
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr + b * stride_vb + h * stride_vh
+    mask_batch = mask_ptr + b * stride_mb
 
-    q_base = q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
-    k_base = k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
-    v_base = v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=m_valid[:, None] & d_valid[None, :], other=0.0,
-    )
-
-    # Logits are kept in base 2 (log2(e) folded into the scale and the bias): exp2 is the
-    # hardware's exponential, so tl.exp would only add a multiply per logit.
-    # Online softmax invariant: after each key block, m_i is the running row max of the
-    # logits, l_i = sum_j exp2(logit_j - m_i) and acc = sum_j exp2(logit_j - m_i) v_j.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q0 = tl.load(q_head + row0 * stride_qs + q_offs, mask=qd_mask, other=0.0)
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if ROWS == 2:
+        q1 = tl.load(q_head + row1 * stride_qs + q_offs, mask=qd_mask, other=0.0)
+        m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l1 = tl.zeros([BLOCK_M], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if IEEE:
-            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            logits = tl.dot(q, tl.trans(k)) * scale_log2
+        bias = 0.0
         if HAS_BIAS:
             bias = tl.load(
                 bias_ptr + b * stride_bb + h * stride_bh
                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                 mask=m_valid[:, None] & n_valid[None, :], other=0.0,
-            ).to(tl.float32)
-            logits += bias * _LOG2E
-        key_ok = n_valid
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
-                                       mask=n_valid, other=0) != 0)
-        logits = tl.where(key_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        # A row with no attended key so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(logits - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            ).to(tl.float32) * _LOG2E
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
+        m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, IEEE)
+        if ROWS == 2:
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
+            m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, IEEE)
 
-    empty = l_i == 0.0
-    att = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # lse is base 2 like the logits. Fully masked rows store lse = +inf, so the backward's
-    # exp2(logit - lse) is exactly 0.
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    bh_row = (b * tl.num_programs(1) + row) * H + h
-    tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
-    # out/att are written contiguous [B, S, N, H, D].
-    o_offs = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
-    o_mask = m_valid[:, None] & d_valid[None, :]
-    if HAS_GATE:
-        gate = tl.load(
-            gate_ptr + b * stride_gb + row * stride_gs + h * stride_gh
-            + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-            mask=o_mask, other=0.0,
-        ).to(tl.float32)
-        tl.store(att_ptr + o_offs, att.to(att_ptr.dtype.element_ty), mask=o_mask)
-        att = att * tl.sigmoid(gate)
-    tl.store(out_ptr + o_offs, att.to(out_ptr.dtype.element_ty), mask=o_mask)
+    gate_head = gate_ptr + b * stride_gb + h * stride_gh
+    _store_row(m0, l0, acc0, out_ptr, att_ptr, lse_ptr, gate_head + row0 * stride_gs,
+               (b * S + row0) * H + h, h, offs_m, offs_d, m_valid, d_valid, stride_gn, stride_gd,
+               H, N, D, HAS_GATE)
+    if ROWS == 2:
+        _store_row(m1, l1, acc1, out_ptr, att_ptr, lse_ptr, gate_head + row1 * stride_gs,
+                   (b * S + row1) * H + h, h, offs_m, offs_d, m_valid, d_valid, stride_gn, stride_gd,
+                   H, N, D, HAS_GATE)
 
 
 @triton.jit
@@ -505,6 +547,12 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
     return config
 
 
+def _rows_per_program(S: int) -> int:
+    """Rows the forward serves per program: two share each bias tile where there are rows
+    enough to keep the grid full (triangle, diffusion, MSA), one otherwise."""
+    return 2 if S >= 8 else 1
+
+
 def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
     """Chunks of rows the dBias pass splits S into, so that its ``tiles`` programs (one per
     bias tile and batch x head) become enough to give every SM about four; each chunk keeps at
@@ -577,8 +625,10 @@ def _forward(inp: _Inputs, scale: float):
     ieee = dtype == torch.float32
     dummy = inp.q
 
+    rows = _rows_per_program(S)
+
     def launch(cfg):
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), S, B * H)
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_forward_kernel[grid](
             inp.q, inp.k, inp.v,
             inp.bias if inp.bias is not None else dummy,
@@ -587,9 +637,9 @@ def _forward(inp: _Inputs, scale: float):
             out, att, lse,
             *inp.q.stride(), *inp.k.stride(), *inp.v.stride(),
             *_strides(inp.bias, 4), *_strides(inp.mask, 3), *_strides(inp.gate, 5),
-            H, N, D, scale * LOG2E,
+            S, H, N, D, scale * LOG2E,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
-            HAS_GATE=inp.gate is not None,
+            HAS_GATE=inp.gate is not None, ROWS=rows,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

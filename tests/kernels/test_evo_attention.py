@@ -83,6 +83,16 @@ def test_matches_reference(lead, S, N, H, D, dtype, poisoned_empty):
     check_against_reference(inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_two_rows_per_program(dtype, monkeypatch):
+    """The forward's two-rows-per-program path (many rows on a GPU): an odd S, whose last
+    program takes its last row twice, and a fully masked row among them."""
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S: 2)
+    inputs = make_inputs((1,), 5, 13, 2, 24, dtype, masked_rows=(3,))
+    out, _ = check_against_reference(inputs, dtype)
+    assert torch.all(out[:, 3] == 0)
+
+
 @pytest.mark.parametrize("parts", [dict(bias=False, mask=False, gate=False),
                                    dict(bias=True, mask=False, gate=False),
                                    dict(bias=False, mask=True, gate=True)])
