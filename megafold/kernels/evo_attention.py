@@ -353,6 +353,20 @@ def _evo_attention_dkdv_kernel(
 
 
 @triton.jit
+def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, m_valid, d_valid,
+                  stride_qn, stride_qd, H, N, D: tl.constexpr):
+    """Q and dO tiles ``[BLOCK_M, BLOCK_D]`` of one row, with its lse and delta."""
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_row + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    # dO (of the ungated attention) is contiguous [B, S, N, H, D].
+    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _evo_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -361,12 +375,15 @@ def _evo_attention_dq_kernel(
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     S, H, N, D: tl.constexpr, scale, scale_log2,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # As in the forward, a program serves ROWS (1 or 2) rows of one query block and each bias
+    # tile serves all of them; with an odd S the last row is done twice (same values stored).
     block_m = tl.program_id(0)
-    row = tl.program_id(1)
+    row0 = tl.program_id(1) * ROWS
+    row1 = tl.minimum(row0 + 1, S - 1)
     batch_head = tl.program_id(2)
     b = batch_head // H
     h = batch_head % H
@@ -374,56 +391,66 @@ def _evo_attention_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < N
     d_valid = offs_d < D
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    bh_row = (b * S + row) * H + h
-    q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
-                + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
-                 mask=qd_mask, other=0.0)
-    if IEEE:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
-    delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q_head = q_ptr + b * stride_qb + h * stride_qh
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr + b * stride_vb + h * stride_vh
+    mask_batch = mask_ptr + b * stride_mb
+    bh_row0 = (b * S + row0) * H + h
+    bh_row1 = (b * S + row1) * H + h
+
+    q0, do0, lse0, delta0 = _load_queries(q_head + row0 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row0,
+                                          h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lse_min = tl.min(lse0, axis=0)
+    if ROWS == 2:
+        q1, do1, lse1, delta1 = _load_queries(q_head + row1 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row1,
+                                              h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd,
+                                              H, N, D)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lse_min = tl.minimum(lse_min, tl.min(lse1, axis=0))
     n_end = N
     if not WRITE_DBIAS:
         # Query rows whose keys are all masked (lse = +inf) have zero gradients: skip the keys
         # (unless this pass also writes the bias gradient, which needs its zeros stored).
-        n_end = tl.where(tl.min(lse, axis=0) < float("inf"), N, 0)
+        n_end = tl.where(lse_min < float("inf"), N, 0)
     for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
-                    + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
-                    + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if IEEE:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_valid
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
-                                       mask=n_valid, other=0) != 0)
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
                                 + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                                 mask=m_valid[:, None] & n_valid[None, :], other=0.0)
             bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
+        p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
             tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :],
                      ds.to(dbias_ptr.dtype.element_ty),
                      mask=m_valid[:, None] & n_valid[None, :])
         if IEEE:
-            dq += tl.dot(ds, k, input_precision="ieee")
+            dq0 += tl.dot(ds, k, input_precision="ieee")
         else:
-            dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(dq_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+            dq0 += tl.dot(ds.to(k.dtype), k)
+        if ROWS == 2:
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
+            p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, IEEE)
+            if IEEE:
+                dq1 += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq1 += tl.dot(ds.to(k.dtype), k)
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    dq_offs = offs_m[:, None] * (H * D) + h * D + offs_d[None, :]
+    tl.store(dq_ptr + (bh_row0 // H * N) * (H * D) + dq_offs, (dq0 * scale).to(dq_ptr.dtype.element_ty),
+             mask=qd_mask)
+    if ROWS == 2:
+        tl.store(dq_ptr + (bh_row1 // H * N) * (H * D) + dq_offs, (dq1 * scale).to(dq_ptr.dtype.element_ty),
+                 mask=qd_mask)
 
 
 @triton.jit
@@ -548,8 +575,8 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
 
 
 def _rows_per_program(S: int) -> int:
-    """Rows the forward serves per program: two share each bias tile where there are rows
-    enough to keep the grid full (triangle, diffusion, MSA), one otherwise."""
+    """Rows the forward and dQ programs serve each: two share each bias tile where there are
+    rows enough to keep the grid full (triangle, diffusion, MSA), one otherwise."""
     return 2 if S >= 8 else 1
 
 
@@ -691,13 +718,15 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     # With one row the dQ pass sees every dS tile exactly once: it writes the bias gradient and
     # the separate dBias pass (a third recomputation) is skipped.
     dbias_in_dq = need_dbias and S == 1
+    rows = _rows_per_program(S)
 
     def launch_dq(cfg):
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), S, B * H)
+        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
             S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
+            ROWS=rows,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
