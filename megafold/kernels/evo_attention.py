@@ -80,6 +80,20 @@ def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
 
 
 @triton.jit
+def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, m_valid, d_valid,
+                  stride_qn, stride_qd, H, N, D: tl.constexpr):
+    """Q and dO tiles ``[BLOCK_M, BLOCK_D]`` of one row, with its lse and delta."""
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_row + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    # dO (of the ungated attention) is contiguous [B, S, N, H, D].
+    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     """One key block of one row's online softmax; returns the new (m_i, l_i, acc).
@@ -291,18 +305,10 @@ def _evo_attention_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < N
     d_valid = offs_d < D
-    kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    if IEEE:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    key_ok = n_valid
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
-                                   mask=n_valid, other=0) != 0)
+    k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
+                              v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
+                              mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
     bh_row = (b * S + row) * H + h
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -311,17 +317,9 @@ def _evo_attention_dkdv_kernel(
     for start_m in range(0, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
-        qd_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
-                    + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        # dO (of the ungated attention) is contiguous [B, S, N, H, D].
-        do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
-                     mask=qd_mask, other=0.0)
-        if IEEE:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
-        delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
+                                          m_valid, d_valid, stride_qn, stride_qd, H, N, D)
         # Tiles are [BLOCK_N, BLOCK_M] (keys x queries): P^T and dS^T come out in the layout
         # the dV and dK products take as their left operand; transposing a register tile
         # instead costs a round trip through shared memory per product.
@@ -348,22 +346,9 @@ def _evo_attention_dkdv_kernel(
             dv += tl.dot(p_t.to(do.dtype), do)
             dk += tl.dot(ds_t.to(q.dtype), q)
     out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
+    kv_mask = n_valid[:, None] & d_valid[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, m_valid, d_valid,
-                  stride_qn, stride_qd, H, N, D: tl.constexpr):
-    """Q and dO tiles ``[BLOCK_M, BLOCK_D]`` of one row, with its lse and delta."""
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_row + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    # dO (of the ungated attention) is contiguous [B, S, N, H, D].
-    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
-                 mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
-    delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-    return q, do, lse, delta
 
 
 @triton.jit
@@ -479,8 +464,6 @@ def _evo_attention_dbias_kernel(
     m_valid = offs_m < N
     n_valid = offs_n < N
     d_valid = offs_d < D
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    kv_mask = n_valid[:, None] & d_valid[None, :]
     tile_mask = m_valid[:, None] & n_valid[None, :]
     # The bias tile is the same for every row: load (and take to base 2) once, reduce all rows'
     # dS in registers.
@@ -490,26 +473,14 @@ def _evo_attention_dbias_kernel(
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_start = chunk * ROWS_PER_CHUNK
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_CHUNK, S)):
-        bh_row = (b * S + row) * H + h
-        q = tl.load(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh
-                    + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
-                     mask=qd_mask, other=0.0)
-        k = tl.load(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh
-                    + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + row * stride_vs + h * stride_vh
-                    + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if IEEE:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
-        delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-        key_ok = n_valid
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + row * stride_ms + offs_n * stride_mn,
-                                       mask=n_valid, other=0) != 0)
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
+                                          offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
+                                  v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
+                                  mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d,
+                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                  HAS_MASK)
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         dbias += ds
     # dbias is written contiguous [chunks, B, H, N, N], rounded once from the fp32 sum.
