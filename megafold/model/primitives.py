@@ -385,10 +385,12 @@ def checkpoint_pair_block(
         return block(pair, other, *args)
     if not pair_bf16:
         return checkpointed(block, pair, other, *args)
-    stored = pair.to(torch.bfloat16)
+    stored, dtype = pair.to(torch.bfloat16), pair.dtype
 
+    # The closure names only the dtype: the checkpoint keeps it for the recompute, and a
+    # reference to ``pair`` would keep every block's fp32 input alive until the backward.
     def delta_block(stored_pair, other_in, *rest):
-        pair_in = stored_pair.to(pair.dtype)
+        pair_in = stored_pair.to(dtype)
         pair_out, other_out = block(pair_in, other_in, *rest)
         return pair_out - pair_in, other_out
 

@@ -46,10 +46,11 @@ def make_inputs(lead, S, N, H, D, dtype, device="cpu", bias=True, mask=True, gat
     return inputs
 
 
-def check_against_reference(inputs, dtype, scale=None, backend="triton"):
-    """Run the op and the float64 reference; compare the output and every gradient."""
+def check_against_reference(inputs, dtype, scale=None, backend="triton", grad_out=None):
+    """Run the op and the float64 reference; compare the output and every gradient (of the
+    floating-point inputs, in the order of ``inputs``)."""
     out = evo_attention(**inputs, scale=scale, backend=backend)
-    grad_out = torch.randn_like(out)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
     leaves = [name for name, t in inputs.items() if t.is_floating_point()]
     grads = torch.autograd.grad(out, [inputs[n] for n in leaves], grad_out)
 
@@ -81,16 +82,6 @@ def check_against_reference(inputs, dtype, scale=None, backend="triton"):
 def test_matches_reference(lead, S, N, H, D, dtype, poisoned_empty):
     inputs = make_inputs(lead, S, N, H, D, dtype, masked_rows=(0,))
     check_against_reference(inputs, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_two_rows_per_program(dtype, monkeypatch):
-    """The forward's two-rows-per-program path (many rows on a GPU): an odd S, whose last
-    program takes its last row twice, and a fully masked row among them."""
-    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S: 2)
-    inputs = make_inputs((1,), 5, 13, 2, 24, dtype, masked_rows=(3,))
-    out, _ = check_against_reference(inputs, dtype)
-    assert torch.all(out[:, 3] == 0)
 
 
 @pytest.mark.parametrize("parts", [dict(bias=False, mask=False, gate=False),
@@ -154,20 +145,20 @@ def test_bias_gradient_is_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_bias_gradient_summed_over_row_chunks(monkeypatch):
-    """The dBias pass split into chunks of rows (small grids on a GPU): partial sums add up to
-    the reference, bitwise the same on every run, including a chunk shorter than the others."""
+def test_many_rows_paths(monkeypatch):
+    """What a GPU runs for many rows, forced at a CPU size: forward and dQ programs serving two
+    rows (an odd S, whose last program takes its last row twice; a fully masked row among them)
+    and the dBias pass split into row chunks (one shorter than the others) whose partial sums
+    are bitwise the same on every run."""
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S: 2)
     monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 3)
-    inputs = make_inputs((2,), 7, 9, 1, 8, torch.float32, masked_rows=(4,))
+    inputs = make_inputs((1,), 7, 13, 2, 24, torch.float32, masked_rows=(3,))
     grad_out = torch.randn_like(inputs["q"])
-    runs = [torch.autograd.grad(evo_attention(**inputs, backend="triton"), inputs["bias"], grad_out)[0]
-            for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
-    ref_inputs = {n: (t.detach().double().requires_grad_() if t.is_floating_point() else t)
-                  for n, t in inputs.items()}
-    ref = torch.autograd.grad(evo_attention_reference(**ref_inputs), ref_inputs["bias"],
-                              grad_out.double())[0]
-    assert rel_err(runs[0], ref) < TOL[torch.float32]
+    out, grads = check_against_reference(inputs, torch.float32, grad_out=grad_out)
+    assert torch.all(out[:, 3] == 0)
+    again = torch.autograd.grad(evo_attention(**inputs, backend="triton"), inputs["bias"], grad_out)[0]
+    leaves = [n for n, t in inputs.items() if t.is_floating_point()]
+    assert torch.equal(again, grads[leaves.index("bias")])
 
 
 def test_dbias_row_chunks_fill_the_gpu_only_when_needed():
