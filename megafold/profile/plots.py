@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megafold.profile.profiler import MODULES, OTHER, PHASES, SEARCH_DIM, STAGES
+from megafold.profile.profiler import MODULES, OTHER, PHASES, SEARCH_DIM, STAGES, combine
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -119,7 +119,8 @@ def memory_timeline_figure(ds: xr.Dataset) -> go.Figure:
 
 def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
     """Step time by stage (stacked, with the speedup over ``baseline``, default "torch" when
-    present) and peak memory by stage, one bar per config."""
+    present, and the time of a plain step without the profiler's hooks: its overhead) and peak
+    memory by stage, one bar per config."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -151,13 +152,24 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
             ),
             row=1, col=2,
         )  # fmt: skip
+    plain_ms = ds["plain_step_ms"] if "plain_step_ms" in ds else None
+    if plain_ms is not None and np.isfinite(plain_ms.values).any():
+        fig.add_trace(
+            go.Scatter(
+                x=configs, y=plain_ms.values, mode="markers", name="plain step (no hooks)",
+                marker={"symbol": "line-ew-open", "size": 36, "line": {"width": 3, "color": "black"}},
+                hovertemplate="plain step: %{y:.1f} ms<extra>%{x}</extra>",
+            ),
+            row=1, col=1,
+        )  # fmt: skip
     for config in configs:
         total = float(step_ms.sel(config=config))
         data_share = float(stage_ms.sel(config=config, stage="data")) / total if total > 0 else float("nan")
-        fig.add_annotation(
-            x=config, y=total, text=f"{base_ms / total:.2f}x<br>data {data_share:.1%}", showarrow=False,
-            yshift=18, row=1, col=1,
-        )  # fmt: skip
+        text = f"{base_ms / total:.2f}x<br>data {data_share:.1%}"
+        plain = float(plain_ms.sel(config=config)) if plain_ms is not None else float("nan")
+        if np.isfinite(plain) and plain > 0:
+            text += f"<br>profiler {total / plain - 1:+.0%}"
+        fig.add_annotation(x=config, y=total, text=text, showarrow=False, yshift=26, row=1, col=1)
     fig.update_layout(
         barmode="stack", title=_title("Training step by stage", ds), height=440, plot_bgcolor="white",
         legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0},
@@ -168,39 +180,35 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
 
 
 def longest_crop_figure(ds: xr.Dataset) -> go.Figure:
-    """Peak memory against crop size for each config, up to the crop that no longer fits
-    (marked x), with each config's longest crop in the legend. Takes a ``longest_crop``
-    Dataset or a comparison made with ``longest=True``."""
+    """Peak memory against crop size for each config: the crops a step was measured at (filled;
+    an x where it did not fit), the fitted peak the search predicted from (dotted), and the
+    predicted longest crop where no step verified it (open circle). The legend gives each
+    config's longest crop and what it rests on. Takes a ``longest_crop`` Dataset or a
+    comparison made with ``longest=True``."""
     import plotly.graph_objects as go
 
     if "fits" in ds and "crop" in ds["fits"].dims:  # one longest_crop() search
-        label = str(ds.attrs.get("label", "search"))
-        variables = ("fits", "peak_mib", "step_ms", "outcome")
-        ds = ds.rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in variables}})
-        budget = ds.attrs.get("memory_budget_mib")
-        ds = ds.expand_dims(config=[label]).assign(
-            longest_crop=("config", [ds.attrs.get("longest_crop", 0)]),
-            longest_budget_mib=("config", [budget if isinstance(budget, (int, float)) else np.nan]),
-        )
+        ds = combine({}, {str(ds.attrs.get("label", "search")): ds})
     if "crop_peak_mib" not in ds:
         raise ValueError("longest_crop_figure needs a longest_crop() result or compare(..., longest=True)")
     fig = go.Figure()
-    for config in ds.config.values:
+    for index, config in enumerate(ds.config.values):
+        color = _PALETTE[index % len(_PALETTE)]
         one = ds.sel(config=config)
         crops = one[SEARCH_DIM].values
         tried = one["crop_outcome"].values.astype(str) != ""
         fits = one["crop_fits"].values.astype(bool)
         peak = one["crop_peak_mib"].values
         longest = int(one["longest_crop"].values)
-        line = fig.add_trace(
+        predicted = int(one["longest_predicted"].values) if "longest_predicted" in one else 0
+        fig.add_trace(
             go.Scatter(
-                x=crops[fits], y=peak[fits], mode="lines+markers", name=f"{config}: longest {longest}",
-                hovertemplate="crop %{x}: %{y:.0f} MiB<extra>" + str(config) + "</extra>",
+                x=crops[fits], y=peak[fits], mode="lines+markers", name=f"{config}: {_longest_text(one)}",
+                line={"color": color}, hovertemplate="crop %{x}: %{y:.0f} MiB<extra>" + str(config) + "</extra>",
             )
         )  # fmt: skip
         failed = tried & ~fits
         if failed.any():
-            color = line.data[-1].line.color
             fig.add_trace(
                 go.Scatter(
                     x=crops[failed], y=np.where(np.isfinite(peak[failed]), peak[failed], 0.0),
@@ -209,18 +217,63 @@ def longest_crop_figure(ds: xr.Dataset) -> go.Figure:
                     hovertemplate="crop %{x}: %{text}<extra></extra>",
                 )
             )  # fmt: skip
+        fit = one["longest_fit_mib"].values if "longest_fit_mib" in one else np.full(4, np.nan)
+        if np.isfinite(fit).all() and tried.any():
+            right = max([longest, predicted, *crops[tried].tolist()]) * 1.1
+            grid = np.linspace(0.0, right, 60)
+            fig.add_trace(
+                go.Scatter(
+                    x=grid, y=np.polyval(fit[::-1], grid), mode="lines", line={"dash": "dot", "color": color},
+                    name=f"{config}: fitted peak", hoverinfo="skip",
+                )
+            )  # fmt: skip
+            if predicted > longest:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[predicted], y=[np.polyval(fit[::-1], predicted)], mode="markers",
+                        marker={"symbol": "circle-open", "size": 14, "color": color, "line": {"width": 2}},
+                        name=f"{config}: predicted {predicted} (not verified)",
+                        hovertemplate="crop %{x}: %{y:.0f} MiB predicted<extra></extra>",
+                    )
+                )  # fmt: skip
     total = ds.attrs.get("device_memory_mib")
     if isinstance(total, (int, float)) and total > 0:
         fig.add_hline(y=total, line={"dash": "dot", "color": "black"}, annotation_text="device memory")
     budgets = ds["longest_budget_mib"].values if "longest_budget_mib" in ds else []
     for budget in sorted({float(b) for b in np.ravel(budgets) if np.isfinite(b)}):
         fig.add_hline(y=budget, line={"dash": "dash", "color": "#d62728"}, annotation_text="memory budget")
+    if not len(budgets) or not np.isfinite(budgets).any():
+        limits = ds["longest_limit_mib"].values if "longest_limit_mib" in ds else []
+        for limit in sorted({float(b) for b in np.ravel(limits) if np.isfinite(b)}):
+            fig.add_hline(y=limit, line={"dash": "dash", "color": "#7f7f7f"}, annotation_text="search limit",
+                          annotation_position="bottom right")  # fmt: skip
     fig.update_layout(
         title=_title("Longest crop that fits", ds, with_crop=False),
         xaxis_title="crop (tokens)", yaxis_title="peak MiB", height=420, plot_bgcolor="white",
     )  # fmt: skip
     fig.update_yaxes(gridcolor="#e5e5e5", rangemode="tozero")
     return fig
+
+
+# What a search's longest crop rests on, by its stopped_by.
+_GROUNDS = {
+    "out of memory": "measured: the next crop ran out of memory",
+    "memory budget": "measured: the next crop was over budget",
+    "max_crop": "max_crop reached",
+    "memory (predicted)": "verified; the next crop is predicted not to fit",
+    "time budget": "verified; time budget",
+}
+
+
+def _longest_text(one: xr.Dataset) -> str:
+    """``longest N (grounds)`` for one config of a comparison with a search."""
+    longest = int(one["longest_crop"].values)
+    stopped_by = str(one["longest_stopped_by"].values)
+    predicted = int(one["longest_predicted"].values) if "longest_predicted" in one else 0
+    grounds = _GROUNDS.get(stopped_by, stopped_by)
+    if stopped_by == "time budget" and predicted > longest:
+        grounds = f"verified; ~{predicted} predicted, not verified in the time budget"
+    return f"longest {longest} ({grounds})"
 
 
 def figures(ds: xr.Dataset) -> dict[str, go.Figure]:

@@ -223,16 +223,23 @@ def _versions() -> dict[str, str]:
 
 
 class _Clock:
-    """Marks on the device timeline: CUDA events on a GPU, perf_counter on the CPU."""
+    """Marks on the device timeline: CUDA events on the stream the step runs on (recorded
+    without synchronizing), perf_counter on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.stream: Any = None
+
+    def start(self) -> None:
+        """Take the stream a step runs on (once per step, not per mark)."""
+        if self.cuda:
+            self.stream = torch.cuda.current_stream(self.device)
 
     def mark(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(self.stream)
             return event
         return time.perf_counter()
 
@@ -287,18 +294,21 @@ class _LiveTensors(TorchDispatchMode):
 
 
 class _Memory:
-    """Current and peak memory in MiB; ``take_peak`` returns the peak since its last call.
+    """Current and peak memory in MiB; ``sample`` returns both and restarts the peak.
 
-    GPU: the caching allocator's allocated bytes (``memory_allocated``, peaks read and reset
-    with ``max_memory_allocated`` / ``reset_peak_memory_stats``). CPU: the bytes of tensor
-    storages created inside the ``with`` block that are still alive (``_LiveTensors``).
+    GPU: the caching allocator's allocated bytes, current and peak read from one nested
+    statistics dict (``torch.cuda.memory_stats_as_nested_dict``: a single C call, where
+    ``memory_allocated`` / ``max_memory_allocated`` each flatten every statistic in Python,
+    ~100 us apiece), the peak restarted with ``reset_peak_memory_stats``. CPU: the bytes of
+    tensor storages created inside the ``with`` block that are still alive (``_LiveTensors``).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.index = device.index if self.cuda else None
         self.method = (
-            "torch.cuda.memory_allocated (exact peak per segment)"
+            "allocated bytes of the CUDA caching allocator (exact peak per segment)"
             if self.cuda
             else "live tensor storages created while profiling (a dispatch mode; exact peak per segment)"
         )
@@ -306,7 +316,7 @@ class _Memory:
 
     def __enter__(self) -> _Memory:
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(self.index)
         else:
             self._live.__enter__()
         return self
@@ -315,17 +325,21 @@ class _Memory:
         if self._live is not None:
             self._live.__exit__(*exc)
 
+    def sample(self) -> tuple[float, float]:
+        """(allocated now, peak since the previous sample) in MiB; restarts the peak."""
+        if self.cuda:
+            allocated = torch.cuda.memory_stats_as_nested_dict(self.index)["allocated_bytes"]["all"]
+            torch.cuda.reset_peak_memory_stats(self.index)
+            return allocated["current"] / MIB, allocated["peak"] / MIB
+        return self._live.bytes / MIB, self._live.take_peak() / MIB
+
     def allocated(self) -> float:
         if self.cuda:
-            return torch.cuda.memory_allocated(self.device) / MIB
+            return torch.cuda.memory_stats_as_nested_dict(self.index)["allocated_bytes"]["all"]["current"] / MIB
         return self._live.bytes / MIB
 
     def take_peak(self) -> float:
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return peak / MIB
-        return self._live.take_peak() / MIB
+        return self.sample()[1]
 
 
 # --------------------------------------------------------------------------- timeline
@@ -355,24 +369,29 @@ class _Timeline:
         self.peaks: list[float] = []
 
     def start(self) -> None:
-        self.memory.take_peak()
+        self.clock.start()
+        self.memory.sample()
         self.marks.append(self.clock.mark())
 
     def close(self, owner: Owner) -> None:
-        """End the running segment, owned by ``owner``."""
+        """End the running segment, owned by ``owner``: one event and one memory read."""
         self.marks.append(self.clock.mark())
         self.owners.append(owner)
-        self.allocated.append(self.memory.allocated())
-        self.peaks.append(self.memory.take_peak())
+        allocated, peak = self.memory.sample()
+        self.allocated.append(allocated)
+        self.peaks.append(peak)
 
 
 _PROBE_LEAF = torch.zeros((), requires_grad=True)
+# The thread's autograd sequence counter, read without creating a node (newer torch).
+_PEEK_SEQUENCE_NR: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 
 
 def _next_sequence_nr() -> int:
-    """The sequence number the next autograd node created on this thread will get (a probe
-    node takes the one before it)."""
-    with torch.enable_grad():
+    """The sequence number the next autograd node created on this thread will get."""
+    if _PEEK_SEQUENCE_NR is not None:
+        return _PEEK_SEQUENCE_NR()
+    with torch.enable_grad():  # a probe node takes the number before it
         return (_PROBE_LEAF * 1.0).grad_fn._sequence_nr() + 1
 
 
@@ -564,7 +583,9 @@ class _StepRecord:
 
 class _Session:
     """A model and its optimizer on one device, ready to run steps; memory is counted from
-    before the model is built (``with _Session(...) as session:``)."""
+    before the model is built (``with _Session(...) as session:``). Adam's moments are
+    allocated up front, so every step (the first included) holds the same persistent memory:
+    ``base_mib`` is that (weights, moments) plus one gradient per parameter."""
 
     def __init__(
         self, variant: Variant, device: torch.device, *, backward: bool, n_cycles: int, seed: int,
@@ -576,6 +597,7 @@ class _Session:
         self.model: AlphaFold3 | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.parameters = 0
+        self.base_mib = 0.0
 
     def __enter__(self) -> _Session:
         self.memory.__enter__()
@@ -585,8 +607,13 @@ class _Session:
                 self.model = AlphaFold3(self.variant.config).train()
             if self.variant.compile:
                 _compile_blocks(self.model, self.variant.compile)
-            self.optimizer = torch.optim.Adam(self.model.parameters(), **ADAM) if self.backward else None
             self.parameters = sum(p.numel() for p in self.model.parameters())
+            gradient_bytes = 0
+            if self.backward:
+                self.optimizer = torch.optim.Adam(self.model.parameters(), **ADAM)
+                _allocate_optimizer_state(self.optimizer)
+                gradient_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            self.base_mib = self.memory.allocated() + gradient_bytes / MIB
         except BaseException:
             self.__exit__()
             raise
@@ -598,6 +625,7 @@ class _Session:
         _free_memory(self.device)
 
     def step(self, batches: Iterator[Batch], tracer: _Tracer | None = None) -> _StepRecord:
+        """One step; without a tracer only the stage boundaries are marked (a plain step)."""
         timeline = _Timeline(self.clock, self.memory)
         tracer = tracer or _Tracer(self.model, traced=False)
         if self.device.type == "cuda":
@@ -626,6 +654,22 @@ class _Session:
             self.clock.durations_ms(timeline.marks), timeline.owners, timeline.allocated, timeline.peaks,
             dict(tracer.entries), loss_value,
         )
+
+
+def _allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam's moments now (zeros, step count 0: as a fresh optimizer) rather than in
+    the first step, whose peak would otherwise lack them. A step with zero gradients leaves
+    the weights as they are."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        state = optimizer.state[p]
+        for name, value in state.items():
+            if name == "step":
+                state[name] = value.zero_() if isinstance(value, torch.Tensor) else 0
 
 
 def _free_memory(device: torch.device) -> None:
@@ -707,11 +751,17 @@ def _base_attrs(device: torch.device) -> dict[str, Any]:
 
 
 def _profile_dataset(
-    records: Sequence[_StepRecord], session: _Session, traced_modules: set[str], attrs: dict[str, Any]
+    records: Sequence[_StepRecord],
+    plain: _StepRecord | None,
+    session: _Session,
+    traced_modules: set[str],
+    attrs: dict[str, Any],
 ) -> xr.Dataset:
     import xarray as xr
 
     tables = [_step_tables(record) for record in records]
+    step_ms = np.stack([t["stage_ms"].sum() for t in tables])
+    plain_ms = float(_step_tables(plain)["stage_ms"].sum()) if plain is not None else np.nan
 
     def mean(name: str) -> np.ndarray:
         return np.mean([t[name] for t in tables], axis=0)
@@ -734,7 +784,12 @@ def _profile_dataset(
             "peak_mib": (dims["module"], peak, {"doc": "peak while the module owned the timeline", "units": "MiB"}),
             "part_time_ms": (dims["part"], mean("part_time_ms"), {"doc": "time per top-level part", "units": "ms"}),
             "stage_ms": (("step", "stage"), np.stack([t["stage_ms"] for t in tables]), {"units": "ms"}),
-            "step_ms": (("step",), np.stack([t["stage_ms"].sum() for t in tables]), {"units": "ms"}),
+            "step_ms": (("step",), step_ms, {"units": "ms"}),
+            "plain_step_ms": ((), plain_ms, {"doc": "one step without module hooks, same run", "units": "ms"}),
+            "overhead_ms": (
+                (), step_ms.mean() - plain_ms, {"doc": "step_ms (mean) minus plain_step_ms: the profiler's cost", "units": "ms"},
+            ),
+            "switches": ((), float(len(last.owners)), {"doc": "timeline segments per profiled step"}),
             "stage_peak_mib": (("stage",), np.max([t["stage_peak_mib"] for t in tables], axis=0), {"units": "MiB"}),
             "loss": (("step",), np.array([r.loss for r in records])),
             "timeline_ms": (("sample",), ends, {"doc": "end of each segment since the last step began", "units": "ms"}),
@@ -767,6 +822,7 @@ def profile_step(
     warmup: int = 1,
     backward: bool = True,
     modules: bool = True,
+    measure_overhead: bool = True,
     device: str | torch.device | None = None,
     n_cycles: int = 1,
     msa_rows: int = 64,
@@ -782,7 +838,9 @@ def profile_step(
     Adam. ``backward=False`` profiles the forward alone, without autograd. Batches come from
     ``batches`` (e.g. ``megafold.precache.loader(...)``; the data stage then measures the
     wait for it), else one synthetic protein of ``crop`` tokens (``atoms_per_token`` atoms
-    each, ``msa_rows`` MSA rows) that stays on the device.
+    each, ``msa_rows`` MSA rows) that stays on the device. ``measure_overhead`` runs one plain
+    step (stage boundaries only) between the warmup and the profiled steps, so the profiler's
+    own cost is measured in the same run.
 
     Returns an ``xarray.Dataset``:
       time_ms, calls, peak_mib ``[module, phase]``: exclusive time (ms per step), entries and
@@ -791,7 +849,9 @@ def profile_step(
       part_time_ms ``[part, phase]``; stage_ms ``[step, stage]`` (data / forward / backward /
       optimizer), step_ms ``[step]``, stage_peak_mib ``[stage]``, loss ``[step]``;
       timeline_ms / timeline_mib / timeline_peak_mib / timeline_module / timeline_phase
-      ``[sample]``: the memory timeline of the last step, one sample per switch.
+      ``[sample]``: the memory timeline of the last step, one sample per switch;
+      plain_step_ms, overhead_ms (mean step_ms minus plain_step_ms; NaN without
+      ``measure_overhead``) and switches (timeline segments per step): the profiler's cost.
     Attributes name the device, versions, config and the measuring methods.
     """
     variant = config if isinstance(config, Variant) else Variant(resolve_config(config))
@@ -806,6 +866,7 @@ def profile_step(
     with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
         for _ in range(warmup):
             session.step(source)
+        plain = session.step(source) if modules and measure_overhead else None
         tracer = _Tracer(session.model, traced=modules)
         try:
             records = [session.step(source, tracer) for _ in range(steps)]
@@ -820,6 +881,8 @@ def profile_step(
             "warmup": warmup,
             "backward": backward,
             "n_cycles": n_cycles,
+            "msa_rows": msa_rows,
+            "atoms_per_token": atoms_per_token,
             "modules_traced": modules,
             "timing": "CUDA events on the current stream" if session.clock.cuda else "time.perf_counter",
             "memory": session.memory.method,
@@ -827,7 +890,7 @@ def profile_step(
             **_config_attrs(variant),
             **_base_attrs(device),
         }  # fmt: skip
-        return _profile_dataset(records, session, tracer.traced_modules, attrs)
+        return _profile_dataset(records, plain, session, tracer.traced_modules, attrs)
 
 
 def longest_crop(
@@ -838,6 +901,7 @@ def longest_crop(
     max_crop: int | None = None,
     memory_budget_mib: float | None = None,
     time_budget_s: float | None = None,
+    known: xr.Dataset | None = None,
     backward: bool = True,
     device: str | torch.device | None = None,
     n_cycles: int = 1,
@@ -848,25 +912,38 @@ def longest_crop(
 ) -> xr.Dataset:
     """The longest crop (tokens, on the grid ``start + k * step``) whose training step fits.
 
-    Where memory has a limit (a GPU's memory, or ``memory_budget_mib``) the search predicts
-    instead of walking: after two crops that fit it fits the measured peaks (``a + c N^2``,
-    then a quadratic in N from three points on) and jumps to the last grid crop predicted to
-    fit, then closes the bracket (the longest crop that fits, the next grid crop that does
-    not) by bisection. A search that would take ~15 steps of 128 tokens on an H100 takes ~5,
-    so it fits a dashboard's time budget. Without a limit (the CPU without a budget) it steps
-    up by ``step``.
+    Where memory has a limit (96% of a GPU's memory, or ``memory_budget_mib``) the search
+    predicts instead of walking. It fits the measured peaks as ``base + b N + c N^2`` (``+ d N^3``
+    from three points on; eager triangle attention holds an ``[N, N, N]`` tensor), with
+    non-negative coefficients and ``base`` the persistent memory (weights, Adam's moments, one
+    gradient per parameter); one point gives ``base + c N^2``, which overestimates a linear
+    term's growth (a cautious first jump). Each step then runs at the largest grid crop
+    predicted to fit inside the bracket (the longest crop that fit, the shortest that did not),
+    so a step both verifies the prediction and sharpens the fit; once the prediction says the
+    next grid crop does not fit, one step there closes the bracket. A profile of the same
+    config (``known=profile_step(...)``) or an earlier search seeds the points, so the first
+    step of a search seeded with a crop-384 profile already tries the predicted longest crop.
+    Without a limit (the CPU without a budget) it steps up by ``step``.
 
-    On a GPU a step that raises ``torch.OutOfMemoryError`` counts as "does not fit"; the
-    profiler frees the failed step (gradients, cached blocks) and goes on. ``memory_budget_mib``
-    makes a step whose peak exceeds the budget count as "does not fit" instead (to ask what fits
-    a smaller card). On the CPU nothing runs out of memory first: the search stops at
-    ``max_crop`` (default 64, steps of 16) or at the budget, measured as the process's
-    resident memory above its size when the search began. ``time_budget_s`` stops before a
-    crop that would start after that many seconds.
+    A step that raises ``torch.OutOfMemoryError`` counts as "does not fit" (it stops where
+    memory runs out; the profiler frees it and goes on); with ``memory_budget_mib`` a step
+    whose peak exceeds the budget counts as "over budget". On the CPU (no allocator limit) the
+    memory is the bytes of live tensors and the search stops at ``max_crop`` (default 64, steps
+    of 16) or at the budget.
+
+    ``time_budget_s`` bounds the search: a step predicted (from the measured step times) to
+    end after the budget is not started, and a step that runs past it is stopped at the next
+    AF3 module it enters (outcome "out of time"). The answer then says what it rests on.
 
     Returns a Dataset over ``crop``: fits (bool), peak_mib, step_ms, outcome ("fits", "out of
-    memory", "over budget"); attrs longest_crop (0 if even ``start`` fails) and stopped_by
-    ("out of memory" | "memory budget" | "max_crop" | "time budget").
+    memory", "over budget", "out of time"), source ("search", or "known" for seeded points).
+    Attributes: longest_crop, the longest crop a step was measured to fit (0 if not even
+    ``start``); stopped_by, why the search ended: "out of memory" / "memory budget" (a step at
+    the next grid crop was measured not to fit), "max_crop", "memory (predicted)" (the fit
+    predicts the next grid crop does not fit; not run within the time budget), or "time
+    budget" (a longer crop predicted to fit was not verified); predicted_crop, the longest
+    grid crop the memory fit predicts (0 without a limit); memory_limit_mib; fit_mib, the
+    coefficients ``[base, b, c, d]`` of the fitted peak in MiB (N in tokens).
     """
     import xarray as xr
 
@@ -884,52 +961,45 @@ def longest_crop(
         limit_mib = 0.96 * torch.cuda.get_device_properties(device).total_memory / MIB
     else:
         limit_mib = None
-    last = start + (max_crop - start) // step * step  # the largest grid crop
-    tried: dict[int, tuple[str, float, float]] = {}  # crop -> (outcome, peak MiB, step ms)
-    stopped_by = "max_crop"
+    grid = _Grid(start, step, start + (max_crop - start) // step * step)
+    seeded = _known_trials(known, variant, backward, n_cycles, msa_rows, atoms_per_token)
     began = time.perf_counter()
+    deadline = None if time_budget_s is None else began + time_budget_s
     with _Session(variant, device, backward=backward, n_cycles=n_cycles, seed=seed) as session:
-        while True:
-            crop = _next_crop(tried, start, step, last, limit_mib)
-            if crop is None:  # the bracket is closed, or max_crop fits
-                failed = [c for c, t in tried.items() if t[0] != "fits"]
-                if failed:
-                    outcome = tried[min(failed)][0]
-                    stopped_by = "out of memory" if outcome == "out of memory" else "memory budget"
-                break
-            if time_budget_s is not None and tried and time.perf_counter() - began > time_budget_s:
-                stopped_by = "time budget"
-                break
-            record = _attempt(session, crop, msa_rows, atoms_per_token, seed)
-            if record is None:
-                outcome, peak, elapsed = "out of memory", np.nan, np.nan
-            else:
-                peak = max(record.peaks)
-                elapsed = float(record.durations_ms.sum())
-                over = memory_budget_mib is not None and peak > memory_budget_mib
-                outcome = "over budget" if over else "fits"
-            tried[crop] = (outcome, peak, elapsed)
+
+        def measure(crop: int) -> _Trial:
+            return _measure(session, crop, deadline, memory_budget_mib, msa_rows, atoms_per_token, seed)
+
+        result = _search(measure, grid, limit_mib, session.base_mib, seeded, deadline)
+    tried = result.tried
     crops = sorted(tried)
-    outcomes, peaks, times = ([tried[c][i] for c in crops] for i in range(3))
-    fits = [outcome == "fits" for outcome in outcomes]
-    fitting = [c for c, ok in zip(crops, fits) if ok]
+    fitting = [c for c in crops if tried[c].outcome == "fits"]
     return xr.Dataset(
         {
-            "fits": (("crop",), np.array(fits, dtype=bool)),
-            "peak_mib": (("crop",), np.array(peaks, dtype=np.float64), {"units": "MiB"}),
-            "step_ms": (("crop",), np.array(times, dtype=np.float64), {"units": "ms"}),
-            "outcome": (("crop",), np.array(outcomes, dtype=str)),
+            "fits": (("crop",), np.array([tried[c].outcome == "fits" for c in crops], dtype=bool)),
+            "peak_mib": (("crop",), np.array([tried[c].peak_mib for c in crops], dtype=np.float64), {"units": "MiB"}),
+            "step_ms": (("crop",), np.array([tried[c].step_ms for c in crops], dtype=np.float64), {"units": "ms"}),
+            "outcome": (("crop",), np.array([tried[c].outcome for c in crops], dtype=str)),
+            "source": (("crop",), np.array(["known" if c in seeded else "search" for c in crops], dtype=str)),
         },
         coords={"crop": np.array(crops, dtype=np.int64)},
         attrs={
             "label": label or variant_label(variant, device),
             "longest_crop": max(fitting) if fitting else 0,
-            "stopped_by": stopped_by,
+            "stopped_by": result.stopped_by,
+            "predicted_crop": result.predicted or 0,
             "memory_budget_mib": memory_budget_mib if memory_budget_mib is not None else "none",
-            "search": f"start {start}, step {step}, max {max_crop}, "
-            + ("predicted from measured peaks, then bisection" if limit_mib is not None else "stepping up"),
-            "attempts": len(crops),
+            "memory_limit_mib": limit_mib if limit_mib is not None else "none",
+            "fit_mib": [float(c) for c in result.fit] if result.fit is not None else [],
+            "search": f"grid start {start}, step {step}, max {max_crop}; "
+            + ("steps at the crop a fit of the measured peaks predicts" if limit_mib is not None else "stepping up"),
+            "attempts": len(tried) - len(seeded),
+            "seconds": time.perf_counter() - began,
+            "time_budget_s": time_budget_s if time_budget_s is not None else "none",
             "backward": backward,
+            "n_cycles": n_cycles,
+            "msa_rows": msa_rows,
+            "atoms_per_token": atoms_per_token,
             "memory": session.memory.method,
             **_config_attrs(variant),
             **_base_attrs(device),
@@ -937,67 +1007,244 @@ def longest_crop(
     )
 
 
-def _next_crop(
-    tried: Mapping[int, tuple[str, float, float]], start: int, step: int, last: int, limit_mib: float | None
-) -> int | None:
-    """The next crop of a longest-crop search, or None when it is decided (see ``longest_crop``)."""
-    fit = sorted(c for c, t in tried.items() if t[0] == "fits")
-    failed = sorted(c for c, t in tried.items() if t[0] != "fits")
-    if not tried:
-        return start
-    if failed and failed[0] == start:
-        return None  # not even the first crop fits
-    lo = fit[-1] if fit else start - step
-    hi = failed[0] if failed else None
-    if hi is not None:  # bisect the bracket on the grid
-        gap = (hi - lo) // step
-        return None if gap <= 1 else lo + gap // 2 * step
-    if lo >= last:
-        return None
-    if limit_mib is None or len(fit) < 2:
-        return lo + step
-    predicted = _predict_crop([(c, tried[c][1]) for c in fit], limit_mib)
+@dataclass(frozen=True)
+class _Trial:
+    """One step of a longest-crop search."""
+
+    outcome: str  # "fits" | "out of memory" | "over budget" | "out of time"
+    peak_mib: float = np.nan
+    step_ms: float = np.nan
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Crops ``start + k * step`` up to ``last``."""
+
+    start: int
+    step: int
+    last: int
+
+    def floor(self, crop: float) -> int:
+        return self.start + int(np.floor((crop - self.start) / self.step)) * self.step
+
+    def ceil(self, crop: float) -> int:
+        return self.start + int(np.ceil((crop - self.start) / self.step)) * self.step
+
+
+@dataclass
+class _SearchResult:
+    tried: dict[int, _Trial]
+    stopped_by: str
+    predicted: int | None  # the longest grid crop the fit predicts fits (None: no limit)
+    fit: np.ndarray | None  # peak MiB = sum(fit[k] * N**k), k = 0..3
+
+
+_FAILED = {"out of memory": "out of memory", "over budget": "memory budget"}
+
+
+def _search(
+    measure: Callable[[int], _Trial],
+    grid: _Grid,
+    limit_mib: float | None,
+    base_mib: float,
+    known: Mapping[int, _Trial],
+    deadline: float | None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> _SearchResult:
+    """The longest-crop search of ``longest_crop`` over a measuring function (see there)."""
+    tried = dict(known)
+    while True:
+        fit = _fit_peaks(tried, base_mib) if limit_mib is not None else None
+        predicted = _predicted_crop(fit, limit_mib, grid) if fit is not None else None
+        candidate, decided = _next_crop(tried, grid, predicted)
+        if candidate is None:
+            return _SearchResult(tried, decided, predicted, fit)
+        # A step above the prediction only confirms that the crop below is the longest.
+        confirming = predicted is not None and candidate > predicted
+        out_of_time = "memory (predicted)" if confirming else "time budget"
+        if deadline is not None:
+            estimate_s = _estimate_ms(tried, candidate) / 1e3
+            if clock() + estimate_s > deadline:
+                return _SearchResult(tried, out_of_time, predicted, fit)
+        tried[candidate] = measure(candidate)
+        if tried[candidate].outcome == "out of time":
+            return _SearchResult(tried, out_of_time, predicted, fit)
+
+
+def _next_crop(tried: Mapping[int, _Trial], grid: _Grid, predicted: int | None) -> tuple[int | None, str]:
+    """The next crop to step at, or (None, why the search is decided)."""
+    fitting = sorted(c for c, t in tried.items() if t.outcome == "fits")
+    failed = sorted(c for c, t in tried.items() if t.outcome in _FAILED)
+    if not fitting:
+        first_failed = min(failed, default=None)
+        if first_failed is not None and first_failed <= grid.start:
+            return None, _FAILED[tried[first_failed].outcome]
+        return grid.start, ""
+    longest = fitting[-1]
+    above = [c for c in failed if c > longest]
+    lowest = grid.ceil(longest + 1)  # the shortest grid crop above the longest that fit
+    highest = grid.last if not above else min(grid.last, grid.floor(above[0] - 1))
+    if lowest > highest:
+        return None, _FAILED[tried[above[0]].outcome] if above and above[0] <= grid.last + grid.step else "max_crop"
     if predicted is None:
-        return lo + step
-    grid = start + int((predicted - start) // step) * step
-    return int(min(max(grid, lo + step), last))
+        return lowest, ""
+    if above and predicted >= above[0]:  # a failure refuted the prediction: bisect the bracket
+        return min(max(grid.floor((longest + above[0]) / 2), lowest), highest), ""
+    return min(max(predicted, lowest), highest), ""
 
 
-def _predict_crop(points: Sequence[tuple[int, float]], limit_mib: float) -> float | None:
-    """The crop whose peak memory reaches ``limit_mib``, from measured (crop, peak MiB) pairs:
-    peak = a + c N^2 through two points (the pair representation dominates), a least-squares
-    quadratic in N from three on. None if the fit does not grow with N."""
-    n = np.array([p[0] for p in points], dtype=np.float64)
-    peak = np.array([p[1] for p in points], dtype=np.float64)
-    if not np.isfinite(peak).all():
+def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float) -> np.ndarray | None:
+    """Coefficients ``[base, b, c, d]`` (MiB) of ``peak = base + b N + c N^2 + d N^3``, all
+    non-negative, fitted by least squares to the measured peaks: ``c`` alone from one point,
+    ``b, c`` from two, ``b, c, d`` from three on (exact where there are as many points as
+    unknowns). None without a measured peak."""
+    points = sorted((c, t.peak_mib) for c, t in tried.items() if np.isfinite(t.peak_mib))
+    if not points:
         return None
-    if len(points) == 2:
-        c = (peak[1] - peak[0]) / (n[1] ** 2 - n[0] ** 2)
-        if c <= 0:
-            return None
-        a = peak[0] - c * n[0] ** 2
-        return float(np.sqrt(max(limit_mib - a, 0.0) / c))
-    c2, c1, c0 = np.polyfit(n, peak, 2)
-    if c2 <= 0:  # no curvature measured: a straight line through the last points
-        c1, c0 = np.polyfit(n[-2:], peak[-2:], 1)
-        return float((limit_mib - c0) / c1) if c1 > 0 else None
-    disc = c1 * c1 - 4 * c2 * (c0 - limit_mib)
-    return float((-c1 + np.sqrt(disc)) / (2 * c2)) if disc >= 0 else None
+    n = np.array([p[0] for p in points], dtype=np.float64)
+    above_base = np.array([p[1] for p in points], dtype=np.float64) - base_mib
+    powers = (2,) if len(points) == 1 else (1, 2) if len(points) == 2 else (1, 2, 3)
+    coefficients = _nonnegative_least_squares(n[:, None] ** np.array(powers), above_base)
+    fit = np.zeros(4)
+    fit[0] = base_mib
+    fit[list(powers)] = coefficients
+    return fit
 
 
-def _attempt(session: _Session, crop: int, msa_rows: int, atoms_per_token: int, seed: int) -> _StepRecord | None:
-    """One step at ``crop`` tokens; None if it ran out of GPU memory (after cleaning up)."""
-    record = None
-    try:
-        source = _synthetic_batches(crop, session.device, msa_rows, atoms_per_token, seed)
-        record = session.step(source)
-    except _OOM_ERROR:
-        pass  # the traceback (and the tensors its frames hold) is released on leaving this block
+def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin ||design x - target|| over x >= 0, by trying every set of free columns (at most
+    three columns here: seven small problems)."""
+    columns = design.shape[1]
+    scale = np.abs(design).max(axis=0)  # N^3 and N differ by 10^6: solve in scaled columns
+    scaled = design / scale
+    best, best_residual = np.zeros(columns), float(np.sum(target**2))
+    for mask in range(1, 2**columns):
+        free = [k for k in range(columns) if mask >> k & 1]
+        solution = np.linalg.lstsq(scaled[:, free], target, rcond=None)[0]
+        if np.any(solution < 0):
+            continue
+        residual = float(np.sum((scaled[:, free] @ solution - target) ** 2))
+        if residual < best_residual * (1 - 1e-12):
+            best = np.zeros(columns)
+            best[free] = solution
+            best_residual = residual
+    return best / scale
+
+
+def _predicted_crop(fit: np.ndarray, limit_mib: float, grid: _Grid) -> int:
+    """The longest grid crop whose fitted peak is within ``limit_mib`` (the peak grows with N:
+    bisection over the grid); ``grid.start - grid.step`` if not even the first fits."""
+
+    def peak(crop: int) -> float:
+        return float(np.polyval(fit[::-1], crop))
+
+    low, high = -1, (grid.last - grid.start) // grid.step  # low fits (virtually), high + 1 does not
+    if peak(grid.last) <= limit_mib:
+        return grid.last
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if peak(grid.start + middle * grid.step) <= limit_mib else (low, middle)
+    return grid.start + low * grid.step
+
+
+def _estimate_ms(tried: Mapping[int, _Trial], crop: int) -> float:
+    """The time of a step at ``crop`` from the measured ones: a power law through the two
+    longest (exponent between 1 and 3), N^2 from one point, 0 with none."""
+    times = sorted((c, t.step_ms) for c, t in tried.items() if t.outcome == "fits" and np.isfinite(t.step_ms))
+    if not times:
+        return 0.0
+    if len(times) == 1:
+        exponent = 2.0
+    else:
+        (n1, t1), (n2, t2) = times[-2:]
+        exponent = float(np.clip(np.log(t2 / t1) / np.log(n2 / n1), 1.0, 3.0)) if t1 > 0 and t2 > 0 else 2.0
+    longest, ms = times[-1]
+    return ms * (crop / longest) ** exponent
+
+
+class _OutOfTime(Exception):
+    """A search step ran past the search's deadline."""
+
+
+class _Deadline:
+    """Forward pre-hooks on the AF3 modules that stop a step (``_OutOfTime``) once the clock
+    passes ``deadline``: checked at every module entry, the recomputation of checkpointed
+    blocks inside backward included."""
+
+    def __init__(self, model: nn.Module, deadline: float | None):
+        self.deadline = deadline
+        self.passed = False
+        self._handles = [] if deadline is None else [
+            module.register_forward_pre_hook(self._check)
+            for module in model.modules() if type(module).__name__ in AF3_MODULES
+        ]  # fmt: skip
+
+    def _check(self, module: nn.Module, args: Any) -> None:
+        if time.perf_counter() > self.deadline:
+            self.passed = True
+            raise _OutOfTime(f"past the search's time budget entering {type(module).__name__}")
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _measure(
+    session: _Session, crop: int, deadline: float | None, budget_mib: float | None, msa_rows: int,
+    atoms_per_token: int, seed: int,
+) -> _Trial:  # fmt: skip
+    """One step at ``crop``; a step that runs out of GPU memory or time is cleaned up."""
+    record, outcome = None, "out of memory"
+    with _Deadline(session.model, deadline) as watch:
+        try:
+            source = _synthetic_batches(crop, session.device, msa_rows, atoms_per_token, seed)
+            record = session.step(source)
+        except _OOM_ERROR:
+            pass  # the traceback (and the tensors its frames hold) is released on leaving this block
+        except (_OutOfTime, RuntimeError):
+            if not watch.passed:  # a RuntimeError of the step itself
+                raise
+            outcome = "out of time"  # (autograd may re-raise the hook's error as a RuntimeError)
     source = None
     if session.optimizer is not None:
         session.optimizer.zero_grad(set_to_none=True)
     _free_memory(session.device)
-    return record
+    if record is None:
+        return _Trial(outcome)
+    peak = max(record.peaks)
+    over = budget_mib is not None and peak > budget_mib
+    return _Trial("over budget" if over else "fits", peak, float(record.durations_ms.sum()))
+
+
+def _known_trials(
+    known: xr.Dataset | None, variant: Variant, backward: bool, n_cycles: int, msa_rows: int, atoms_per_token: int
+) -> dict[int, _Trial]:
+    """Points of a profile (``profile_step`` on synthetic batches) or an earlier search of the
+    same config and settings, as search trials."""
+    if known is None:
+        return {}
+    if "crop" not in known.dims and not str(known.attrs.get("data", "")).startswith("synthetic"):
+        raise ConfigError("longest_crop: known profiles must be of synthetic batches (as the search steps)")
+    expected = {
+        "config_json": _config_attrs(variant)["config_json"], "backward": backward, "n_cycles": n_cycles,
+        "msa_rows": msa_rows, "atoms_per_token": atoms_per_token,
+    }  # fmt: skip
+    differ = [name for name, value in expected.items() if known.attrs.get(name) != value]
+    if differ:
+        raise ConfigError(f"longest_crop: the known results were made with other settings ({', '.join(differ)})")
+    if "crop" in known.dims:  # an earlier search
+        return {
+            int(crop): _Trial(str(outcome), float(peak), float(ms))
+            for crop, outcome, peak, ms in zip(known.crop.values, known.outcome.values, known.peak_mib.values,
+                                               known.step_ms.values)
+            if outcome in ("fits", *_FAILED)
+        }  # fmt: skip
+    plain_ms = float(known["plain_step_ms"]) if "plain_step_ms" in known else np.nan
+    step_ms = plain_ms if np.isfinite(plain_ms) else float(known["step_ms"].mean())
+    return {int(known.attrs["crop"]): _Trial("fits", float(known["stage_peak_mib"].max()), step_ms)}
 
 
 def compare(
@@ -1012,9 +1259,11 @@ def compare(
     """``profile_step`` for each labelled config (e.g. ``variants(preset("paper"))``), at the
     same crop and batches, side by side along a new ``config`` dimension.
 
-    ``longest=True`` also runs ``longest_crop`` for each (options in ``longest_options``) and
-    adds longest_crop / longest_stopped_by / longest_budget_mib ``[config]`` and crop_fits / crop_peak_mib /
-    crop_step_ms / crop_outcome ``[config, search_crop]``. ``on_result(label, partial)`` is called after each
+    ``longest=True`` also runs ``longest_crop`` for each (options in ``longest_options``; seeded
+    with the profile when it ran on synthetic batches) and adds longest_crop / longest_stopped_by
+    / longest_predicted / longest_budget_mib / longest_limit_mib ``[config]``, longest_fit_mib
+    ``[config, power]`` and crop_fits / crop_peak_mib / crop_step_ms / crop_outcome / crop_source
+    ``[config, search_crop]``. ``on_result(label, partial)`` is called after each
     config with the results so far (a dashboard draws them as they arrive). Per-config
     settings (kernels, compile, checkpoint, dtype, crop) become coordinates along ``config``.
     """
@@ -1029,13 +1278,16 @@ def compare(
                 k: profile_options[k] for k in ("device", "n_cycles", "msa_rows", "atoms_per_token", "seed", "backward")
                 if k in profile_options
             }  # fmt: skip
-            searches[label] = longest_crop(config, label=label, **{**search_options, **(longest_options or {})})
+            searches[label] = longest_crop(
+                config, label=label, known=results[label] if profile_options.get("batches") is None else None,
+                **{**search_options, **(longest_options or {})},
+            )
         if on_result is not None:
             on_result(label, combine(results, searches))
     return combine(results, searches)
 
 
-_SEARCH_VARIABLES = ("fits", "peak_mib", "step_ms", "outcome")
+_SEARCH_VARIABLES = ("fits", "peak_mib", "step_ms", "outcome", "source")
 # A comparison keeps each profile's crop as the coordinate "crop" along config; the crops a
 # search tried get their own dimension.
 SEARCH_DIM = "search_crop"
@@ -1068,6 +1320,7 @@ def combine(results: Mapping[str, xr.Dataset], searches: Mapping[str, xr.Dataset
             {
                 "fits": ("crop", np.zeros(0, bool)), "peak_mib": ("crop", np.zeros(0)),
                 "step_ms": ("crop", np.zeros(0)), "outcome": ("crop", np.zeros(0, dtype=str)),
+                "source": ("crop", np.zeros(0, dtype=str)),
             },
             coords={"crop": np.zeros(0, np.int64)},
             attrs={"stopped_by": "not searched"},
@@ -1079,21 +1332,36 @@ def combine(results: Mapping[str, xr.Dataset], searches: Mapping[str, xr.Dataset
                 _pad(search[list(_SEARCH_VARIABLES)], "crop", crops)
                 .rename({"crop": SEARCH_DIM, **{name: f"crop_{name}" for name in _SEARCH_VARIABLES}})
                 .expand_dims(config=[label])
-                .assign(
-                    longest_crop=("config", [search.attrs.get("longest_crop", 0)]),
-                    longest_stopped_by=("config", [search.attrs["stopped_by"]]),
-                    longest_budget_mib=("config", [_budget(search)]),
-                )
+                .assign(**_search_summary(search))
+                .assign_coords(power=np.arange(4))
             )
-        per_search = {*_PER_CONFIG_ATTRS, "longest_crop", "stopped_by", "memory_budget_mib", "search"}
+        per_search = {*_PER_CONFIG_ATTRS, *_PER_SEARCH_ATTRS}
         attrs = combined.attrs or {k: v for k, v in next(iter(searches.values())).attrs.items() if k not in per_search}
         combined = xr.merge([combined, xr.concat(sweep, dim="config")], combine_attrs="override").assign_attrs(attrs)
     return combined
 
 
-def _budget(search: xr.Dataset) -> float:
-    budget = search.attrs.get("memory_budget_mib")
-    return float(budget) if isinstance(budget, (int, float)) else np.nan
+_PER_SEARCH_ATTRS = (
+    "longest_crop", "stopped_by", "predicted_crop", "memory_budget_mib", "memory_limit_mib", "fit_mib", "search",
+    "attempts", "seconds", "time_budget_s",
+)  # fmt: skip
+
+
+def _search_summary(search: xr.Dataset) -> dict[str, tuple]:
+    """A search's answer as variables along ``config`` (see ``compare``)."""
+    fit = np.asarray(search.attrs.get("fit_mib") or [np.nan] * 4, dtype=np.float64)
+    return {
+        "longest_crop": ("config", [search.attrs.get("longest_crop", 0)]),
+        "longest_stopped_by": ("config", [search.attrs["stopped_by"]]),
+        "longest_predicted": ("config", [search.attrs.get("predicted_crop", 0)]),
+        "longest_budget_mib": ("config", [_number(search.attrs.get("memory_budget_mib"))]),
+        "longest_limit_mib": ("config", [_number(search.attrs.get("memory_limit_mib"))]),
+        "longest_fit_mib": (("config", "power"), fit[None, :], {"doc": "peak MiB = sum over k of fit[k] N^k"}),
+    }
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else np.nan
 
 
 def _pad(ds: xr.Dataset, dim: str, index: np.ndarray) -> xr.Dataset:

@@ -47,12 +47,16 @@ def test_module_time_figure_stacks_af3_modules_per_config_and_phase(comparison):
     assert total == pytest.approx(float(comparison["time_ms"].sum()))
 
 
-def test_step_figure_shows_stages_and_speedup(comparison):
+def test_step_figure_shows_stages_speedup_and_the_profilers_overhead(comparison):
     fig = plots.step_figure(comparison, baseline="torch")
-    stage_traces = [t for t in fig.data if t.xaxis == "x"]
+    stage_traces = [t for t in fig.data if t.xaxis == "x" and t.type == "bar"]
     assert [t.name for t in stage_traces] == list(STAGES)
     texts = [a.text for a in fig.layout.annotations if "x<br>" in a.text]
     assert len(texts) == 2 and texts[0].startswith("1.00x")
+    plain = next(t for t in fig.data if t.name == "plain step (no hooks)")
+    assert list(plain.y) == pytest.approx(comparison["plain_step_ms"].values.tolist())
+    overhead = float(comparison["step_ms"].sel(config="torch").mean() / comparison["plain_step_ms"].sel(config="torch"))
+    assert f"profiler {overhead - 1:+.0%}" in texts[0]
 
 
 def test_memory_timeline_has_one_line_per_config(comparison):
@@ -73,11 +77,28 @@ def test_memory_timeline_is_thinned_keeping_peaks(comparison, monkeypatch):
 def test_longest_crop_figure(profiles):
     comparison, searches = profiles
     fig = plots.longest_crop_figure(comparison)
-    assert [t.name for t in fig.data] == ["torch: longest 16", "checkpointed: longest 16"]
+    assert [t.name for t in fig.data] == ["torch: longest 16 (max_crop reached)", "checkpointed: longest 16 (max_crop reached)"]
     assert list(fig.data[0].x) == [8, 16]
     single = plots.longest_crop_figure(searches["torch"])  # one search, without a comparison
-    assert [t.name for t in single.data] == ["torch: longest 16"]
+    assert [t.name for t in single.data] == ["torch: longest 16 (max_crop reached)"]
     assert list(single.data[0].y) == list(searches["torch"]["peak_mib"].values)
+
+
+def test_longest_crop_figure_shows_the_fit_and_an_unverified_prediction(profiles):
+    comparison, _ = profiles
+    torch_only = comparison.sel(config=["torch"])
+    peaks = torch_only["crop_peak_mib"].values[0]
+    fit = np.array([peaks[0] - 4.0, 0.0, 4.0 / 64, 0.0])  # through the crop-8 peak, growing as N^2
+    unverified = torch_only.assign(
+        longest_crop=("config", [8]), longest_stopped_by=("config", ["time budget"]),
+        longest_predicted=("config", [24]), longest_fit_mib=(("config", "power"), fit[None]),
+    )  # fmt: skip
+    fig = plots.longest_crop_figure(unverified)
+    names = [t.name for t in fig.data]
+    assert names[0] == "torch: longest 8 (verified; ~24 predicted, not verified in the time budget)"
+    assert "torch: fitted peak" in names and "torch: predicted 24 (not verified)" in names
+    circle = fig.data[names.index("torch: predicted 24 (not verified)")]
+    assert list(circle.x) == [24] and circle.y[0] == pytest.approx(peaks[0] - 4.0 + 4.0 / 64 * 24**2)
     with pytest.raises(ValueError, match="longest_crop"):
         plots.longest_crop_figure(_without_search(comparison))
 

@@ -105,6 +105,36 @@ def test_time_is_exclusive_per_module_in_forward_and_backward(quick_config):
     assert not model.pairformer._forward_pre_hooks and not model.pairformer._forward_hooks
 
 
+def test_sequence_number_is_the_next_nodes():
+    x = torch.randn(3, requires_grad=True)
+    expected = profiler._next_sequence_nr()
+    assert (x * 2).grad_fn._sequence_nr() == expected
+    assert profiler._next_sequence_nr() == expected + 1  # reading it creates no node
+
+
+def test_profile_reports_its_own_overhead(quick_config, monkeypatch):
+    """A plain step of the same run is the baseline: a memory read made ~3 ms slower costs that
+    much per switch of the profiled step, and overhead_ms says so."""
+    sample, slept = profiler._Memory.sample, []
+
+    def slow_sample(self):
+        began = time.perf_counter()
+        time.sleep(0.003)
+        slept.append(time.perf_counter() - began)
+        return sample(self)
+
+    monkeypatch.setattr(profiler._Memory, "sample", slow_sample)
+    ds = profile_step(quick_config, crop=8, warmup=1, **SMALL)
+    switches = int(ds["switches"])
+    plain_switches = len(STAGES) + 1  # data, forward, hooking the graph, backward, optimizer + the start
+    expected_ms = (switches - plain_switches) * np.mean(slept) * 1e3
+    assert switches > 100 and float(ds["plain_step_ms"]) > 0
+    assert float(ds["overhead_ms"]) == pytest.approx(float(ds["step_ms"].mean() - ds["plain_step_ms"]))
+    assert float(ds["overhead_ms"]) == pytest.approx(expected_ms, rel=0.25)
+    without = profile_step(quick_config, crop=8, warmup=0, measure_overhead=False, **SMALL)
+    assert np.isnan(float(without["plain_step_ms"])) and np.isnan(float(without["overhead_ms"]))
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -229,6 +259,11 @@ def test_bad_settings_raise_config_errors(quick_config):
         longest_crop(quick_config, start=32, max_crop=16)
     with pytest.raises(ConfigError, match="no saved profile"):
         load("/nonexistent/profile.zarr")
+    profile = xr.Dataset(attrs={"data": "synthetic", "config_json": "{}"})
+    with pytest.raises(ConfigError, match="other settings.*config_json"):
+        longest_crop(quick_config, start=8, max_crop=16, known=profile)
+    with pytest.raises(ConfigError, match="synthetic"):
+        longest_crop(quick_config, start=8, max_crop=16, known=profile.assign_attrs(data="batches"))
 
 
 # --------------------------------------------------------------------------- longest crop
@@ -266,31 +301,109 @@ def test_longest_crop_recovers_from_out_of_memory(quick_config, monkeypatch):
     assert all(p.grad is None for p in sessions[-1].parameters())  # the failed step was cleaned up
 
 
-def test_longest_crop_predicts_from_measured_peaks_then_bisects(quick_config, monkeypatch):
-    """With a memory limit the search jumps to the predicted crop and closes the bracket: the
-    exact longest grid crop in a handful of steps where stepping by 128 would take 24."""
-    attempts = []
+class _FakeGpu:
+    """A measuring function for ``profiler._search``: peak(N) = base + b N + c N^2 + d N^3 MiB,
+    out of memory above ``limit``, steps that take ``ms_per_token2 * N^2`` ms on a fake clock."""
 
-    def fake_attempt(session, crop, *args):
-        attempts.append(crop)
-        if crop > 2500:  # a hard out-of-memory beyond the memory model, as a GPU can have
-            return None
-        return types.SimpleNamespace(peaks=[1000 + 0.01 * crop**2 + 3 * crop], durations_ms=np.array([1.0]))
+    def __init__(self, base=1000.0, b=3.0, c=0.01, d=0.0, limit=100_000.0, ms_per_token2=0.01):
+        self.base, self.b, self.c, self.d, self.limit = base, b, c, d, limit
+        self.ms_per_token2 = ms_per_token2
+        self.now = 0.0
+        self.attempts = []
 
-    monkeypatch.setattr(profiler, "_attempt", fake_attempt)
-    # The budget alone would allow 2944 (peak(3000) = 100000 MiB); the out-of-memory above
-    # 2500 tokens binds first: the prediction overshoots, bisection finds 2432 = 19 x 128.
-    search = longest_crop(quick_config, start=128, step=128, max_crop=8192, memory_budget_mib=100_000)
-    assert search.attrs["longest_crop"] == 2432
-    assert search.attrs["stopped_by"] == "out of memory"
-    assert 2560 in attempts and len(attempts) <= 8 and search.attrs["attempts"] == len(attempts)
-    assert list(search.crop.values) == sorted(attempts)  # reported in crop order
-    attempts.clear()
-    search = longest_crop(quick_config, start=128, step=128, max_crop=2400, memory_budget_mib=60_000)
-    # peak(N) <= 60000 up to N = 2283: 2176 fits, 2304 is over budget
-    assert search.attrs["longest_crop"] == 2176 and search.attrs["stopped_by"] == "memory budget"
-    assert set(search["outcome"].values) == {"fits", "over budget"} and len(attempts) <= 5
-    assert attempts[:2] == [128, 256]  # two measured crops before the first prediction
+    def peak(self, crop):
+        return self.base + self.b * crop + self.c * crop**2 + self.d * crop**3
+
+    def longest(self, grid):
+        return max(c for c in range(grid.start, grid.last + 1, grid.step) if self.peak(c) <= self.limit)
+
+    def measure(self, crop):
+        self.attempts.append(crop)
+        ms = self.ms_per_token2 * crop**2
+        self.now += ms / 1e3
+        if self.peak(crop) > self.limit:
+            return profiler._Trial("out of memory")
+        return profiler._Trial("fits", self.peak(crop), ms)
+
+    def known(self, crop):
+        return {crop: profiler._Trial("fits", self.peak(crop), self.ms_per_token2 * crop**2)}
+
+    def search(self, grid, deadline=None, known=None, base=None):
+        return profiler._search(
+            self.measure, grid, self.limit, self.base if base is None else base, known or {}, deadline,
+            clock=lambda: self.now,
+        )  # fmt: skip
+
+
+GPU_GRID = profiler._Grid(start=128, step=128, last=8192)
+
+
+def test_search_seeded_with_a_profile_verifies_the_predicted_crop_then_closes_the_bracket():
+    """From one profiled crop the first step already goes to the cautious prediction, the
+    second to the exact one (two points fix a quadratic), the third confirms the crop above
+    does not fit: 3 steps where stepping by 128 from 384 would take 21."""
+    gpu = _FakeGpu()
+    assert gpu.longest(GPU_GRID) == 2944
+    result = gpu.search(GPU_GRID, known=gpu.known(384))
+    assert gpu.attempts == [2304, 2944, 3072]
+    assert max(c for c, t in result.tried.items() if t.outcome == "fits") == 2944
+    assert result.stopped_by == "out of memory" and result.predicted == 2944
+    np.testing.assert_allclose(result.fit, [1000, 3, 0.01, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_search_within_a_time_budget_says_what_the_answer_rests_on():
+    # Time for the verification at 2944 (86.7 s on the fake clock) but not for the confirmation.
+    gpu = _FakeGpu()
+    result = gpu.search(GPU_GRID, deadline=200.0, known=gpu.known(384))
+    assert gpu.attempts == [2304, 2944]
+    assert result.stopped_by == "memory (predicted)" and result.predicted == 2944
+    # No time to verify the prediction: the answer is the crop that fit, and says so.
+    gpu = _FakeGpu()
+    result = gpu.search(GPU_GRID, deadline=60.0, known=gpu.known(384))
+    assert gpu.attempts == [2304]
+    assert result.stopped_by == "time budget" and result.predicted == 2944
+    # A step that runs past the deadline (stopped by the module hooks) ends the search too.
+    gpu = _FakeGpu()
+    result = profiler._search(
+        lambda crop: profiler._Trial("out of time"), GPU_GRID, gpu.limit, gpu.base, gpu.known(384), 1e9
+    )
+    assert result.stopped_by == "time budget" and result.tried[2304].outcome == "out of time"
+
+
+def test_search_recovers_when_the_prediction_overshoots():
+    """Eager triangle attention's N^3 memory: the quadratic fit of the first points overshoots,
+    the step runs out of memory, the search bisects the bracket, and the cubic fit of three
+    points lands on the longest crop."""
+    gpu = _FakeGpu(b=1.0, c=0.005, d=4e-6)
+    result = gpu.search(GPU_GRID, known=gpu.known(384))
+    assert gpu.attempts[:2] == [3200, 1792]  # out of memory, then the middle of 384..3200
+    assert result.tried[3200].outcome == "out of memory"
+    longest = max(c for c, t in result.tried.items() if t.outcome == "fits")
+    assert longest == gpu.longest(GPU_GRID) == 2432
+    assert result.stopped_by == "out of memory" and len(gpu.attempts) <= 6
+
+
+def test_search_without_a_known_point_starts_at_the_grid_start():
+    gpu = _FakeGpu()
+    result = gpu.search(GPU_GRID)
+    assert gpu.attempts[0] == 128 and max(c for c, t in result.tried.items() if t.outcome == "fits") == 2944
+    too_small = _FakeGpu(base=200_000.0)
+    result = too_small.search(GPU_GRID)
+    assert too_small.attempts == [128] and result.stopped_by == "out of memory"
+    capped = _FakeGpu()
+    result = capped.search(profiler._Grid(128, 128, 1024), known=capped.known(384))
+    assert capped.attempts == [1024] and result.stopped_by == "max_crop"
+
+
+def test_fit_of_peaks_is_non_negative_and_exact_for_as_many_points_as_unknowns():
+    gpu = _FakeGpu(b=2.0, c=0.003, d=1e-6)
+    tried = {n: profiler._Trial("fits", gpu.peak(n)) for n in (256, 512, 1024)}
+    np.testing.assert_allclose(profiler._fit_peaks(tried, gpu.base), [1000, 2.0, 0.003, 1e-6], rtol=1e-6)
+    # Peaks that fall with N would need a negative coefficient: clamped to a flat fit.
+    falling = {256: profiler._Trial("fits", 5000.0), 512: profiler._Trial("fits", 4000.0)}
+    fit = profiler._fit_peaks(falling, 1000.0)
+    assert (fit >= 0).all() and fit[1:].sum() > 0
+    assert profiler._fit_peaks({256: profiler._Trial("out of memory")}, 0.0) is None
 
 
 # --------------------------------------------------------------------------- compare, zarr
@@ -316,6 +429,9 @@ def test_zarr_round_trip(quick_config, tmp_path):
     ds = compare({"eager": quick_config, "checkpointed": quick_config.replace(checkpoint=True)}, crop=8,
                  warmup=0, longest=True, longest_options={"start": 8, "step": 8, "max_crop": 16}, **SMALL)  # fmt: skip
     assert ds.sizes["config"] == 2 and list(ds.search_crop.values) == [8, 16]
+    # The profile at crop 8 seeded each search: only crop 16 was stepped.
+    assert ds["crop_source"].values.tolist() == [["known", "search"]] * 2
+    assert list(ds["longest_stopped_by"].values) == ["max_crop"] * 2
     assert list(ds["crop"].values) == [8, 8]
     assert set(ds["timeline_module"].dims) == {"config", "sample"}
     assert (ds["longest_crop"].values == 16).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from megafold.profile import load
 from megafold.profile.widgets import QUICK_OVERRIDES, Dashboard, DashboardSettings, example_view, run_profile
 
@@ -63,9 +65,21 @@ def test_run_profile_reports_progress():
     statuses, results = [], []
     settings = DashboardSettings.for_device("cpu", kernels=("torch",), longest=True, max_crop=16)
     ds = run_profile(settings, on_result=lambda label, partial: results.append(label), on_status=statuses.append)
-    assert statuses == ["profiling torch (1/1) at crop 8", "longest crop of torch (1/1), up to 16"]
+    assert statuses[0] == "profiling torch (1/1) at crop 8"
+    assert re.fullmatch(r"longest crop of torch \(1/1\), up to 16 within \d+ s", statuses[1])
     assert results == ["torch", "torch"]
     assert int(ds["longest_crop"].sel(config="torch")) == 16
+    assert ds["crop_source"].sel(config="torch").values.tolist() == ["known", "search"]  # seeded by the profile
+
+
+def test_run_profile_keeps_to_its_time_budget():
+    """A budget the profile alone uses up leaves the search no step: the answer is the
+    profiled crop, and says the time budget ended it."""
+    settings = DashboardSettings.for_device("cpu", kernels=("torch",), longest=True, max_crop=16, time_budget_s=0.1)
+    ds = run_profile(settings)
+    assert int(ds["longest_crop"].sel(config="torch")) == 8
+    assert str(ds["longest_stopped_by"].sel(config="torch").values) == "time budget"
+    assert ds["crop_source"].sel(config="torch").values.tolist() == ["known"]
 
 
 def test_example_view_of_a_feature_batch():
