@@ -542,6 +542,9 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
         config["BLOCK_M"] = min(config["BLOCK_M"], 64)
         config["BLOCK_N"] = min(config["BLOCK_N"], 64)
         config["num_stages"] = 2
+    if torch.version.hip:
+        # AMD GPUs have 64 KiB of shared memory per CU (H100: 228 KiB): at most two stages.
+        config["num_stages"] = min(config["num_stages"], 2)
     return config
 
 

@@ -172,6 +172,19 @@ def test_dbias_row_chunks_fill_the_gpu_only_when_needed():
     assert evo_module._dbias_row_chunks(8, 100, 132) == 3
 
 
+def test_default_blocks_are_tuning_candidates(monkeypatch):
+    """The untuned default of every kernel is among the tuner's candidates (so tuning can only
+    improve on it), with tiles of at most 64 x 64 for head dims over 32."""
+    monkeypatch.setattr(evo_module, "interpreter_active", lambda: False)
+    for kind in ("fwd", "dkdv", "dq", "dbias"):
+        for S in (1, 48, 768):
+            for D in (24, 32, 48, 64, 128):
+                config = evo_module._default_blocks(kind, S, D)
+                assert config in evo_module._CANDIDATES, (kind, S, D, config)
+                if D > 32:
+                    assert max(config["BLOCK_M"], config["BLOCK_N"]) <= 64
+
+
 def test_chunked_reference_matches_plain_reference():
     inputs = make_inputs((1,), 5, 9, 2, 8, torch.float32)
     grad_out = torch.randn(1, 5, 9, 2, 8)
