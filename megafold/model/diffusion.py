@@ -1,8 +1,9 @@
 """Diffusion module (AF3 Alg. 20-22), EDM preconditioning, augmentation and the sampler (Alg. 18-19).
 
 The trunk-dependent conditioning (pair conditioning, pair biases of every transformer block,
-atom single and pair features) is computed once per trunk pass by ``prepare`` and shared by
-all noised samples, which run in chunks along the sample axis.
+atom single and pair features) and the token transformer's fused weights are computed once per
+trunk pass by ``prepare`` and shared by all noised samples, which run in chunks along the
+sample axis, by the recomputes of those chunks and by every step of the sampler.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from torch import nn
 from megafold.kernels import layernorm_linear
 from megafold.model.config import AlphaFold3Config
 from megafold.model.embedders import AtomAttentionDecoder, AtomAttentionEncoder, AtomContext, RelativePositionEncoding
-from megafold.model.primitives import DiffusionTransformer, LayerNorm, Transition, lecun_normal_, ln_params
+from megafold.model.primitives import (
+    DiffusionTransformer,
+    LayerNorm,
+    Transition,
+    TransformerWeights,
+    lecun_normal_,
+    ln_params,
+)
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -85,6 +93,7 @@ class DiffusionContext:
     pair: torch.Tensor  # conditioned pair [B, N, N, c_z]
     single_base: torch.Tensor  # [B, N, c_s]
     token_biases: list[torch.Tensor]  # per transformer block [B, H, N, N]
+    transformer_weights: TransformerWeights  # the token transformer's fused weights
     atoms: AtomContext
     token_mask: torch.Tensor  # [B, N]
 
@@ -118,6 +127,7 @@ class DiffusionModule(nn.Module):
             pair=pair,
             single_base=self.conditioning.single_base(s_trunk, s_inputs),
             token_biases=self.transformer.pair_biases(pair),
+            transformer_weights=self.transformer.weights(),
             atoms=self.atom_encoder.prepare(batch, s_trunk, pair),
             token_mask=batch["token_mask"],
         )
@@ -134,7 +144,7 @@ class DiffusionModule(nn.Module):
             single, self.single_to_token_norm_weight, self.single_to_token_norm_bias, self.single_to_token_weight
         )
         mask = ctx.token_mask.unsqueeze(1).expand(-1, tokens.shape[1], -1)
-        tokens = self.transformer(tokens, single, ctx.token_biases, mask)
+        tokens = self.transformer(tokens, single, ctx.token_biases, mask, weights=ctx.transformer_weights)
         r_update = self.atom_decoder(self.token_norm(tokens), query_skip, ctx.atoms).float()
         return sd2 / (sd2 + sigma**2) * x_noisy + self.sigma_data * sigma / torch.sqrt(sd2 + sigma**2) * r_update
 
