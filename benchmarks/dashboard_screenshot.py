@@ -1,14 +1,18 @@
 """The profiling dashboard's run, headless: profile, figures, screenshot, results.
 
 Runs what the Run button of ``notebooks/profiling_dashboard`` runs (``megafold.profile.widgets
-.run_profile``): one training step per kernels variant at the chosen crop (time and memory per
-AF3 module), then each variant's longest crop (stepping up by 128 tokens until out of memory,
-within a time budget per variant). Writes, under ``benchmarks/results/<gpu-name>/``:
+.run_profile``): per kernels variant a warmup step, a plain step and a profiled step at the
+chosen crop (time and memory per AF3 module, and the profiler's own overhead), then each
+variant's longest crop: a fit of the peak memory (seeded by the profile) predicts it, a real
+step verifies it, a step one grid crop longer confirms the limit where time allows; all
+within one time budget for the whole run. Writes, under ``benchmarks/results/<gpu-name>/``:
 
     <date>-dashboard.zarr   the xarray results (``megafold.profile.load``)
     <date>-dashboard.html   every figure on one offline page (plotly.js inline)
     <date>-dashboard.png    a screenshot of that page (Chromium via playwright; else kaleido PNGs)
-    <date>-dashboard.json   step time, peak memory, data-wait share and longest crop per variant
+    <date>-dashboard.json   per variant: step time, plain step time and the profiler's overhead,
+                            peak memory, data-wait share, longest crop (what it rests on, the
+                            predicted one, the steps the search took)
 
     PYTHONPATH=. python benchmarks/dashboard_screenshot.py                 # "paper", crop 384 on a GPU
     PYTHONPATH=. python benchmarks/dashboard_screenshot.py --kernels torch triton compile
@@ -57,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-longest", action="store_true", help="skip the longest-crop search")
     parser.add_argument("--max-crop", type=int, default=defaults.max_crop)
     parser.add_argument(
-        "--time-budget", type=float, default=defaults.time_budget_s, help="seconds per variant for the search"
-    )
+        "--time-budget", type=float, default=defaults.time_budget_s,
+        help="seconds for the whole run (profiles, then the searches share what is left)",
+    )  # fmt: skip
     parser.add_argument("--data", choices=("synthetic", "store"), default="synthetic")
     parser.add_argument(
         "--out", type=Path, default=None, help="results root (default benchmarks/results), files in <root>/<gpu>/"
@@ -120,18 +125,28 @@ def write_png(figures: dict, page: Path, png: Path) -> str:
 
 
 def _rows(ds, settings: DashboardSettings) -> list[dict]:
-    """Per variant: step time, peak memory, data-wait share, longest crop (results JSON rows)."""
+    """Per variant: step time (profiled and plain), the profiler's overhead, peak memory,
+    data-wait share, longest crop (results JSON rows)."""
     rows = []
     for config in ds.config.values:
         one = ds.sel(config=config)
         stage = one["stage_ms"].mean("step")
         row = {
             "kernels": str(config), "crop": settings.crop, "step_s": float(one["step_ms"].mean()) / 1e3,
+            "plain_step_s": float(one["plain_step_ms"]) / 1e3,
+            "overhead_frac": float(one["overhead_ms"] / one["plain_step_ms"]),
             "peak_gib": float(one["stage_peak_mib"].max()) / 1024,
             "data_wait_frac": float(stage.sel(stage="data") / stage.sum()),
         }  # fmt: skip
         if "longest_crop" in one:
-            row.update(longest_N=int(one["longest_crop"]), longest_stopped_by=str(one["longest_stopped_by"].values))
+            tried = one["crop_source"].values.astype(str) == "search"
+            row.update(
+                longest_N=int(one["longest_crop"]), longest_stopped_by=str(one["longest_stopped_by"].values),
+                longest_predicted_N=int(one["longest_predicted"]),
+                search_steps=", ".join(
+                    f"{int(c)}: {o}" for c, o in zip(one["search_crop"].values[tried], one["crop_outcome"].values[tried])
+                ),
+            )  # fmt: skip
         rows.append(row)
     return rows
 

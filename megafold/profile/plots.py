@@ -157,7 +157,7 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
         fig.add_trace(
             go.Scatter(
                 x=configs, y=plain_ms.values, mode="markers", name="plain step (no hooks)",
-                marker={"symbol": "line-ew-open", "size": 36, "line": {"width": 3, "color": "black"}},
+                marker={"symbol": "line-ew", "size": 36, "color": "black", "line": {"width": 3, "color": "black"}},
                 hovertemplate="plain step: %{y:.1f} ms<extra>%{x}</extra>",
             ),
             row=1, col=1,

@@ -29,18 +29,22 @@ was current. Owners are (module, part, phase):
   ``backward()`` every node of the graph gets a pre-hook that switches the timeline to the
   owner of its forward op. With activation checkpointing, forward hooks fire again inside
   backward: that time is the phase ``"recompute"`` of the recomputed module.
-* memory: at every switch the allocator's current allocation is sampled
-  (``torch.cuda.memory_allocated``) and the peak since the previous switch is read and reset
-  (``max_memory_allocated`` / ``reset_peak_memory_stats``), so the peak of every segment,
-  module and stage is exact on a GPU. The CPU has no allocator statistics: there a
-  ``TorchDispatchMode`` counts the bytes of the tensor storages created while profiling that
-  are still alive (freed ones leave through weakref finalizers), an equally exact figure for
-  tensors (not for the allocator's own caching or fragmentation).
+* memory: at every switch the allocator's current allocation and its peak since the previous
+  switch are read together (one ``memory_stats_as_nested_dict`` call, then
+  ``reset_peak_memory_stats``), so the peak of every segment, module and stage is exact on a
+  GPU. The CPU has no allocator statistics: there a ``TorchDispatchMode`` counts the bytes of
+  the tensor storages created while profiling that are still alive (freed ones leave through
+  weakref finalizers), an equally exact figure for tensors (not for the allocator's own
+  caching or fragmentation).
 
-The hooks cost a few microseconds of host time per switch (thousands per "paper" step); on
-a GPU that overhead hides behind queued kernels except where the step is launch-bound.
-``modules=False`` times the stages only. Under ``torch.compile`` the compiled blocks
-(``COMPILED_BLOCKS``) are opaque: modules inside them get no time of their own (NaN).
+The profiler's own cost is measured, not assumed: after the warmup ``profile_step`` runs one
+plain step (stage boundaries only) and reports ``plain_step_ms`` and ``overhead_ms`` next to
+the profiled step, with ``switches`` per step. Each switch costs host time (an event, one
+allocator read: tens of microseconds; a "paper" step has ~6.5k switches); on a GPU it hides
+behind queued kernels except where the step is launch-bound (the diffusion rollout's small
+modules), which is where overhead_ms comes from. ``modules=False`` times the stages only.
+Under ``torch.compile`` the compiled blocks (``COMPILED_BLOCKS``) are opaque: modules inside
+them get no time of their own (NaN).
 
 Results are ``xarray.Dataset`` objects (``save`` / ``load`` through zarr); see
 ``profile_step`` for the variables.
@@ -958,7 +962,8 @@ def longest_crop(
     if memory_budget_mib is not None:
         limit_mib = float(memory_budget_mib)
     elif device.type == "cuda":  # what the allocator can hand out, less a little for fragmentation
-        limit_mib = 0.96 * torch.cuda.get_device_properties(device).total_memory / MIB
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        limit_mib = 0.96 * fraction * torch.cuda.get_device_properties(device).total_memory / MIB
     else:
         limit_mib = None
     grid = _Grid(start, step, start + (max_crop - start) // step * step)
