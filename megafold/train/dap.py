@@ -14,33 +14,39 @@ sharded, so a sharded run gives the unsharded result (``tests/train/test_dap.py`
     loss = ...                                            # of this rank's rows
     loss.backward(); all_reduce_gradients(stack, shards)  # the parameter gradients, summed
 
-What is sharded, per block (B = 1, c = c_z = c_h = 128, bf16 compute, sizes per rank):
-- Kept per block by the activation checkpoint: the block's input rows, ``R P c`` (bf16 with
+What is sharded, per block (B = 1, c = c_z = c_h = 128, H = 4 triangle heads, 16 single
+heads; sizes per rank; bf16 = 2 bytes):
+- Kept by the per-block activation checkpoint: the block's input rows, ``R P c`` (bf16 with
   ``pair_bf16_checkpoint``) and ``R c_s``: 1 / K of the unsharded stack's.
 - Outgoing triangle multiplication ``x_ij = sum_k a_ik b_jk`` (rows i local): a, b are
-  projected from the local rows; b is all-gathered over rows j, ``chunk`` channels at a
-  time (never the whole ``[c_h, P, P]``), and gathered again in backward, whose ``db`` is
-  reduce-scattered back: forward ``(K - 1) R P c_h`` elements received, backward twice that.
-- Incoming ``x_ij = sum_k a_ki b_kj``: the same product after an all-to-all transpose of a
-  (``(K - 1) / K R P c_h`` elements each way).
-- Starting-node attention: local rows attend over their own row; the per-head bias
-  ``[H, P, P]`` (H = 4, 1 / 32 of the pair) is all-gathered (backward: reduce-scattered).
-- Ending-node attention: the starting-node formula on the transposed pair; the pair goes
-  through an all-to-all transpose (fp32, so LayerNorm sees the values the unsharded block
-  sees) and the update comes back through another (bf16).
-- Pair transition: local. Single track: the pair-bias attention's queries need every key,
-  so the single rows and the ``[16, P, P]`` bias are all-gathered and the attention is
-  evaluated for all tokens on every rank (it is small: ``P^2 16 x 24`` multiply-adds), keeping
-  this rank's rows; the single transition is local.
-Per block and forward pass, a rank receives about ``(K - 1) / K (3 c_h + 2 c_z + 20 + 4 c_z (fp32 pair)) R P``
-bytes... exactly: 2 x ``(K - 1) R P c_h`` bf16 (b of both products) + 1/K-fractions of
-``R P c_h`` bf16 (a), ``R P c_z`` fp32 + ``R P c_z`` bf16 (ending attention) + ``(K - 1) R P
-(2 x 4 + 16)`` bf16 (biases): at P = 1792, K = 2 about 1.4 GB, ~4 ms on NVLink; the
-checkpointed recompute repeats it and backward doubles it: ~0.6 s per 48-block step.
-Memory per rank: 48 blocks x ``R P c_z`` bf16 checkpoints plus one block's recompute and
-backward (about what the unsharded block needs per pair row, times R), plus the b chunks
-(``chunk P P`` bf16) and the gathered biases ``(4 + 16) P^2`` bf16: per-rank memory falls
-as 1 / K except those last two, so the longest crop grows by about sqrt(K).
+  projected from the local rows; b is all-gathered over its rows j, ``chunk`` channels at a
+  time (never the whole ``[c_h, P, P]``), gathered again in backward (not stored), and
+  backward's ``db`` is reduce-scattered back to the owners.
+- Incoming ``x_ij = sum_k a_ki b_kj``: the same product after an all-to-all transpose of a.
+- Starting-node attention: each local row attends along itself; the per-head bias
+  ``[H, P, P]`` (1 / 32 of the pair) is all-gathered (backward: reduce-scattered).
+- Ending-node attention: the starting-node formula on the transposed pair: the pair goes in
+  through an all-to-all transpose (fp32, so that LayerNorm sees what the unsharded block
+  sees), the update comes back through another (bf16).
+- Pair transition: local. Single track: the pair-bias attention's queries need every key and
+  the kernel wants as many queries as keys, so the single rows and the ``[16, P, P]`` bias
+  are all-gathered and the attention runs for all P tokens on every rank (``P^2 x 384``
+  multiply-adds, small), keeping this rank's rows; the single transition is local.
+
+Collectives per block and forward pass, and what a rank receives (K = 2, P = 1792: R P = 1.6 M):
+  2 all-gathers of b        2 (K - 1) R P c_h bf16      822 MB
+  1 all-to-all of a         (K - 1) / K R P c_h bf16    205 MB
+  2 all-to-alls (ending)    (K - 1) / K R P c (fp32 + bf16)  616 MB
+  3 all-gathers of biases   (K - 1) R P (2 H + 16) bf16 + single rows   77 MB
+about 1.7 GB; the checkpoint's recompute repeats it and backward sends about 1.6x as much
+(b gathered again, db reduce-scattered, the duals of the rest): ~6 GB per block and step,
+~0.3 TB per 48-block step, ~1-2 s at NVLink speeds against a ~30 s step.
+Memory per rank: the 48 checkpoints, ``48 R P c`` bf16, and one block's recompute and
+backward, the same per pair row as the unsharded block plus an fp32 copy of the transposed
+pair; plus what does not shrink with K: a chunk of b and of db (``2 chunk P^2`` bf16, 0.4 GB
+at P = 1792), the gathered biases and their gradients (``(2 H + 16) P^2``, ~0.4 GB) and the
+pair mask (``P^2`` bool). So per-rank memory falls nearly as 1 / K and the longest crop
+grows nearly as sqrt(K): 1280 on one H100 -> ~1792 on two.
 
 Collectives are autograd Functions whose backward is the dual collective (all-gather <->
 reduce-scatter; the all-to-all transpose is its own dual). NCCL and gloo both serve
@@ -240,7 +246,8 @@ def triangle_multiply_rows(
         weight = torch.cat([module.ab_proj_weight, module.ab_gate_weight])
         proj, gate = layernorm_linear(pair_rows, module.norm_in_weight, module.norm_in_bias, weight).chunk(2, -1)
         ab = torch.sigmoid(gate) * proj * mask_rows[..., None].to(proj.dtype)
-        return ab.permute(0, 3, 1, 2).contiguous().split(c_h, dim=1)  # a, b: [B, c_h, R, P]
+        # a, b: [B, c_h, R, P], each its own storage (incoming keeps b but not a)
+        return tuple(half.permute(0, 3, 1, 2).contiguous() for half in ab.split(c_h, dim=-1))
 
     def output(x, pair_rows):
         gate = layernorm_linear(pair_rows, module.norm_in_weight, module.norm_in_bias, module.out_gate_weight)

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script by the tests
 
 from megafold.errors import ConfigError  # noqa: E402
+from megafold.kernels import use_kernels  # noqa: E402
 from megafold.model import preset  # noqa: E402
 from megafold.model.pairformer import PairformerStack  # noqa: E402
 from megafold.train.dap import AxialShards, all_reduce_gradients, pairformer_rows  # noqa: E402
@@ -85,8 +86,6 @@ def autocast(device: str, enabled: bool = True):
 
 
 def run_unsharded(case: tuple, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from megafold.kernels import use_kernels
-
     stack, x = case_inputs(case, device)
     stack.to(dtype)
     pair = x["pair"].to(dtype).requires_grad_()
@@ -104,8 +103,6 @@ def run_unsharded(case: tuple, device: str, dtype: torch.dtype) -> dict[str, tor
 
 def run_sharded(case: tuple, device: str) -> dict[str, torch.Tensor]:
     """This rank's share of one case; returns what rank 0 dumps (gathered, cropped)."""
-    from megafold.kernels import use_kernels
-
     stack, x = case_inputs(case, device)
     shards = AxialShards.create(case[0])
     pair = shards.split(x["pair"], (1, 2)).requires_grad_()
@@ -202,7 +199,7 @@ def test_one_rank_is_the_stack_and_bad_shapes_are_config_errors():
     stack, x = case_inputs(case, "cpu")
     shards = AxialShards.create(9)
     assert (shards.size, shards.rows, shards.padded) == (1, 9, 9)
-    with torch.no_grad():
+    with torch.no_grad(), use_kernels("torch"):
         expected = stack(x["pair"], x["single"], x["pair_mask"], x["token_mask"])
         got = pairformer_rows(stack, x["pair"], x["single"], x["pair_mask"], x["token_mask"], shards)
     for value, reference in zip(got, expected):
