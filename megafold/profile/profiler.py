@@ -432,12 +432,8 @@ class _Tracer:
 
     # ---- forward: module hooks
     def _attach(self, model: nn.Module) -> None:
-        opaque = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS and _is_compiled(m)]
-        hidden = {id(inner) for block in opaque for inner in block.modules()}
-        for module in model.modules():
+        for module in _visible_modules(model):
             name = type(module).__name__
-            if id(module) in hidden:
-                continue
             if name in AF3_MODULES:
                 self.traced_modules.add(name)
                 self._handles.append(module.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
@@ -555,6 +551,13 @@ class _Tracer:
                 if owner != self.base:
                     self._count(owner[0], "backward")
                 self.base = owner
+
+
+def _visible_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` outside compiled blocks (a hook on one would recompile it)."""
+    opaque = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS and _is_compiled(m)]
+    hidden = {id(inner) for block in opaque for inner in block.modules()}
+    return [module for module in model.modules() if id(module) not in hidden]
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -1154,12 +1157,13 @@ def _predicted_crop(fit: np.ndarray, limit_mib: float, grid: _Grid) -> int:
 
 def _estimate_ms(tried: Mapping[int, _Trial], crop: int) -> float:
     """The time of a step at ``crop`` from the measured ones: a power law through the two
-    longest (exponent between 1 and 3), N^2 from one point, 0 with none."""
+    longest (exponent between 1 and 3), N^1.5 from one point (much of a crop-384 "paper" step is
+    launch-bound and grows slower than the trunk's N^3), 0 with none."""
     times = sorted((c, t.step_ms) for c, t in tried.items() if t.outcome == "fits" and np.isfinite(t.step_ms))
     if not times:
         return 0.0
     if len(times) == 1:
-        exponent = 2.0
+        exponent = 1.5
     else:
         (n1, t1), (n2, t2) = times[-2:]
         exponent = float(np.clip(np.log(t2 / t1) / np.log(n2 / n1), 1.0, 3.0)) if t1 > 0 and t2 > 0 else 2.0
@@ -1181,7 +1185,7 @@ class _Deadline:
         self.passed = False
         self._handles = [] if deadline is None else [
             module.register_forward_pre_hook(self._check)
-            for module in model.modules() if type(module).__name__ in AF3_MODULES
+            for module in _visible_modules(model) if type(module).__name__ in AF3_MODULES
         ]  # fmt: skip
 
     def _check(self, module: nn.Module, args: Any) -> None:
