@@ -548,10 +548,12 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
     return config
 
 
-def _rows_per_program(S: int) -> int:
-    """Rows the forward and dQ programs serve each: two share each bias tile where there are
-    rows enough to keep the grid full (triangle, diffusion, MSA), one otherwise."""
-    return 2 if S >= 8 else 1
+def _rows_per_program(S: int, programs: int, multiprocessors: int) -> int:
+    """Rows each forward and dQ program serves: two share each bias tile where the grid of
+    ``programs`` (at one row each) stays at 4+ programs per SM with two (triangle, diffusion
+    with many samples, MSA), one otherwise (and for S < 8, where an odd S's repeated last
+    row would cost too much)."""
+    return 2 if S >= 8 and programs >= 8 * multiprocessors else 1
 
 
 def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
@@ -626,9 +628,9 @@ def _forward(inp: _Inputs, scale: float):
     ieee = dtype == torch.float32
     dummy = inp.q
 
-    rows = _rows_per_program(S)
-
     def launch(cfg):
+        programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
+        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device))
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_forward_kernel[grid](
             inp.q, inp.k, inp.v,
@@ -692,9 +694,10 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     # With one row the dQ pass sees every dS tile exactly once: it writes the bias gradient and
     # the separate dBias pass (a third recomputation) is skipped.
     dbias_in_dq = need_dbias and S == 1
-    rows = _rows_per_program(S)
 
     def launch_dq(cfg):
+        programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
+        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device))
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
