@@ -370,8 +370,11 @@ def _summary_table(ds: xr.Dataset):
     """Time per module (ms) per config plus the step totals, for display."""
     from megafold.profile.profiler import summary
 
-    table = summary(plots.as_comparison(ds))
-    table.loc["step (all stages)"] = plots.as_comparison(ds)["step_ms"].mean("step").to_pandas()
+    ds = plots.as_comparison(ds)
+    table = summary(ds)
+    table.loc["step (all stages)"] = ds["step_ms"].mean("step").to_pandas()
+    if "plain_step_ms" in ds:
+        table.loc["plain step (no hooks)"] = ds["plain_step_ms"].to_pandas()
     return table
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 
 from megafold.profile import load
-from megafold.profile.widgets import QUICK_OVERRIDES, Dashboard, DashboardSettings, example_view, run_profile
+from megafold.profile.widgets import (
+    QUICK_OVERRIDES,
+    Dashboard,
+    DashboardSettings,
+    _summary_table,
+    example_view,
+    run_profile,
+)
 
 
 def test_settings_by_device():
@@ -43,6 +50,8 @@ def test_dashboard_runs_and_redraws(tmp_path):
     assert list(result.search_crop.values) == [12, 24]  # the CPU search steps by the crop
     assert list(result["crop"].values) == [12]  # the profiled crop, per config
     assert set(dash.figures) == {"modules", "step", "memory", "longest"}
+    table = _summary_table(result)
+    assert table.loc["plain step (no hooks)", "torch"] == float(result["plain_step_ms"].sel(config="torch"))
     assert "3Dmol" in dash.input_view.html()
     dash.save_path.value = str(tmp_path / "dash.zarr")
     assert load(dash.save()).sizes["config"] == 1
