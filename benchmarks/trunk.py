@@ -5,10 +5,13 @@
 bf16 autocast and per-block activation checkpointing (pair activations stored in bf16), as in
 the "paper" preset. Stacks: eager (kernels torch), triton (megafold kernels), compile
 (torch.compile of each eager block), cueq (cuEquivariance's triangle attention and triangle
-multiplication in the same modules, when cuequivariance_torch is importable). Step time is the
+multiplication in the same modules, when cuequivariance_torch is importable), triton-offload
+(triton with the checkpointed bf16 pair copies in pinned host memory: ``pair_offload``; its
+peak counts GPU memory only). Step time is the
 median of timed steps after one warm-up step; peak memory is the allocator's peak during a step
 above what the inputs and weights hold. ``--longest`` steps N up by 128 from the last size until
-a step runs out of memory and records the longest that fit.
+a step runs out of memory and records the longest that fit (one untimed step per size, from
+``--longest-from``).
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def cueq_modules():
         TriangleMultiplication.forward, TriangleAttention.forward = saved
 
 
-def build_stack(kernels: str, device) -> tuple[PairformerStack, object]:
-    config = preset("paper", kernels=kernels)
+def build_stack(kernels: str, device, offload: bool = False) -> tuple[PairformerStack, object]:
+    config = preset("paper", kernels=kernels, pair_offload=offload)
     stack = PairformerStack(config, config.pairformer_blocks, config.c_z, config.c_s).to(device)
     return stack, config
 
@@ -103,16 +106,24 @@ def step_fn(stack, config, N, device, compiled=False):
     return step
 
 
+KERNELS = {"eager": "torch", "compile": "torch", "triton": "triton", "triton-offload": "triton", "cueq": "torch"}
+
+
 def measure(name, N, device, reps=2):
+    """Median step seconds and peak GiB over ``reps`` timed steps after a warm-up step
+    (``reps=0``: the warm-up step alone, to see whether N fits)."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    kernels = {"eager": "torch", "compile": "torch", "triton": "triton", "cueq": "torch"}[name]
     context = cueq_modules() if name == "cueq" else contextlib.nullcontext()
     with context:
-        stack, config = build_stack(kernels, device)
+        stack, config = build_stack(KERNELS[name], device, offload=name == "triton-offload")
         step = step_fn(stack, config, N, device, compiled=name == "compile")
         step()  # warm-up: compilation, tuning
         torch.cuda.synchronize()
+        if not reps:
+            del stack, step
+            torch.cuda.empty_cache()
+            return None, None
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -134,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--longest", action="store_true", help="also step N up by 128 until OOM")
     parser.add_argument("--longest-stacks", default="triton")
+    parser.add_argument("--longest-from", type=int, default=None, help="first N of the search (default: the largest --ns)")
     parser.add_argument("--max-n", type=int, default=3072)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -163,10 +175,10 @@ def main(argv=None):
             print("  ", row, flush=True)
     if args.longest:
         for name in args.longest_stacks.split(","):
-            longest, N = None, max(ns)
+            longest, N = None, args.longest_from or max(ns)
             while N <= args.max_n:
                 try:
-                    measure(name, N, device, reps=1)
+                    measure(name, N, device, reps=0)
                     longest = N
                     print(f"   {name}: N={N} fits", flush=True)
                 except Exception as error:

@@ -81,6 +81,7 @@ class AlphaFold3Config:
     checkpoint: bool = True  # activation checkpointing per Pairformer / MSA / template block
     bf16: bool = True  # bf16 autocast on the forward
     pair_bf16_checkpoint: bool = True  # store the checkpointed pair activations in bf16
+    pair_offload: bool = False  # ... and keep them in pinned host memory (CUDA): longer crops
     diffusion_chunk: int = 0  # diffusion samples per chunk (0: all at once)
     transition_chunk: int = 0  # rows per transition chunk (0: unchunked)
     attention_chunk: int = 0  # rows per triangle-attention chunk (0: unchunked)
@@ -188,6 +189,8 @@ def _validate(config: AlphaFold3Config, origin: str) -> None:
     if config.atom_keys < config.atom_queries or (config.atom_keys - config.atom_queries) % 2:
         fail(f"atom_keys={config.atom_keys} must be >= atom_queries={config.atom_queries} "
              "and exceed it by an even number (windows are centred)")
+    if config.pair_offload and not (config.checkpoint and config.pair_bf16_checkpoint):
+        fail("pair_offload moves the checkpointed bf16 pair copies: it needs checkpoint and pair_bf16_checkpoint")
     for name in ("pair_dropout", "msa_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             fail(f"{name}={getattr(config, name)} must be in [0, 1)")

@@ -120,7 +120,7 @@ class MSAModule(nn.Module):
     def __init__(self, config: AlphaFold3Config):
         super().__init__()
         self.checkpoint = config.checkpoint
-        self.pair_bf16 = config.pair_bf16_checkpoint
+        self.pair_bf16, self.offload = config.pair_bf16_checkpoint, config.pair_offload
         self.msa_proj = LinearNoBias(NUM_RESTYPES + 2, config.c_m)
         self.single_proj = LinearNoBias(config.c_s_inputs, config.c_m)
         self.blocks = nn.ModuleList(
@@ -147,6 +147,6 @@ class MSAModule(nn.Module):
         for block in self.blocks:
             pair, msa = checkpoint_pair_block(
                 block, pair, msa, pair_mask, msa_mask, token_mask,
-                enabled=self.checkpoint, pair_bf16=self.pair_bf16,
+                enabled=self.checkpoint, pair_bf16=self.pair_bf16, offload=self.offload,
             )
         return pair

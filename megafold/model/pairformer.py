@@ -134,7 +134,7 @@ class PairformerStack(nn.Module):
     ):
         super().__init__()
         self.checkpoint = config.checkpoint
-        self.pair_bf16 = config.pair_bf16_checkpoint
+        self.pair_bf16, self.offload = config.pair_bf16_checkpoint, config.pair_offload
         self.blocks = nn.ModuleList(
             PairformerBlock(
                 c_z, c_s, tri_mul_hidden=tri_mul_hidden or config.tri_mul_hidden,
@@ -151,6 +151,7 @@ class PairformerStack(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for block in self.blocks:
             pair, single = checkpoint_pair_block(
-                block, pair, single, pair_mask, token_mask, enabled=self.checkpoint, pair_bf16=self.pair_bf16
+                block, pair, single, pair_mask, token_mask,
+                enabled=self.checkpoint, pair_bf16=self.pair_bf16, offload=self.offload,
             )
         return pair, single

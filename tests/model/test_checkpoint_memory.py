@@ -25,3 +25,17 @@ def test_bf16_pair_checkpoint_frees_each_blocks_fp32_input():
     assert [ref() is None for ref in inputs] == [True, True, True]
     pair.sum().backward()  # the recompute still works from the bf16 copies
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_pair_offload_is_checked_and_a_no_op_off_the_gpu():
+    import pytest
+
+    from megafold.errors import ConfigError
+    from megafold.model import preset
+
+    with pytest.raises(ConfigError, match="pair_offload"):
+        preset("tiny", pair_offload=True, pair_bf16_checkpoint=False, checkpoint=True)
+    x = torch.randn(2, 5, 5, 8, requires_grad=True)
+    kept, _ = checkpoint_pair_block(_block, x * 1.0, None, 0.7, enabled=True, pair_bf16=True)
+    moved, _ = checkpoint_pair_block(_block, x * 1.0, None, 0.7, enabled=True, pair_bf16=True, offload=True)
+    assert torch.equal(kept, moved)
