@@ -11,11 +11,14 @@ gradients all-reduced as a step needs them). Every trial (GPU count, N) is its o
 which would otherwise wait in a collective for ever.
 
 Rows: step time (median of ``--reps`` steps after a warm-up step) and peak memory above the
-inputs and weights (the largest over the ranks) at each of ``--ns``; then the longest crop:
+inputs and weights (the largest over the ranks; ``total_gib`` with them) at each of ``--ns``;
+then the longest crop, each size tried with one step (its time is ``first_step_s``, kernel
+loading included):
 on 1 GPU from ``--start`` up by 128 until out of memory (down when ``--start`` does not fit),
 on K GPUs from the prediction ``sqrt(K) x`` the 1-GPU longest (per-rank memory falls as 1 / K)
-up or down the same way. ``--time-budget`` (seconds, all trials together) stops the search;
-a row then says so. JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
+up or down the same way (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
+(seconds, all trials together; the 1-GPU search may use 40% of what is left) stops a search,
+and its row says so. JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
 """
 
@@ -83,14 +86,22 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         distributed.barrier()
 
-    result_path = Path(args.result)
-    try:
-        step()  # warm-up: kernel loading, tuning
+    def start_measuring() -> int:
         synchronize()
-        base = torch.cuda.memory_allocated() if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() if cuda else 0
+
+    result_path = Path(args.result)
+    try:
+        base = start_measuring()
+        start = time.perf_counter()
+        step()  # warm-up: kernel loading, tuning (with --reps 0 the only step, as a crop search needs)
+        synchronize()
+        first_step_s = time.perf_counter() - start
         times = []
+        if args.reps:
+            base = start_measuring()
         for _ in range(args.reps):
             start = time.perf_counter()
             step()
@@ -101,13 +112,14 @@ def worker(args) -> None:
             raise
         result_path.with_suffix(f".rank{shards.rank}.oom").write_text(str(error)[:300])
         sys.exit(OOM_EXIT)
-    total = torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+    total = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     peaks = distributed.gather((total, total - base / 2**30))  # every rank's: the largest is reported
     if distributed.is_main():
         result_path.write_text(json.dumps({
-            "step_s": statistics.median(times),
-            "peak_gib": max(above for _, above in peaks),
-            "total_gib": max(total for total, _ in peaks),
+            "step_s": statistics.median(times) if times else None,
+            "first_step_s": first_step_s,
+            "peak_gib": max(above for _, above in peaks) if cuda else None,
+            "total_gib": max(total for total, _ in peaks) if cuda else None,
         }))  # fmt: skip
 
 
@@ -158,6 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) | cpu (gloo, no memory figures)")
     parser.add_argument("--k1-dap", action="store_true", help="1 GPU runs the sharded code too (its overhead)")
     parser.add_argument("--no-longest", action="store_true")
+    parser.add_argument("--k1-longest", type=int, default=0,
+                        help="the 1-GPU longest crop when already measured (benchmarks/trunk.py --longest): no 1-GPU search")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crop", type=int, help=argparse.SUPPRESS)
@@ -170,7 +184,8 @@ def main(argv=None) -> None:
 
     env, rows, started = environment(), [], time.perf_counter()
     config = {"preset": args.preset, "blocks": args.blocks, "bf16": True, "checkpoint": True, "kernels": args.kernels,
-              "gpus": args.gpus, "time_budget_s": args.time_budget, "k1_dap": args.k1_dap}  # fmt: skip
+              "gpus": args.gpus, "time_budget_s": args.time_budget, "k1_dap": args.k1_dap,
+              "k1_longest_given": args.k1_longest or None}  # fmt: skip
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
 
     def left() -> float:
@@ -190,18 +205,20 @@ def main(argv=None) -> None:
                 break
             record({"gpus": gpus, "impl": impl(gpus), "N": n, **trial(args, gpus, n, args.reps, left())})
 
-    longest: dict[int, int | None] = {}
-    for gpus in ([] if args.no_longest else [1, args.gpus]):
+    longest: dict[int, int | None] = {1: args.k1_longest} if args.k1_longest else {}
+    for gpus in ([] if args.no_longest else [g for g in (1, args.gpus) if g not in longest]):
+        # the 1-GPU search may use 40% of what is left, so that the K-GPU search gets its turn
+        until = time.perf_counter() + (0.4 if gpus == 1 else 1.0) * left()
         if gpus == 1 or longest.get(1) is None:
             n = args.start
         else:  # per-rank memory falls as 1 / K: the crop as sqrt(K)
             n = max(longest[1] + STEP, int(math.sqrt(gpus) * longest[1]) // STEP * STEP)
         fits, fails, stopped = None, None, "max-crop"
         while STEP <= n <= args.max_crop:
-            if left() <= 0:
+            if until - time.perf_counter() <= 0:
                 stopped = "budget"
                 break
-            outcome = trial(args, gpus, n, 1, left())
+            outcome = trial(args, gpus, n, 0, until - time.perf_counter())
             record({"gpus": gpus, "impl": impl(gpus), "N": n, "fits": "error" not in outcome, **outcome})
             if outcome.get("error") == "timeout":
                 stopped = "budget"
@@ -223,7 +240,7 @@ def main(argv=None) -> None:
         record({"gpus": args.gpus, "longest_ratio": longest[args.gpus] / longest[1]})
     path = write_json("dap", env, rows, config, args.out)
     print()
-    print_table(rows, ["gpus", "impl", "N", "step_s", "peak_gib", "total_gib", "error",
+    print_table(rows, ["gpus", "impl", "N", "step_s", "first_step_s", "peak_gib", "total_gib", "error",
                        "longest_N", "first_oom_N", "stopped", "longest_ratio"])  # fmt: skip
     print(f"\nwrote {path}  ({time.perf_counter() - started:.0f} s)")
 
