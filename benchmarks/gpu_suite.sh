@@ -16,6 +16,8 @@
 #   step      benchmarks/train_step.py, "paper" at crop 384, torch vs triton only (compile's row
 #             needs a stage of its own: compiling every block took over 240 s)
 #   multigpu  (a 2-GPU machine) the NCCL equivalence test and benchmarks/multigpu.py
+#   trace     benchmarks/step_trace.py: GPU busy time, launches and top kernels of a "paper" step
+#   longest   the trunk's longest crop: triton from 1536, then with pair_offload from 2048
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
 #             then `curve-resume` continues it on the same machine)
 set -uo pipefail
@@ -55,6 +57,15 @@ dashboard)
     ;;
 step)
     step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton --out "$OUT"
+    ;;
+trace)
+    step trace 240 $py benchmarks/step_trace.py --kernels torch,triton --out "$OUT"
+    ;;
+longest)
+    step longest 300 $py benchmarks/trunk.py --ns 1536 --stacks triton --longest --longest-stacks triton \
+        --longest-from 1792 --longest-step 256 --out "$OUT"
+    step longest_offload 330 $py benchmarks/trunk.py --ns 2048 --stacks triton-offload --reps 1 --longest \
+        --longest-stacks triton-offload --longest-from 2304 --longest-step 256 --out "$OUT"
     ;;
 multigpu)
     export NCCL_NVLS_ENABLE=0

@@ -146,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--longest", action="store_true", help="also step N up by 128 until OOM")
     parser.add_argument("--longest-stacks", default="triton")
     parser.add_argument("--longest-from", type=int, default=None, help="first N of the search (default: the largest --ns)")
+    parser.add_argument("--longest-step", type=int, default=128)
     parser.add_argument("--max-n", type=int, default=3072)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -187,7 +188,7 @@ def main(argv=None):
                     print(f"   {name}: N={N} out of memory", flush=True)
                     torch.cuda.empty_cache()
                     break
-                N += 128
+                N += args.longest_step
             rows.append({"stack": name, "longest_N": longest, "max_tried": N})
     path = write_json("trunk", env, rows, {"preset": "paper", "blocks": 48, "bf16": True,
                                            "checkpoint": True, "ns": ns}, args.out)
