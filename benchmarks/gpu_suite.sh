@@ -62,9 +62,9 @@ trace)
     step trace 240 $py benchmarks/step_trace.py --kernels torch,triton --out "$OUT"
     ;;
 longest)
-    step longest 300 $py benchmarks/trunk.py --ns 1536 --stacks triton --longest --longest-stacks triton \
+    step longest 260 $py benchmarks/trunk.py --ns 1536 --stacks triton --longest --longest-stacks triton \
         --longest-from 1792 --longest-step 256 --out "$OUT"
-    step longest_offload 330 $py benchmarks/trunk.py --ns 2048 --stacks triton-offload --reps 1 --longest \
+    step longest_offload 300 $py benchmarks/trunk.py --ns 2048 --stacks triton-offload --reps 1 --longest \
         --longest-stacks triton-offload --longest-from 2304 --longest-step 256 --out "$OUT"
     ;;
 multigpu)
