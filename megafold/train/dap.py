@@ -157,11 +157,14 @@ class AxialShards:
         return out.movedim(0, dim)
 
     def _all_to_all_transpose(self, x: torch.Tensor, row_dim: int, col_dim: int) -> torch.Tensor:
-        # Block s of my columns goes to rank s; from rank s come its rows of my columns.
+        """``row_dim < col_dim``. Block s of my columns goes to rank s; from rank s come its rows
+        of my columns, ``received[s]``, whose transposes side by side are the result: for a
+        ``[1, R, P, C]`` pair a view of the receive buffer (no third copy)."""
         blocks = torch.stack(x.split(self.rows, dim=col_dim))
         received = torch.empty_like(blocks)
         dist.all_to_all_single(received, blocks, group=self.group)
-        return torch.cat(received.unbind(0), dim=row_dim).transpose(row_dim, col_dim)
+        received = received.transpose(row_dim + 1, col_dim + 1)  # [K, ..., my columns, ..., rows of s, ...]
+        return received.movedim(0, col_dim).flatten(col_dim, col_dim + 1)
 
 
 class _GatherRows(torch.autograd.Function):
