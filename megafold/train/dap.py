@@ -157,7 +157,7 @@ class AxialShards:
         return out.movedim(0, dim)
 
     def _all_to_all_transpose(self, x: torch.Tensor, row_dim: int, col_dim: int) -> torch.Tensor:
-        """``row_dim < col_dim``. Block s of my columns goes to rank s; from rank s come its rows
+        """``0 <= row_dim < col_dim``. Block s of my columns goes to rank s; from rank s come its rows
         of my columns, ``received[s]``, whose transposes side by side are the result: for a
         ``[1, R, P, C]`` pair a view of the receive buffer (no third copy)."""
         blocks = torch.stack(x.split(self.rows, dim=col_dim))
@@ -344,7 +344,9 @@ def pairformer_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``stack`` on this rank's rows, with its per-block activation checkpointing (which then
     keeps this rank's rows only). Shapes as in ``pairformer_block_rows``; returns this rank's
-    rows of the pair ``[B, R, P, c_z]`` and single ``[B, R, c_s]`` outputs.
+    rows of the pair ``[B, R, P, c_z]`` and single ``[B, R, c_s]`` outputs. Every rank must hold
+    the same weights and, with dropout on, the same RNG state (seed them alike); each rank's
+    parameter gradients are its rows' share until ``all_reduce_gradients`` sums them.
 
     Raises ConfigError when the shapes do not fit ``shards``.
     """
