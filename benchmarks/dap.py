@@ -56,7 +56,9 @@ def worker(args) -> None:
 
     device = distributed.init(args.device)
     cuda = device.type == "cuda"
-    config = preset(args.preset, kernels=args.kernels, pairformer_blocks=args.blocks)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    config = preset(args.preset, kernels=args.kernels, pairformer_blocks=args.blocks,
+                    **{name: json.loads(value) for name, value in overrides.items()})  # fmt: skip
     torch.manual_seed(0)
     stack = PairformerStack(config, config.pairformer_blocks, config.c_z, config.c_s).to(device)
     shards = AxialShards.create(args.crop)
@@ -131,7 +133,8 @@ def trial(args, gpus: int, n: int, reps: int, timeout: float) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    __file__, "--worker", "--crop", str(n), "--reps", str(reps), "--impl", impl,
                    "--blocks", str(args.blocks), "--kernels", args.kernels, "--preset", args.preset,
-                   "--device", args.device, "--result", str(result)]  # fmt: skip
+                   "--device", args.device, "--result", str(result),
+                   *(f"--set={item}" for item in args.set)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         log = Path(folder) / "log.txt"
         with log.open("w") as output:
@@ -168,6 +171,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", default="triton")
     parser.add_argument("--preset", default="paper", help="model widths (\"tiny\" with --device cpu: a smoke run)")
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) | cpu (gloo, no memory figures)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="a model config override for every run, e.g. --set attention_chunk=256")
     parser.add_argument("--k1-dap", action="store_true", help="1 GPU runs the sharded code too (its overhead)")
     parser.add_argument("--no-longest", action="store_true")
     parser.add_argument("--k1-longest", type=int, default=0,
@@ -185,7 +190,7 @@ def main(argv=None) -> None:
     env, rows, started = environment(), [], time.perf_counter()
     config = {"preset": args.preset, "blocks": args.blocks, "bf16": True, "checkpoint": True, "kernels": args.kernels,
               "gpus": args.gpus, "time_budget_s": args.time_budget, "k1_dap": args.k1_dap,
-              "k1_longest_given": args.k1_longest or None}  # fmt: skip
+              "k1_longest_given": args.k1_longest or None, "overrides": args.set}  # fmt: skip
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
 
     def left() -> float:
