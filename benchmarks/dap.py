@@ -1,6 +1,6 @@
 """Row-sharded trunk (megafold.train.dap): step time, memory per GPU and the longest crop, 1 GPU vs K.
 
-    python benchmarks/dap.py [--gpus 2] [--ns 768] [--start 1280] [--max-crop 2560] [--time-budget 420]
+    python benchmarks/dap.py [--gpus 2] [--ns 768] [--max-crop 4096] [--time-budget 450]
 
 The 48-block Pairformer of the "paper" preset, bf16 autocast, per-block checkpointing with
 bf16 pair storage, Triton kernels, fwd + bwd of ``mean(pair^2) + mean(single^2)``, as
@@ -13,10 +13,11 @@ which would otherwise wait in a collective for ever.
 Rows: step time (median of ``--reps`` steps after a warm-up step) and peak memory above the
 inputs and weights (the largest over the ranks; ``total_gib`` with them) at each of ``--ns``;
 then the longest crop, each size tried with one step (its time is ``first_step_s``, kernel
-loading included):
-on 1 GPU from ``--start`` up by 128 until out of memory (down when ``--start`` does not fit),
-on K GPUs from the prediction ``sqrt(K) x`` the 1-GPU longest (per-rank memory falls as 1 / K)
-up or down the same way (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
+loading included): predict, then verify. The first size tried is the longest on the 128-grid
+whose peak, scaled from the largest timed crop of the same GPU count as (pair rows per rank)
+x (crop), stays within 96% of the GPU's memory (without a timed crop: ``--start`` on 1 GPU,
+``sqrt(K) x`` the 1-GPU longest on K); then up by 128 until out of memory, or down until one
+fits (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
 (seconds, all trials together; the 1-GPU search may use 40% of what is left) stops a search,
 and its row says so. JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
@@ -122,6 +123,7 @@ def worker(args) -> None:
             "first_step_s": first_step_s,
             "peak_gib": max(above for _, above in peaks) if cuda else None,
             "total_gib": max(total for total, _ in peaks) if cuda else None,
+            "device_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
         }))  # fmt: skip
 
 
@@ -164,9 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--gpus", type=int, default=2, help="K of the sharded runs")
     parser.add_argument("--ns", default="768", help="crops timed on 1 and K GPUs ('' for none)")
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--start", type=int, default=1280, help="first crop of the 1-GPU longest search")
-    parser.add_argument("--max-crop", type=int, default=2560)
-    parser.add_argument("--time-budget", type=float, default=420.0, help="seconds for all trials")
+    parser.add_argument("--start", type=int, default=1280, help="first crop of a search with nothing timed")
+    parser.add_argument("--max-crop", type=int, default=4096)
+    parser.add_argument("--time-budget", type=float, default=450.0, help="seconds for all trials")
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--kernels", default="triton")
     parser.add_argument("--preset", default="paper", help="model widths (\"tiny\" with --device cpu: a smoke run)")
@@ -210,14 +212,26 @@ def main(argv=None) -> None:
                 break
             record({"gpus": gpus, "impl": impl(gpus), "N": n, **trial(args, gpus, n, args.reps, left())})
 
+    def predicted(gpus: int) -> int | None:
+        """The longest crop on the 128-grid whose per-rank peak, scaled from the largest timed
+        crop as (pair rows per rank) x P, stays within 96% of the GPU's memory."""
+        timed = [r for r in rows if r.get("gpus") == gpus and r.get("impl") == impl(gpus) and r.get("peak_gib")]
+        if not timed:
+            return None
+        row = max(timed, key=lambda r: r["N"])
+        padded = -(-row["N"] // gpus) * gpus
+        per_pair = row["peak_gib"] / (padded * padded / gpus)
+        room = 0.96 * row["device_gib"] - (row["total_gib"] - row["peak_gib"])
+        return int(math.sqrt(gpus * room / per_pair)) // STEP * STEP
+
     longest: dict[int, int | None] = {1: args.k1_longest} if args.k1_longest else {}
     for gpus in ([] if args.no_longest else [g for g in (1, args.gpus) if g not in longest]):
         # the 1-GPU search may use 40% of what is left, so that the K-GPU search gets its turn
         until = time.perf_counter() + (0.4 if gpus == 1 else 1.0) * left()
-        if gpus == 1 or longest.get(1) is None:
-            n = args.start
-        else:  # per-rank memory falls as 1 / K: the crop as sqrt(K)
-            n = max(longest[1] + STEP, int(math.sqrt(gpus) * longest[1]) // STEP * STEP)
+        n = predicted(gpus)
+        if n is None:  # nothing timed: --start, or sqrt(K) x the 1-GPU longest (memory per rank ~ 1 / K)
+            n = args.start if gpus == 1 or not longest.get(1) else int(math.sqrt(gpus) * longest[1]) // STEP * STEP
+        n = min(max(n, STEP), args.max_crop)
         fits, fails, stopped = None, None, "max-crop"
         while STEP <= n <= args.max_crop:
             if until - time.perf_counter() <= 0:
