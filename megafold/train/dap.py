@@ -46,7 +46,8 @@ backward, the same per pair row as the unsharded block plus an fp32 copy of the 
 pair; plus what does not shrink with K: a chunk of b and of db (``2 chunk P^2`` bf16, 0.4 GB
 at P = 1792), the gathered biases and their gradients (``(2 H + 16) P^2``, ~0.4 GB) and the
 pair mask (``P^2`` bool). So per-rank memory falls nearly as 1 / K and the longest crop
-grows nearly as sqrt(K): 1280 on one H100 -> ~1792 on two.
+grows nearly as sqrt(K) (x 1.41 on two GPUs). ``pair_offload`` (the checkpoints in pinned
+host memory) applies per rank as in the unsharded stack.
 
 Collectives are autograd Functions whose backward is the dual collective (all-gather <->
 reduce-scatter; the all-to-all transpose is its own dual). NCCL and gloo both serve
@@ -343,7 +344,7 @@ def pairformer_rows(
     shards: AxialShards,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``stack`` on this rank's rows, with its per-block activation checkpointing (which then
-    keeps this rank's rows only). Shapes as in ``pairformer_block_rows``; returns this rank's
+    keeps this rank's rows only, on the GPU or, with ``pair_offload``, in host memory). Shapes as in ``pairformer_block_rows``; returns this rank's
     rows of the pair ``[B, R, P, c_z]`` and single ``[B, R, c_s]`` outputs. Every rank must hold
     the same weights and, with dropout on, the same RNG state (seed them alike); each rank's
     parameter gradients are its rows' share until ``all_reduce_gradients`` sums them.
@@ -363,7 +364,8 @@ def pairformer_rows(
     for block in stack.blocks:
         run = functools.partial(pairformer_block_rows, block, shards=shards)
         pair, single = checkpoint_pair_block(
-            run, pair, single, pair_mask, token_mask, enabled=stack.checkpoint, pair_bf16=stack.pair_bf16
+            run, pair, single, pair_mask, token_mask,
+            enabled=stack.checkpoint, pair_bf16=stack.pair_bf16, offload=stack.offload,
         )
     return pair, single
 
