@@ -64,11 +64,17 @@ def trace(kernels: str, args, device: torch.device) -> tuple[dict, list[dict]]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     events = prof.events()
-    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    phase_names = ("forward", "backward")
+    # GPU-side copies of the two record_function ranges are annotations, not GPU work.
+    gpu = [
+        e for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and e.name not in phase_names and not getattr(e, "is_user_annotation", False)
+    ]  # fmt: skip
     intervals = [(e.time_range.start, e.time_range.end) for e in gpu]
     phases = {}
     for e in events:
-        if e.name in ("forward", "backward") and e.device_type == torch.autograd.DeviceType.CPU:
+        if e.name in phase_names and e.device_type == torch.autograd.DeviceType.CPU:
             window = (e.time_range.start, e.time_range.end)
             inside = [iv for iv in intervals if window[0] <= iv[0] < window[1]]
             phases[e.name] = (window[1] - window[0], busy_us(inside), len(inside))
