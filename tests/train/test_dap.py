@@ -6,7 +6,8 @@ the unsharded stack on the same weights, inputs and output cotangents and compar
 - an odd crop (13 tokens, padded to 14 with masked tokens), batch 2 with padding tokens,
   per-block checkpointing: fp32 against a float64 reference (fp32 rounding only: < 1e-5);
 - an even crop with dropout on: the same dropout masks (drawn at the global shape from the
-  same seed) against the fp32 unsharded run.
+  same seed) against the fp32 unsharded run;
+- the Triton kernels (under the interpreter) on shards of 5 rows of a 10-token padded crop.
 The GPU test adds bf16 autocast, bf16 checkpoint storage and the Triton kernels.
 Every parameter is drawn at random (the zero-initialised final projections would otherwise
 make every block the identity and most gradients zero).
@@ -33,27 +34,33 @@ from megafold.model import preset  # noqa: E402
 from megafold.model.pairformer import PairformerStack  # noqa: E402
 from megafold.train.dap import AxialShards, all_reduce_gradients, pairformer_rows  # noqa: E402
 
-# name: (tokens, batch, checkpoint, pair_bf16, dropout)
-CPU_CASES = {"odd": (13, 2, True, False, 0.0), "dropout": (12, 1, True, False, 0.25)}
-GPU_CASES = {"odd": (253, 1, True, True, 0.0)}
+# name: (tokens, batch, checkpoint, pair_bf16, dropout, kernels)
+CPU_CASES = {
+    "odd": (13, 2, True, False, 0.0, "torch"),
+    "dropout": (12, 1, True, False, 0.25, "torch"),
+    "triton": (9, 1, True, False, 0.0, "triton"),  # the Triton kernels (interpreter) on 5-row shards
+}
+GPU_CASES = {"odd": (253, 1, True, True, 0.0, "triton")}
 FP32_TOL = 1e-5  # measured ~1e-7: sharding changes only the order of fp32 sums
 # bf16 on the GPU: the sharded run may differ from the unsharded one by another bf16 rounding
 # of the same order as the unsharded run's own error against float64.
 BF16_TOL = 2e-2
 
 
-def stack_config(device: str, dropout: float, checkpoint: bool, pair_bf16: bool):
-    if device == "cuda":  # "paper" widths, 2 blocks, the GPU path (bf16 autocast, triton)
-        return preset("paper", kernels="triton", pairformer_blocks=2, pair_dropout=dropout,
+def stack_config(case: tuple, device: str):
+    _, _, checkpoint, pair_bf16, dropout, kernels = case
+    if device == "cuda":  # "paper" widths, 2 blocks, the GPU path (bf16 autocast)
+        return preset("paper", kernels=kernels, pairformer_blocks=2, pair_dropout=dropout,
                       checkpoint=checkpoint, pair_bf16_checkpoint=pair_bf16)  # fmt: skip
-    return preset("tiny", kernels="torch", pair_dropout=dropout, checkpoint=checkpoint,
-                  pair_bf16_checkpoint=pair_bf16)  # fmt: skip
+    # one block for the Triton interpreter (slow), two otherwise
+    return preset("tiny", kernels=kernels, pairformer_blocks=1 if kernels == "triton" else 2, pair_dropout=dropout,
+                  checkpoint=checkpoint, pair_bf16_checkpoint=pair_bf16)  # fmt: skip
 
 
 def case_inputs(case: tuple, device: str, seed: int = 7) -> tuple[PairformerStack, dict[str, torch.Tensor]]:
     """The stack (seeded weights) and the whole inputs and output cotangents of one case."""
-    tokens, batch, checkpoint, pair_bf16, dropout = case
-    config = stack_config(device, dropout, checkpoint, pair_bf16)
+    tokens, batch, dropout = case[0], case[1], case[4]
+    config = stack_config(case, device)
     torch.manual_seed(seed)
     stack = PairformerStack(config, config.pairformer_blocks, config.c_z, config.c_s).to(device)
     stack.train(dropout > 0)
@@ -90,7 +97,7 @@ def run_unsharded(case: tuple, device: str, dtype: torch.dtype) -> dict[str, tor
     stack.to(dtype)
     pair = x["pair"].to(dtype).requires_grad_()
     single = x["single"].to(dtype).requires_grad_()
-    backend = "torch" if dtype == torch.float64 else stack_config(device, 0.0, True, True).kernels
+    backend = "torch" if dtype == torch.float64 else case[5]
     torch.manual_seed(11)  # dropout
     with use_kernels(backend), autocast(device, enabled=dtype != torch.float64):
         pair_out, single_out = stack(pair, single, x["pair_mask"], x["token_mask"])
@@ -109,7 +116,7 @@ def run_sharded(case: tuple, device: str) -> dict[str, torch.Tensor]:
     single = shards.split(x["single"], (1,)).requires_grad_()
     pair_mask, token_mask = shards.pad(x["pair_mask"], (1, 2)), shards.pad(x["token_mask"], (1,))
     torch.manual_seed(11)  # dropout: the same draws on every rank
-    with use_kernels(stack_config(device, 0.0, True, True).kernels), autocast(device):
+    with use_kernels(case[5]), autocast(device):
         pair_out, single_out = pairformer_rows(stack, pair, single, pair_mask, token_mask, shards)
     d_pair, d_single = shards.split(x["d_pair"], (1, 2)), shards.split(x["d_single"], (1,))
     loss = (pair_out.float() * d_pair).sum() + (single_out.float() * d_single).sum()
@@ -176,6 +183,8 @@ def launch(tmp_path: Path, device: str) -> dict[str, dict[str, torch.Tensor]]:
         init = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
     out = tmp_path / "sharded.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0"}
+    if device == "cpu":  # the "triton" case runs the kernels in the interpreter, GPU or not
+        env["TRITON_INTERPRET"] = "1"
     workers = [
         subprocess.Popen([sys.executable, __file__, "--rank", str(rank), "--world", "2", "--init", init,
                           "--out", str(out), "--device", device], env=env, stderr=subprocess.PIPE, text=True)
@@ -192,16 +201,16 @@ def launch(tmp_path: Path, device: str) -> dict[str, dict[str, torch.Tensor]]:
 def test_two_ranks_equal_one_process_outputs_and_every_gradient(tmp_path):
     sharded = launch(tmp_path, "cpu")
     for name, case in CPU_CASES.items():
-        # the odd crop against float64; the dropout case against fp32 (the same masks need the same dtype)
-        reference = run_unsharded(case, "cpu", torch.float64 if name == "odd" else torch.float32)
+        # against float64; the dropout case against fp32 (the same masks need the same dtype)
+        reference = run_unsharded(case, "cpu", torch.float32 if name == "dropout" else torch.float64)
         compare(sharded[name], reference, FP32_TOL)
         if name == "dropout":  # dropout really dropped something: the eval-mode result differs
             assert relative_error(sharded[name]["pair_out"], run_unsharded(
-                (*case[:4], 0.0), "cpu", torch.float32)["pair_out"]) > 1e-2  # fmt: skip
+                (*case[:4], 0.0, case[5]), "cpu", torch.float32)["pair_out"]) > 1e-2  # fmt: skip
 
 
 def test_one_rank_is_the_stack_and_bad_shapes_are_config_errors():
-    case = (9, 1, False, False, 0.0)
+    case = (9, 1, False, False, 0.0, "torch")
     stack, x = case_inputs(case, "cpu")
     shards = AxialShards.create(9)
     assert (shards.size, shards.rows, shards.padded) == (1, 9, 9)
