@@ -13,11 +13,11 @@ which would otherwise wait in a collective for ever.
 Rows: step time (median of ``--reps`` steps after a warm-up step) and peak memory above the
 inputs and weights (the largest over the ranks; ``total_gib`` with them) at each of ``--ns``;
 then the longest crop, each size tried with one step (its time is ``first_step_s``, kernel
-loading included): predict, then verify. The first size tried is the longest on the 128-grid
-whose peak, scaled from the largest timed crop of the same GPU count as (pair rows per rank)
-x (crop), stays within 96% of the GPU's memory (without a timed crop: ``--start`` on 1 GPU,
-``sqrt(K) x`` the 1-GPU longest on K); then up by 128 until out of memory, or down until one
-fits (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
+loading included): predict, then verify. The first size tried is the longest on the grid
+(``--step``, 128) whose peak, scaled from the largest timed crop of the same GPU count as
+(pair rows per rank) x (crop), stays within 96% of the GPU's memory (with nothing timed:
+``--start`` on 1 GPU, ``sqrt(K) x`` the 1-GPU longest on K); then up a step until out of
+memory, or down until one fits (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
 (seconds, all trials together; the 1-GPU search may use 40% of what is left) stops a search,
 and its row says so. JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
@@ -40,7 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-STEP = 128
 OOM_EXIT = 3
 
 
@@ -168,6 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--start", type=int, default=1280, help="first crop of a search with nothing timed")
     parser.add_argument("--max-crop", type=int, default=4096)
+    parser.add_argument("--step", type=int, default=128, help="grid of the crop search (64: a finer ratio, more trials)")
     parser.add_argument("--time-budget", type=float, default=450.0, help="seconds for all trials")
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--kernels", default="triton")
@@ -192,7 +192,8 @@ def main(argv=None) -> None:
     env, rows, started = environment(), [], time.perf_counter()
     config = {"preset": args.preset, "blocks": args.blocks, "bf16": True, "checkpoint": True, "kernels": args.kernels,
               "gpus": args.gpus, "time_budget_s": args.time_budget, "k1_dap": args.k1_dap,
-              "k1_longest_given": args.k1_longest or None, "overrides": args.set}  # fmt: skip
+              "k1_longest_given": args.k1_longest or None, "overrides": args.set,
+              "search_step": args.step}  # fmt: skip
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
 
     def left() -> float:
@@ -212,8 +213,10 @@ def main(argv=None) -> None:
                 break
             record({"gpus": gpus, "impl": impl(gpus), "N": n, **trial(args, gpus, n, args.reps, left())})
 
+    step = args.step
+
     def predicted(gpus: int) -> int | None:
-        """The longest crop on the 128-grid whose per-rank peak, scaled from the largest timed
+        """The longest crop on the ``--step`` grid whose per-rank peak, scaled from the largest timed
         crop as (pair rows per rank) x P, stays within 96% of the GPU's memory."""
         timed = [r for r in rows if r.get("gpus") == gpus and r.get("impl") == impl(gpus) and r.get("peak_gib")]
         if not timed:
@@ -222,7 +225,7 @@ def main(argv=None) -> None:
         padded = -(-row["N"] // gpus) * gpus
         per_pair = row["peak_gib"] / (padded * padded / gpus)
         room = 0.96 * row["device_gib"] - (row["total_gib"] - row["peak_gib"])
-        return int(math.sqrt(gpus * room / per_pair)) // STEP * STEP
+        return int(math.sqrt(gpus * room / per_pair)) // step * step
 
     longest: dict[int, int | None] = {1: args.k1_longest} if args.k1_longest else {}
     for gpus in ([] if args.no_longest else [g for g in (1, args.gpus) if g not in longest]):
@@ -230,10 +233,10 @@ def main(argv=None) -> None:
         until = time.perf_counter() + (0.4 if gpus == 1 else 1.0) * left()
         n = predicted(gpus)
         if n is None:  # nothing timed: --start, or sqrt(K) x the 1-GPU longest (memory per rank ~ 1 / K)
-            n = args.start if gpus == 1 or not longest.get(1) else int(math.sqrt(gpus) * longest[1]) // STEP * STEP
-        n = min(max(n, STEP), args.max_crop)
+            n = args.start if gpus == 1 or not longest.get(1) else int(math.sqrt(gpus) * longest[1]) // step * step
+        n = min(max(n, step), args.max_crop)
         fits, fails, stopped = None, None, "max-crop"
-        while STEP <= n <= args.max_crop:
+        while step <= n <= args.max_crop:
             if until - time.perf_counter() <= 0:
                 stopped = "budget"
                 break
@@ -249,10 +252,10 @@ def main(argv=None) -> None:
                 fails = n if fails is None else min(fails, n)
             else:
                 fits = n if fits is None else max(fits, n)
-            if fits is not None and fails is not None and fails - fits <= STEP:
+            if fits is not None and fails is not None and fails - fits <= step:
                 stopped = "OOM"
                 break
-            n = n + STEP if "error" not in outcome else n - STEP
+            n = n + step if "error" not in outcome else n - step
         longest[gpus] = fits
         record({"gpus": gpus, "impl": impl(gpus), "longest_N": fits, "first_oom_N": fails, "stopped": stopped})
     if longest.get(1) and longest.get(args.gpus):
