@@ -22,6 +22,7 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.diffusion import (
     DiffusionContext,
     DiffusionModule,
+    GraphedDenoiser,
     centre_random_augmentation,
     noise_schedule,
     sample_diffusion,
@@ -204,6 +205,8 @@ class AlphaFold3(nn.Module):
         def denoise(x_noisy: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
             return self.diffusion_module.denoise_in_chunks(ctx, x_noisy, t_hat, self.config.diffusion_chunk)
 
+        if self.config.rollout_cuda_graph:
+            denoise = GraphedDenoiser(denoise)
         return sample_diffusion(denoise, batch["atom_mask"], samples, schedule, self.config)
 
     def _confidence_terms(self, batch: Batch, trunk: TrunkOutput, ctx: DiffusionContext) -> dict[str, torch.Tensor]:

@@ -85,6 +85,7 @@ class AlphaFold3Config:
     diffusion_chunk: int = 0  # diffusion samples per chunk (0: all at once)
     transition_chunk: int = 0  # rows per transition chunk (0: unchunked)
     attention_chunk: int = 0  # rows per triangle-attention chunk (0: unchunked)
+    rollout_cuda_graph: bool = True  # sampler steps replay a CUDA graph of the denoiser (CUDA only)
 
     @property
     def c_s_inputs(self) -> int:
