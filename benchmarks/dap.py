@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--start", type=int, default=1280, help="first crop of a search with nothing timed")
     parser.add_argument("--max-crop", type=int, default=4096)
-    parser.add_argument("--step", type=int, default=128, help="grid of the crop search (64: a finer ratio, more trials)")
+    parser.add_argument("--step", type=int, default=128, help="crop grid of the search (64: finer, more trials)")
     parser.add_argument("--time-budget", type=float, default=450.0, help="seconds for all trials")
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--kernels", default="triton")
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k1-dap", action="store_true", help="1 GPU runs the sharded code too (its overhead)")
     parser.add_argument("--no-longest", action="store_true")
     parser.add_argument("--k1-longest", type=int, default=0,
-                        help="the 1-GPU longest crop when already measured (benchmarks/trunk.py --longest): no 1-GPU search")
+                        help="the 1-GPU longest crop, if measured (trunk.py --longest): no 1-GPU search")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crop", type=int, help=argparse.SUPPRESS)

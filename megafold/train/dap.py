@@ -344,8 +344,9 @@ def pairformer_rows(
     shards: AxialShards,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``stack`` on this rank's rows, with its per-block activation checkpointing (which then
-    keeps this rank's rows only, on the GPU or, with ``pair_offload``, in host memory). Shapes as in ``pairformer_block_rows``; returns this rank's
-    rows of the pair ``[B, R, P, c_z]`` and single ``[B, R, c_s]`` outputs. Every rank must hold
+    keeps this rank's rows only, on the GPU or, with ``pair_offload``, in host memory). Shapes
+    as in ``pairformer_block_rows``; returns this rank's rows of the pair ``[B, R, P, c_z]`` and
+    single ``[B, R, c_s]`` outputs. Every rank must hold
     the same weights and, with dropout on, the same RNG state (seed them alike); each rank's
     parameter gradients are its rows' share until ``all_reduce_gradients`` sums them.
 
