@@ -13,7 +13,7 @@ True = key attended. A row whose keys are all masked gives output 0 and gradient
 Forward: one program per (row s, query block, batch x head), online softmax over key blocks
 in base 2 (log2(e) folded into the scale and the bias; the saved log-sum-exp is base 2 too).
 Backward, deterministic and without atomics, in three kernels that each own what they write:
-  dK, dV  one program per (row, key block), loops over query blocks (tiles keys x queries);
+  dK, dV  one program per (row, key block), loops over query blocks;
   dQ      one program per (row, query block), loops over key blocks;
   dBias   one program per (query block, key block, batch x head), loops over the S rows and
           reduces their dS in registers before a single store. When that grid is too small
@@ -320,31 +320,21 @@ def _evo_attention_dkdv_kernel(
         q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
                                           do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
                                           m_valid, d_valid, stride_qn, stride_qd, H, N, D)
-        # Tiles are [BLOCK_N, BLOCK_M] (keys x queries): P^T and dS^T come out in the layout
-        # the dV and dK products take as their left operand; transposing a register tile
-        # instead costs a round trip through shared memory per product.
-        if IEEE:
-            logits_t = tl.dot(k, tl.trans(q), input_precision="ieee") * scale_log2
-        else:
-            logits_t = tl.dot(k, tl.trans(q)) * scale_log2
+        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
-            bias_t = tl.load(bias_ptr + b * stride_bb + h * stride_bh
-                             + offs_n[:, None] * stride_bj + offs_m[None, :] * stride_bi,
-                             mask=n_valid[:, None] & m_valid[None, :], other=0.0)
-            logits_t += bias_t.to(tl.float32) * _LOG2E
-        logits_t = tl.where(key_ok[:, None], logits_t, float("-inf"))
-        p_t = tl.exp2(logits_t - lse[None, :])
+            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+        # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
+        # transposes below but, compiled for sm_90, needs more registers and spills more.
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
         if IEEE:
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
         else:
-            dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        if IEEE:
-            dv += tl.dot(p_t, do, input_precision="ieee")
-            dk += tl.dot(ds_t, q, input_precision="ieee")
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
     kv_mask = n_valid[:, None] & d_valid[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -548,12 +538,13 @@ def _default_blocks(kind: str, S: int, D: int) -> dict:
     return config
 
 
-def _rows_per_program(S: int, programs: int, multiprocessors: int) -> int:
+def _rows_per_program(S: int, programs: int, multiprocessors: int, tile: int) -> int:
     """Rows each forward and dQ program serves: two share each bias tile where the grid of
     ``programs`` (at one row each) stays at 4+ programs per SM with two (triangle, diffusion
-    with many samples, MSA), one otherwise (and for S < 8, where an odd S's repeated last
-    row would cost too much)."""
-    return 2 if S >= 8 and programs >= 8 * multiprocessors else 1
+    with many samples, MSA) and the tiles are small (``tile`` = BLOCK_M * BLOCK_N * BLOCK_D
+    at most 64 * 32 * 32: compiled for sm_90, larger tiles with two rows spill registers);
+    one otherwise, and for S < 8, where an odd S's repeated last row would cost too much."""
+    return 2 if S >= 8 and programs >= 8 * multiprocessors and tile <= 64 * 32 * 32 else 1
 
 
 def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
@@ -630,7 +621,8 @@ def _forward(inp: _Inputs, scale: float):
 
     def launch(cfg):
         programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
-        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device))
+        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device),
+                                 cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d)
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_forward_kernel[grid](
             inp.q, inp.k, inp.v,
@@ -697,7 +689,8 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
 
     def launch_dq(cfg):
         programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
-        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device))
+        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device),
+                                 cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d)
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,

@@ -150,7 +150,7 @@ def test_many_rows_paths(monkeypatch):
     rows (an odd S, whose last program takes its last row twice; a fully masked row among them)
     and the dBias pass split into row chunks (one shorter than the others) whose partial sums
     are bitwise the same on every run."""
-    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors: 2)
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
     monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 3)
     inputs = make_inputs((1,), 7, 13, 2, 24, torch.float32, masked_rows=(3,))
     grad_out = torch.randn_like(inputs["q"])
@@ -162,14 +162,17 @@ def test_many_rows_paths(monkeypatch):
 
 
 def test_two_rows_per_program_only_where_the_grid_stays_full():
+    small_tile = 64 * 32 * 32
     # Triangle N=384 (64-query blocks, H=4) and diffusion S=48 on 132 SMs: two rows.
-    assert evo_module._rows_per_program(384, 6 * 384 * 4, 132) == 2
-    assert evo_module._rows_per_program(48, 6 * 48 * 16, 132) == 2
+    assert evo_module._rows_per_program(384, 6 * 384 * 4, 132, small_tile) == 2
+    assert evo_module._rows_per_program(48, 6 * 48 * 16, 132, small_tile) == 2
     # Diffusion in chunks of 8 samples at N=384: 768 programs would drop under 4 per SM.
-    assert evo_module._rows_per_program(8, 6 * 8 * 16, 132) == 1
-    # One row (pair bias) and few rows: one.
-    assert evo_module._rows_per_program(1, 10**6, 132) == 1
-    assert evo_module._rows_per_program(5, 10**6, 132) == 1
+    assert evo_module._rows_per_program(8, 6 * 8 * 16, 132, small_tile) == 1
+    # One row (pair bias), few rows, or tiles too large for two rows' registers: one.
+    assert evo_module._rows_per_program(1, 10**6, 132, small_tile) == 1
+    assert evo_module._rows_per_program(5, 10**6, 132, small_tile) == 1
+    assert evo_module._rows_per_program(384, 10**6, 132, 64 * 128 * 32) == 1
+    assert evo_module._rows_per_program(48, 10**6, 132, 64 * 32 * 64) == 1
 
 
 def test_dbias_row_chunks_fill_the_gpu_only_when_needed():
