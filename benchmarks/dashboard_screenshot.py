@@ -135,17 +135,17 @@ def _rows(ds, settings: DashboardSettings) -> list[dict]:
             "kernels": str(config), "crop": settings.crop, "step_s": float(one["step_ms"].mean()) / 1e3,
             "plain_step_s": float(one["plain_step_ms"]) / 1e3,
             "overhead_frac": float(one["overhead_ms"] / one["plain_step_ms"]),
+            "graph_hook_s": float(one["graph_hook_ms"]) / 1e3,
             "peak_gib": float(one["stage_peak_mib"].max()) / 1024,
             "data_wait_frac": float(stage.sel(stage="data") / stage.sum()),
         }  # fmt: skip
         if "longest_crop" in one:
             tried = one["crop_source"].values.astype(str) == "search"
+            crops, outcomes = one["search_crop"].values[tried], one["crop_outcome"].values[tried]
             row.update(
                 longest_N=int(one["longest_crop"]), longest_stopped_by=str(one["longest_stopped_by"].values),
                 longest_predicted_N=int(one["longest_predicted"]),
-                search_steps=", ".join(
-                    f"{int(c)}: {o}" for c, o in zip(one["search_crop"].values[tried], one["crop_outcome"].values[tried])
-                ),
+                search_steps=", ".join(f"{int(c)}: {o}" for c, o in zip(crops, outcomes)),
             )  # fmt: skip
         rows.append(row)
     return rows

@@ -38,8 +38,9 @@ was current. Owners are (module, part, phase):
   caching or fragmentation).
 
 The profiler's own cost is measured, not assumed: after the warmup ``profile_step`` runs one
-plain step (stage boundaries only) and reports ``plain_step_ms`` and ``overhead_ms`` next to
-the profiled step, with ``switches`` per step. Each switch costs host time (an event, one
+plain step (stage boundaries only, no hooks) and reports ``plain_step_ms`` and ``overhead_ms``
+next to the profiled step, with ``switches`` per step and ``graph_hook_ms`` (hooking the autograd
+graph before backward, outside the step's stages). Each switch costs host time (an event, one
 allocator read: tens of microseconds; a "paper" step has ~6.5k switches); on a GPU it hides
 behind queued kernels except where the step is launch-bound (the diffusion rollout's small
 modules), which is where overhead_ms comes from. ``modules=False`` times the stages only.
@@ -424,6 +425,7 @@ class _Tracer:
         self.seq_owners: list[tuple[str, str]] = []
         self.traced_modules: set[str] = set()
         self.entries: dict[tuple[str, str], int] = {}
+        self.traced = traced
         self._lock = threading.RLock()
         self._handles: list[Any] = []
         self._wrapped: list[tuple[nn.Module, str]] = []
@@ -533,6 +535,8 @@ class _Tracer:
     def hook_graph(self, loss: torch.Tensor) -> list[Any]:
         """Give every node of ``loss``'s graph a pre-hook that switches to its forward owner."""
         handles = []
+        if not self.traced:
+            return handles  # a plain step: its backward runs without a hook
         if not self.seq_starts or loss.grad_fn is None or not hasattr(loss.grad_fn, "_sequence_nr"):
             return handles
         for node in _graph_nodes([loss.grad_fn]):
@@ -739,6 +743,10 @@ def _step_tables(record: _StepRecord) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
+def _graph_hook_ms(record: _StepRecord) -> float:
+    return float(sum(ms for ms, owner in zip(record.durations_ms, record.owners) if owner[2] == "profiler"))
+
+
 def _config_attrs(variant: Variant) -> dict[str, Any]:
     config = variant.config
     return {
@@ -794,9 +802,14 @@ def _profile_dataset(
             "step_ms": (("step",), step_ms, {"units": "ms"}),
             "plain_step_ms": ((), plain_ms, {"doc": "one step without module hooks, same run", "units": "ms"}),
             "overhead_ms": (
-                (), step_ms.mean() - plain_ms, {"doc": "step_ms (mean) minus plain_step_ms: the profiler's cost", "units": "ms"},
+                (), step_ms.mean() - plain_ms,
+                {"doc": "step_ms (mean) minus plain_step_ms: the profiler's cost", "units": "ms"},
             ),
             "switches": ((), float(len(last.owners)), {"doc": "timeline segments per profiled step"}),
+            "graph_hook_ms": (
+                (), np.mean([_graph_hook_ms(record) for record in records]),
+                {"doc": "hooking the autograd graph before backward (not in step_ms)", "units": "ms"},
+            ),
             "stage_peak_mib": (("stage",), np.max([t["stage_peak_mib"] for t in tables], axis=0), {"units": "MiB"}),
             "loss": (("step",), np.array([r.loss for r in records])),
             "timeline_ms": (("sample",), ends, {"doc": "end of each segment since the last step began", "units": "ms"}),
@@ -858,7 +871,8 @@ def profile_step(
       timeline_ms / timeline_mib / timeline_peak_mib / timeline_module / timeline_phase
       ``[sample]``: the memory timeline of the last step, one sample per switch;
       plain_step_ms, overhead_ms (mean step_ms minus plain_step_ms; NaN without
-      ``measure_overhead``) and switches (timeline segments per step): the profiler's cost.
+      ``measure_overhead``), switches (timeline segments per step) and graph_hook_ms (hooking
+      the autograd graph between forward and backward, left out of step_ms): the profiler's cost.
     Attributes name the device, versions, config and the measuring methods.
     """
     variant = config if isinstance(config, Variant) else Variant(resolve_config(config))

@@ -77,7 +77,7 @@ def test_memory_timeline_is_thinned_keeping_peaks(comparison, monkeypatch):
 def test_longest_crop_figure(profiles):
     comparison, searches = profiles
     fig = plots.longest_crop_figure(comparison)
-    assert [t.name for t in fig.data] == ["torch: longest 16 (max_crop reached)", "checkpointed: longest 16 (max_crop reached)"]
+    assert [t.name for t in fig.data] == [f"{c}: longest 16 (max_crop reached)" for c in ("torch", "checkpointed")]
     assert list(fig.data[0].x) == [8, 16]
     single = plots.longest_crop_figure(searches["torch"])  # one search, without a comparison
     assert [t.name for t in single.data] == ["torch: longest 16 (max_crop reached)"]

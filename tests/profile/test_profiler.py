@@ -113,24 +113,31 @@ def test_sequence_number_is_the_next_nodes():
 
 
 def test_profile_reports_its_own_overhead(quick_config, monkeypatch):
-    """A plain step of the same run is the baseline: a memory read made ~3 ms slower costs that
-    much per switch of the profiled step, and overhead_ms says so."""
+    """A plain step of the same run is the baseline: a memory read made ~10 ms slower costs
+    that much per switch of the profiled step, and overhead_ms says so."""
     sample, slept = profiler._Memory.sample, []
 
     def slow_sample(self):
         began = time.perf_counter()
-        time.sleep(0.003)
+        time.sleep(0.01)
         slept.append(time.perf_counter() - began)
         return sample(self)
 
     monkeypatch.setattr(profiler._Memory, "sample", slow_sample)
-    ds = profile_step(quick_config, crop=8, warmup=1, **SMALL)
+    ds = profile_step(quick_config, crop=8, warmup=1, **SMALL)  # the warmup keeps first-call costs out
     switches = int(ds["switches"])
-    plain_switches = len(STAGES) + 1  # data, forward, hooking the graph, backward, optimizer + the start
-    expected_ms = (switches - plain_switches) * np.mean(slept) * 1e3
-    assert switches > 100 and float(ds["plain_step_ms"]) > 0
+    plain_reads = len(STAGES) + 2  # at the start and the ends of data, forward, hooking, backward, optimizer
+    assert switches > 100 and len(slept) == 2 * plain_reads + switches + 1
+    slept = slept[plain_reads:]  # the warmup's
+    # A read follows its segment's end mark, so it is timed in the next segment: not the last
+    # read, nor the one that opens the hooking stage (left out of step_ms). The plain step
+    # times 3 reads, the profiled one switches - 2.
+    plain_ms, profiled_ms = np.mean(slept[:plain_reads]) * 1e3, np.mean(slept[plain_reads:]) * 1e3
+    expected_ms = (switches - 2) * profiled_ms - 3 * plain_ms
+    assert float(ds["plain_step_ms"]) > 0 and float(ds["graph_hook_ms"]) > 0
     assert float(ds["overhead_ms"]) == pytest.approx(float(ds["step_ms"].mean() - ds["plain_step_ms"]))
-    assert float(ds["overhead_ms"]) == pytest.approx(expected_ms, rel=0.25)
+    # Within the noise of the tiny step's own work on a busy CPU (+-0.3 s seen).
+    assert float(ds["overhead_ms"]) == pytest.approx(expected_ms, abs=500)
     without = profile_step(quick_config, crop=8, warmup=0, measure_overhead=False, **SMALL)
     assert np.isnan(float(without["plain_step_ms"])) and np.isnan(float(without["overhead_ms"]))
 
