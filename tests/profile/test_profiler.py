@@ -215,8 +215,9 @@ def test_cpu_memory_counts_live_tensors_exactly():
 
 
 def test_checkpointing_recomputes_and_saves_memory(quick_config):
-    plain = profile_step(quick_config, crop=16, warmup=0, **SMALL)
-    checkpointed = profile_step(quick_config.replace(checkpoint=True), crop=16, warmup=0, **SMALL)
+    options = {"crop": 16, "warmup": 0, "measure_overhead": False, **SMALL}
+    plain = profile_step(quick_config, **options)
+    checkpointed = profile_step(quick_config.replace(checkpoint=True), **options)
     recompute = checkpointed["time_ms"].sel(phase="recompute")
     assert float(recompute.sel(module="TriangleAttention")) > 0
     assert int(checkpointed["calls"].sel(module="TriangleAttention", phase="recompute")) == int(
@@ -229,7 +230,7 @@ def test_checkpointing_recomputes_and_saves_memory(quick_config):
 
 
 def test_forward_only(quick_config):
-    ds = profile_step(quick_config, crop=8, backward=False, warmup=0, **SMALL)
+    ds = profile_step(quick_config, crop=8, backward=False, warmup=0, measure_overhead=False, **SMALL)
     stage = ds["stage_ms"].mean("step")
     assert float(stage.sel(stage="forward")) > 0
     assert float(stage.sel(stage="backward")) == 0 and float(stage.sel(stage="optimizer")) == 0
@@ -244,13 +245,13 @@ def test_batches_from_the_shipped_store(quick_config):
     store = find_store()
     assert store is not None, "cached_data/store.zarr is shipped with the repository"
     batches = loader(store, 16, 1, workers=0, device="cpu")
-    ds = profile_step(quick_config, batches=batches, warmup=0, steps=2)
+    ds = profile_step(quick_config, batches=batches, warmup=0, steps=2, measure_overhead=False)
     assert ds.attrs["data"] == "batches from the given source"
     assert (ds["stage_ms"].sel(stage="data") > 0).all()
 
 
 def test_compile_variant_leaves_compiled_blocks_opaque(quick_config):
-    ds = profile_step(Variant(quick_config, compile="eager"), crop=8, warmup=1, **SMALL)
+    ds = profile_step(Variant(quick_config, compile="eager"), crop=8, warmup=1, measure_overhead=False, **SMALL)
     assert ds.attrs["label"] == "torch+compile" and ds.attrs["compile"] == "eager"
     time_ms = ds["time_ms"].sum("phase", min_count=1)
     assert np.isnan(float(time_ms.sel(module="TriangleAttention")))  # inside compiled PairformerBlocks
@@ -419,7 +420,7 @@ def test_fit_of_peaks_is_non_negative_and_exact_for_as_many_points_as_unknowns()
 def test_compare_runs_torch_and_triton_side_by_side(quick_config):
     """Both kernels run the same step (same weights, batch and random draws): their losses agree."""
     seen = []
-    ds = compare(variants(quick_config, ("torch", "triton")), crop=8, warmup=0,
+    ds = compare(variants(quick_config, ("torch", "triton")), crop=8, warmup=0, measure_overhead=False,
                  on_result=lambda label, partial: seen.append((label, partial.sizes["config"])), **SMALL)  # fmt: skip
     assert list(ds.config.values) == ["torch", "triton"]
     assert list(ds["kernels"].values) == ["torch", "triton"]
