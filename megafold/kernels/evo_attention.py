@@ -501,16 +501,25 @@ def _blocks(block_m, block_n, num_warps, num_stages):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-# Defaults for shapes with no tuned choice, per kernel: the H200's tuned choices (same SMs as
-# the H100) for many rows (triangle, diffusion: S >= 8) and for one row (pair bias, S = 1),
-# with D <= 32. A one-row grid has few programs, so larger tiles and more warps keep the SMs
-# busy; many rows fill the GPU with small tiles, whose bias loads and exp work overlap better.
+# Defaults for shapes with no tuned choice, per kernel, for one row (pair bias, S = 1) and
+# for many rows (triangle, diffusion: S >= 8). A one-row grid has few programs, so larger
+# tiles and more warps keep the SMs busy; many rows fill the GPU with small tiles.
+# D <= 32: the H200's tuned choices (same SMs as the H100).
 _DEFAULTS = {
     # kind: (one row, many rows)
     "fwd": (_blocks(64, 128, 8, 3), _blocks(64, 32, 4, 2)),
     "dkdv": (_blocks(128, 64, 4, 2), _blocks(64, 128, 4, 2)),
     "dq": (_blocks(128, 64, 8, 3), _blocks(64, 32, 4, 3)),
     "dbias": (_blocks(64, 32, 4, 2), _blocks(64, 32, 4, 2)),
+}
+# D > 32 (head dims padded to 64 or 128): tiles of at most 64 x 64 that compile without
+# register spills for sm_90 at D = 48 (ptxas; the former single default 64 x 64 with 4 warps
+# spilled 128 B in dK/dV and 700 B in dBias there).
+_DEFAULTS_WIDE = {
+    "fwd": (_blocks(64, 64, 8, 2), _blocks(64, 32, 4, 2)),
+    "dkdv": (_blocks(64, 64, 8, 2), _blocks(64, 64, 8, 2)),
+    "dq": (_blocks(64, 64, 8, 2), _blocks(64, 32, 4, 2)),
+    "dbias": (_blocks(64, 32, 8, 2), _blocks(64, 32, 8, 2)),
 }
 # The interpreter runs every program serially: small blocks keep masked tails cheap.
 _INTERPRETER_BLOCKS = _blocks(16, 16, 1, 1)
@@ -525,13 +534,7 @@ _CANDIDATES = [
 def _default_blocks(kind: str, S: int, D: int) -> dict:
     if interpreter_active():
         return _INTERPRETER_BLOCKS
-    config = dict(_DEFAULTS[kind][S >= 8])
-    if D > 32:
-        # Twice the head dim doubles the fp32 accumulators and the K/V/Q tiles: keep tiles of
-        # at most 64 x 64 and two stages, as for the old single default (passed at D = 48, 64).
-        config["BLOCK_M"] = min(config["BLOCK_M"], 64)
-        config["BLOCK_N"] = min(config["BLOCK_N"], 64)
-        config["num_stages"] = 2
+    config = dict((_DEFAULTS if D <= 32 else _DEFAULTS_WIDE)[kind][S >= 8])
     if torch.version.hip:
         # AMD GPUs have 64 KiB of shared memory per CU (H100: 228 KiB): at most two stages.
         config["num_stages"] = min(config["num_stages"], 2)
