@@ -451,3 +451,32 @@ def test_zarr_round_trip(quick_config, tmp_path):
     save(ds.isel(config=[0]), path)
     assert load(path).sizes["config"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_search_step_past_its_deadline_stops_even_inside_backward(quick_config, monkeypatch):
+    """The deadline hooks raise at the next AF3 module a step enters; with checkpointing that
+    includes the recomputation inside backward, from where autograd hands the error back."""
+    in_backward = []
+    with profiler._Session(
+        Variant(quick_config.replace(checkpoint=True)), torch.device("cpu"), backward=True, n_cycles=1, seed=0
+    ) as session:  # fmt: skip
+
+        def count(self, module, args):
+            in_backward.append(torch._C._current_graph_task_id() != -1)
+
+        monkeypatch.setattr(profiler._Deadline, "_check", count)
+        assert profiler._measure(session, 8, 1e18, None, 4, 4, 0).outcome == "fits"
+        assert not in_backward[0] and in_backward[-1]  # the last module entered is a recomputation
+        entries, seen = len(in_backward), []
+
+        def past_deadline_at_the_last_entry(self, module, args):
+            seen.append(module)
+            if len(seen) == entries:
+                self.passed = True
+                raise profiler._OutOfTime("past the deadline")
+
+        monkeypatch.setattr(profiler._Deadline, "_check", past_deadline_at_the_last_entry)
+        trial = profiler._measure(session, 8, 1e18, None, 4, 4, 0)
+        assert trial.outcome == "out of time" and np.isnan(trial.peak_mib) and len(seen) == entries
+        assert all(p.grad is None for p in session.model.parameters())
+        assert profiler._measure(session, 8, None, None, 4, 4, 0).outcome == "fits"  # the session goes on
