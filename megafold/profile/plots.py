@@ -167,7 +167,7 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
         data_share = float(stage_ms.sel(config=config, stage="data")) / total if total > 0 else float("nan")
         text = f"{base_ms / total:.2f}x<br>data {data_share:.1%}"
         plain = float(plain_ms.sel(config=config)) if plain_ms is not None else float("nan")
-        if np.isfinite(plain) and plain > 0:
+        if np.isfinite(plain) and plain > 0 and ds.attrs.get("warmup", 1) >= 1:  # else it carries one-off costs
             text += f"<br>profiler {total / plain - 1:+.0%}"
         fig.add_annotation(x=config, y=total, text=text, showarrow=False, yshift=26, row=1, col=1)
     fig.update_layout(

@@ -860,7 +860,8 @@ def profile_step(
     wait for it), else one synthetic protein of ``crop`` tokens (``atoms_per_token`` atoms
     each, ``msa_rows`` MSA rows) that stays on the device. ``measure_overhead`` runs one plain
     step (stage boundaries only) between the warmup and the profiled steps, so the profiler's
-    own cost is measured in the same run.
+    own cost is measured in the same run (with ``warmup=0`` the plain step is the first and
+    carries its one-off costs).
 
     Returns an ``xarray.Dataset``:
       time_ms, calls, peak_mib ``[module, phase]``: exclusive time (ms per step), entries and
