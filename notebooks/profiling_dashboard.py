@@ -59,10 +59,12 @@ print(f"running on {DEVICE}")
 #
 # Settings: preset, crop (tokens), dtype (bf16 autocast or fp32), activation checkpointing,
 # a training step or the forward alone, which kernels to compare (torch.compile compiles the
-# repeated blocks of the eager model), and whether to search the longest crop (stepping up by
-# 128 tokens from the chosen crop until a step runs out of memory, at most the given seconds
-# per configuration). "one block per stack" keeps the structure of a step at a fraction of
-# its cost.
+# repeated blocks of the eager model), and whether to search the longest crop. The search fits
+# each configuration's peak memory as a function of the crop, seeded by its profile at the
+# chosen crop, runs one real step at the longest crop the fit predicts and refines from there;
+# one time budget covers the whole run. The figure says for each result whether a step
+# verified it or only the fit predicts it. "one block per stack" keeps the structure of a step
+# at a fraction of its cost.
 
 # %%
 from megafold.profile.widgets import Dashboard

@@ -123,10 +123,12 @@ plots.step_figure(kernels)
 # %% [markdown]
 # ## The longest crop that fits
 #
-# On a GPU `longest_crop` steps the crop up by 128 tokens until a step raises
-# `torch.OutOfMemoryError`, frees the failed step and reports the last crop that fit. On the
-# CPU nothing runs out of memory first, so the search stops at `max_crop` or at a memory
-# budget (bytes of live tensors, measured as on a GPU):
+# On a GPU `longest_crop` fits the measured peaks as a function of the crop (pass
+# `known=profile_step(...)` to seed it), runs a real step at the longest crop the fit predicts,
+# and refines: a step that raises `torch.OutOfMemoryError` is freed and narrows the bracket.
+# `stopped_by` says what the answer rests on (a crop measured not to fit, the time budget, or
+# only the fit's prediction). On the CPU nothing runs out of memory first, so the search stops
+# at `max_crop` or at a memory budget (bytes of live tensors, measured as on a GPU):
 
 # %%
 if ON_GPU:
