@@ -7,11 +7,12 @@
 # Results (JSON) land in $OUT/<gpu-name>/, logs in $OUT/<stage>-*.log; the kernels' tuning
 # cache in $OUT/autotune.json. Each step has its own time limit so one hang cannot eat the rest.
 # Stages:
-#   tests     pytest -m gpu over the whole tree, then benchmarks/kernels.py --quick
+#   tests     pytest -m gpu over the GPU test files (the predict test needs biotite and gemmi)
+#   kernels   benchmarks/kernels.py --quick (OPS=evo_attention,pair by default; MEGAFOLD_AUTOTUNE=1
+#             tunes and leaves the choices in $OUT/autotune.json)
 #   whole     benchmarks/trunk.py (eager, triton, cueq, compile at N=384, 768) and
 #             benchmarks/train_step.py (paper, crop 384, torch / triton / compile)
 #   dashboard benchmarks/dashboard_screenshot.py (paper, crop 384, torch vs triton, longest crops)
-#             and the longest crop of the trunk
 #   datawait  a "small" training step's wait for data: precache vs parsing + search on the fly
 #   step      benchmarks/train_step.py, "paper" at crop 384, torch vs triton only (compile's row
 #             needs a stage of its own: compiling every block took over 240 s)
@@ -24,7 +25,7 @@ set -uo pipefail
 stage=${1:?stage}
 OUT=${OUT:?set OUT}
 export PYTHONPATH=${PYTHONPATH:-.}:.
-export PYTHONUNBUFFERED=1 MEGAFOLD_CACHE_DIR=$OUT MEGAFOLD_AUTOTUNE=${MEGAFOLD_AUTOTUNE:-0}
+export PYTHONUNBUFFERED=1 MEGAFOLD_CACHE_DIR=${MEGAFOLD_CACHE_DIR:-$OUT} MEGAFOLD_AUTOTUNE=${MEGAFOLD_AUTOTUNE:-0}
 py=${PYTHON:-python3}
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -40,10 +41,12 @@ case $stage in
 tests)
     # the GPU test files by name: other test modules import biotite, which the GPU image lacks;
     # the dashboard's two-minute test is the `dashboard` stage's run
-    step pytest 300 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
+    step pytest 420 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
         tests/kernels tests/model/test_gpu.py tests/profile/test_profiler_gpu.py \
         tests/precache/test_loader.py tests/train/test_gpu.py
-    step kernels 270 $py benchmarks/kernels.py --quick --out "$OUT"
+    ;;
+kernels)
+    step kernels 420 $py benchmarks/kernels.py --quick --ops "${OPS:-evo_attention,pair}" --out "$OUT"
     ;;
 whole)
     step trunk 330 $py benchmarks/trunk.py --ns 384,768 --stacks eager,triton,cueq,compile --out "$OUT"
@@ -52,8 +55,6 @@ whole)
 dashboard)
     step dashboard 200 $py benchmarks/dashboard_screenshot.py --out "$OUT"
     (cd "$OUT" && tar czf dashboard.tgz --remove-files */*-dashboard.zarr 2>/dev/null)
-    step trunk_longest 330 $py benchmarks/trunk.py --ns 1024 --stacks triton,eager --longest \
-        --longest-stacks triton,eager --out "$OUT"
     ;;
 step)
     step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton --out "$OUT"
