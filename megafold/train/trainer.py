@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from megafold.data.features import FEATURES
 from megafold.errors import CacheError, ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config
 from megafold.precache.loader import Loader
@@ -52,6 +53,7 @@ from megafold.train.metrics import evaluate
 from megafold.files import atomic_open
 
 CHECKPOINT_NAME = "checkpoint.pt"
+ATOMS_PER_TOKEN_PAD = 8  # atoms are padded to 8x the token multiple (~7.5 heavy atoms per residue)
 EVAL_SEED = 1234  # evaluation samples with its own generator: the training stream is untouched
 
 
@@ -82,6 +84,10 @@ class TrainConfig:
     eval_sampler_steps: int | None = None  # default: the model config's sampler_steps
     workers: int = 2  # loader worker processes
     max_msa_rows: int | None = None
+    # Pad every batch's token axis (and MSA rows) to a multiple of this, its atom axis to a
+    # multiple of ATOMS_PER_TOKEN_PAD times it (0: no padding). The model ignores padding, so
+    # this changes no result; it bounds the distinct shapes that kernels compile or tune for.
+    pad_multiple: int = 0
     seed: int = 0
     device: str | None = None  # default: CUDA if available, else CPU
     progress: bool = True  # tqdm bar
@@ -91,7 +97,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train config: {name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "workers"):
+        for name in ("warmup_steps", "eval_every", "workers", "pad_multiple"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train config: {name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0 or self.clip_norm <= 0 or not 0 < self.decay_factor <= 1 or not 0 <= self.ema_decay < 1:
@@ -134,6 +140,30 @@ def ema_update(decay: float):
             torch._foreach_copy_(averaged, current)
 
     return update
+
+
+def pad_batch(batch: Mapping[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """``batch`` with its token and MSA-row axes padded up to a multiple of ``multiple`` and its
+    atom axis to a multiple of ``ATOMS_PER_TOKEN_PAD * multiple``, with each feature's padding
+    value (``FEATURES``), as ``collate`` pads a shorter example; ``multiple`` 0 returns it as is."""
+    if not multiple:
+        return dict(batch)
+    steps = {"token": multiple, "token2": multiple, "msa_row": multiple, "atom": ATOMS_PER_TOKEN_PAD * multiple}
+    out = {}
+    for name, value in batch.items():
+        spec = FEATURES.get(name)
+        widths = []
+        if spec is not None:
+            for axis, dim in enumerate(spec.dims, start=1):
+                step = steps.get(dim)
+                size = value.shape[axis]
+                widths.append(-(-size // step) * step - size if step and size else 0)
+        if not any(widths):
+            out[name] = value
+            continue
+        pairs = [width for extra in reversed(widths) for width in (0, extra)]  # last axis first
+        out[name] = torch.nn.functional.pad(value, pairs, value=spec.pad)
+    return out
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -215,7 +245,7 @@ class Trainer:
         # DataLoader draws a seed from the global generator when an epoch starts; fork it so
         # the model's random stream does not depend on when epochs (or a resume) begin.
         with torch.random.fork_rng(devices=[]):
-            return next(self._batch_stream)
+            return pad_batch(next(self._batch_stream), self.config.pad_multiple)
 
     # ------------------------------------------------------------------ one step
 
@@ -316,7 +346,8 @@ class Trainer:
         loader = self._loader(self.eval_keys, shuffle=False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(EVAL_SEED)
-            result = evaluate(self.ema.module, loader, steps=self.config.eval_sampler_steps)
+            batches = (pad_batch(batch, self.config.pad_multiple) for batch in loader)
+            result = evaluate(self.ema.module, batches, steps=self.config.eval_sampler_steps)
         row = {"step": self.step, **result}
         self.eval_history.append(row)
         if distributed.is_main():

@@ -210,3 +210,45 @@ def test_unknown_train_or_eval_keys_fail_at_construction(tiny_config, train_conf
         Trainer(tiny_config, train_config(keys=("1znf", "nope")))
     with pytest.raises(CacheError, match=r"no entries \['nope'\]"):
         Trainer(tiny_config, train_config(keys=("1znf",), eval_keys=("nope",)))
+
+
+def test_padded_batches_change_no_output(tiny_config, store):
+    """pad_batch pads token / MSA-row axes to the multiple and atoms to 8x it; the model reads
+    the padded batch exactly as the original (trunk, distogram and denoiser outputs)."""
+    from megafold.data.features import collate
+    from megafold.kernels import use_kernels
+    from megafold.model import AlphaFold3
+    from megafold.train.trainer import pad_batch
+
+    batch = collate([store.load("1znf")])  # 25 tokens, 207 atoms, 26 MSA rows
+    padded = pad_batch(batch, 16)
+    assert padded["token_mask"].shape[1] == 32 and padded["token_bonds"].shape[1:] == (32, 32)
+    assert padded["atom_pos"].shape[1] == 256 and padded["msa"].shape[1:] == (32, 32)
+    assert int(padded["token_mask"].sum()) == 25 and int(padded["restype"][0, -1]) == 31  # the gap pad
+    torch.manual_seed(0)
+    model = AlphaFold3(tiny_config).eval()
+    with torch.no_grad(), use_kernels("torch"):  # the config's kernels, as model entry points choose
+        for param in model.parameters():  # no zero-initialised branch left out of the check
+            param.add_(0.05 * torch.randn_like(param))
+        plain, wide = model(batch), model(padded)
+        torch.testing.assert_close(wide["distogram_logits"][:, :25, :25], plain["distogram_logits"], rtol=1e-5, atol=1e-5)
+        noisy = 10 * torch.randn(1, 2, 207, 3)
+        sigma = torch.tensor([[2.0, 30.0]])
+
+        def denoise(inputs, x):
+            trunk = model.trunk(inputs, 1)
+            ctx = model.diffusion_module.prepare(inputs, trunk.s_inputs, trunk.single, trunk.pair)
+            return model.diffusion_module(ctx, x, sigma)
+
+        wide_noisy = torch.nn.functional.pad(noisy, (0, 0, 0, 256 - 207))
+        torch.testing.assert_close(denoise(padded, wide_noisy)[:, :, :207], denoise(batch, noisy), rtol=1e-4, atol=1e-4)
+    assert pad_batch(batch, 0)["atom_pos"] is batch["atom_pos"]
+
+
+def test_trainer_pads_training_and_evaluation_batches(tiny_config, train_config):
+    trainer = Trainer(tiny_config, train_config(steps=1, pad_multiple=24, eval_keys=("1znf",), eval_sampler_steps=2))
+    assert trainer.next_batch()["token_mask"].shape[1] == 24  # crop 16 -> 24
+    trainer.fit()
+    assert 0.0 <= trainer.evaluate()["ca_lddt"] <= 1.0
+    with pytest.raises(ConfigError, match="pad_multiple"):
+        train_config(pad_multiple=-1)
