@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "examples": trainer.step * config.batch_size,
             "s_per_step": round(sum(r["step_s"] for r in recent) / len(recent), 3),
             "loss": sum(r["loss"] for r in recent) / len(recent),
+            "peak_gib": round(max(r.get("peak_gib", 0.0) for r in trainer.history), 1),
             **{name: value for name, value in scores.items() if name != "step"},
             "eval_s": round(time.perf_counter() - evaluation_started, 1),
         })  # fmt: skip
