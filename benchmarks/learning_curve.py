@@ -20,7 +20,8 @@ asks for it; every value is an option and lands in the JSON:
 - 48 diffusion samples per trunk pass (AF3's value; the "small" preset's 16 saves memory at
   long crops, not time here). On one CPU-overfitted protein the trunk's distogram was 92%
   right after 100 steps while sampled structures stayed near random (CA-lDDT 0.1-0.15): the
-  diffusion module, which learns only from these samples, is what learns slowly.
+  diffusion module, which learns only from these samples, is what learns slowly. With 48
+  samples the same protein folded by step 100 (0.35 EMA / 0.50), with 16 by step ~175 (0.58).
 - warm-up 100 steps (AF3: 1000, a tenth of this run).
 - no autotuning (``MEGAFOLD_AUTOTUNE=0``: shipped choices where there are some, else the
   default blocks) and batches padded to multiples of 32 tokens (``pad_multiple``; the model
