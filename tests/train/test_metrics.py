@@ -156,3 +156,14 @@ def test_structure_metrics_of_the_truth_are_perfect(batch):
     assert out["ca_lddt"] == 1.0 and out["lddt"] == 1.0 and out["distogram_accuracy"] == 1.0
     assert out["ca_rmsd"] < 1e-3 and out["plddt_mae"] == pytest.approx(0.0, abs=1e-9)
     assert N == 70 and all(isinstance(v, float) for v in out.values())
+
+
+def test_a_random_structure_scores_low(batch):
+    """A Gaussian blob as wide as the protein (the guess of a model that learnt nothing) scores a
+    CA-lDDT near 0.15, far under the issue's 0.6; the truth moved rigidly scores 1."""
+    true = batch["atom_pos"]
+    radius = (true - true.mean(1, keepdim=True)).square().sum(-1).mean().sqrt()
+    blob = radius / 3**0.5 * torch.randn(true.shape, generator=torch.Generator().manual_seed(3))
+    assert 0.0 < float(metrics.ca_lddt(blob, batch)) < 0.3
+    assert float(metrics.ca_rmsd(blob, batch)) > 5.0
+    assert float(metrics.ca_lddt(_rigidly_moved(true, seed=4), batch)) == pytest.approx(1.0, abs=1e-6)
