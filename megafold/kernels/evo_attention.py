@@ -67,6 +67,15 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _widen(index, WIDE: tl.constexpr):
+    """``index`` as int64 where an element offset can pass 2**31: pair-sized views such as the
+    ending-node attention's transposed q, k, v (a stride of N x 516 elements) at N >= ~2000."""
+    if WIDE:
+        index = tl.cast(index, tl.int64)  # also takes a loop counter, a plain int in the interpreter
+    return index
+
+
+@triton.jit
 def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK: tl.constexpr):
     """K and V tiles ``[BLOCK_N, BLOCK_D]`` of one row and which of its keys are attended."""
@@ -156,16 +165,16 @@ def _evo_attention_forward_kernel(
     S, H, N, D: tl.constexpr, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
     # Query blocks vary fastest: the programs of the same rows run together and share their
     # K/V in L2. A program serves ROWS (1 or 2) rows for one query block: each bias tile it
     # loads serves all of them, and the rows' dot/exp chains overlap.
-    block_m = tl.program_id(0)
-    row0 = tl.program_id(1) * ROWS
+    block_m = _widen(tl.program_id(0), WIDE)
+    row0 = _widen(tl.program_id(1), WIDE) * ROWS
     # With an odd S the last program takes its last row twice and stores the same values twice.
     row1 = tl.minimum(row0 + 1, S - 1)
-    batch_head = tl.program_id(2)
+    batch_head = _widen(tl.program_id(2), WIDE)
     b = batch_head // H
     h = batch_head % H
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,7 +198,7 @@ def _evo_attention_forward_kernel(
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         bias = 0.0
         if HAS_BIAS:
@@ -225,13 +234,13 @@ def _evo_attention_backward_prep_kernel(
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
     S, N, H: tl.constexpr, D: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One pass over [B, S, N, H, D]: the ungated output gradient, the gate gradient and
     delta = rowsum(dO_att * att) of the softmax backward, all from fp32 arithmetic."""
-    block_n = tl.program_id(0)
-    row = tl.program_id(1)
-    b = tl.program_id(2)
+    block_n = _widen(tl.program_id(0), WIDE)
+    row = _widen(tl.program_id(1), WIDE)
+    b = _widen(tl.program_id(2), WIDE)
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -294,11 +303,11 @@ def _evo_attention_dkdv_kernel(
     S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    row = tl.program_id(1)
-    batch_head = tl.program_id(2)
+    block_n = _widen(tl.program_id(0), WIDE)
+    row = _widen(tl.program_id(1), WIDE)
+    batch_head = _widen(tl.program_id(2), WIDE)
     b = batch_head // H
     h = batch_head % H
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -315,7 +324,7 @@ def _evo_attention_dkdv_kernel(
     # A key block that is all padding gets zero gradients without a pass over the queries.
     m_end = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, N, 0)
     for start_m in range(0, m_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
         q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
                                           do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
@@ -352,14 +361,14 @@ def _evo_attention_dq_kernel(
     S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
     # As in the forward, a program serves ROWS (1 or 2) rows of one query block and each bias
     # tile serves all of them; with an odd S the last row is done twice (same values stored).
-    block_m = tl.program_id(0)
-    row0 = tl.program_id(1) * ROWS
+    block_m = _widen(tl.program_id(0), WIDE)
+    row0 = _widen(tl.program_id(1), WIDE) * ROWS
     row1 = tl.minimum(row0 + 1, S - 1)
-    batch_head = tl.program_id(2)
+    batch_head = _widen(tl.program_id(2), WIDE)
     b = batch_head // H
     h = batch_head % H
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -389,7 +398,7 @@ def _evo_attention_dq_kernel(
         # (unless this pass also writes the bias gradient, which needs its zeros stored).
         n_end = tl.where(lse_min < float("inf"), N, 0)
     for start_n in range(0, n_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
@@ -439,13 +448,13 @@ def _evo_attention_dbias_kernel(
     S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    block_m = tl.program_id(1)
+    block_n = _widen(tl.program_id(0), WIDE)
+    block_m = _widen(tl.program_id(1), WIDE)
     # Axis 2 is (chunk of rows, batch x head); chunk c sums rows [c, c + 1) * ROWS_PER_CHUNK.
-    chunk = tl.program_id(2) // BH
-    batch_head = tl.program_id(2) % BH
+    chunk = _widen(tl.program_id(2), WIDE) // BH
+    batch_head = _widen(tl.program_id(2), WIDE) % BH
     b = batch_head // H
     h = batch_head % H
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -462,7 +471,8 @@ def _evo_attention_dbias_kernel(
                         mask=tile_mask, other=0.0).to(tl.float32) * _LOG2E
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_start = chunk * ROWS_PER_CHUNK
-    for row in range(row_start, tl.minimum(row_start + ROWS_PER_CHUNK, S)):
+    for row_index in range(row_start, tl.minimum(row_start + ROWS_PER_CHUNK, S)):
+        row = _widen(row_index, WIDE)
         q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
                                           do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
                                           offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
@@ -597,6 +607,13 @@ class _Inputs:
     def tensors(self):
         return self.q, self.k, self.v, self.bias, self.mask, self.gate
 
+    @property
+    def wide(self) -> bool:
+        """Whether a kernel offset can pass int32: in any input's storage or in an output
+        ``[B, S, N, H, D]`` (the dBias pass also checks its row-chunk partials)."""
+        elements = [t.untyped_storage().nbytes() // t.element_size() for t in self.tensors() if t is not None]
+        return max(*elements, self.B * self.S * self.N * self.H * self.D) >= 2**31
+
     @classmethod
     def restore(cls, lead, tensors):
         self = cls.__new__(cls)
@@ -638,7 +655,7 @@ def _forward(inp: _Inputs, scale: float):
             S, H, N, D, scale * LOG2E,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -661,6 +678,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
         dgate if dgate is not None else datt, delta,
         *dout.stride(), *_strides(inp.gate, 5), S, N, H, D,
         HAS_GATE=inp.gate is not None, BLOCK_N=prep_block_n, BLOCK_H=block_h, BLOCK_D=block_dp,
+        WIDE=inp.wide,
     )
     dq = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
     dk = torch.empty_like(dq)
@@ -670,7 +688,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     dummy = inp.q
     bias = inp.bias if inp.bias is not None else dummy
     mask = inp.mask if inp.mask is not None else dummy
-    common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee)
+    common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide)
     strides = inp.args()
 
     def launch_dkdv(cfg):
@@ -722,7 +740,8 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
             _evo_attention_dbias_kernel[grid](
                 inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
                 S, H, N, D, scale * LOG2E, B * H, rows_per_chunk,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                **{**common, "WIDE": inp.wide or target.numel() >= 2**31},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
             if chunks > 1:

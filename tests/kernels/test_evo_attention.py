@@ -161,6 +161,27 @@ def test_many_rows_paths(monkeypatch):
     assert torch.equal(again, grads[leaves.index("bias")])
 
 
+def test_int64_offsets_path(monkeypatch):
+    """The kernels' int64 addressing (what views of more than 2**31 elements get on a GPU),
+    forced at a CPU size, on the transposed views of the ending-node attention and with the
+    two-row and dBias-chunk paths."""
+    monkeypatch.setattr(evo_module._Inputs, "wide", property(lambda self: True))
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
+    monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 2)
+    inputs = make_inputs((1,), 5, 5, 2, 16, torch.float32, masked_rows=(1,))
+    inputs = {name: (t.detach().transpose(1, 2).requires_grad_() if t.dim() == 5 else t)
+              for name, t in inputs.items()}  # S and N swap roles: rows strided by N x H x D
+    check_against_reference(inputs, torch.float32)
+
+
+def test_wide_only_past_int32():
+    small = evo_module._Inputs(*(torch.empty(1, 4, 4, 2, 8) for _ in range(3)), None, None, None)
+    assert not small.wide
+    big_storage = torch.empty(2**31 // 2**20, 2**20, dtype=torch.uint8)  # 2 GiB of one-byte elements
+    view = big_storage[:1, :256].view(1, 4, 4, 2, 8)
+    assert evo_module._Inputs(view, view, view, None, None, None).wide
+
+
 def test_two_rows_per_program_only_where_the_grid_stays_full():
     small_tile = 64 * 32 * 32
     # Triangle N=384 (64-query blocks, H=4) and diffusion S=48 on 132 SMs: two rows.
@@ -281,3 +302,26 @@ def test_gpu_default_blocks(S, N, H, D, monkeypatch):
     monkeypatch.setattr(evo_module, "run_tuned",
                         lambda op, key, device, candidates, default, launch: launch(default))
     check_gpu_bf16(S, N, H, D)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """The ending-node triangle attention at N = 2048: q, k, v and gate are transposed views of
+    a [1, N, N, 4 H D + H] projection, so a row's offset passes 2**31 elements. The views give
+    the same output and gradients as contiguous copies (whose offsets fit in int32)."""
+    N, H, D = 2048, 4, 32
+    torch.manual_seed(0)
+    proj = torch.randn(1, N, N, 4 * H * D + H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    views = [t.transpose(1, 2) for t in proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)]
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    bias = torch.randn(1, H, N, N, device="cuda", dtype=torch.bfloat16)
+    mask = (torch.rand(1, N, N, device="cuda") > 0.1).transpose(1, 2)
+    assert evo_module._Inputs(*views[:3], bias, mask, views[3]).wide
+    assert not evo_module._Inputs(*copies[:3], bias, mask, copies[3]).wide
+    grad_out = torch.randn(1, N, N, H, D, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for q, k, v, gate in (views, copies):
+        out = evo_attention(q, k, v, bias=bias, mask=mask, gate=gate, backend="triton")
+        results.append([out, *torch.autograd.grad(out, [q, k, v, gate], grad_out)])
+    for wide, narrow in zip(*results, strict=True):
+        assert torch.isfinite(wide).all() and torch.equal(wide, narrow)
