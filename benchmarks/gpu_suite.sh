@@ -79,10 +79,10 @@ datawait)
         --workers 12 --out "$OUT"
     ;;
 curve)
-    step curve 560 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --wall-budget 4.5 --out outputs/curve
+    step curve 590 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --wall-budget 6.5 --out outputs/curve
     ;;
 curve-resume)
-    step curve 580 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
+    step curve 420 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
     cp benchmarks/results/*/*learning_curve.json "$OUT"/ 2>/dev/null
     ;;
 *)
