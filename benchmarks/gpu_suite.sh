@@ -41,9 +41,9 @@ case $stage in
 tests)
     # the GPU test files by name: other test modules import biotite, which the GPU image lacks;
     # the dashboard's two-minute test is the `dashboard` stage's run
-    step pytest 420 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
+    step pytest 400 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
         tests/kernels tests/model/test_gpu.py tests/profile/test_profiler_gpu.py \
-        tests/precache/test_loader.py tests/train/test_gpu.py
+        tests/model/test_rollout_graph.py tests/precache/test_loader.py tests/train/test_gpu.py
     ;;
 kernels)
     step kernels 420 $py benchmarks/kernels.py --quick --ops "${OPS:-evo_attention,pair}" --out "$OUT"
