@@ -180,9 +180,9 @@ def resolve_config(config: AlphaFold3Config | str) -> AlphaFold3Config:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None:  # per-device calls need the index
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 

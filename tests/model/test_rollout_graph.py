@@ -33,11 +33,14 @@ def test_graphed_denoiser_runs_eagerly_on_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_graphed_rollout_equals_the_eager_rollout_on_cuda(kernels):
-    """"small" model under bf16 autocast, 6 sampler steps: one eager warm-up call, one
-    capture, then replays; the structures equal the eager sampler's."""
+    """"small" model in fp32, 6 sampler steps: one eager warm-up call, one capture, then
+    replays; a replayed call and the sampled structures equal the eager ones. (fp32: under bf16
+    autocast cuBLAS may pick other GEMM algorithms inside a capture, and a randomly perturbed
+    model amplifies those roundings over the sampler's steps: the first H100 run in bf16 differed
+    by 0.45% after 6 steps.)"""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AlphaFold3(preset("small", kernels=kernels)).eval()
+        model = AlphaFold3(preset("small", kernels=kernels, bf16=False)).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -46,12 +49,19 @@ def test_graphed_rollout_equals_the_eager_rollout_on_cuda(kernels):
         trunk = model.trunk(batch, 1)
         ctx = model.diffusion_module.prepare(batch, trunk.s_inputs, trunk.single, trunk.pair)
         denoise, calls = _counting(lambda x, sigma: model.diffusion_module(ctx, x, sigma))
+        x = torch.randn(1, 2, batch["atom_mask"].shape[-1], 3, device="cuda") * 30.0
+        sigma = torch.full((1, 2), 12.0, device="cuda")
+        graphed_call = GraphedDenoiser(denoise)
+        for _ in range(3):  # warm-up, capture, replay
+            replayed = graphed_call(x, sigma)
+        once = denoise(x, sigma)
         schedule = noise_schedule(model.config, 6, batch["atom_mask"].device)
         results = []
         for wrapped in (GraphedDenoiser(denoise), denoise):
             torch.manual_seed(1)
             results.append(sample_diffusion(wrapped, batch["atom_mask"], 2, schedule, model.config))
     graphed, eager = results
-    assert len(calls) == 2 + 6  # warm-up and capture, then the 6 eager steps
+    assert len(calls) == 2 + 1 + 2 + 6  # two captures with their warm-ups, one eager call, 6 eager steps
+    assert (replayed - once).norm() <= 1e-5 * once.norm()
     assert torch.isfinite(graphed).all()
-    assert (graphed - eager).norm() <= 1e-3 * eager.norm()
+    assert (graphed - eager).norm() <= 1e-4 * eager.norm()
