@@ -17,6 +17,7 @@
 #   step      benchmarks/train_step.py, "paper" at crop 384, torch vs triton only (compile's row
 #             needs a stage of its own: compiling every block took over 240 s)
 #   multigpu  (a 2-GPU machine) the NCCL equivalence test and benchmarks/multigpu.py
+#   dap       (a 2-GPU machine) the sharded trunk's test and benchmarks/dap.py (longest crops)
 #   trace     benchmarks/step_trace.py: GPU busy time, launches and top kernels of a "paper" step
 #   longest   the trunk's longest crop: triton from 1536, then with pair_offload from 2048
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
@@ -41,7 +42,7 @@ case $stage in
 tests)
     # the GPU test files by name: other test modules import biotite, which the GPU image lacks;
     # the dashboard's two-minute test is the `dashboard` stage's run
-    step pytest 400 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
+    step pytest 560 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
         tests/kernels tests/model/test_gpu.py tests/profile/test_profiler_gpu.py \
         tests/model/test_rollout_graph.py tests/precache/test_loader.py tests/train/test_gpu.py
     ;;
@@ -72,6 +73,12 @@ multigpu)
     export NCCL_NVLS_ENABLE=0
     step ddp_test 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/train/test_distributed.py
     step multigpu 330 $py benchmarks/multigpu.py --gpus 2 --presets paper small --kernels triton --steps 6 --out "$OUT"
+    ;;
+dap)
+    # (a 2-GPU machine) the sharded trunk's NCCL test, then the longest crop on 1 and 2 GPUs
+    export NCCL_NVLS_ENABLE=0
+    step dap_test 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/train/test_dap.py
+    step dap 560 $py benchmarks/dap.py --gpus 2 --ns 768 --time-budget 450 --out "$OUT"
     ;;
 datawait)
     step store 120 $py benchmarks/train_step.py --preset small --kernels triton --steps 30 --source store --out "$OUT"
