@@ -522,15 +522,14 @@ _DEFAULTS = {
     "dq": (_blocks(128, 64, 8, 3), _blocks(64, 32, 4, 3)),
     "dbias": (_blocks(64, 32, 4, 2), _blocks(64, 32, 4, 2)),
 }
-# D > 32 (head dims padded to 64 or 128): tiles of at most 64 x 64 that compile without
-# register spills for sm_90 at D = 48 (ptxas; the former single default 64 x 64 with 4 warps
-# spilled 128 B in dK/dV and 700 B in dBias there).
-_DEFAULTS_WIDE = {
-    "fwd": (_blocks(64, 64, 8, 2), _blocks(64, 32, 4, 2)),
-    "dkdv": (_blocks(64, 64, 8, 2), _blocks(64, 64, 8, 2)),
-    "dq": (_blocks(64, 64, 8, 2), _blocks(64, 32, 4, 2)),
-    "dbias": (_blocks(64, 32, 8, 2), _blocks(64, 32, 8, 2)),
-}
+# D > 32 (head dims padded to 64 or 128): 64 x 64 tiles, 4 warps, 2 stages everywhere. On the
+# H100, with the kernels as they were before exp2 and two rows per program, these ran the
+# diffusion shape (S=48, H=16, D=48) in 1.19 / 4.00 ms at N=384 / 768 and the pair-bias shape
+# (D=64) in 1.00 / 0.62 ms; per-kernel choices picked to avoid register spills (ptxas reports
+# 128 B in dK/dV and 700 B in dBias at D = 48 with these) then measured 1.52 / 4.47 and
+# 1.24 / 0.81 ms (2026-11-26-session3-kernels-evo.json): the spills cost less than the
+# smaller tiles and extra warps. Not yet re-measured with these defaults restored.
+_DEFAULTS_WIDE = {kind: (_blocks(64, 64, 4, 2), _blocks(64, 64, 4, 2)) for kind in ("fwd", "dkdv", "dq", "dbias")}
 # The interpreter runs every program serially: small blocks keep masked tails cheap.
 _INTERPRETER_BLOCKS = _blocks(16, 16, 1, 1)
 _CANDIDATES = [
