@@ -23,6 +23,7 @@ Backward, deterministic and without atomics, in three kernels that each own what
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -606,7 +607,7 @@ class _Inputs:
     def tensors(self):
         return self.q, self.k, self.v, self.bias, self.mask, self.gate
 
-    @property
+    @functools.cached_property
     def wide(self) -> bool:
         """Whether a kernel offset can pass int32: in any input's storage or in an output
         ``[B, S, N, H, D]`` (the dBias pass also checks its row-chunk partials)."""
@@ -620,6 +621,15 @@ class _Inputs:
         self.q, self.k, self.v, self.bias, self.mask, self.gate = tensors
         self.B, self.S, self.N, self.H, self.D = self.q.shape
         return self
+
+    def query_grid(self, cfg: dict, block_d: int) -> tuple[tuple[int, int, int], int]:
+        """The grid of the forward and dQ passes (query blocks, row groups, batch x head) and
+        the rows each program serves (``_rows_per_program``)."""
+        B, S, N, H = self.B, self.S, self.N, self.H
+        programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
+        tile = cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d
+        rows = _rows_per_program(S, programs, _multiprocessors(self.q.device), tile)
+        return (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H), rows
 
     def args(self):
         return (
@@ -639,18 +649,13 @@ def _forward(inp: _Inputs, scale: float):
     dummy = inp.q
 
     def launch(cfg):
-        programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
-        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device),
-                                 cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d)
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
+        grid, rows = inp.query_grid(cfg, block_d)
         _evo_attention_forward_kernel[grid](
             inp.q, inp.k, inp.v,
             inp.bias if inp.bias is not None else dummy,
             inp.mask if inp.mask is not None else dummy,
             inp.gate if inp.gate is not None else dummy,
-            out, att, lse,
-            *inp.q.stride(), *inp.k.stride(), *inp.v.stride(),
-            *_strides(inp.bias, 4), *_strides(inp.mask, 3), *_strides(inp.gate, 5),
+            out, att, lse, *inp.args(), *_strides(inp.gate, 5),
             S, H, N, D, scale * LOG2E,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
@@ -708,10 +713,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     dbias_in_dq = need_dbias and S == 1
 
     def launch_dq(cfg):
-        programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
-        rows = _rows_per_program(S, programs, _multiprocessors(inp.q.device),
-                                 cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d)
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H)
+        grid, rows = inp.query_grid(cfg, block_d)
         _evo_attention_dq_kernel[grid](
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,

@@ -168,8 +168,9 @@ class GraphedDenoiser:
     The first call runs eagerly on a side stream (it compiles and tunes the Triton kernels and
     warms the allocator) and then captures the graph; later calls copy their inputs into the
     graph's and replay it. Anything but CUDA inputs with gradients off, inputs of other shapes
-    than the first, or a capture that fails, runs ``denoise`` eagerly instead. Autocast's weight cache is off while warming up
-    and capturing, so that no cached cast lives in the graph's memory.
+    than the first, or a capture that fails, runs ``denoise`` eagerly instead. Autocast's
+    weight cache is off while warming up and capturing, so that no cached cast lives in the
+    graph's memory.
     """
 
     def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):

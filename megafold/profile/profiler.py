@@ -343,9 +343,6 @@ class _Memory:
             return torch.cuda.memory_stats_as_nested_dict(self.index)["allocated_bytes"]["all"]["current"] / MIB
         return self._live.bytes / MIB
 
-    def take_peak(self) -> float:
-        return self.sample()[1]
-
 
 # --------------------------------------------------------------------------- timeline
 
