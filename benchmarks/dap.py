@@ -19,7 +19,8 @@ loading included): predict, then verify. The first size tried is the longest on 
 ``--start`` on 1 GPU, ``sqrt(K) x`` the 1-GPU longest on K); then up a step until out of
 memory, or down until one fits (``--k1-longest`` skips the 1-GPU search). ``--time-budget``
 (seconds, all trials together; the 1-GPU search may use 40% of what is left) stops a search,
-and its row says so. JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
+and its row says so. ``--memory-gib`` caps each rank's allocator (an H200 searched as an 80 GB
+H100). JSON: ``results/<gpu>/<date>-dap.json`` (written after every trial).
 NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
 """
 
@@ -56,6 +57,11 @@ def worker(args) -> None:
 
     device = distributed.init(args.device)
     cuda = device.type == "cuda"
+    if cuda and args.memory_gib:
+        # An allocator limit makes a larger GPU behave like a smaller one (an H200 like an H100's
+        # 80 GB): out-of-memory happens where it would there. NCCL's own buffers are not counted.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total), device)
     overrides = dict(item.split("=", 1) for item in args.set)
     config = preset(args.preset, kernels=args.kernels, pairformer_blocks=args.blocks,
                     **{name: json.loads(value) for name, value in overrides.items()})  # fmt: skip
@@ -122,7 +128,8 @@ def worker(args) -> None:
             "first_step_s": first_step_s,
             "peak_gib": max(above for _, above in peaks) if cuda else None,
             "total_gib": max(total for total, _ in peaks) if cuda else None,
-            "device_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+            "device_gib": (min(args.memory_gib or math.inf, torch.cuda.get_device_properties(device).total_memory / 2**30)
+                           if cuda else None),
         }))  # fmt: skip
 
 
@@ -134,7 +141,7 @@ def trial(args, gpus: int, n: int, reps: int, timeout: float) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    __file__, "--worker", "--crop", str(n), "--reps", str(reps), "--impl", impl,
                    "--blocks", str(args.blocks), "--kernels", args.kernels, "--preset", args.preset,
-                   "--device", args.device, "--result", str(result),
+                   "--device", args.device, "--result", str(result), "--memory-gib", str(args.memory_gib),
                    *(f"--set={item}" for item in args.set)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         log = Path(folder) / "log.txt"
@@ -179,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-longest", action="store_true")
     parser.add_argument("--k1-longest", type=int, default=0,
                         help="the 1-GPU longest crop, if measured (trunk.py --longest): no 1-GPU search")
+    parser.add_argument("--memory-gib", type=float, default=0.0,
+                        help="GPU memory each rank may use (0: all): compare GPUs of one size on larger ones")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crop", type=int, help=argparse.SUPPRESS)
@@ -193,7 +202,7 @@ def main(argv=None) -> None:
     config = {"preset": args.preset, "blocks": args.blocks, "bf16": True, "checkpoint": True, "kernels": args.kernels,
               "gpus": args.gpus, "time_budget_s": args.time_budget, "k1_dap": args.k1_dap,
               "k1_longest_given": args.k1_longest or None, "overrides": args.set,
-              "search_step": args.step}  # fmt: skip
+              "search_step": args.step, "memory_gib": args.memory_gib or None}  # fmt: skip
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
 
     def left() -> float:

@@ -18,6 +18,7 @@
 #             needs a stage of its own: compiling every block took over 240 s)
 #   multigpu  (a 2-GPU machine) the NCCL equivalence test and benchmarks/multigpu.py
 #   dap       (a 2-GPU machine) the sharded trunk's test and benchmarks/dap.py (longest crops)
+#   dap-longest (a 2-GPU machine) the DDP test and the longest crops on 1 and 2 GPUs at 79.2 GiB each
 #   trace     benchmarks/step_trace.py: GPU busy time, launches and top kernels of a "paper" step
 #   longest   the trunk's longest crop: triton from 1536, then with pair_offload from 2048
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
@@ -79,6 +80,13 @@ dap)
     export NCCL_NVLS_ENABLE=0
     step dap_test 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/train/test_dap.py
     step dap 560 $py benchmarks/dap.py --gpus 2 --ns 768 --time-budget 450 --out "$OUT"
+    ;;
+dap-longest)
+    # (a 2-GPU machine) the DDP test, then the longest trunk crop on 1 GPU (from 1920) and on 2;
+    # every rank capped at an H100's 79.2 GiB, so that H200s answer for the 80 GB card
+    export NCCL_NVLS_ENABLE=0
+    step ddp_test 110 $py -m pytest -m gpu -q -p no:cacheprovider tests/train/test_distributed.py
+    step dap 430 $py benchmarks/dap.py --gpus 2 --ns "" --start 1920 --memory-gib 79.18 --time-budget 400 --out "$OUT"
     ;;
 datawait)
     step store 120 $py benchmarks/train_step.py --preset small --kernels triton --steps 30 --source store --out "$OUT"
