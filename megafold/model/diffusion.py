@@ -1,8 +1,8 @@
 """Diffusion module (AF3 Alg. 20-22), EDM preconditioning, augmentation and the sampler (Alg. 18-19).
 
 The trunk-dependent conditioning (pair conditioning, pair biases of every transformer block,
-atom single and pair features) and the token transformer's fused weights are computed once per
-trunk pass by ``prepare`` and shared by all noised samples, which run in chunks along the
+atom single and pair features, the atom transformers' modulations) and the transformers' fused
+weights are computed once per trunk pass by ``prepare`` and shared by all noised samples, which run in chunks along the
 sample axis, by the recomputes of those chunks and by every step of the sampler.
 """
 
@@ -21,6 +21,7 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.embedders import AtomAttentionDecoder, AtomAttentionEncoder, AtomContext, RelativePositionEncoding
 from megafold.model.primitives import (
     DiffusionTransformer,
+    FixedConditioning,
     LayerNorm,
     Transition,
     TransformerWeights,
@@ -96,6 +97,8 @@ class DiffusionContext:
     token_biases: list[torch.Tensor]  # per transformer block [B, H, N, N]
     transformer_weights: TransformerWeights  # the token transformer's fused weights
     atoms: AtomContext
+    atom_encoder: FixedConditioning  # the atom transformers' biases, weights and modulations
+    atom_decoder: FixedConditioning
     token_mask: torch.Tensor  # [B, N]
 
 
@@ -124,12 +127,15 @@ class DiffusionModule(nn.Module):
         self, batch: Batch, s_inputs: torch.Tensor, s_trunk: torch.Tensor, z_trunk: torch.Tensor
     ) -> DiffusionContext:
         pair = self.conditioning.pair(batch, z_trunk)
+        atoms = self.atom_encoder.prepare(batch, s_trunk, pair)
         return DiffusionContext(
             pair=pair,
             single_base=self.conditioning.single_base(s_trunk, s_inputs),
             token_biases=self.transformer.pair_biases(pair),
             transformer_weights=self.transformer.weights(),
-            atoms=self.atom_encoder.prepare(batch, s_trunk, pair),
+            atoms=atoms,
+            atom_encoder=self.atom_encoder.fixed_conditioning(atoms),
+            atom_decoder=self.atom_decoder.fixed_conditioning(atoms),
             token_mask=batch["token_mask"],
         )
 
@@ -140,13 +146,13 @@ class DiffusionModule(nn.Module):
         sd2 = self.sigma_data**2
         single = self.conditioning.single(ctx.single_base, sigma[..., 0, 0])
         r_noisy = x_noisy / torch.sqrt(sigma**2 + sd2)
-        tokens, query_skip = self.atom_encoder(ctx.atoms, r_noisy)
+        tokens, query_skip = self.atom_encoder(ctx.atoms, ctx.atom_encoder, r_noisy)
         tokens = tokens + layernorm_linear(
             single, self.single_to_token_norm_weight, self.single_to_token_norm_bias, self.single_to_token_weight
         )
         mask = ctx.token_mask.unsqueeze(1).expand(-1, tokens.shape[1], -1)
         tokens = self.transformer(tokens, single, ctx.token_biases, mask, weights=ctx.transformer_weights)
-        r_update = self.atom_decoder(self.token_norm(tokens), query_skip, ctx.atoms).float()
+        r_update = self.atom_decoder(self.token_norm(tokens), query_skip, ctx.atoms, ctx.atom_decoder).float()
         return sd2 / (sd2 + sigma**2) * x_noisy + self.sigma_data * sigma / torch.sqrt(sd2 + sigma**2) * r_update
 
     def denoise_in_chunks(

@@ -21,6 +21,7 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.primitives import (
     AtomWindows,
     DiffusionTransformer,
+    FixedConditioning,
     LinearNoBias,
     atoms_to_tokens_mean,
     init_weight_,
@@ -231,16 +232,25 @@ class AtomAttentionEncoder(nn.Module):
         pair = pair + self.pair_mlp(pair)
         return AtomContext(windows, single, pair, atom_to_token, atom_mask, int(batch["token_mask"].shape[1]))
 
-    def forward(self, ctx: AtomContext, r_noisy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def fixed_conditioning(self, ctx: AtomContext) -> FixedConditioning:
+        """The atom transformer's pair biases, weights and modulations: its conditioning is
+        the atom single ``c_l``, the same for every sample and noise level."""
+        return self.transformer.fixed_conditioning(ctx.single.unsqueeze(1), ctx.pair)
+
+    def forward(
+        self, ctx: AtomContext, fixed: FixedConditioning, r_noisy: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[B, S, N, c_token]`` and the atom skip ``q [B, S, A, c_atom]``.
 
+        fixed: ``fixed_conditioning(ctx)``, built once for all calls on ``ctx``.
         r_noisy: scaled noisy positions ``[B, S, A, 3]`` (diffusion) or None (S = 1).
         """
         query = ctx.single.unsqueeze(1)
         if r_noisy is not None:
             query = query + self.noisy_pos_proj(r_noisy.to(self.noisy_pos_proj.weight.dtype))
-        biases = self.transformer.pair_biases(ctx.pair)
-        query = self.transformer(query, ctx.single.unsqueeze(1), biases, ctx.windows.key_mask, ctx.windows)
+        query = self.transformer(
+            query, None, fixed.biases, ctx.windows.key_mask, ctx.windows, fixed.weights, fixed.modulations
+        )
         tokens = atoms_to_tokens_mean(F.relu(self.to_token(query)), ctx.atom_to_token, ctx.atom_mask, ctx.n_tokens)
         return tokens, query
 
@@ -255,11 +265,18 @@ class AtomAttentionDecoder(nn.Module):
         self.out_norm_weight, self.out_norm_bias = ln_params(c_atom)
         self.out_weight = nn.Parameter(init_weight_(torch.empty(3, c_atom), "final"))
 
-    def forward(self, tokens: torch.Tensor, query_skip: torch.Tensor, ctx: AtomContext) -> torch.Tensor:
+    def fixed_conditioning(self, ctx: AtomContext) -> FixedConditioning:
+        """As ``AtomAttentionEncoder.fixed_conditioning``, for this decoder's transformer."""
+        return self.transformer.fixed_conditioning(ctx.single.unsqueeze(1), ctx.pair)
+
+    def forward(
+        self, tokens: torch.Tensor, query_skip: torch.Tensor, ctx: AtomContext, fixed: FixedConditioning
+    ) -> torch.Tensor:
         query = self.token_to_atom(tokens)
         query = tokens_to_atoms(query, ctx.atom_to_token) + query_skip
-        biases = self.transformer.pair_biases(ctx.pair)
-        query = self.transformer(query, ctx.single.unsqueeze(1), biases, ctx.windows.key_mask, ctx.windows)
+        query = self.transformer(
+            query, None, fixed.biases, ctx.windows.key_mask, ctx.windows, fixed.weights, fixed.modulations
+        )
         return layernorm_linear(query, self.out_norm_weight, self.out_norm_bias, self.out_weight)
 
 
@@ -275,7 +292,8 @@ class InputFeatureEmbedder(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """``[B, N, c_s + 65]``."""
-        tokens, _ = self.atom_encoder(self.atom_encoder.prepare(batch))
+        ctx = self.atom_encoder.prepare(batch)
+        tokens, _ = self.atom_encoder(ctx, self.atom_encoder.fixed_conditioning(ctx))
         tokens = tokens.squeeze(1)
         restype = F.one_hot(batch["restype"].clamp(0, NUM_RESTYPES - 1), NUM_RESTYPES).to(tokens.dtype)
         return torch.cat(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -461,30 +461,57 @@ class DiffusionTransformer(nn.Module):
         projections = [block.attention.projection_weights() for block in self.blocks]
         return TransformerWeights(conditioning, [(w.to(dtype), b.to(dtype)) for w, b in projections])
 
+    def fixed_conditioning(self, cond: torch.Tensor, pair: torch.Tensor) -> "FixedConditioning":
+        """Everything a call reads besides ``a`` when the conditioning ``cond`` is the same in
+        every call (the atom transformers: ``[B, 1, L, c_cond]``): pair biases, fused weights
+        and every block's modulations, built once per step with autograd."""
+        weights = self.weights()
+        return FixedConditioning(self.pair_biases(pair), weights, list(self._modulations(cond, weights)))
+
+    def _modulations(self, cond: torch.Tensor, weights: TransformerWeights) -> Iterator[tuple[Modulation, Modulation]]:
+        """Each block's (attention, transition) modulations, one group of blocks at a time."""
+        dtype = weights.conditioning[0].gate_weight.dtype
+        cond_normed = F.layer_norm(cond, cond.shape[-1:]).to(dtype)
+        cond = cond.to(dtype)
+        for conditioning in weights.conditioning:
+            modulations = iter(conditioning.modulations(cond_normed, cond, self.c_a))
+            yield from zip(modulations, modulations)
+
     def forward(
         self,
         a: torch.Tensor,
-        cond: torch.Tensor,
+        cond: torch.Tensor | None,
         biases: Sequence[torch.Tensor],
         mask: torch.Tensor,
         windows: AtomWindows | None = None,
         weights: TransformerWeights | None = None,
+        modulations: Sequence[tuple[Modulation, Modulation]] | None = None,
     ) -> torch.Tensor:
         """a ``[B, S, L, c_a]``, cond ``[B, S or 1, L, c_cond]``; biases and mask as in
-        AttentionPairBias; ``weights`` from ``weights()`` (built here when None)."""
+        AttentionPairBias; ``weights`` from ``weights()`` (built here when None);
+        ``modulations`` precomputed from ``cond`` (then ``cond`` is not read), see
+        ``fixed_conditioning``."""
         if weights is None:
             weights = self.weights(fuse_projections=False)
-        dtype = weights.conditioning[0].gate_weight.dtype
-        cond_normed = F.layer_norm(cond, cond.shape[-1:]).to(dtype)
-        cond = cond.to(dtype)
-        blocks = iter(zip(self.blocks, biases, weights.projections))
-        for conditioning in weights.conditioning:
-            modulations = iter(conditioning.modulations(cond_normed, cond, self.c_a))
-            for attention_modulation, transition_modulation in zip(modulations, modulations):
-                block, bias, projection = next(blocks)
-                a = a + block.attention(a, bias, mask, attention_modulation, windows, projection)
-                a = a + block.transition(a, transition_modulation)
+        if modulations is None:
+            modulations = self._modulations(cond, weights)
+        for block, bias, projection, (attention_modulation, transition_modulation) in zip(
+            self.blocks, biases, weights.projections, modulations
+        ):
+            a = a + block.attention(a, bias, mask, attention_modulation, windows, projection)
+            a = a + block.transition(a, transition_modulation)
         return a
+
+
+@dataclass
+class FixedConditioning:
+    """A DiffusionTransformer's per-step inputs for a conditioning that no call changes
+    (``DiffusionTransformer.fixed_conditioning``): shared by every chunk of samples, their
+    recomputes and every sampler step, so gradients reach the parameters once."""
+
+    biases: list[torch.Tensor]  # per block, as AttentionPairBias.pair_bias
+    weights: TransformerWeights
+    modulations: list[tuple[Modulation, Modulation]]  # per block: attention, transition
 
 
 def checkpoint_pair_block(

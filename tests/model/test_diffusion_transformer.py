@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megafold.model import AlphaFold3, preset
-from megafold.model.primitives import AtomWindows, DiffusionTransformer, Modulation
+from megafold.model.primitives import AtomWindows, DiffusionTransformer, FixedConditioning, Modulation
 
 
 def reference_modulation(module: torch.nn.Module, cond: torch.Tensor) -> Modulation:
@@ -59,9 +59,17 @@ def test_batched_transformer_equals_per_block_reference(atoms):
         out = forward()
         return out, torch.autograd.grad((out * probe).sum(), inputs + params)
 
+    def fixed():
+        inputs = transformer.fixed_conditioning(cond, pair)
+        return transformer(a, None, inputs.biases, mask, windows, inputs.weights, inputs.modulations)
+
     expected, expected_grads = run(lambda: reference_forward(transformer, a, cond, pair, mask, windows))
-    for weights in (None, transformer.weights(fuse_projections=False), transformer.weights()):
-        got, grads = run(lambda: transformer(a, cond, transformer.pair_biases(pair), mask, windows, weights))
+    forwards = [
+        lambda weights=weights: transformer(a, cond, transformer.pair_biases(pair), mask, windows, weights)
+        for weights in (None, transformer.weights(fuse_projections=False), transformer.weights())
+    ]
+    for forward in forwards + [fixed]:
+        got, grads = run(forward)
         assert (got - expected).norm() <= 1e-12 * expected.norm()
         for grad, want in zip(grads, expected_grads):
             assert (grad - want).norm() <= 1e-12 * want.norm() + 1e-14
@@ -72,10 +80,15 @@ def _per_call_diffusion(monkeypatch) -> None:
     and per call, as before the batching."""
     monkeypatch.setattr(DiffusionTransformer, "pair_biases", lambda self, pair: pair)
     monkeypatch.setattr(DiffusionTransformer, "weights", lambda self, fuse_projections=True: None)
+    # The atom transformers' per-step inputs carry the raw pair and conditioning to each call.
     monkeypatch.setattr(
-        DiffusionTransformer, "forward",
-        lambda self, a, cond, pair, mask, windows=None, weights=None: reference_forward(self, a, cond, pair, mask, windows),
+        DiffusionTransformer, "fixed_conditioning", lambda self, cond, pair: FixedConditioning(pair, None, cond)
     )
+
+    def per_call_forward(self, a, cond, pair, mask, windows=None, weights=None, modulations=None):
+        return reference_forward(self, a, cond if modulations is None else modulations, pair, mask, windows)
+
+    monkeypatch.setattr(DiffusionTransformer, "forward", per_call_forward)
 
 
 def test_training_step_and_rollout_equal_the_per_call_computation(make_batch, perturb, monkeypatch):
