@@ -1,12 +1,27 @@
 """Outer product mean of AF3 (Alg. 9): the MSA's update to the pair representation.
 
-``z_ij = W (sum_s a_si (x) b_sj) / (1e-3 + sum_s mask_si mask_sj) + bias``. The eager
-form builds the ``[N, N, c_h, c_h]`` outer products (1.2 GB at N = 768 in bf16); here each
-program owns a tile of (i, j) pairs and, one channel c of ``a`` at a time, forms the
-``[BLOCK_I * BLOCK_J, c_h]`` slice ``P_c = a_c^T b`` and contracts it with ``W[:, c, :]``
-at once, so memory stays O(N^2 c_z). The scalar normaliser commutes with the contraction
-and is applied to the result.
+``z_ij = W (sum_s a_si (x) b_sj) / (1e-3 + sum_s mask_si mask_sj) + bias``. The eager form
+builds the ``[N, N, c_h, c_h]`` outer products (1.2 GB at N = 768 in bf16); here no kernel
+stores anything pair-sized but the ``[N, N, c_z]`` output and its gradient, so memory stays
+O(N^2 c_z). Each program holds one tile of the outer products (or of their gradient) for a
+block of i, a block of j and a chunk of channels, in one of two layouts:
 
+- ``[(i, c), (j, d)]``: what the MSA products make and use, ``P = A B^T`` and
+  ``dA = dP B`` with the MSA axis s as the inner dimension;
+- ``[(i, j), (c, d)]``: what the contraction with ``W`` makes and uses, ``z = P W^T``,
+  ``dP = (dz / norm) W`` and ``dW = (dz / norm)^T P`` with pairs or ``c_z`` inner;
+
+and swaps the middle axes of the tile in registers (through shared memory) between the two
+products, so every product is a tensor-core dot with tiles of 64-256 and each term of the
+math is computed once per kernel:
+
+- forward, per (i block, j block), looping over channel chunks: ``P`` then ``z += P W^T``;
+- ``dA`` per (i block, channel chunk, s block), looping over j blocks: ``dP = g W`` with
+  ``g = dz / norm``, then ``dA += dP B``; ``dB`` is the same kernel on the transposed problem;
+- ``dW`` per (j block, channel chunk), looping over i blocks: ``P`` then ``dW += g^T P``,
+  one fp32 partial per program summed in a fixed order (deterministic, no atomics).
+
+The scalar normaliser commutes with the contraction and is applied to ``z`` and ``dz``.
 LayerNorm and the a/b projection run through ``layernorm_linear`` on the (small) MSA tensor.
 """
 
@@ -19,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend, run_tuned
+from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
@@ -33,22 +48,38 @@ NORM_EPS = 1e-3  # added to the count of valid MSA rows of each pair, as in AF3
 
 
 @triton.jit
-def _right_tile(r_ptr, batch, ss, s_ok, j0, N, CH, sr_b, sr_s, sr_n, sr_c,
-                BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``r[batch, ss, j0 + jj, d]`` as ``[BLOCK_S, BLOCK_J * BLOCK_D]`` with column jj * BLOCK_D + d."""
-    cols = tl.arange(0, BLOCK_J * BLOCK_D)
-    js = j0 + cols // BLOCK_D
-    ds = cols % BLOCK_D
-    ok = s_ok[:, None] & ((js < N) & (ds < CH))[None, :]
-    offsets = batch.to(tl.int64) * sr_b + ss[:, None] * sr_s + js[None, :] * sr_n + ds[None, :] * sr_c
-    return tl.load(r_ptr + offsets, mask=ok, other=0.0)
+def _channel_rows(t_ptr, batch, n0, c0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``t[batch, n0 + nn, c0 + cc, ss]`` as ``[BLOCK_N * BLOCK_C, BLOCK_S]``, row nn * BLOCK_C + cc,
+    from an MSA operand in the ``[B, N, c, S]`` layout."""
+    rows = tl.arange(0, BLOCK_N * BLOCK_C)
+    ns = n0 + rows // BLOCK_C
+    cs = c0 + rows % BLOCK_C
+    ok = ((ns < N) & (cs < CH))[:, None] & s_ok[None, :]
+    offsets = (batch.to(tl.int64) * st_b + ns[:, None].to(tl.int64) * st_n + cs[:, None] * st_c
+               + ss[None, :] * st_s)
+    return tl.load(t_ptr + offsets, mask=ok, other=0.0)
 
 
 @triton.jit
-def _left_tile(l_ptr, batch, c, is_, i_ok, ss, s_ok, sl_b, sl_c, sl_n, sl_s):
-    """``l[batch, c, is_, ss]`` as ``[BLOCK_I, BLOCK_S]``, from the channel-major left operand."""
-    offsets = batch.to(tl.int64) * sl_b + c * sl_c + is_[:, None] * sl_n + ss[None, :] * sl_s
-    return tl.load(l_ptr + offsets, mask=i_ok[:, None] & s_ok[None, :], other=0.0)
+def _swap_middle_axes(x, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """``[(a, b), (c, d)]`` -> ``[(a, c), (b, d)]``: a tile moved between the two layouts."""
+    x = tl.reshape(x, [BLOCK_A, BLOCK_B, BLOCK_C, BLOCK_D])
+    x = tl.permute(x, (0, 2, 1, 3))
+    return tl.reshape(x, [BLOCK_A * BLOCK_C, BLOCK_B * BLOCK_D])
+
+
+@triton.jit
+def _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_c, sw_d, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_CZ: tl.constexpr):
+    """``W[e, c0 + cc, d]`` as ``[BLOCK_CZ, BLOCK_C * BLOCK_D]``, column cc * BLOCK_D + d."""
+    es = tl.arange(0, BLOCK_CZ)
+    cols = tl.arange(0, BLOCK_C * BLOCK_D)
+    cs = c0 + cols // BLOCK_D
+    ds = cols % BLOCK_D
+    ok = (es < CZ)[:, None] & ((cs < CH) & (ds < CH))[None, :]
+    return tl.load(w_ptr + es[:, None] * sw_e + cs[None, :] * sw_c + ds[None, :] * sw_d, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -61,47 +92,71 @@ def _pair_rows(i0, j0, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CZ: tl.constexpr):
+    """``g = dz_ij / norm_ij`` as ``[BLOCK_I * BLOCK_J, BLOCK_CZ]`` (fp32), rows as in _pair_rows."""
+    ri, rj, r_ok = _pair_rows(i0, j0, N, BLOCK_I, BLOCK_J)
+    es = tl.arange(0, BLOCK_CZ)
+    inv_norm = tl.load(inv_norm_ptr + batch.to(tl.int64) * sn_b + ri * sn_i + rj * sn_j, mask=r_ok, other=0.0)
+    rows = batch.to(tl.int64) * sz_b + ri.to(tl.int64) * sz_i + rj.to(tl.int64) * sz_j
+    dz = tl.load(dz_ptr + rows[:, None] + es[None, :] * sz_e, mask=r_ok[:, None] & (es < CZ)[None, :], other=0.0)
+    return dz.to(tl.float32) * inv_norm[:, None]
+
+
+@triton.jit
+def _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
+                ONE_S_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``P[(i, j), (c, d)] = sum_s a[s, i0 + i, c0 + c] b[s, j0 + j, d]`` as
+    ``[BLOCK_I * BLOCK_J, BLOCK_C * BLOCK_D]`` in the operands' dtype. With ONE_S_BLOCK,
+    ``right`` is the caller's b tile ``[BLOCK_J * BLOCK_D, BLOCK_S]`` (loaded once for all calls)."""
+    if ONE_S_BLOCK:
+        ss = tl.arange(0, BLOCK_S)
+        s_ok = ss < S
+        left = _channel_rows(a_ptr, batch, i0, c0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_I, BLOCK_C)
+        outer = tl.dot(left, tl.trans(right), input_precision=DOT_PRECISION)
+    else:
+        outer = tl.zeros([BLOCK_I * BLOCK_C, BLOCK_J * BLOCK_D], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            s_ok = ss < S
+            left = _channel_rows(a_ptr, batch, i0, c0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_I, BLOCK_C)
+            right_s = _channel_rows(b_ptr, batch, j0, 0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+            outer = tl.dot(left, tl.trans(right_s), outer, input_precision=DOT_PRECISION)
+    outer = outer.to(a_ptr.dtype.element_ty)
+    return _swap_middle_axes(outer, BLOCK_I, BLOCK_C, BLOCK_J, BLOCK_D)
+
+
+@triton.jit
 def _outer_product_mean_forward_kernel(
-    left_ptr, right_ptr, inv_norm_ptr, w_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, inv_norm_ptr, w_ptr, bias_ptr, out_ptr,
     N, S, CH, CZ,
-    sl_b, sl_c, sl_n, sl_s, sr_b, sr_s, sr_n, sr_c, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d,
+    st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d,
     ONE_S_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
+    """``z`` for one (i block, j block): ``acc[(i, j), e] += P[(i, j), (c, d)] W[e, c, d]`` over
+    channel chunks, then scaled by 1 / norm_ij plus the bias."""
     num_j = tl.cdiv(N, BLOCK_J)
     i0 = (tl.program_id(0) // num_j) * BLOCK_I
     j0 = (tl.program_id(0) % num_j) * BLOCK_J
     batch = tl.program_id(1)
-    is_ = i0 + tl.arange(0, BLOCK_I)
-    i_ok = is_ < N
     es = tl.arange(0, BLOCK_CZ)
     e_ok = es < CZ
-    ds = tl.arange(0, BLOCK_D)
-    dtype = w_ptr.dtype.element_ty
 
-    if ONE_S_BLOCK:  # the b tile serves every channel c: load it once
+    if ONE_S_BLOCK:  # the b tile serves every channel chunk: load it once
         ss = tl.arange(0, BLOCK_S)
-        s_ok = ss < S
-        right = _right_tile(right_ptr, batch, ss, s_ok, j0, N, CH, sr_b, sr_s, sr_n, sr_c, BLOCK_J, BLOCK_D)
+        right = _channel_rows(b_ptr, batch, j0, 0, ss, ss < S, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+    else:
+        right = 0
     acc = tl.zeros([BLOCK_I * BLOCK_J, BLOCK_CZ], tl.float32)
-    for c in range(0, CH):
-        # P_c[i, (j, d)] = sum_s a[s, i, c] b[s, j, d], complete over s before the contraction.
-        if ONE_S_BLOCK:
-            left = _left_tile(left_ptr, batch, c, is_, i_ok, ss, s_ok, sl_b, sl_c, sl_n, sl_s)
-            outer = tl.dot(left, right, input_precision=DOT_PRECISION)
-        else:
-            outer = tl.zeros([BLOCK_I, BLOCK_J * BLOCK_D], tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                ss = s0 + tl.arange(0, BLOCK_S)
-                s_ok = ss < S
-                left = _left_tile(left_ptr, batch, c, is_, i_ok, ss, s_ok, sl_b, sl_c, sl_n, sl_s)
-                right = _right_tile(right_ptr, batch, ss, s_ok, j0, N, CH, sr_b, sr_s, sr_n, sr_c, BLOCK_J, BLOCK_D)
-                outer = tl.dot(left, right, outer, input_precision=DOT_PRECISION)
-        outer = tl.reshape(outer, [BLOCK_I * BLOCK_J, BLOCK_D]).to(dtype)
-        w_c = tl.load(w_ptr + c * sw_c + ds[:, None] * sw_d + es[None, :] * sw_e,
-                      mask=(ds < CH)[:, None] & e_ok[None, :], other=0.0)
-        acc = tl.dot(outer, w_c, acc, input_precision=DOT_PRECISION)
+    for c0 in range(0, CH, BLOCK_C):
+        outer = _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
+                            ONE_S_BLOCK, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D)
+        w = _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_c, sw_d, BLOCK_C, BLOCK_D, BLOCK_CZ)
+        acc = tl.dot(outer, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
     ri, rj, r_ok = _pair_rows(i0, j0, N, BLOCK_I, BLOCK_J)
     inv_norm = tl.load(inv_norm_ptr + batch.to(tl.int64) * sn_b + ri * sn_i + rj * sn_j, mask=r_ok, other=0.0)
@@ -113,75 +168,94 @@ def _outer_product_mean_forward_kernel(
 
 
 @triton.jit
-def _outer_product_mean_backward_kernel(
-    left_ptr, right_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_left_ptr, dw_part_ptr,
+def _outer_product_mean_left_grad_kernel(
+    right_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_left_ptr,
     N, S, CH, CZ,
-    sl_b, sl_c, sl_n, sl_s, sr_b, sr_s, sr_n, sr_c, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d,
-    sz_b, sz_i, sz_j, sz_e, sd_b, sd_s, sd_n, sd_c,
-    COMPUTE_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr,
+    st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d, sz_b, sz_i, sz_j, sz_e,
+    sd_b, sd_n, sd_c, sd_s,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
-    """Gradient of the left operand for one i block, channel c and s block:
-    ``dl[s, i, c] = sum_{j, d} r[s, j, d] dP[i, j, c, d]`` with ``dP = (dz / norm) W``.
+    """Gradient of the left operand for one (i block, channel chunk, s block):
+    ``dl[s, i, c] = sum_{j, d} dP[i, j, c, d] r[s, j, d]`` with ``dP = (dz / norm) W``.
 
-    Called with (a, b) for da, and with (b, a), transposed dz and norm and W's channel axes
-    swapped for db. With COMPUTE_DW it also writes this program's share of
-    ``dW[e, c, :] = sum_ij (dz_ij[e] / norm_ij) P_ij[c, :]`` over its s block (P is linear
-    in s), one fp32 partial per program, summed on the host (deterministic).
+    Called with (a, b) for da, and with b's layout as ``right``, transposed dz and norm and
+    W's channel axes swapped for db. Each dP element is made once per s block.
     """
-    # c is the fastest grid axis: the c_h programs of one i block read the same dz and b
-    # tiles at about the same time, from L2.
-    c = tl.program_id(0)
-    pid_i = tl.program_id(1)
+    i0 = tl.program_id(0) * BLOCK_I
+    c0 = tl.program_id(1) * BLOCK_C
     num_s = tl.cdiv(S, BLOCK_S)
     batch = tl.program_id(2) // num_s
-    s_block = tl.program_id(2) % num_s
-    i0 = pid_i * BLOCK_I
-    is_ = i0 + tl.arange(0, BLOCK_I)
-    i_ok = is_ < N
-    ss = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    ss = (tl.program_id(2) % num_s) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = ss < S
-    es = tl.arange(0, BLOCK_CZ)
-    e_ok = es < CZ
-    ds = tl.arange(0, BLOCK_D)
     dtype = w_ptr.dtype.element_ty
 
-    w_c = tl.load(w_ptr + c * sw_c + es[:, None] * sw_e + ds[None, :] * sw_d,
-                  mask=e_ok[:, None] & (ds < CH)[None, :], other=0.0)
-    if COMPUTE_DW:
-        left = _left_tile(left_ptr, batch, c, is_, i_ok, ss, s_ok, sl_b, sl_c, sl_n, sl_s)
-        dw = tl.zeros([BLOCK_CZ, BLOCK_D], tl.float32)
-    d_left = tl.zeros([BLOCK_I, BLOCK_S], tl.float32)
+    w = _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_c, sw_d, BLOCK_C, BLOCK_D, BLOCK_CZ)
+    acc = tl.zeros([BLOCK_I * BLOCK_C, BLOCK_S], tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        ri, rj, r_ok = _pair_rows(i0, j0, N, BLOCK_I, BLOCK_J)
-        inv_norm = tl.load(inv_norm_ptr + batch.to(tl.int64) * sn_b + ri * sn_i + rj * sn_j, mask=r_ok, other=0.0)
-        dz_rows = batch.to(tl.int64) * sz_b + ri.to(tl.int64) * sz_i + rj.to(tl.int64) * sz_j
-        dz = tl.load(dz_ptr + dz_rows[:, None] + es[None, :] * sz_e, mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        g = (dz.to(tl.float32) * inv_norm[:, None]).to(dtype)
-        d_outer = tl.dot(g, w_c, input_precision=DOT_PRECISION)
-        d_outer = tl.reshape(d_outer, [BLOCK_I, BLOCK_J * BLOCK_D]).to(dtype)
-        right = _right_tile(right_ptr, batch, ss, s_ok, j0, N, CH, sr_b, sr_s, sr_n, sr_c, BLOCK_J, BLOCK_D)
-        d_left = tl.dot(d_outer, tl.trans(right), d_left, input_precision=DOT_PRECISION)
-        if COMPUTE_DW:
-            outer = tl.dot(left, right, input_precision=DOT_PRECISION)
-            outer = tl.reshape(outer, [BLOCK_I * BLOCK_J, BLOCK_D]).to(dtype)
-            dw = tl.dot(tl.trans(g), outer, dw, input_precision=DOT_PRECISION)
+        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
+                              sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+        d_outer = tl.dot(g.to(dtype), w, input_precision=DOT_PRECISION).to(dtype)
+        d_outer = _swap_middle_axes(d_outer, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_D)
+        right = _channel_rows(right_ptr, batch, j0, 0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+        acc = tl.dot(d_outer, right, acc, input_precision=DOT_PRECISION)
 
-    offsets = batch.to(tl.int64) * sd_b + ss[None, :] * sd_s + is_[:, None] * sd_n + c * sd_c
-    tl.store(d_left_ptr + offsets, d_left.to(d_left_ptr.dtype.element_ty), mask=i_ok[:, None] & s_ok[None, :])
-    if COMPUTE_DW:
-        part = (tl.program_id(2) * tl.num_programs(1) + pid_i).to(tl.int64) * CZ * CH * CH
-        tl.store(dw_part_ptr + part + es[:, None] * CH * CH + c * CH + ds[None, :], dw,
-                 mask=e_ok[:, None] & (ds < CH)[None, :])
+    rows = tl.arange(0, BLOCK_I * BLOCK_C)
+    is_ = i0 + rows // BLOCK_C
+    cs = c0 + rows % BLOCK_C
+    offsets = (batch.to(tl.int64) * sd_b + is_[:, None].to(tl.int64) * sd_n + cs[:, None] * sd_c
+               + ss[None, :] * sd_s)
+    tl.store(d_left_ptr + offsets, acc.to(d_left_ptr.dtype.element_ty),
+             mask=((is_ < N) & (cs < CH))[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _outer_product_mean_weight_grad_kernel(
+    a_ptr, b_ptr, inv_norm_ptr, dz_ptr, dw_part_ptr,
+    N, S, CH, CZ,
+    st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+    ONE_S_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
+):
+    """This (j block, channel chunk)'s share of ``dW[e, c, d] = sum_ij g_ij[e] P_ij[c, d]``
+    over every i, one fp32 partial per program (summed on the host in a fixed order)."""
+    j_block = tl.program_id(0)
+    j0 = j_block * BLOCK_J
+    c0 = tl.program_id(1) * BLOCK_C
+    batch = tl.program_id(2)
+    dtype = a_ptr.dtype.element_ty
+
+    if ONE_S_BLOCK:  # the b tile serves every i block: load it once
+        ss = tl.arange(0, BLOCK_S)
+        right = _channel_rows(b_ptr, batch, j0, 0, ss, ss < S, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+    else:
+        right = 0
+    acc = tl.zeros([BLOCK_CZ, BLOCK_C * BLOCK_D], tl.float32)
+    for i0 in range(0, N, BLOCK_I):
+        outer = _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
+                            ONE_S_BLOCK, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D)
+        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
+                              sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+        acc = tl.dot(tl.trans(g.to(dtype)), outer, acc, input_precision=DOT_PRECISION)
+
+    es = tl.arange(0, BLOCK_CZ)
+    cols = tl.arange(0, BLOCK_C * BLOCK_D)
+    cs = c0 + cols // BLOCK_D
+    ds = cols % BLOCK_D
+    part = (batch * tl.num_programs(0) + j_block).to(tl.int64) * CZ * CH * CH
+    tl.store(dw_part_ptr + part + es[:, None] * CH * CH + (cs * CH + ds)[None, :], acc,
+             mask=(es < CZ)[:, None] & ((cs < CH) & (ds < CH))[None, :])
 
 
 # --------------------------------------------------------------------------- launches
 
 
-def _channel_major(t: torch.Tensor) -> torch.Tensor:
-    # [B, S, N, c] -> [B, c, N, S]: a channel's [N, S] slab is contiguous for the left tile.
-    return t.permute(0, 3, 2, 1).contiguous()
+def _msa_operands(ab: torch.Tensor) -> torch.Tensor:
+    """``[B, S, N, 2 c_h]`` -> ``[B, N, 2 c_h, S]``: a residue's channels are rows and the MSA
+    axis is contiguous, so both the ``[(i, c), s]`` and ``[(j, d), s]`` tiles load coalesced."""
+    return ab.permute(0, 2, 3, 1).contiguous()
 
 
 def _w_strides(weight: torch.Tensor, CH: int, swap: bool) -> tuple[int, int, int]:
@@ -190,69 +264,116 @@ def _w_strides(weight: torch.Tensor, CH: int, swap: bool) -> tuple[int, int, int
     return (s_e, s_cd, CH * s_cd) if swap else (s_e, CH * s_cd, s_cd)
 
 
-def _opm_forward(ab, inv_norm, weight, bias):
-    B, S, N, two_ch = ab.shape
+def default_configs(CH: int, CZ: int, S: int) -> dict[str, dict]:
+    """Tiles and launch settings of the three kernels, chosen for c_h = 32, c_z = 128 on
+    H100/H200 and scaled for other widths so that the fp32 tiles stay near 16k elements
+    per program (registers) and every dot dimension is >= 16.
+
+    forward and weight_grad: a ``[BLOCK_I * BLOCK_C, BLOCK_J * c_h]`` outer-product tile
+    (64 x 256), moved to ``[(i, j), (c, d)]`` (128 x 128) and contracted with W (forward: into
+    a 128 x c_z accumulator; weight_grad: into a c_z x 128 one). left_grad: a
+    ``[BLOCK_I * BLOCK_J, BLOCK_C * c_h]`` dP tile (64 x 256) moved to ``[(i, c), (j, d)]``
+    and contracted with the other operand's ``[(j, d), s]`` tile into 64 x BLOCK_S.
+    """
+    block_d = block_size(CH, 1 << 30)
+    block_cz = block_size(CZ, 1 << 30)
+    channels = next_power_of_2(CH)
+    pair_j = max(1, 256 // block_d)
+    pair_c = min(channels, max(1, 128 // block_d))
+    pair_i = max(16 // pair_c, 16 // pair_j, min(16, 16384 // (pair_j * block_cz)))
+    pair = {"BLOCK_I": pair_i, "BLOCK_J": pair_j, "BLOCK_C": pair_c, "BLOCK_S": block_size(S, 128),
+            "num_warps": 8, "num_stages": 2}
+    left_c = min(channels, max(1, 256 // block_d))
+    left = {"BLOCK_I": max(8, 16 // left_c), "BLOCK_J": pair_j, "BLOCK_C": left_c, "BLOCK_S": block_size(S, 64),
+            "num_warps": 8, "num_stages": 2}
+    return {"forward": pair, "weight_grad": dict(pair), "left_grad": left}
+
+
+def _candidates(default: dict, CH: int, CZ: int) -> list[dict]:
+    """A few variations of ``default`` for the tuner (c_h <= 32, c_z <= 128 only)."""
+    if block_size(CH, 1 << 30) > 32 or block_size(CZ, 1 << 30) > 128:
+        return []
+    variants = [default]
+    for change in ({"num_warps": 4}, {"num_stages": 3}, {"num_stages": 1},
+                   {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}):
+        variants.append(default | change)
+    return variants
+
+
+def _launch_settings(cfg: dict) -> dict:
+    return {name: cfg[name] for name in ("BLOCK_I", "BLOCK_J", "BLOCK_C", "BLOCK_S", "num_warps", "num_stages")}
+
+
+def _tuning_key(CH: int, CZ: int, S: int, dtype: torch.dtype) -> tuple:
+    return (CH, CZ, block_size(S, 128), str(dtype))
+
+
+def _opm_forward(ab_t, inv_norm, weight, bias):
+    B, N, two_ch, S = ab_t.shape
     CH = two_ch // 2
     CZ = weight.shape[0]
-    a, b = ab[..., :CH], ab[..., CH:]
-    left = _channel_major(a)
-    out = torch.empty(B, N, N, CZ, device=ab.device, dtype=weight.dtype)
+    a_t, b_t = ab_t[:, :, :CH], ab_t[:, :, CH:]
+    out = torch.empty(B, N, N, CZ, device=ab_t.device, dtype=weight.dtype)
     block_d, block_cz = block_size(CH, 1 << 30), block_size(CZ, 1 << 30)
 
     def launch(cfg):
         grid = (triton.cdiv(N, cfg["BLOCK_I"]) * triton.cdiv(N, cfg["BLOCK_J"]), B)
         _outer_product_mean_forward_kernel[grid](
-            left, b, inv_norm, weight, bias, out, N, S, CH, CZ,
-            *left.stride(), *b.stride(), *inv_norm.stride(), *_w_strides(weight, CH, False),
+            a_t, b_t, inv_norm, weight, bias, out, N, S, CH, CZ,
+            *a_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH, False),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=dot_precision(weight.dtype),
-            BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_S=cfg["BLOCK_S"],
-            BLOCK_D=block_d, BLOCK_CZ=block_cz, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+            BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
         )
 
-    block_s = block_size(S, 128)
-    # Registers bound the tiles: the [BLOCK_I * BLOCK_J, c_z] accumulator and the b tile
-    # [BLOCK_S, BLOCK_J * c_h] held across the channel loop.
-    block_j = max(1, min(8, 16384 // (block_s * block_d)))
-    default = {"BLOCK_I": 16, "BLOCK_J": block_j, "BLOCK_S": block_s, "num_warps": 8}
-    small = block_d <= 32 and block_cz <= 128
-    candidates = [
-        {"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_S": bs, "num_warps": nw, "num_stages": ns}
-        for bi in (16, 32) for bj in (4, 8) for bs in sorted({block_size(S, 32), block_size(S, 64), block_s})
-        for nw in (4, 8) for ns in (2, 3)
-    ] if small else []
-    run_tuned("outer_product_mean_fwd", (CH, CZ, min(S, 64), str(weight.dtype), str(ab.dtype)), ab.device, candidates, default, launch)
-    return out, left
+    default = default_configs(CH, CZ, S)["forward"]
+    run_tuned("outer_product_mean_forward", _tuning_key(CH, CZ, S, weight.dtype), ab_t.device,
+              _candidates(default, CH, CZ), default, launch)
+    return out
 
 
-def _opm_backward(dz, ab, left, inv_norm, weight):
-    B, S, N, two_ch = ab.shape
+def _opm_backward(dz, ab_t, inv_norm, weight):
+    B, N, two_ch, S = ab_t.shape
     CH = two_ch // 2
     CZ = weight.shape[0]
-    a, b = ab[..., :CH], ab[..., CH:]
-    d_ab = torch.empty_like(ab)
+    a_t, b_t = ab_t[:, :, :CH], ab_t[:, :, CH:]
     block_d, block_cz = block_size(CH, 1 << 30), block_size(CZ, 1 << 30)
-    block_s = block_size(S, 64)
-    block_i = 16
-    block_j = max(1, min(8, 256 // block_d))
-    num_s = triton.cdiv(S, block_s)
-    dw_parts = torch.empty(B * num_s * triton.cdiv(N, block_i), CZ, CH * CH, device=ab.device, dtype=torch.float32)
-    common = dict(DOT_PRECISION=dot_precision(weight.dtype), BLOCK_I=block_i, BLOCK_J=block_j,
-                  BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_CZ=block_cz, num_warps=8)
-    grid = (CH, triton.cdiv(N, block_i), B * num_s)
-    # da, with this program's share of dW.
-    _outer_product_mean_backward_kernel[grid](
-        left, b, inv_norm, weight, dz, d_ab[..., :CH], dw_parts, N, S, CH, CZ,
-        *left.stride(), *b.stride(), *inv_norm.stride(), *_w_strides(weight, CH, False),
-        *dz.stride(), *d_ab.stride(), COMPUTE_DW=True, **common,
-    )
-    # db: the same kernel on the transposed problem (i <-> j, a <-> b, W's c <-> d).
-    dz_t, inv_t = dz.transpose(1, 2), inv_norm.transpose(1, 2)
-    _outer_product_mean_backward_kernel[grid](
-        left, a, inv_t, weight, dz_t, d_ab[..., CH:], dw_parts, N, S, CH, CZ,
-        *left.stride(), *a.stride(), *inv_t.stride(), *_w_strides(weight, CH, True),
-        *dz_t.stride(), *d_ab.stride(), COMPUTE_DW=False, **common,
-    )
-    return d_ab, dw_parts.sum(0)
+    precision = dot_precision(weight.dtype)
+    configs = default_configs(CH, CZ, S)
+    key = _tuning_key(CH, CZ, S, weight.dtype)
+    d_ab_t = torch.empty_like(ab_t)
+
+    def left_grads(cfg):
+        grid = (triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(CH, cfg["BLOCK_C"]), B * triton.cdiv(S, cfg["BLOCK_S"]))
+        # da from (dz, b); db is the same kernel on the transposed problem (i <-> j, a <-> b, W's c <-> d).
+        for right, grad, norm, swap, d_left in ((b_t, dz, inv_norm, False, d_ab_t[:, :, :CH]),
+                                                (a_t, dz.transpose(1, 2), inv_norm.transpose(1, 2), True,
+                                                 d_ab_t[:, :, CH:])):
+            _outer_product_mean_left_grad_kernel[grid](
+                right, norm, weight, grad, d_left, N, S, CH, CZ,
+                *right.stride(), *norm.stride(), *_w_strides(weight, CH, swap), *grad.stride(), *d_left.stride(),
+                DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
+            )
+
+    run_tuned("outer_product_mean_left_grad", key, ab_t.device,
+              _candidates(configs["left_grad"], CH, CZ), configs["left_grad"], left_grads)
+
+    dw_parts = None
+
+    def weight_grad(cfg):
+        nonlocal dw_parts
+        num_j = triton.cdiv(N, cfg["BLOCK_J"])
+        dw_parts = torch.empty(B * num_j, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
+        grid = (num_j, triton.cdiv(CH, cfg["BLOCK_C"]), B)
+        _outer_product_mean_weight_grad_kernel[grid](
+            a_t, b_t, inv_norm, dz, dw_parts, N, S, CH, CZ,
+            *a_t.stride(), *inv_norm.stride(), *dz.stride(),
+            ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=precision,
+            BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
+        )
+
+    run_tuned("outer_product_mean_weight_grad", key, ab_t.device,
+              _candidates(configs["weight_grad"], CH, CZ), configs["weight_grad"], weight_grad)
+    return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -263,16 +384,16 @@ class OuterProductMeanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ab, inv_norm, out_weight, out_bias, compute_dtype):
-        ab = ab.to(compute_dtype)
+        ab_t = _msa_operands(ab.to(compute_dtype))
         weight = out_weight.to(compute_dtype)
-        out, left = _opm_forward(ab, inv_norm, weight, out_bias)
-        ctx.save_for_backward(ab, left, inv_norm, weight)
+        out = _opm_forward(ab_t, inv_norm, weight, out_bias)
+        ctx.save_for_backward(ab_t, inv_norm, weight)
         return out
 
     @staticmethod
     def backward(ctx, dz):
-        ab, left, inv_norm, weight = ctx.saved_tensors
-        d_ab, dw = _opm_backward(dz, ab, left, inv_norm, weight)
+        ab_t, inv_norm, weight = ctx.saved_tensors
+        d_ab, dw = _opm_backward(dz, ab_t, inv_norm, weight)
         d_bias = dz.sum(dim=(0, 1, 2), dtype=torch.float32)
         return d_ab, None, dw, d_bias, None
 
