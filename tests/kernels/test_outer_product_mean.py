@@ -9,11 +9,16 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from megafold.kernels.outer_product_mean import PARAM_NAMES, outer_product_mean, outer_product_mean_reference
 from megafold.kernels.testing import TOL, rel_err
+
+# The module itself (megafold.kernels re-exports a function of the same name).
+opm_module = importlib.import_module("megafold.kernels.outer_product_mean")
 
 
 def make_params(c_m, c_h, c_z, dtype, device="cpu"):
@@ -46,6 +51,18 @@ def check(m, mask, params, dtype, grad_out=None):
     errors = {"out": rel_err(out, ref)}
     errors |= {f"d{n}": rel_err(g, r) for n, g, r in zip(("m",) + PARAM_NAMES, grads, ref_grads)}
     assert max(errors.values()) < TOL[dtype], errors
+
+
+def assert_deterministic(m, mask, params):
+    """Two backward passes give every gradient bit for bit (dW is summed from per-program
+    partials in a fixed order; the MSA gradient has no reduction across programs)."""
+    out = outer_product_mean(m, mask, params, backend="triton")
+    grad_out = torch.randn_like(out)
+    leaves = [m] + [params[n] for n in PARAM_NAMES]
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -98,23 +115,33 @@ def test_memory_is_quadratic_in_channels_only_once(monkeypatch):
     assert max(sizes) < B * N * N * c_h * c_h // 8
 
 
-def test_weight_gradients_are_deterministic():
+def test_several_tiles_of_every_kind(monkeypatch):
+    # Tiles far under the defaults: every kernel walks several i and j blocks (N = 9 over
+    # 4-wide blocks), channel chunks (c_h = 10 over 4, the last one part padding) and s blocks
+    # (S = 20 over 16: the forward and dW kernels accumulate the outer products over s).
+    small = {"BLOCK_I": 4, "BLOCK_J": 4, "BLOCK_C": 4, "BLOCK_S": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(opm_module, "default_configs",
+                        lambda CH, CZ, S: {kernel: dict(small) for kernel in ("forward", "left_grad", "weight_grad")})
+    m, mask = make_msa(1, 20, 9, 8, torch.float32)
+    check(m, mask, make_params(8, 10, 20, torch.float32), torch.float32)
+
+
+def test_every_gradient_is_deterministic():
     m, mask = make_msa(1, 11, 12, 16, torch.float32)
-    params = make_params(16, 8, 24, torch.float32)
-    out = outer_product_mean(m, mask, params, backend="triton")
-    grad_out = torch.randn_like(out)
-    leaves = [params[n] for n in PARAM_NAMES]
-    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, leaves, grad_out)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_deterministic(m, mask, make_params(16, 8, 24, torch.float32))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N, S", [(256, 128), (384, 128)])
+@pytest.mark.parametrize("N, S", [(256, 128), (384, 128), (320, 200)])  # S = 200: s blocks in every kernel
 def test_bf16_real_size_on_gpu(N, S):
     m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
     check(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_bf16_gradients_are_deterministic_on_gpu():
+    m, mask = make_msa(1, 64, 384, 64, torch.bfloat16, device="cuda")
+    assert_deterministic(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"))
 
 
 def test_bad_inputs_are_named():
