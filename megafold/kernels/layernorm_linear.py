@@ -5,8 +5,9 @@ attention heads, pair biases, gates), so the forward reads the input once and ne
 the normalised activation; the backward recomputes it from two fp32 numbers per row.
 
 This file also holds the pieces the other pair ops share: row addressing of strided
-tensors, the fp32 LayerNorm statistics, the autocast compute dtype and the weight-gradient
-kernel ``dW = dy^T LN(x)``.
+tensors, the fp32 LayerNorm statistics, the autocast compute dtype and the chunked
+weight-gradient products ``dW = G^T A`` (cuBLAS over row chunks that the row-parallel
+backward kernels write).
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ def expect_shape(op: str, name: str, tensor: torch.Tensor | None, shape: tuple[i
     """A clear error for a wrongly shaped argument, before a kernel reads past its end."""
     if tensor is not None and tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 @dataclass(frozen=True)
@@ -229,111 +224,70 @@ def _layernorm_linear_forward_kernel(
 
 @triton.jit
 def _layernorm_linear_backward_kernel(
-    x_ptr, dy_ptr, ln_w_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    rows_per_batch, inner, O,
+    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, xn_ptr,
+    dln_w_part_ptr, dln_b_part_ptr, db_part_ptr,
+    row_start, row_end, rows_per_batch, inner, O,
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, WRITE_XN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx and per-row-block partials of the LayerNorm parameter gradients.
+    """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
+    LayerNorm parameter and bias gradients, and LN(x) for the chunk's weight-gradient product.
 
     The whole row (BLOCK_K >= K) sits in registers: the LayerNorm backward needs two
     reductions over it.
     """
     pid = tl.program_id(0)
-    batch = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < rows_per_batch
-    flat = batch.to(tl.int64) * rows_per_batch + rows
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = row_start + local
+    row_ok = flat < row_end
+    batch = flat // rows_per_batch
+    rows = flat % rows_per_batch
+    flat = flat.to(tl.int64)  # flat * K passes 2**31 for a pair tensor at N = 2048 with B = 4
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+    # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
+    part = row_start // BLOCK_M + pid
 
     x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    if WRITE_XN:
+        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xn = xhat * gamma[None, :] + beta[None, :]
+        tl.store(xn_ptr + local[:, None] * K + ks[None, :], xn.to(xn_ptr.dtype.element_ty), mask=ok)
 
     dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for n0 in range(0, O, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < O
-        w = tl.load(
-            w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
-            mask=col_ok[:, None] & k_ok[None, :], other=0.0,
-        )
         dy = tl.load(
             dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
-
-    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-    dxhat = dxn * gamma[None, :]
-    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / K
-    mean_dxhat = tl.sum(dxhat, axis=1) / K
-    dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
-    tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-
-    part = batch * tl.num_programs(0) + pid
-    tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
-    tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
-
-
-@triton.jit
-def _layernorm_linear_weight_grad_kernel(
-    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
-    rows_per_batch, inner, O, num_batches, blocks_per_split,
-    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Partial ``dW = dy^T LN(x)`` (and ``db = sum dy``) over one split of the rows.
-
-    Each split writes its own fp32 partial and the host sums them in a fixed order: the
-    result is deterministic, with no atomics.
-    """
-    pid_nk = tl.program_id(0)
-    split = tl.program_id(1)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid_nk // num_k
-    k0 = (pid_nk % num_k) * BLOCK_K
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < O
-    ks = k0 + tl.arange(0, BLOCK_K)
-    num_row_blocks = tl.cdiv(rows_per_batch, BLOCK_M)
-    total_blocks = num_row_blocks * num_batches
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
-    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
-        batch = t // num_row_blocks
-        rows = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < rows_per_batch
-        flat = batch.to(tl.int64) * rows_per_batch + rows
-        mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
-        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        dy = tl.load(
-            dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-        )
-        acc = tl.dot(tl.trans(dy), xn.to(dy.dtype), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            db += tl.sum(dy.to(tl.float32), axis=0)
-    part = split.to(tl.int64) * O * K
-    tl.store(
-        dw_part_ptr + part + cols[:, None] * K + ks[None, :], acc,
-        mask=col_ok[:, None] & (ks < K)[None, :],
-    )
-    if HAS_BIAS:
-        if k0 == 0:
-            tl.store(db_part_ptr + split * O + cols, db, mask=col_ok)
+            tl.store(db_part_ptr + part * O + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok)
+        if NEED_DX:
+            w = tl.load(
+                w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
+                mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+            )
+            dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
+
+    if NEED_DX:
+        dxhat = dxn * gamma[None, :]
+        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / K
+        mean_dxhat = tl.sum(dxhat, axis=1) / K
+        dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
+        tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -378,40 +332,86 @@ def layernorm_linear_forward(
     return out, mean, rstd
 
 
-def row_splits(total_blocks: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, row blocks per split) for a weight-gradient kernel: enough splits to fill the
-    GPU a few times over, while the fp32 partials (one per split) stay a few MiB."""
-    splits = max(1, min(total_blocks, triton.cdiv(4 * sm_count(device), tiles)))
-    per_split = triton.cdiv(total_blocks, splits)
-    return triton.cdiv(total_blocks, per_split), per_split
+# Weight gradients are products over all rows, ``dW = G^T A`` with G the gradient of the
+# layer's output and A its input, both [rows, *]. The row-parallel backward kernels write A
+# (and G where it is computed there) in the compute dtype for a chunk of rows, and cuBLAS
+# multiplies them: as fused Triton kernels these products kept a whole weight slice of fp32
+# accumulators per program and ran at ~10-15% of tensor-core peak. The chunk bounds the
+# temporaries; the fp32 sum over chunks runs in a fixed order (deterministic, no atomics).
+WEIGHT_GRAD_CHUNK_BYTES = 128 << 20
 
 
-def layernorm_linear_backward_input(
-    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, weight: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx ``[*, K]`` (contiguous) and the fp32 LayerNorm weight and bias gradients ``[K]``,
-    given ``dy = dL/d(LN(x) weight^T)``."""
+def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: int = 1) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges whose temporaries of ``bytes_per_row`` stay within
+    ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``; every start is a multiple of ``multiple``
+    (a row block)."""
+    step = max(multiple, budget_scale * WEIGHT_GRAD_CHUNK_BYTES // bytes_per_row // multiple * multiple)
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def add_weight_grad(acc: torch.Tensor, grad: torch.Tensor, act: torch.Tensor) -> None:
+    """``acc += grad^T act`` for fp32 ``acc`` ``[G, A]``, grad ``[R, G]``, act ``[R, A]``.
+
+    The product runs in the operands' dtype (cuBLAS, fp32 accumulation inside, the result
+    rounded once per chunk, as autocast's own weight gradients are), then adds in fp32.
+    """
+    acc += torch.mm(grad.t(), act)
+
+
+def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` ``[*, C]`` as ``[rows, C]`` in ``dtype``: a view when its layout allows, else a copy."""
+    return t.reshape(-1, t.shape[-1]).to(dtype)
+
+
+def layernorm_linear_backward(
+    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
+    need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``LN(x) weight^T + bias`` given ``dy`` ``[*, O]``: dx ``[*, K]``
+    (contiguous) and the fp32 ln_weight, ln_bias ``[K]`` gradients (None unless need_input),
+    the fp32 weight ``[O, K]`` (None unless need_weight) and bias ``[O]`` (None unless
+    need_bias) gradients. mean, rstd: x's fp32 row statistics ``[M]``.
+    """
     K = x.shape[-1]
     O = weight.shape[0]
+    dtype = weight.dtype
     rows, (x, dy) = rows_of(x, dy)
-    dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
-    D0, _, D2 = rows.sizes
+    M = rows.count
+    dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype) if need_input else None
+    dy_rows = as_row_matrix(dy, dtype) if need_weight else None
+    D2 = rows.sizes[2]
     block_k = block_size(K, 1 << 30)
-    parts = {}
+    grads = {}
 
     def launch(cfg):
-        num_blocks = triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        parts["w"] = torch.empty(D0 * num_blocks, K, device=x.device, dtype=torch.float32)
-        parts["b"] = torch.empty_like(parts["w"])
-        _layernorm_linear_backward_kernel[(num_blocks, D0)](
-            x, dy, ln_weight, weight, mean, rstd, dx, parts["w"], parts["b"],
-            rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-            weight.stride(0), weight.stride(1),
-            K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-            DOT_PRECISION=dot_precision(weight.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
-        )
+        block_m = cfg["BLOCK_M"]
+        num_blocks = triton.cdiv(M, block_m)
+        ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
+        ln_b_part = torch.empty_like(ln_w_part) if need_input else None
+        db_part = torch.empty(num_blocks, O, device=x.device, dtype=torch.float32) if need_bias else None
+        dw = torch.zeros(O, K, device=x.device, dtype=torch.float32) if need_weight else None
+        chunks = row_chunks(M, K * dtype.itemsize, block_m) if need_weight else [(0, M)]
+        xn = torch.empty(chunks[0][1], K, device=x.device, dtype=dtype) if need_weight else None
+        dummy = mean
+        for start, end in chunks:
+            _layernorm_linear_backward_kernel[(triton.cdiv(end - start, block_m),)](
+                x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
+                xn if need_weight else dummy, ln_w_part if need_input else dummy,
+                ln_b_part if need_input else dummy, db_part if need_bias else dummy,
+                start, end, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+                weight.stride(0), weight.stride(1),
+                K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
+                DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, WRITE_XN=need_weight,
+                HAS_BIAS=need_bias,
+                BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
+            )
+            if need_weight:
+                add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
+        grads["ln_w"] = ln_w_part.sum(0) if need_input else None
+        grads["ln_b"] = ln_b_part.sum(0) if need_input else None
+        grads["w"] = dw
+        grads["b"] = db_part.sum(0) if need_bias else None
 
     # The row lives in registers: fewer rows per block as K grows, so wide rows still fit.
     default = {"BLOCK_M": max(16, min(64, 8192 // block_k)),
@@ -422,46 +422,9 @@ def layernorm_linear_backward_input(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
         for nw in (4, 8)
     ] if block_k <= 128 else []
-    run_tuned("layernorm_linear_bwd_dx", (K, O, str(weight.dtype), str(x.dtype), str(dy.dtype)), x.device, candidates, default, launch)
-    return dx, parts["w"].sum(0), parts["b"].sum(0)
-
-
-def layernorm_linear_weight_grad(
-    x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, with_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 ``dW = dy^T LN(x)`` ``[O, K]`` and ``db = sum(dy)`` ``[O]`` (None unless with_bias).
-
-    x: ``[*, K]`` and dy: ``[*, O]`` with the same leading shape, any strides;
-    mean, rstd: x's fp32 row statistics ``[M]``.
-    """
-    K = x.shape[-1]
-    O = dy.shape[-1]
-    rows, (x, dy) = rows_of(x, dy)
-    D0, _, D2 = rows.sizes
-    block_n, block_k = block_size(O, 128), block_size(K, 128)
-    tiles = triton.cdiv(O, block_n) * triton.cdiv(K, block_k)
-    parts = {}
-
-    def launch(cfg):
-        total_blocks = D0 * triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        splits, per_split = row_splits(total_blocks, tiles, x.device)
-        parts["w"] = torch.empty(splits, O, K, device=x.device, dtype=torch.float32)
-        parts["b"] = torch.empty(splits, O, device=x.device, dtype=torch.float32) if with_bias else parts["w"]
-        _layernorm_linear_weight_grad_kernel[(tiles, splits)](
-            x, dy, ln_weight, ln_bias, mean, rstd, parts["w"], parts["b"],
-            rows.per_batch, D2, O, D0, per_split,
-            *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-            K=K, HAS_BIAS=with_bias, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-            DOT_PRECISION=dot_precision(dy.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, **_launch_kwargs(cfg),
-        )
-
-    default = {"BLOCK_M": 64, "num_warps": 8}
-    candidates = [{"BLOCK_M": bm, "num_warps": nw, "num_stages": ns}
-                  for bm in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)]
-    run_tuned("layernorm_linear_bwd_dw", (K, O, str(dy.dtype), str(x.dtype), with_bias), x.device, candidates, default, launch)
-    return parts["w"].sum(0), (parts["b"].sum(0) if with_bias else None)
+    key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
+    run_tuned("layernorm_linear_bwd", key, x.device, candidates, default, launch)
+    return dx, grads["ln_w"], grads["ln_b"], grads["w"], grads["b"]
 
 
 # --------------------------------------------------------------------------- autograd
@@ -479,15 +442,11 @@ class LayerNormLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, ln_weight, ln_bias, weight_c, mean, rstd = ctx.saved_tensors
-        dx = dln_w = dln_b = dw = db = None
-        if any(ctx.needs_input_grad[:3]):
-            dx, dln_w, dln_b = layernorm_linear_backward_input(
-                x, dout, ln_weight, weight_c, mean, rstd, x.dtype
-            )
-        if ctx.needs_input_grad[3] or (ctx.has_bias and ctx.needs_input_grad[4]):
-            dw, db = layernorm_linear_weight_grad(
-                x, dout.to(weight_c.dtype), ln_weight, ln_bias, mean, rstd, ctx.has_bias
-            )
+        needs = ctx.needs_input_grad
+        dx, dln_w, dln_b, dw, db = layernorm_linear_backward(
+            x, dout, ln_weight, ln_bias, weight_c, mean, rstd, x.dtype,
+            need_input=any(needs[:3]), need_weight=needs[3], need_bias=ctx.has_bias and needs[4],
+        )
         return dx, dln_w, dln_b, dw, db, None, None
 
 

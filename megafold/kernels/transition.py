@@ -1,9 +1,10 @@
 """The SwiGLU transition of AF3 (Alg. 11): LayerNorm -> Linear -> SwiGLU -> Linear, fused.
 
 The hidden activation is ``n`` times wider than the input (n = 4 in AF3). The fused path
-never stores it: the forward walks the hidden dimension in chunks, each chunk going
-straight into the output product; the backward recomputes the chunks, once in a
-row-parallel kernel for dx and once in a chunk-parallel kernel for the weight gradients.
+never stores it whole: the forward walks the hidden dimension in chunks, each chunk going
+straight into the output product; the backward recomputes them in a row-parallel kernel for
+dx, which also writes the weight gradients' operands for a bounded chunk of rows at a time
+(cuBLAS multiplies those).
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ from megafold.kernels.layernorm_linear import (
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
+    add_weight_grad,
+    as_row_matrix,
     autocast_dtype,
     block_size,
     dot_precision,
     expect_shape,
+    row_chunks,
     rows_of,
-    row_splits,
 )
+
+
+# The weight gradients' operands are 13 times as wide as a row of x ([rows, c + 3h]): twice
+# the common chunk budget halves the launches (each ends in a partly filled last wave) while
+# the peak stays well under half of eager's (which stores the whole hidden).
+CHUNK_BUDGET_SCALE = 2
 
 
 @triton.jit
@@ -101,40 +110,54 @@ def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, s
 @triton.jit
 def _transition_backward_kernel(
     x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr,
-    dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    rows_per_batch, inner, H, C_OUT,
+    dx_ptr, xn_ptr, dab_ptr, hidden_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    row_start, row_end, rows_per_batch, inner, H, C_OUT,
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
     C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dx and per-row-block partials of the LayerNorm parameter gradients."""
+    """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
+    LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
+    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
     pid = tl.program_id(0)
-    batch = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < rows_per_batch
-    flat = batch.to(tl.int64) * rows_per_batch + rows
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = row_start + local
+    row_ok = flat < row_end
+    batch = flat // rows_per_batch
+    rows = flat % rows_per_batch
+    flat = flat.to(tl.int64)  # flat * C passes 2**31 for a pair tensor at N = 2048 with B = 4
+    dtype = w_in_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
-    xn = xn.to(w_in_ptr.dtype.element_ty)
-    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-    cos = tl.arange(0, BLOCK_CO)
-    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
-                 mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(w_in_ptr.dtype.element_ty)
-
-    dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        da, db, _, w_a, w_b = _swiglu_backward_chunk(
-            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
-        )
-        dxn = tl.dot(da.to(w_a.dtype), w_a, dxn, input_precision=DOT_PRECISION)
-        dxn = tl.dot(db.to(w_b.dtype), w_b, dxn, input_precision=DOT_PRECISION)
-
     cs = tl.arange(0, BLOCK_C)
     c_ok = cs < C
     ok = row_ok[:, None] & c_ok[None, :]
+    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C).to(dtype)
+    tl.store(xn_ptr + local[:, None] * C + cs[None, :], xn, mask=ok)
+    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+    cos = tl.arange(0, BLOCK_CO)
+    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
+                 mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(dtype)
+
+    dab_rows = dab_ptr + local[:, None].to(tl.int64) * (2 * H)
+    hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
+    dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        da, db, hidden, w_a, w_b = _swiglu_backward_chunk(
+            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
+            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
+        )
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = row_ok[:, None] & (hs < H)[None, :]
+        da = da.to(dtype)
+        db = db.to(dtype)
+        tl.store(dab_rows + hs[None, :], da, mask=h_ok)
+        tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
+        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
+        dxn = tl.dot(da, w_a, dxn, input_precision=DOT_PRECISION)
+        dxn = tl.dot(db, w_b, dxn, input_precision=DOT_PRECISION)
+
     x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
@@ -143,63 +166,10 @@ def _transition_backward_kernel(
     mean_dxhat = tl.sum(dxhat, axis=1) / C
     dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
     tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    part = batch * tl.num_programs(0) + pid
+    # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
+    part = row_start // BLOCK_M + pid
     tl.store(dln_w_part_ptr + part * C + cs, tl.sum(dxn * xhat, axis=0), mask=c_ok)
     tl.store(dln_b_part_ptr + part * C + cs, tl.sum(dxn, axis=0), mask=c_ok)
-
-
-@triton.jit
-def _transition_weight_grad_kernel(
-    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr,
-    dw_in_part_ptr, dw_out_part_ptr,
-    rows_per_batch, inner, H, C_OUT, num_batches, blocks_per_split,
-    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-    C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Partial w_in and w_out gradients of one hidden chunk over one split of the rows.
-
-    Each split writes its own fp32 partial, summed on the host in a fixed order
-    (deterministic, no atomics).
-    """
-    h0 = tl.program_id(0) * BLOCK_H
-    split = tl.program_id(1)
-    num_row_blocks = tl.cdiv(rows_per_batch, BLOCK_M)
-    total_blocks = num_row_blocks * num_batches
-    cs = tl.arange(0, BLOCK_C)
-    cos = tl.arange(0, BLOCK_CO)
-    dw_a = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-    dw_b = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-    dw_out = tl.zeros([BLOCK_CO, BLOCK_H], tl.float32)
-    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
-        batch = t // num_row_blocks
-        rows = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < rows_per_batch
-        flat = batch.to(tl.int64) * rows_per_batch + rows
-        mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
-        xn = xn.to(w_in_ptr.dtype.element_ty)
-        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
-                     mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(xn.dtype)
-        da, db, hidden, _, _ = _swiglu_backward_chunk(
-            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
-        )
-        dw_a = tl.dot(tl.trans(da.to(xn.dtype)), xn, dw_a, input_precision=DOT_PRECISION)
-        dw_b = tl.dot(tl.trans(db.to(xn.dtype)), xn, dw_b, input_precision=DOT_PRECISION)
-        dw_out = tl.dot(tl.trans(dy), hidden.to(xn.dtype), dw_out, input_precision=DOT_PRECISION)
-
-    hs = h0 + tl.arange(0, BLOCK_H)
-    h_ok = hs < H
-    in_part = dw_in_part_ptr + split.to(tl.int64) * 2 * H * C
-    ok = h_ok[:, None] & (cs < C)[None, :]
-    tl.store(in_part + hs[:, None] * C + cs[None, :], dw_a, mask=ok)
-    tl.store(in_part + (hs + H)[:, None] * C + cs[None, :], dw_b, mask=ok)
-    out_part = dw_out_part_ptr + split.to(tl.int64) * C_OUT * H
-    tl.store(out_part + cos[:, None] * H + hs[None, :], dw_out, mask=(cos < C_OUT)[:, None] & h_ok[None, :])
 
 
 # --------------------------------------------------------------------------- launches
@@ -242,60 +212,55 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
 
 
 def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_dtype):
-    """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out."""
+    """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out.
+
+    One row-parallel kernel per chunk of rows recomputes the hidden, chunk by chunk of it,
+    for dx and writes the operands of the weight gradients, which cuBLAS then multiplies:
+    ``dw_in += d(a, b)^T LN(x)`` and ``dw_out += dy^T (silu(a) * b)``.
+    """
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
+    dtype = w_in.dtype
     rows, (x, dy) = rows_of(x, dy)
-    D0, _, D2 = rows.sizes
+    M = rows.count
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
+    dy_rows = as_row_matrix(dy, dtype)
     block_c, block_co, wide = _blocks(C, C_OUT)
-    common = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-              w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
-    consts = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-                  DOT_PRECISION=dot_precision(w_in.dtype), BLOCK_C=block_c, BLOCK_CO=block_co)
-    key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype), str(dy.dtype))
-    small_m = max(16, min(64, 8192 // wide))
+    grads = {}
 
-    parts = {}
+    def launch(cfg):
+        block_m = cfg["BLOCK_M"]
+        num_blocks = triton.cdiv(M, block_m)
+        ln_w_part = torch.empty(num_blocks, C, device=x.device, dtype=torch.float32)
+        ln_b_part = torch.empty_like(ln_w_part)
+        dw_in = torch.zeros(2 * H, C, device=x.device, dtype=torch.float32)
+        dw_out = torch.zeros(C_OUT, H, device=x.device, dtype=torch.float32)
+        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, block_m, CHUNK_BUDGET_SCALE)
+        chunk = chunks[0][1]
+        xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
+        dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
+        hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
+        for start, end in chunks:
+            _transition_backward_kernel[(triton.cdiv(end - start, block_m),)](
+                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
+                start, end, rows.per_batch, rows.sizes[2], H, C_OUT,
+                *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+                w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1),
+                C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+            )
+            add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
+            add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
+        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_in=dw_in, w_out=dw_out)
 
-    def launch_dx(cfg):
-        num_blocks = triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        parts["ln_w"] = torch.empty(D0 * num_blocks, C, device=x.device, dtype=torch.float32)
-        parts["ln_b"] = torch.empty_like(parts["ln_w"])
-        _transition_backward_kernel[(num_blocks, D0)](
-            x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, parts["ln_w"], parts["ln_b"],
-            rows.per_batch, D2, H, C_OUT, *common, **consts,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 2),
-        )
-
-    default = {"BLOCK_M": small_m, "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
+    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
     candidates = [
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
-    run_tuned("transition_bwd_dx", key, x.device, candidates, default, launch_dx)
-
-    def launch_dw(cfg):
-        block_h = cfg["BLOCK_H"]
-        tiles = triton.cdiv(H, block_h)
-        total_blocks = D0 * triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        splits, per_split = row_splits(total_blocks, tiles, x.device)
-        parts["w_in"] = torch.empty(splits, 2 * H, C, device=x.device, dtype=torch.float32)
-        parts["w_out"] = torch.empty(splits, C_OUT, H, device=x.device, dtype=torch.float32)
-        _transition_weight_grad_kernel[(tiles, splits)](
-            x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, parts["w_in"], parts["w_out"],
-            rows.per_batch, D2, H, C_OUT, D0, per_split, *common, **consts,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_H=block_h, num_warps=cfg["num_warps"],
-        )
-
-    # Three fp32 [BLOCK_H, C] accumulators live across the whole row loop.
-    default = {"BLOCK_M": small_m, "BLOCK_H": max(16, min(32, 4096 // wide)), "num_warps": 8 if wide >= 128 else 4}
-    candidates = [
-        {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
-        for bm in (32, 64, 128) for bh in (16, 32, 64) for nw in (4, 8)
-    ] if wide <= 128 else []
-    run_tuned("transition_bwd_dw", key, x.device, candidates, default, launch_dw)
-    return dx, parts["ln_w"].sum(0), parts["ln_b"].sum(0), parts["w_in"].sum(0), parts["w_out"].sum(0)
+    key = (C, H, C_OUT, str(dtype), str(x.dtype), str(dy.dtype))
+    run_tuned("transition_bwd", key, x.device, candidates, default, launch)
+    return dx, grads["ln_w"], grads["ln_b"], grads["w_in"], grads["w_out"]
 
 
 # --------------------------------------------------------------------------- autograd

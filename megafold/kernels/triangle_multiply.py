@@ -6,8 +6,10 @@ Three passes over the pair tensor:
 2. the product ``x = a b^T`` (outgoing) or ``a^T b`` (incoming) in cuBLAS, the right tool;
 3. one kernel: output LayerNorm, output projection and the output gate, which recomputes
    LN(z) from two saved fp32 numbers per pair instead of storing the gate.
-The backward mirrors them; weight gradients are split over pair rows into fp32 partials
-summed in a fixed order (deterministic, no atomics).
+The backward mirrors them. Its row-parallel kernels also write the operands of the weight
+gradients (LN(z), LN(x) and the gradients of the projections and gates) for a bounded chunk
+of pair rows at a time; cuBLAS multiplies them and the chunks' products add in fp32 in a
+fixed order (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from megafold.kernels.layernorm_linear import (
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
+    add_weight_grad,
     autocast_dtype,
     block_size,
     dot_precision,
     expect_shape,
-    layernorm_linear_weight_grad,
-    row_splits,
+    row_chunks,
 )
 
 PARAM_NAMES = (
@@ -148,24 +150,31 @@ def _layernorm_backward_rows(dxn, xhat, rstd, gamma, N_CH: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(row_start, row_end, NN, BLOCK_M: tl.constexpr):
+    """This program's rows of the chunk ``[row_start, row_end)`` of the ``B * N * N`` pairs:
+    index in the chunk, flat index, validity, batch and pair index ij."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = row_start + local
+    # int64 flat index: flat * c_z passes 2**31 for a pair tensor at N = 2048 with B = 4.
+    return local, flat.to(tl.int64), flat < row_end, flat // NN, flat % NN
+
+
+@triton.jit
 def _triangle_output_backward_kernel(
     x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr,
     ln_in_w_ptr, ln_in_b_ptr, w_og_ptr, ln_out_w_ptr, ln_out_b_ptr, w_o_ptr,
-    dx_ptr, d_update_ptr, d_gate_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
+    dx_ptr, d_gate_ptr, d_update_ptr, xn_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    row_start, row_end, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
     CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
-    """dx (``[B, c_h, N, N]``), the gradients of the update and of the gate pre-activation
-    (``[B * N * N, c_z]``, for the weight gradients and the input pass) and partials of the
-    output LayerNorm's parameter gradients."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1)
+    """One row block of a chunk of pairs: dx (``[B, c_h, N, N]``), the gradient of the gate
+    pre-activation (``[B * N * N, c_z]``, for the input pass), partials of the output
+    LayerNorm's parameter gradients, and for the chunk the operands of the output
+    projection's weight gradient: the update's gradient ``[rows, c_z]`` and LN(x) ``[rows, c_h]``."""
     NN = N * N
-    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = ij < NN
-    flat = batch.to(tl.int64) * NN + ij
+    local, flat, row_ok, batch, ij = _chunk_rows(row_start, row_end, NN, BLOCK_M)
     dtype = w_o_ptr.dtype.element_ty
     hs = tl.arange(0, BLOCK_CH)
     h_ok = hs < CH
@@ -182,6 +191,7 @@ def _triangle_output_backward_kernel(
     gamma_out = tl.load(ln_out_w_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
     beta_out = tl.load(ln_out_b_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
     xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
+    tl.store(xn_ptr + local[:, None] * CH + hs[None, :], xn, mask=x_ok)
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
     update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
 
@@ -197,25 +207,27 @@ def _triangle_output_backward_kernel(
     dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0).to(tl.float32)
     d_update = (dout * gate).to(dtype)
     d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
-    tl.store(d_update_ptr + flat[:, None] * CZ + ks[None, :], d_update, mask=ok)
+    tl.store(d_update_ptr + local[:, None] * CZ + ks[None, :], d_update, mask=ok)
     tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
 
     dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
     dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
     tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
-    part = batch * tl.num_programs(0) + pid
+    # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
+    part = row_start // BLOCK_M + tl.program_id(0)
     tl.store(dln_w_part_ptr + part * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
     tl.store(dln_b_part_ptr + part * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
 
 
 @triton.jit
-def _gated_projection_backward(zn, valid, dab_batch, ij, row_ok, cs, c_ok, side, side_stride, NN,
+def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, cs, c_ok, side, side_stride, NN,
                                w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1,
                                CZ: tl.constexpr, BLOCK_CZ: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Gradients of the projection and gate pre-activations of one side and channel block."""
+    """Gradients of the projection and gate pre-activations of one side and channel block;
+    ``ab_rows``: each row's offset ``batch * c_h * N * N + ij`` in the ``[B, c_h, N, N]`` planes."""
     proj, gate, w_p, w_g = _gated_projection(zn, w_p_ptr, w_g_ptr, side * CH + cs, c_ok,
                                              sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION)
-    d_ab = tl.load(dab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
+    d_ab = tl.load(dab_ptr + side * side_stride + cs[None, :].to(tl.int64) * NN + ab_rows[:, None],
                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     d_ab = d_ab * valid[:, None]
     sig = tl.sigmoid(gate)
@@ -225,19 +237,18 @@ def _gated_projection_backward(zn, valid, dab_batch, ij, row_ok, cs, c_ok, side,
 @triton.jit
 def _triangle_input_backward_kernel(
     z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, w_og_ptr,
-    dab_ptr, d_gate_ptr, dz_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    N, CH, side_stride,
+    dab_ptr, d_gate_ptr, dz_ptr, zn_ptr, d_pg_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    row_start, row_end, N, CH, side_stride,
     sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1, sw_og0, sw_og1,
     CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz through the input LayerNorm, from the a, b and gate paths at once."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1)
+    """One row block of a chunk of pairs: dz through the input LayerNorm from the a, b and
+    gate paths at once, partials of the LayerNorm's parameter gradients, and for the chunk
+    the operands of the input weights' gradients: LN(z) ``[rows, c_z]`` and the gradients of
+    the projection and gate pre-activations ``[rows, 4 c_h]`` (projection a, b, gate a, b)."""
     NN = N * N
-    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = ij < NN
-    flat = batch.to(tl.int64) * NN + ij
+    local, flat, row_ok, batch, ij = _chunk_rows(row_start, row_end, NN, BLOCK_M)
     dtype = w_p_ptr.dtype.element_ty
     ks = tl.arange(0, BLOCK_CZ)
     k_ok = ks < CZ
@@ -251,74 +262,36 @@ def _triangle_input_backward_kernel(
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     zn = tl.where(ok, zhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
+    tl.store(zn_ptr + local[:, None] * CZ + ks[None, :], zn, mask=ok)
     valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
     valid = valid.to(tl.float32)
 
     d_gate = tl.load(d_gate_ptr + flat[:, None] * CZ + ks[None, :], mask=ok, other=0.0)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
     dzn = tl.dot(d_gate, w_og, input_precision=DOT_PRECISION)
-    dab_batch = dab_ptr + batch.to(tl.int64) * CH * NN
+    ab_rows = batch.to(tl.int64) * CH * NN + ij
+    d_pg_rows = d_pg_ptr + local[:, None].to(tl.int64) * (4 * CH)
     for c0 in range(0, CH, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < CH
+        c_store = row_ok[:, None] & c_ok[None, :]
         for side in tl.static_range(2):
             d_proj, d_gate_ab, w_p, w_g = _gated_projection_backward(
-                zn, valid, dab_batch, ij, row_ok, cs, c_ok, side, side_stride, NN,
+                zn, valid, dab_ptr, ab_rows, row_ok, cs, c_ok, side, side_stride, NN,
                 w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION,
             )
-            dzn = tl.dot(d_proj.to(dtype), w_p, dzn, input_precision=DOT_PRECISION)
-            dzn = tl.dot(d_gate_ab.to(dtype), w_g, dzn, input_precision=DOT_PRECISION)
+            d_proj = d_proj.to(dtype)
+            d_gate_ab = d_gate_ab.to(dtype)
+            tl.store(d_pg_rows + (side * CH + cs)[None, :], d_proj, mask=c_store)
+            tl.store(d_pg_rows + ((2 + side) * CH + cs)[None, :], d_gate_ab, mask=c_store)
+            dzn = tl.dot(d_proj, w_p, dzn, input_precision=DOT_PRECISION)
+            dzn = tl.dot(d_gate_ab, w_g, dzn, input_precision=DOT_PRECISION)
 
     dz = _layernorm_backward_rows(dzn, zhat, rstd, gamma, CZ)
     tl.store(dz_ptr + flat[:, None] * CZ + ks[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
-    part = batch * tl.num_programs(0) + pid
+    part = row_start // BLOCK_M + tl.program_id(0)
     tl.store(dln_w_part_ptr + part * CZ + ks, tl.sum(dzn * zhat, axis=0), mask=k_ok)
     tl.store(dln_b_part_ptr + part * CZ + ks, tl.sum(dzn, axis=0), mask=k_ok)
-
-
-@triton.jit
-def _triangle_input_weight_grad_kernel(
-    z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, dab_ptr,
-    dw_p_part_ptr, dw_g_part_ptr,
-    N, CH, num_batches, side_stride, blocks_per_split,
-    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1,
-    CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Partial gradients of one side's and channel block's projection and gate weights over
-    one split of the pair rows."""
-    num_c_blocks = tl.cdiv(CH, BLOCK_C)
-    side = tl.program_id(0) // num_c_blocks
-    cs = (tl.program_id(0) % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cs < CH
-    split = tl.program_id(1)
-    NN = N * N
-    num_row_blocks = tl.cdiv(NN, BLOCK_M)
-    total_blocks = num_row_blocks * num_batches
-    ks = tl.arange(0, BLOCK_CZ)
-    acc_p = tl.zeros([BLOCK_C, BLOCK_CZ], tl.float32)
-    acc_g = tl.zeros([BLOCK_C, BLOCK_CZ], tl.float32)
-    for t in range(split * blocks_per_split, tl.minimum((split + 1) * blocks_per_split, total_blocks)):
-        batch = t // num_row_blocks
-        ij = (t % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = ij < NN
-        flat = batch.to(tl.int64) * NN + ij
-        mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
-        rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
-        z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
-        zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, CZ, BLOCK_CZ)
-        zn = zn.to(w_p_ptr.dtype.element_ty)
-        valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
-        d_proj, d_gate, _, _ = _gated_projection_backward(
-            zn, valid.to(tl.float32), dab_ptr + batch.to(tl.int64) * CH * NN, ij, row_ok, cs, c_ok,
-            side, side_stride, NN, w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION,
-        )
-        acc_p = tl.dot(tl.trans(d_proj.to(zn.dtype)), zn, acc_p, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(tl.trans(d_gate.to(zn.dtype)), zn, acc_g, input_precision=DOT_PRECISION)
-    offsets = split.to(tl.int64) * 2 * CH * CZ + (side * CH + cs)[:, None] * CZ + ks[None, :]
-    ok = c_ok[:, None] & (ks < CZ)[None, :]
-    tl.store(dw_p_part_ptr + offsets, acc_p, mask=ok)
-    tl.store(dw_g_part_ptr + offsets, acc_g, mask=ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -396,37 +369,43 @@ def _triangle_forward(z, mask, p, outgoing, eps):
 
 
 def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
-    """dx ``[B, c_h, N, N]``, the gradients of the update and of the gate pre-activation
-    ``[B, N, N, c_z]`` and the output LayerNorm's parameter gradients."""
+    """dx ``[B, c_h, N, N]``, the gradient of the gate pre-activation ``[B, N, N, c_z]``, and
+    the fp32 gradients of out_proj_weight and the output LayerNorm's parameters."""
     B, N, _, CZ = z.shape
     CH = x.shape[1]
-    NN = N * N
+    M = B * N * N
     dtype, dev = x.dtype, z.device
     (sz, z_merged), (sd, d_merged) = _pair_args(z), _pair_args(dout)
     block_cz, block_ch = block_size(CZ, 1 << 30), block_size(CH, 1 << 30)
     dx = torch.empty_like(x)
-    d_update = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
     d_gate = torch.empty(B, N, N, CZ, device=dev, dtype=dtype)
     w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
-    parts = {}
+    grads = {}
 
     def launch(cfg):
-        num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
-        parts["w"] = torch.empty(B * num_blocks, CH, device=dev, dtype=torch.float32)
-        parts["b"] = torch.empty_like(parts["w"])
-        _triangle_output_backward_kernel[(num_blocks, B)](
-            x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
-            p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_update, d_gate, parts["w"], parts["b"],
-            N, *sz, *sd, *w_og.stride(), *w_o.stride(),
-            CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
-        )
+        block_m = cfg["BLOCK_M"]
+        ln_w_part = torch.empty(triton.cdiv(M, block_m), CH, device=dev, dtype=torch.float32)
+        ln_b_part = torch.empty_like(ln_w_part)
+        dw_o = torch.zeros(CZ, CH, device=dev, dtype=torch.float32)
+        chunks = row_chunks(M, (CZ + CH) * dtype.itemsize, block_m)
+        d_update = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
+        xn = torch.empty(chunks[0][1], CH, device=dev, dtype=dtype)
+        for start, end in chunks:
+            _triangle_output_backward_kernel[(triton.cdiv(end - start, block_m),)](
+                x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
+                p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, d_update, xn, ln_w_part, ln_b_part,
+                start, end, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
+                CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+            )
+            add_weight_grad(dw_o, d_update[: end - start], xn[: end - start])
+        grads.update(w_o=dw_o, ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
     run_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch)
-    return dx, d_update, d_gate, parts["w"].sum(0), parts["b"].sum(0)
+    return dx, d_gate, grads["w_o"], grads["ln_w"], grads["ln_b"]
 
 
 def _product_backward(dx, ab, outgoing):
@@ -446,90 +425,60 @@ def _product_backward(dx, ab, outgoing):
 
 
 def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
-    """dz through the input LayerNorm from the a, b and gate paths, and the LayerNorm's
-    parameter gradients."""
+    """dz through the input LayerNorm from the a, b and gate paths, and the fp32 gradients
+    of the input LayerNorm's parameters, ab_proj_weight, ab_gate_weight and out_gate_weight."""
     B, N, _, CZ = z.shape
     CH = dab.shape[2]
-    NN = N * N
+    M = B * N * N
     dtype, dev = dab.dtype, z.device
     (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
     block_cz = block_size(CZ, 1 << 30)
     dz = torch.empty(B, N, N, CZ, device=dev, dtype=z.dtype)
+    d_gate_rows = d_gate.view(M, CZ)
     w_p, w_g, w_og = p["ab_proj_weight"], p["ab_gate_weight"], p["out_gate_weight"]
-    parts = {}
+    grads = {}
 
     def launch(cfg):
-        num_blocks = triton.cdiv(NN, cfg["BLOCK_M"])
-        parts["w"] = torch.empty(B * num_blocks, CZ, device=dev, dtype=torch.float32)
-        parts["b"] = torch.empty_like(parts["w"])
-        _triangle_input_backward_kernel[(num_blocks, B)](
-            z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
-            dab, d_gate, dz, parts["w"], parts["b"], N, CH, dab.stride(0),
-            *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),
-            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-        )
+        block_m = cfg["BLOCK_M"]
+        ln_w_part = torch.empty(triton.cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
+        ln_b_part = torch.empty_like(ln_w_part)
+        dw_pg = torch.zeros(4 * CH, CZ, device=dev, dtype=torch.float32)
+        dw_og = torch.zeros(CZ, CZ, device=dev, dtype=torch.float32)
+        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m)
+        zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
+        d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
+        for start, end in chunks:
+            _triangle_input_backward_kernel[(triton.cdiv(end - start, block_m),)](
+                z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
+                dab, d_gate, dz, zn, d_pg, ln_w_part, ln_b_part, start, end, N, CH, dab.stride(0),
+                *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),
+                CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
+                BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            )
+            add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
+            add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
+        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=dw_pg[: 2 * CH], w_g=dw_pg[2 * CH:], w_og=dw_og)
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
     run_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch)
-    return dz, parts["w"].sum(0), parts["b"].sum(0)
-
-
-def _input_weight_grad(z, mask, p, dab, z_mean, z_rstd):
-    """fp32 gradients of ab_proj_weight and ab_gate_weight ``[2 c_h, c_z]``."""
-    B, N, _, CZ = z.shape
-    CH = dab.shape[2]
-    NN = N * N
-    dtype, dev = dab.dtype, z.device
-    (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
-    block_cz = block_size(CZ, 1 << 30)
-    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
-    parts = {}
-
-    def launch(cfg):
-        tiles = 2 * triton.cdiv(CH, cfg["BLOCK_C"])
-        splits, per_split = row_splits(B * triton.cdiv(NN, cfg["BLOCK_M"]), tiles, dev)
-        parts["p"] = torch.empty(splits, 2 * CH, CZ, device=dev, dtype=torch.float32)
-        parts["g"] = torch.empty_like(parts["p"])
-        _triangle_input_weight_grad_kernel[(tiles, splits)](
-            z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, dab,
-            parts["p"], parts["g"], N, CH, B, dab.stride(0), per_split,
-            *sz, *sm, *w_p.stride(), *w_g.stride(),
-            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-        )
-
-    key, small = _tuning_key(z, CH, dtype)
-    default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 8 if block_cz >= 128 else 4}
-    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
-                  for bm in (32, 64, 128) for bc in (16, 32, 64) for nw in (4, 8)] if small else []
-    run_tuned("triangle_multiply_in_dw", key, dev, candidates, default, launch)
-    return parts["p"].sum(0), parts["g"].sum(0)
+    return dz, grads["ln_w"], grads["ln_b"], grads["w_p"], grads["w_g"], grads["w_og"]
 
 
 def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd):
     """dz and the fp32 gradient of every parameter. Each pair-sized buffer is dropped as soon
-    as its last reader has run: the peak stays near the forward's."""
+    as its last reader has run, and the weight gradients' operands exist one bounded chunk of
+    rows at a time: the peak stays near the forward's."""
     grads: dict[str, torch.Tensor] = {}
-    dx, d_update, d_gate, grads["norm_out_weight"], grads["norm_out_bias"] = _output_backward(
+    dx, d_gate, grads["out_proj_weight"], grads["norm_out_weight"], grads["norm_out_bias"] = _output_backward(
         dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd
-    )
-    x_pairs = x.permute(0, 2, 3, 1)  # [B, N, N, c_h] view of the channel-major x
-    grads["out_proj_weight"], _ = layernorm_linear_weight_grad(
-        x_pairs, d_update, p["norm_out_weight"], p["norm_out_bias"], x_mean, x_rstd, False
-    )
-    del d_update
-    grads["out_gate_weight"], _ = layernorm_linear_weight_grad(
-        z, d_gate, p["norm_in_weight"], p["norm_in_bias"], z_mean, z_rstd, False
     )
     dab = _product_backward(dx, ab, outgoing)
     del dx
-    dz, grads["norm_in_weight"], grads["norm_in_bias"] = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd)
-    del d_gate
-    grads["ab_proj_weight"], grads["ab_gate_weight"] = _input_weight_grad(z, mask, p, dab, z_mean, z_rstd)
+    (dz, grads["norm_in_weight"], grads["norm_in_bias"], grads["ab_proj_weight"], grads["ab_gate_weight"],
+     grads["out_gate_weight"]) = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd)
     return dz, grads
 
 

@@ -10,11 +10,25 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from megafold.kernels.layernorm_linear import layernorm_linear, layernorm_linear_reference
 from megafold.kernels.testing import TOL, rel_err
+
+# The package exports the op under the module's name: reach the module itself.
+module = importlib.import_module("megafold.kernels.layernorm_linear")
+
+
+@pytest.fixture
+def one_block_chunks(monkeypatch):
+    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
+    monkeypatch.setattr(module, "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    used, real = [], module.row_chunks
+    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
+    yield used
 
 
 def make_inputs(shape, out_features, dtype, device="cpu", bias=True):
@@ -81,6 +95,37 @@ def test_weight_gradients_are_deterministic():
     second = torch.autograd.grad(out, params, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_weight_gradient_chunks(one_block_chunks):
+    # Many row chunks, blocks that straddle the batches of a transposed view: the chunks'
+    # products add up to the float64 gradients, bitwise the same on a second run.
+    inputs = make_inputs((3, 11, 11, 24), 40, torch.float32)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
+    check(inputs, torch.float32)
+    assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
+    out = layernorm_linear(**inputs, backend="triton")
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, list(inputs.values()), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("weight", "bias"), ("x", "ln_weight", "ln_bias", "weight")])
+def test_gradients_of_a_subset(frozen):
+    # Only the gradients autograd asks for are computed; each one still matches.
+    inputs = make_inputs((2, 9, 9, 24), 40, torch.float32)
+    for name in frozen:
+        inputs[name] = inputs[name].detach()
+    leaves = [n for n, t in inputs.items() if t.requires_grad]
+    out = layernorm_linear(**inputs, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[n] for n in leaves], grad_out)
+    ref_inputs = {n: t.detach().double().requires_grad_(n in leaves) for n, t in inputs.items()}
+    ref_grads = torch.autograd.grad(layernorm_linear_reference(**ref_inputs), [ref_inputs[n] for n in leaves],
+                                    grad_out.double())
+    for name, grad, ref in zip(leaves, grads, ref_grads):
+        assert rel_err(grad, ref) < TOL[torch.float32], name
 
 
 def test_backends_agree_under_default_choice():

@@ -9,13 +9,28 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from megafold.kernels.transition import transition, transition_reference
 from megafold.kernels.testing import TOL, rel_err
 
+# The package exports the ops under their modules' names: reach the modules themselves.
+module = importlib.import_module("megafold.kernels.transition")
+layernorm_linear = importlib.import_module("megafold.kernels.layernorm_linear")
+
 NAMES = ("x", "ln_weight", "ln_bias", "w_in", "w_out")
+
+
+@pytest.fixture
+def one_block_chunks(monkeypatch):
+    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
+    monkeypatch.setattr(layernorm_linear, "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    used, real = [], module.row_chunks
+    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
+    yield used
 
 
 def make_inputs(shape, n, dtype, device="cpu", c_out=None):
@@ -80,6 +95,21 @@ def test_weight_gradients_are_deterministic():
     second = torch.autograd.grad(out, params, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_weight_gradient_chunks(one_block_chunks):
+    # Many row chunks (the hidden's gradients exist one chunk at a time), blocks that
+    # straddle the batches of a transposed view, c_out != c: the chunks' products add up to
+    # the float64 gradients, bitwise the same on a second run.
+    inputs = make_inputs((3, 11, 11, 24), 4, torch.float32, c_out=20)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
+    check(inputs, torch.float32)
+    assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
+    out = transition(**inputs, backend="triton")
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, list(inputs.values()), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.gpu

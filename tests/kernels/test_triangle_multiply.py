@@ -11,11 +11,26 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from megafold.kernels.triangle_multiply import PARAM_NAMES, triangle_multiply, triangle_multiply_reference
 from megafold.kernels.testing import TOL, rel_err
+
+# The package exports the ops under their modules' names: reach the modules themselves.
+module = importlib.import_module("megafold.kernels.triangle_multiply")
+layernorm_linear = importlib.import_module("megafold.kernels.layernorm_linear")
+
+
+@pytest.fixture
+def one_block_chunks(monkeypatch):
+    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
+    monkeypatch.setattr(layernorm_linear, "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    used, real = [], module.row_chunks
+    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
+    yield used
 
 
 def make_params(c_z, c_h, dtype, device="cpu"):
@@ -100,6 +115,24 @@ def test_weight_gradients_are_deterministic():
     second = torch.autograd.grad(out, leaves, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_weight_gradient_chunks(one_block_chunks):
+    # Many row chunks in both backward passes, row blocks that straddle the two batches
+    # (N * N = 144 pairs each), a transposed z: the chunks' products add up to the float64
+    # gradients, bitwise the same on a second run.
+    B, N = 2, 12
+    z = torch.randn(B, N, N, 24).transpose(1, 2).requires_grad_()
+    mask = padded_mask(B, N, 2)
+    params = make_params(24, 16, torch.float32)
+    check(z, mask, params, True, torch.float32)
+    assert len(one_block_chunks) == 2 and all(len(chunks) > 4 for chunks in one_block_chunks)
+    out = triangle_multiply(z, mask, params, backend="triton")
+    grad_out = torch.randn_like(out)
+    leaves = [z] + [params[n] for n in PARAM_NAMES]
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_bad_inputs_are_named():
