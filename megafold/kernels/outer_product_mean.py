@@ -27,7 +27,7 @@ LayerNorm and the a/b projection run through ``layernorm_linear`` on the (small)
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +304,31 @@ def _launch_settings(cfg: dict) -> dict:
     return {name: cfg[name] for name in ("BLOCK_I", "BLOCK_J", "BLOCK_C", "BLOCK_S", "num_warps", "num_stages")}
 
 
+# Every dot dimension still >= 16 at any c_h; a few tens of KB of shared memory.
+SMALLEST_CONFIG = {"BLOCK_I": 4, "BLOCK_J": 4, "BLOCK_C": 4, "BLOCK_S": 16, "num_warps": 4, "num_stages": 1}
+_fitted: dict[tuple, dict] = {}  # (kernel, shape key, asked config) -> the config that fit
+
+
+def _fitting(key: tuple, launch: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``launch`` retried with one pipeline stage, then with the smallest tiles, where a
+    configuration does not fit the GPU's shared memory (the defaults are sized for the
+    228 KB of an H100 or H200; a 64 KB AMD LDS takes the smallest). The config that fit is
+    remembered, so a call pays for the failed attempts once per process."""
+    def run(cfg: dict) -> None:
+        asked = (*key, tuple(sorted(cfg.items())))
+        attempts = (cfg, cfg | {"num_stages": 1}, SMALLEST_CONFIG)
+        for attempt in attempts[attempts.index(_fitted.get(asked, cfg)):]:
+            try:
+                launch(attempt)
+            except Exception as error:
+                if attempt is SMALLEST_CONFIG or "out of resource" not in str(error).lower():
+                    raise
+                continue
+            _fitted[asked] = attempt
+            return
+    return run
+
+
 def _tuning_key(CH: int, CZ: int, S: int, dtype: torch.dtype) -> tuple:
     return (CH, CZ, block_size(S, 128), str(dtype))
 
@@ -326,8 +351,9 @@ def _opm_forward(ab_t, inv_norm, weight, bias):
         )
 
     default = default_configs(CH, CZ, S)["forward"]
+    fit_key = (CH, CZ, S, str(weight.dtype), str(ab_t.device))
     run_tuned("outer_product_mean_forward", _tuning_key(CH, CZ, S, weight.dtype), ab_t.device,
-              _candidates(default, CH, CZ), default, launch)
+              _candidates(default, CH, CZ), default, _fitting(("forward", *fit_key), launch))
     return out
 
 
@@ -340,6 +366,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     precision = dot_precision(weight.dtype)
     configs = default_configs(CH, CZ, S)
     key = _tuning_key(CH, CZ, S, weight.dtype)
+    fit_key = (CH, CZ, S, str(weight.dtype), str(ab_t.device))
     d_ab_t = torch.empty_like(ab_t)
 
     def left_grads(cfg):
@@ -354,8 +381,8 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
                 DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
             )
 
-    run_tuned("outer_product_mean_left_grad", key, ab_t.device,
-              _candidates(configs["left_grad"], CH, CZ), configs["left_grad"], left_grads)
+    run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ),
+              configs["left_grad"], _fitting(("left_grad", *fit_key), left_grads))
 
     dw_parts = None
 
@@ -371,8 +398,8 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
             BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
         )
 
-    run_tuned("outer_product_mean_weight_grad", key, ab_t.device,
-              _candidates(configs["weight_grad"], CH, CZ), configs["weight_grad"], weight_grad)
+    run_tuned("outer_product_mean_weight_grad", key, ab_t.device, _candidates(configs["weight_grad"], CH, CZ),
+              configs["weight_grad"], _fitting(("weight_grad", *fit_key), weight_grad))
     return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0)
 
 

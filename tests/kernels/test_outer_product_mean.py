@@ -116,14 +116,37 @@ def test_memory_is_quadratic_in_channels_only_once(monkeypatch):
 
 
 def test_several_tiles_of_every_kind(monkeypatch):
-    # Tiles far under the defaults: every kernel walks several i and j blocks (N = 9 over
-    # 4-wide blocks), channel chunks (c_h = 10 over 4, the last one part padding) and s blocks
-    # (S = 20 over 16: the forward and dW kernels accumulate the outer products over s).
-    small = {"BLOCK_I": 4, "BLOCK_J": 4, "BLOCK_C": 4, "BLOCK_S": 16, "num_warps": 4, "num_stages": 1}
+    # The smallest tiles (the fallback where nothing else fits): every kernel walks several i
+    # and j blocks (N = 9 over 4-wide blocks), channel chunks (c_h = 10 over 4, the last one
+    # part padding) and s blocks (S = 20 over 16: the forward and dW kernels accumulate the
+    # outer products over s).
+    small = opm_module.SMALLEST_CONFIG
     monkeypatch.setattr(opm_module, "default_configs",
                         lambda CH, CZ, S: {kernel: dict(small) for kernel in ("forward", "left_grad", "weight_grad")})
     m, mask = make_msa(1, 20, 9, 8, torch.float32)
     check(m, mask, make_params(8, 10, 20, torch.float32), torch.float32)
+
+
+def test_a_config_that_does_not_fit_falls_back_once():
+    default = opm_module.default_configs(32, 128, 64)["left_grad"]
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if cfg != opm_module.SMALLEST_CONFIG:
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+    run = opm_module._fitting(("test", 1), launch)
+    run(default)
+    assert tried == [default, default | {"num_stages": 1}, opm_module.SMALLEST_CONFIG]
+    run(default)  # the config that fit is remembered
+    assert tried[3:] == [opm_module.SMALLEST_CONFIG]
+
+    def broken(cfg):
+        raise RuntimeError("an error of another kind")
+
+    with pytest.raises(RuntimeError, match="another kind"):
+        opm_module._fitting(("test", 2), broken)(default)
 
 
 def test_every_gradient_is_deterministic():
