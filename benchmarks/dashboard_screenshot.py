@@ -1,8 +1,9 @@
 """The profiling dashboard's run, headless: profile, figures, screenshot, results.
 
 Runs what the Run button of ``notebooks/profiling_dashboard`` runs (``megafold.profile.widgets
-.run_profile``): per kernels variant a warmup step, a plain step and a profiled step at the
-chosen crop (time and memory per AF3 module, and the profiler's own overhead), then each
+.run_profile``): per kernels variant a warmup step and a profiled step at the chosen crop
+(time and memory per AF3 module; with ``--overhead`` or on the CPU also a plain step, the
+profiler's own overhead), then each
 variant's longest crop: a fit of the peak memory (seeded by the profile) predicts it, a real
 step verifies it, a step one grid crop longer confirms the limit where time allows; all
 within one time budget for the whole run. Writes, under ``benchmarks/results/<gpu-name>/``:
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--time-budget", type=float, default=defaults.time_budget_s,
         help="seconds for the whole run (profiles, then the searches share what is left)",
     )  # fmt: skip
+    parser.add_argument("--overhead", action="store_true", default=defaults.overhead,
+                        help="one plain step per variant: the profiler's own cost (off on a GPU: time)")
     parser.add_argument("--data", choices=("synthetic", "store"), default="synthetic")
     parser.add_argument(
         "--out", type=Path, default=None, help="results root (default benchmarks/results), files in <root>/<gpu>/"
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset, crop=args.crop, kernels=tuple(args.kernels), dtype=args.dtype,
         checkpoint=False if args.no_checkpoint else None, backward=not args.forward_only, quick=args.quick,
         longest=not args.no_longest, max_crop=args.max_crop, time_budget_s=args.time_budget, data=args.data,
+        overhead=args.overhead,
     )  # fmt: skip
     device = describe_device()
     env = environment()

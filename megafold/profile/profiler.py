@@ -932,11 +932,11 @@ def longest_crop(
     """The longest crop (tokens, on the grid ``start + k * step``) whose training step fits.
 
     Where memory has a limit (96% of a GPU's memory, or ``memory_budget_mib``) the search
-    predicts instead of walking. It fits the measured peaks as ``base + b N + c N^2`` (``+ d N^3``
-    from three points on; eager triangle attention holds an ``[N, N, N]`` tensor), with
-    non-negative coefficients and ``base`` the persistent memory (weights, Adam's moments, one
-    gradient per parameter); one point gives ``base + c N^2``, which overestimates a linear
-    term's growth (a cautious first jump). Each step then runs at the largest grid crop
+    predicts instead of walking. It fits the measured peaks as ``base + b N + c N^2 + d N^3``
+    (eager triangle attention holds an ``[N, N, N]`` tensor), with non-negative coefficients and
+    ``base`` the persistent memory (weights, Adam's moments, one gradient per parameter); one
+    point gives ``base + c N^2`` (``base + d N^3`` for the torch kernels), a cautious first
+    jump; two give ``c, d`` where the peak grew faster than N^2 between them, else ``b, c``. Each step then runs at the largest grid crop
     predicted to fit inside the bracket (the longest crop that fit, the shortest that did not),
     so a step both verifies the prediction and sharpens the fit; once the prediction says the
     next grid crop does not fit, one step there closes the bracket. A profile of the same
@@ -990,7 +990,10 @@ def longest_crop(
         def measure(crop: int) -> _Trial:
             return _measure(session, crop, deadline, memory_budget_mib, msa_rows, atoms_per_token, seed)
 
-        result = _search(measure, grid, limit_mib, session.base_mib, seeded, deadline)
+        # The reference triangle attention (torch kernels, compiled or not) holds [H, N, N, N]
+        # logits: its first extrapolation assumes cubic growth.
+        cubic = variant_label(variant, device).startswith("torch")
+        result = _search(measure, grid, limit_mib, session.base_mib, seeded, deadline, cubic=cubic)
     tried = result.tried
     crops = sorted(tried)
     fitting = [c for c in crops if tried[c].outcome == "fits"]
@@ -1070,11 +1073,12 @@ def _search(
     known: Mapping[int, _Trial],
     deadline: float | None,
     clock: Callable[[], float] = time.perf_counter,
+    cubic: bool = False,
 ) -> _SearchResult:
     """The longest-crop search of ``longest_crop`` over a measuring function (see there)."""
     tried = dict(known)
     while True:
-        fit = _fit_peaks(tried, base_mib) if limit_mib is not None else None
+        fit = _fit_peaks(tried, base_mib, cubic) if limit_mib is not None else None
         predicted = _predicted_crop(fit, limit_mib, grid) if fit is not None else None
         candidate, decided = _next_crop(tried, grid, predicted)
         if candidate is None:
@@ -1113,17 +1117,25 @@ def _next_crop(tried: Mapping[int, _Trial], grid: _Grid, predicted: int | None) 
     return min(max(predicted, lowest), highest), ""
 
 
-def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float) -> np.ndarray | None:
+def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float, cubic: bool = False) -> np.ndarray | None:
     """Coefficients ``[base, b, c, d]`` (MiB) of ``peak = base + b N + c N^2 + d N^3``, all
-    non-negative, fitted by least squares to the measured peaks: ``c`` alone from one point,
-    ``b, c`` from two, ``b, c, d`` from three on (exact where there are as many points as
-    unknowns). None without a measured peak."""
+    non-negative, fitted by least squares to the measured peaks: from one point ``c`` alone
+    (``d`` alone with ``cubic``: a config known to hold ``[N, N, N]`` tensors, whose quadratic
+    extrapolation would overshoot into an out-of-memory step); from two, ``c, d`` where the
+    peak above the base grows faster than N^2 between them, else ``b, c``; ``b, c, d`` from
+    three on (exact where there are as many points as unknowns). None without a measured peak."""
     points = sorted((c, t.peak_mib) for c, t in tried.items() if np.isfinite(t.peak_mib))
     if not points:
         return None
     n = np.array([p[0] for p in points], dtype=np.float64)
     above_base = np.array([p[1] for p in points], dtype=np.float64) - base_mib
-    powers = (2,) if len(points) == 1 else (1, 2) if len(points) == 2 else (1, 2, 3)
+    if len(points) == 1:
+        powers: tuple[int, ...] = (3,) if cubic else (2,)
+    elif len(points) == 2:
+        faster = above_base[0] > 0 and above_base[1] > above_base[0] * (n[1] / n[0]) ** 2
+        powers = (2, 3) if faster else (1, 2)
+    else:
+        powers = (1, 2, 3)
     coefficients = _nonnegative_least_squares(n[:, None] ** np.array(powers), above_base)
     fit = np.zeros(4)
     fit[0] = base_mib

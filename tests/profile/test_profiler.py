@@ -391,6 +391,26 @@ def test_search_recovers_when_the_prediction_overshoots():
     assert result.stopped_by == "out of memory" and len(gpu.attempts) <= 6
 
 
+def test_search_of_an_eager_config_assumes_cubic_growth_and_verifies_without_running_out_of_memory():
+    """The H100 dashboard's eager "paper" search (peaks measured at 384 and 640 on an 80 GB
+    card, base 6036 MiB): the quadratic first jump went to 896 and ran out of memory, leaving no
+    time to verify 768. A cubic first jump steps at 640, the two-point fit (grown faster than
+    N^2: c and d) at 768, and the search stops there predicting that 896 does not fit."""
+    gpu = _FakeGpu(base=6036.0, b=0.0, c=0.0564, d=5.58e-5, limit=77836.0)
+    assert gpu.longest(GPU_GRID) == 768
+    assert gpu.search(GPU_GRID, known=gpu.known(384)).tried[896].outcome == "out of memory"
+    assert gpu.attempts[0] == 896  # without the prior: the overshoot
+    gpu = _FakeGpu(base=6036.0, b=0.0, c=0.0564, d=5.58e-5, limit=77836.0)
+    ms_768 = gpu.ms_per_token2 * 768**2
+    result = profiler._search(
+        gpu.measure, GPU_GRID, gpu.limit, gpu.base, gpu.known(384),
+        deadline=gpu.now + (gpu.ms_per_token2 * 640**2 + ms_768) / 1e3 + 1.0, clock=lambda: gpu.now, cubic=True,
+    )  # fmt: skip
+    assert gpu.attempts == [640, 768]
+    assert result.stopped_by == "memory (predicted)" and result.predicted == 768
+    assert max(c for c, t in result.tried.items() if t.outcome == "fits") == 768
+
+
 def test_search_without_a_known_point_starts_at_the_grid_start():
     gpu = _FakeGpu()
     result = gpu.search(GPU_GRID)
