@@ -152,6 +152,13 @@ def test_bf16_pair_shapes_on_gpu(N, out_features):
 
 
 @pytest.mark.gpu
+def test_bf16_weight_gradient_chunks_on_gpu(monkeypatch):
+    # bf16 products of 32768-row chunks (8 MiB of LN(x) each, 5 chunks) summed in fp32.
+    monkeypatch.setattr(module, "WEIGHT_GRAD_CHUNK_BYTES", 8 << 20)
+    check(make_inputs((1, 384, 384, 128), 128, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_autocast_on_gpu():
     inputs = make_inputs((1, 64, 64, 128), 128, torch.float32, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
