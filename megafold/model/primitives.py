@@ -182,7 +182,12 @@ class AdaLN(nn.Module):
         self.shift = LinearNoBias(c_cond, c_a)
 
     def forward(self, a: torch.Tensor, modulation: Modulation) -> torch.Tensor:
-        return modulation.scale * self.norm_a(a) + modulation.shift
+        # LN(a) in a's dtype: under autocast (bf16 a) this skips autocast's fp32 copies of a and
+        # of LN(a), which backward would keep, and their casts, for a value that is rounded to
+        # bf16 before the next product anyway (the kernel's statistics are fp32 either way).
+        with torch.autocast(a.device.type, enabled=False):
+            normed = F.layer_norm(a, self.norm_a.normalized_shape, eps=self.norm_a.eps)
+        return modulation.scale * normed + modulation.shift
 
 
 @dataclass

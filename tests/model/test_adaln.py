@@ -1,0 +1,44 @@
+"""AdaLN (AF3 Alg. 26) against its formula: it runs LayerNorm in the activation's dtype,
+outside autocast, so under bf16 autocast it keeps no fp32 copies for backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megafold.model.primitives import AdaLN, Modulation
+
+
+def _inputs(device, dtype, shape=(2, 3, 5, 16)):
+    a, scale, shift = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    return a, scale, shift
+
+
+def test_adaln_equals_the_formula_in_value_and_gradient():
+    torch.manual_seed(0)
+    norm = AdaLN(16, 12).double()
+    a, scale, shift = _inputs("cpu", torch.float64)
+    probe = torch.randn(a.shape, dtype=torch.float64)
+    got = norm(a, Modulation(scale, shift, None))
+    want = scale * F.layer_norm(a, (16,)) + shift
+    assert (got - want).norm() <= 1e-12 * want.norm()
+    grads = torch.autograd.grad((got * probe).sum(), (a, scale, shift))
+    wants = torch.autograd.grad((want * probe).sum(), (a, scale, shift))
+    for grad, expected in zip(grads, wants):
+        assert (grad - expected).norm() <= 1e-12 * expected.norm()
+
+
+@pytest.mark.gpu
+def test_adaln_under_bf16_autocast_saves_no_fp32_and_matches_fp32():
+    """CUDA autocast would run LayerNorm in fp32 and keep fp32 copies of a and LN(a)."""
+    torch.manual_seed(0)
+    norm = AdaLN(768, 384).cuda()
+    a, scale, shift = (t.detach().bfloat16().requires_grad_() for t in _inputs("cuda", torch.float32, (8, 384, 768)))
+    saved = []
+    with torch.autocast("cuda", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t) or t, lambda t: t
+    ):
+        got = norm(a, Modulation(scale, shift, None))
+    assert got.dtype == torch.bfloat16
+    assert all(t.dtype != torch.float32 or t.numel() <= 8 * 384 for t in saved), [(t.dtype, t.shape) for t in saved]
+    want = scale.float() * F.layer_norm(a.float(), (768,)) + shift.float()
+    assert (got.float() - want).norm() <= 1e-2 * want.norm()
