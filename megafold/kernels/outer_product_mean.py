@@ -18,8 +18,9 @@ math is computed once per kernel:
 - forward, per (i block, j block), looping over channel chunks: ``P`` then ``z += P W^T``;
 - ``dA`` per (i block, channel chunk, s block), looping over j blocks: ``dP = g W`` with
   ``g = dz / norm``, then ``dA += dP B``; ``dB`` is the same kernel on the transposed problem;
-- ``dW`` per (j block, channel chunk), looping over i blocks: ``P`` then ``dW += g^T P``,
-  one fp32 partial per program summed in a fixed order (deterministic, no atomics).
+- ``dW`` per (group of j blocks, channel chunk), looping over i blocks: ``P`` then
+  ``dW += g^T P``, one fp32 partial per program summed in a fixed order (deterministic, no
+  atomics; at most 64 partials per batch element).
 
 The scalar normaliser commutes with the contraction and is applied to ``z`` and ``dz``.
 LayerNorm and the a/b projection run through ``layernorm_linear`` on the (small) MSA tensor.
@@ -45,6 +46,9 @@ from megafold.kernels.layernorm_linear import (
 
 PARAM_NAMES = ("norm_weight", "norm_bias", "proj_weight", "out_weight", "out_bias")
 NORM_EPS = 1e-3  # added to the count of valid MSA rows of each pair, as in AF3
+# dW partials per batch element: bounds their memory (64 x c_z c_h^2 fp32, 32 MB at AF3's
+# widths) and still gives 64 x c_h / BLOCK_C programs.
+MAX_WEIGHT_GRAD_PARTIALS = 64
 
 
 @triton.jit
@@ -219,32 +223,32 @@ def _outer_product_mean_weight_grad_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
-    """This (j block, channel chunk)'s share of ``dW[e, c, d] = sum_ij g_ij[e] P_ij[c, d]``
-    over every i, one fp32 partial per program (summed on the host in a fixed order)."""
-    j_block = tl.program_id(0)
-    j0 = j_block * BLOCK_J
+    """This program's share of ``dW[e, c, d] = sum_ij g_ij[e] P_ij[c, d]`` for one channel chunk:
+    j blocks program_id(0), + num_programs(0), ..., every i; one fp32 partial per program
+    (summed on the host in a fixed order)."""
     c0 = tl.program_id(1) * BLOCK_C
     batch = tl.program_id(2)
     dtype = a_ptr.dtype.element_ty
 
-    if ONE_S_BLOCK:  # the b tile serves every i block: load it once
-        ss = tl.arange(0, BLOCK_S)
-        right = _channel_rows(b_ptr, batch, j0, 0, ss, ss < S, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
-    else:
-        right = 0
     acc = tl.zeros([BLOCK_CZ, BLOCK_C * BLOCK_D], tl.float32)
-    for i0 in range(0, N, BLOCK_I):
-        outer = _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
-                            ONE_S_BLOCK, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D)
-        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
-                              sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
-        acc = tl.dot(tl.trans(g.to(dtype)), outer, acc, input_precision=DOT_PRECISION)
+    for j0 in range(tl.program_id(0) * BLOCK_J, N, tl.num_programs(0) * BLOCK_J):
+        if ONE_S_BLOCK:  # the b tile serves every i block: load it once
+            ss = tl.arange(0, BLOCK_S)
+            right = _channel_rows(b_ptr, batch, j0, 0, ss, ss < S, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+        else:
+            right = 0
+        for i0 in range(0, N, BLOCK_I):
+            outer = _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
+                                ONE_S_BLOCK, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D)
+            g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
+                                  sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+            acc = tl.dot(tl.trans(g.to(dtype)), outer, acc, input_precision=DOT_PRECISION)
 
     es = tl.arange(0, BLOCK_CZ)
     cols = tl.arange(0, BLOCK_C * BLOCK_D)
     cs = c0 + cols // BLOCK_D
     ds = cols % BLOCK_D
-    part = (batch * tl.num_programs(0) + j_block).to(tl.int64) * CZ * CH * CH
+    part = (batch * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * CZ * CH * CH
     tl.store(dw_part_ptr + part + es[:, None] * CH * CH + (cs * CH + ds)[None, :], acc,
              mask=(es < CZ)[:, None] & ((cs < CH) & (ds < CH))[None, :])
 
@@ -266,27 +270,34 @@ def _w_strides(weight: torch.Tensor, CH: int, swap: bool) -> tuple[int, int, int
 
 def default_configs(CH: int, CZ: int, S: int) -> dict[str, dict]:
     """Tiles and launch settings of the three kernels, chosen for c_h = 32, c_z = 128 on
-    H100/H200 and scaled for other widths so that the fp32 tiles stay near 16k elements
-    per program (registers) and every dot dimension is >= 16.
+    H100/H200 (sm_90 builds of these settings use wgmma for every dot and hold every tile in
+    registers, no spills) and scaled for other widths; every dot dimension is >= 16.
 
-    forward and weight_grad: a ``[BLOCK_I * BLOCK_C, BLOCK_J * c_h]`` outer-product tile
-    (64 x 256), moved to ``[(i, j), (c, d)]`` (128 x 128) and contracted with W (forward: into
-    a 128 x c_z accumulator; weight_grad: into a c_z x 128 one). left_grad: a
-    ``[BLOCK_I * BLOCK_J, BLOCK_C * c_h]`` dP tile (64 x 256) moved to ``[(i, c), (j, d)]``
-    and contracted with the other operand's ``[(j, d), s]`` tile into 64 x BLOCK_S.
+    forward: a ``[BLOCK_I * BLOCK_C, BLOCK_J * c_h]`` outer-product tile (64 x 128) moved to
+    ``[(i, j), (c, d)]`` (128 x 64) and contracted with W into a 128 x c_z accumulator.
+    weight_grad: the same kind of tile (64 x 128 -> 64 x 128) contracted with ``g^T`` into a
+    c_z x 128 accumulator. left_grad: a ``[BLOCK_I * BLOCK_J, BLOCK_C * c_h]`` dP tile
+    (64 x 256) moved to ``[(i, c), (j, d)]`` and contracted with the other operand's
+    ``[(j, d), s]`` tile into 64 x BLOCK_S.
     """
     block_d = block_size(CH, 1 << 30)
     block_cz = block_size(CZ, 1 << 30)
     channels = next_power_of_2(CH)
-    pair_j = max(1, 256 // block_d)
-    pair_c = min(channels, max(1, 128 // block_d))
-    pair_i = max(16 // pair_c, 16 // pair_j, min(16, 16384 // (pair_j * block_cz)))
-    pair = {"BLOCK_I": pair_i, "BLOCK_J": pair_j, "BLOCK_C": pair_c, "BLOCK_S": block_size(S, 128),
-            "num_warps": 8, "num_stages": 2}
+    pair_j = max(1, 128 // block_d)
+    forward_c = min(channels, max(1, 64 // block_d))
+    forward_i = max(16 // forward_c, 16 // pair_j, min(32, 16384 // (pair_j * block_cz)))
+    weight_c = min(channels, max(1, 128 // block_d))
     left_c = min(channels, max(1, 256 // block_d))
-    left = {"BLOCK_I": max(8, 16 // left_c), "BLOCK_J": pair_j, "BLOCK_C": left_c, "BLOCK_S": block_size(S, 64),
-            "num_warps": 8, "num_stages": 2}
-    return {"forward": pair, "weight_grad": dict(pair), "left_grad": left}
+    settings = {"num_warps": 8, "num_stages": 2}
+    return {
+        "forward": {"BLOCK_I": forward_i, "BLOCK_J": pair_j, "BLOCK_C": forward_c, "BLOCK_S": block_size(S, 128),
+                    **settings},
+        # Two stages with a 128-row MSA tile spill a little on sm_90; one does not.
+        "weight_grad": {"BLOCK_I": max(16, 16 // weight_c), "BLOCK_J": pair_j, "BLOCK_C": weight_c,
+                        "BLOCK_S": block_size(S, 128), **settings} | ({"num_stages": 1} if S > 64 else {}),
+        "left_grad": {"BLOCK_I": max(8, 16 // left_c), "BLOCK_J": max(1, 256 // block_d), "BLOCK_C": left_c,
+                      "BLOCK_S": block_size(S, 64), **settings},
+    }
 
 
 def _candidates(default: dict, CH: int, CZ: int) -> list[dict]:
@@ -294,9 +305,10 @@ def _candidates(default: dict, CH: int, CZ: int) -> list[dict]:
     if block_size(CH, 1 << 30) > 32 or block_size(CZ, 1 << 30) > 128:
         return []
     variants = [default]
-    for change in ({"num_warps": 4}, {"num_stages": 3}, {"num_stages": 1},
+    for change in ({"num_warps": 4}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
                    {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}):
-        variants.append(default | change)
+        if default | change not in variants:
+            variants.append(default | change)
     return variants
 
 
@@ -389,8 +401,9 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     def weight_grad(cfg):
         nonlocal dw_parts
         num_j = triton.cdiv(N, cfg["BLOCK_J"])
-        dw_parts = torch.empty(B * num_j, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
-        grid = (num_j, triton.cdiv(CH, cfg["BLOCK_C"]), B)
+        groups = triton.cdiv(num_j, triton.cdiv(num_j, MAX_WEIGHT_GRAD_PARTIALS))  # equal j blocks per program
+        dw_parts = torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
+        grid = (groups, triton.cdiv(CH, cfg["BLOCK_C"]), B)
         _outer_product_mean_weight_grad_kernel[grid](
             a_t, b_t, inv_norm, dz, dw_parts, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *dz.stride(),

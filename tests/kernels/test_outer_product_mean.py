@@ -119,8 +119,9 @@ def test_several_tiles_of_every_kind(monkeypatch):
     # The smallest tiles (the fallback where nothing else fits): every kernel walks several i
     # and j blocks (N = 9 over 4-wide blocks), channel chunks (c_h = 10 over 4, the last one
     # part padding) and s blocks (S = 20 over 16: the forward and dW kernels accumulate the
-    # outer products over s).
+    # outer products over s); with 2 dW partials the 3 j blocks split unevenly (0 and 2, 1).
     small = opm_module.SMALLEST_CONFIG
+    monkeypatch.setattr(opm_module, "MAX_WEIGHT_GRAD_PARTIALS", 2)
     monkeypatch.setattr(opm_module, "default_configs",
                         lambda CH, CZ, S: {kernel: dict(small) for kernel in ("forward", "left_grad", "weight_grad")})
     m, mask = make_msa(1, 20, 9, 8, torch.float32)
