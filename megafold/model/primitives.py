@@ -305,7 +305,11 @@ def local_attention(
     logits = logits + bias.unsqueeze(1)
     # A finite fill keeps windows without keys (padding) NaN-free; their queries are masked later.
     logits = logits.masked_fill(~key_mask[:, None, :, None, None, :], torch.finfo(logits.dtype).min)
-    out = torch.einsum("bskhqm,bskmhd->bskqhd", torch.softmax(logits, dim=-1), v)
+    # Softmax in the logits' dtype (the kernel accumulates in fp32): CUDA autocast would return
+    # fp32 probabilities, keep them for backward and cast them back to bf16 for the product.
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bskhqm,bskmhd->bskqhd", probs, v)
     return out * torch.sigmoid(gate)
 
 

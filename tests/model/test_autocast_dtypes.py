@@ -1,11 +1,12 @@
-"""AdaLN (AF3 Alg. 26) against its formula: it runs LayerNorm in the activation's dtype,
-outside autocast, so under bf16 autocast it keeps no fp32 copies for backward."""
+"""Ops of the diffusion transformer that run outside autocast in the activations' dtype, so that
+under bf16 autocast they keep no fp32 copies for backward: AdaLN (AF3 Alg. 26) against its
+formula, and the atom windows' softmax."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megafold.model.primitives import AdaLN, Modulation
+from megafold.model.primitives import AdaLN, AtomWindows, Modulation, local_attention
 
 
 def _inputs(device, dtype, shape=(2, 3, 5, 16)):
@@ -42,3 +43,28 @@ def test_adaln_under_bf16_autocast_saves_no_fp32_and_matches_fp32():
     assert all(t.dtype != torch.float32 or t.numel() <= 8 * 384 for t in saved), [(t.dtype, t.shape) for t in saved]
     want = scale.float() * F.layer_norm(a.float(), (768,)) + shift.float()
     assert (got.float() - want).norm() <= 1e-2 * want.norm()
+
+
+@pytest.mark.gpu
+def test_local_attention_under_bf16_autocast_keeps_bf16_probabilities():
+    """CUDA autocast would run the softmax in fp32 and keep the fp32 probabilities."""
+    torch.manual_seed(0)
+    B, S, A, H, D = 1, 8, 3072, 4, 32
+    windows = AtomWindows(torch.ones(B, A, dtype=torch.bool, device="cuda"), 32, 128)
+    q, k, v, g = (torch.randn(B, S, A, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4))
+    bias = torch.randn(B, windows.n_windows, H, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autocast("cuda", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t) or t, lambda t: t
+    ):
+        out = local_attention(
+            windows.query_blocks(q, 2), windows.key_windows(k, 2), windows.key_windows(v, 2),
+            bias, windows.key_mask, windows.query_blocks(g, 2),
+        )
+    assert not [t.shape for t in saved if t.dtype == torch.float32]
+    with torch.no_grad():
+        want = local_attention(
+            *(t.float() for t in (windows.query_blocks(q, 2), windows.key_windows(k, 2), windows.key_windows(v, 2), bias)),
+            windows.key_mask, windows.query_blocks(g, 2).float(),
+        )
+    assert (out.float() - want).norm() <= 1e-2 * want.norm()
