@@ -68,3 +68,22 @@ def test_local_attention_under_bf16_autocast_keeps_bf16_probabilities():
             windows.key_mask, windows.query_blocks(g, 2).float(),
         )
     assert (out.float() - want).norm() <= 1e-2 * want.norm()
+
+
+def test_swiglu_equals_the_formula_in_value_and_gradient():
+    """SwiGLU keeps only its input for backward; values and gradients as autograd's."""
+    from megafold.model.primitives import SwiGLU
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 5, 12, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    a, b = h.chunk(2, dim=-1)
+    want = F.silu(a) * b
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = SwiGLU.apply(h)
+    assert len(saved) == 1 and saved[0] is h
+    assert (got - want).norm() <= 1e-14 * want.norm()
+    (grad,) = torch.autograd.grad((got * probe).sum(), h)
+    (expected,) = torch.autograd.grad((want * probe).sum(), h)
+    assert (grad - expected).norm() <= 1e-14 * expected.norm()
