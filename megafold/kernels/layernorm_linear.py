@@ -23,9 +23,6 @@ import triton.language as tl
 from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
-# Row blocks enough to fill a GPU several times over; with fewer, the forward also splits
-# the output columns over programs.
-MIN_ROW_PROGRAMS = 1024
 
 
 # --------------------------------------------------------------------------- host helpers
@@ -180,60 +177,47 @@ def _layernorm_chunk(
 
 
 @triton.jit
-def _weight_tile_t(w_ptr, cols, col_ok, k0, sw_o, sw_k, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``weight[cols, k0:k0 + BLOCK_K]^T`` as ``[BLOCK_K, BLOCK_N]``, zero outside the weight."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
-                   mask=col_ok[None, :] & (ks < K)[:, None], other=0.0)
-
-
-@triton.jit
 def _layernorm_linear_forward_kernel(
     x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
-    rows_per_batch, inner, O, col_span,
+    rows_per_batch, inner, O,
     sx_b, sx_o, sx_i, sx_c, sw_o, sw_k, eps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # A row block walks the output columns [group * col_span, + col_span) (all of them unless
-    # rows are too few to fill the GPU): its statistics, and LN(x) itself when one BLOCK_K
-    # covers the row, are computed once for all those columns. The column groups of one row
-    # block are neighbours in launch order, so the x tile they all read comes from L2.
-    num_groups = tl.cdiv(O, col_span)
-    pid = tl.program_id(0) // num_groups
-    group = tl.program_id(0) % num_groups
+    # Output-column blocks of one row block are neighbours in launch order, so the x tile
+    # they all read comes from L2 after the first.
+    pid = tl.program_id(0)
     batch = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_n = tl.cdiv(O, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_per_batch
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, K, BLOCK_M, BLOCK_K)
-    flat = batch.to(tl.int64) * rows_per_batch + rows
-    dtype = w_ptr.dtype.element_ty
-    if K <= BLOCK_K:
-        xn_row = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, K, BLOCK_K)
-        xn_row = xn_row.to(dtype)
 
-    for n0 in range(group * col_span, tl.minimum(group * col_span + col_span, O), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < O
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if K <= BLOCK_K:  # no inner loop: this loop is the innermost one, and pipelined
-            acc = tl.dot(xn_row, _weight_tile_t(w_ptr, cols, col_ok, 0, sw_o, sw_k, K, BLOCK_K), acc,
-                         input_precision=DOT_PRECISION)
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
-                acc = tl.dot(xn.to(dtype), _weight_tile_t(w_ptr, cols, col_ok, k0, sw_o, sw_k, K, BLOCK_K), acc,
-                             input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            out_ptr + flat[:, None] * O + cols[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & col_ok[None, :],
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < O
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w_t = tl.load(
+            w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
+            mask=col_ok[None, :] & (ks < K)[:, None], other=0.0,
         )
-    if group == 0:
+        acc = tl.dot(xn.to(w_t.dtype), w_t, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    flat = batch.to(tl.int64) * rows_per_batch + rows
+    tl.store(
+        out_ptr + flat[:, None] * O + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if pid_n == 0:
         tl.store(mean_ptr + flat, mean, mask=row_ok)
         tl.store(rstd_ptr + flat, rstd, mask=row_ok)
 
@@ -328,13 +312,10 @@ def layernorm_linear_forward(
     D0, _, D2 = rows.sizes
 
     def launch(cfg: dict) -> None:
-        row_blocks = triton.cdiv(rows.per_batch, cfg["BLOCK_M"])
-        col_blocks = triton.cdiv(O, cfg["BLOCK_N"])
-        # Few rows (the single track): one program per column block, as many as there are.
-        col_span = cfg["BLOCK_N"] * (col_blocks if row_blocks * D0 >= MIN_ROW_PROGRAMS else 1)
-        _layernorm_linear_forward_kernel[(row_blocks * triton.cdiv(O, col_span), D0)](
+        grid = (triton.cdiv(rows.per_batch, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]), D0)
+        _layernorm_linear_forward_kernel[grid](
             x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
-            rows.per_batch, D2, O, col_span, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
+            rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
             K=K, HAS_BIAS=bias is not None, X_MERGED=rows.merged[0],
             DOT_PRECISION=dot_precision(weight.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_kwargs(cfg),
@@ -347,7 +328,7 @@ def layernorm_linear_forward(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw}
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8)
     ]
-    run_tuned("layernorm_linear_fwd_rows", (K, O, str(weight.dtype), str(x.dtype), bias is not None), x.device, candidates, default, launch)
+    run_tuned("layernorm_linear_fwd", (K, O, str(weight.dtype), str(x.dtype), bias is not None), x.device, candidates, default, launch)
     return out, mean, rstd
 
 

@@ -72,14 +72,6 @@ def test_matches_float64_reference(shape, out_features, bias, dtype, poisoned_em
     check(make_inputs(shape, out_features, dtype, bias=bias), dtype)
 
 
-@pytest.mark.parametrize("shape, out_features", [((4, 33, 24), 300), ((3, 5, 130), 200)])
-def test_forward_row_blocks_walk_every_column(shape, out_features, monkeypatch, poisoned_empty):
-    # Pair-sized inputs: each row block computes LN(x) once and walks every output-column
-    # block (one BLOCK_K per row, and a row wider than one BLOCK_K).
-    monkeypatch.setattr(module, "MIN_ROW_PROGRAMS", 1)
-    check(make_inputs(shape, out_features, torch.float32), torch.float32)
-
-
 def test_strided_inputs_and_gradient():
     # A transposed pair view, a channel-strided view and a transposed output gradient.
     inputs = make_inputs((2, 9, 9, 48), 24, torch.float32)
