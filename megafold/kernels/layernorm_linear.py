@@ -225,11 +225,11 @@ def _layernorm_linear_forward_kernel(
 @triton.jit
 def _layernorm_linear_backward_kernel(
     x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, xn_ptr,
-    dln_w_part_ptr, dln_b_part_ptr, db_part_ptr,
+    dln_w_part_ptr, dln_b_part_ptr,
     row_start, row_end, rows_per_batch, inner, O,
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, WRITE_XN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, WRITE_XN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
@@ -271,8 +271,6 @@ def _layernorm_linear_backward_kernel(
             dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        if HAS_BIAS:
-            tl.store(db_part_ptr + part * O + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok)
         if NEED_DX:
             w = tl.load(
                 w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
@@ -389,7 +387,6 @@ def layernorm_linear_backward(
         num_blocks = triton.cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
-        db_part = torch.empty(num_blocks, O, device=x.device, dtype=torch.float32) if need_bias else None
         dw = torch.zeros(O, K, device=x.device, dtype=torch.float32) if need_weight else None
         chunks = row_chunks(M, K * dtype.itemsize, block_m) if need_weight else [(0, M)]
         xn = torch.empty(chunks[0][1], K, device=x.device, dtype=dtype) if need_weight else None
@@ -398,12 +395,11 @@ def layernorm_linear_backward(
             _layernorm_linear_backward_kernel[(triton.cdiv(end - start, block_m),)](
                 x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
                 xn if need_weight else dummy, ln_w_part if need_input else dummy,
-                ln_b_part if need_input else dummy, db_part if need_bias else dummy,
+                ln_b_part if need_input else dummy,
                 start, end, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
                 weight.stride(0), weight.stride(1),
                 K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
                 DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, WRITE_XN=need_weight,
-                HAS_BIAS=need_bias,
                 BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
             )
             if need_weight:
@@ -411,7 +407,10 @@ def layernorm_linear_backward(
         grads["ln_w"] = ln_w_part.sum(0) if need_input else None
         grads["ln_b"] = ln_b_part.sum(0) if need_input else None
         grads["w"] = dw
-        grads["b"] = db_part.sum(0) if need_bias else None
+        # Not in the kernel's column loop: a store there (with the dot accumulating across
+        # iterations) made Triton 3.6's pipeliner drop one column block's dot on an H200
+        # (dx off by 1/sqrt(blocks)); torch's reduction is deterministic too.
+        grads["b"] = dy.reshape(-1, O).sum(0, dtype=torch.float32) if need_bias else None
 
     # The row lives in registers: fewer rows per block as K grows, so wide rows still fit.
     default = {"BLOCK_M": max(16, min(64, 8192 // block_k)),
