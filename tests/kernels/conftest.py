@@ -1,5 +1,7 @@
 """Fixtures of the kernel tests."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -19,3 +21,14 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+@pytest.fixture
+def one_block_chunks(request, monkeypatch):
+    """Weight-gradient chunks of one row block each in the op module that the test module
+    names ``module``; yields the chunk lists the op used."""
+    op_module = request.module.module
+    monkeypatch.setattr(importlib.import_module("megafold.kernels.layernorm_linear"), "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    used, real = [], op_module.row_chunks
+    monkeypatch.setattr(op_module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
+    yield used

@@ -22,15 +22,6 @@ from megafold.kernels.testing import TOL, rel_err
 module = importlib.import_module("megafold.kernels.layernorm_linear")
 
 
-@pytest.fixture
-def one_block_chunks(monkeypatch):
-    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
-    monkeypatch.setattr(module, "WEIGHT_GRAD_CHUNK_BYTES", 1)
-    used, real = [], module.row_chunks
-    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
-    yield used
-
-
 def make_inputs(shape, out_features, dtype, device="cpu", bias=True):
     K = shape[-1]
     # A mean far from 0 checks the fp32 two-pass statistics.

@@ -17,20 +17,10 @@ import torch
 from megafold.kernels.transition import transition, transition_reference
 from megafold.kernels.testing import TOL, rel_err
 
-# The package exports the ops under their modules' names: reach the modules themselves.
+# The package exports the op under its module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.transition")
-layernorm_linear = importlib.import_module("megafold.kernels.layernorm_linear")
 
 NAMES = ("x", "ln_weight", "ln_bias", "w_in", "w_out")
-
-
-@pytest.fixture
-def one_block_chunks(monkeypatch):
-    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
-    monkeypatch.setattr(layernorm_linear, "WEIGHT_GRAD_CHUNK_BYTES", 1)
-    used, real = [], module.row_chunks
-    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
-    yield used
 
 
 def make_inputs(shape, n, dtype, device="cpu", c_out=None):

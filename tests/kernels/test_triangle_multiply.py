@@ -19,18 +19,8 @@ import torch
 from megafold.kernels.triangle_multiply import PARAM_NAMES, triangle_multiply, triangle_multiply_reference
 from megafold.kernels.testing import TOL, rel_err
 
-# The package exports the ops under their modules' names: reach the modules themselves.
+# The package exports the op under its module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.triangle_multiply")
-layernorm_linear = importlib.import_module("megafold.kernels.layernorm_linear")
-
-
-@pytest.fixture
-def one_block_chunks(monkeypatch):
-    """Weight-gradient chunks of one row block each; yields the chunk lists the op used."""
-    monkeypatch.setattr(layernorm_linear, "WEIGHT_GRAD_CHUNK_BYTES", 1)
-    used, real = [], module.row_chunks
-    monkeypatch.setattr(module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
-    yield used
 
 
 def make_params(c_z, c_h, dtype, device="cpu"):
