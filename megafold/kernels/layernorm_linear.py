@@ -173,6 +173,25 @@ def _layernorm_chunk(
     return tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0)
 
 
+@triton.jit
+def _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M: tl.constexpr):
+    """This program's rows of the chunk ``[row_start, row_end)`` of ``B * rows_per_batch`` rows:
+    index in the chunk, flat index, validity, batch and row within the batch."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = row_start + local
+    # int64 flat index: flat * c_z passes 2**31 for a pair tensor at N = 2048 with B = 4.
+    return local, flat.to(tl.int64), flat < row_end, flat // rows_per_batch, flat % rows_per_batch
+
+
+@triton.jit
+def _layernorm_backward_rows(dxn, xhat, rstd, gamma, K: tl.constexpr):
+    """d(x) of LayerNorm rows from d(LN(x)) ``dxn``, the normalised rows and 1/std (fp32)."""
+    dxhat = dxn * gamma[None, :]
+    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / K
+    mean_dxhat = tl.sum(dxhat, axis=1) / K
+    return (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -239,12 +258,7 @@ def _layernorm_linear_backward_kernel(
     reductions over it.
     """
     pid = tl.program_id(0)
-    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    flat = row_start + local
-    row_ok = flat < row_end
-    batch = flat // rows_per_batch
-    rows = flat % rows_per_batch
-    flat = flat.to(tl.int64)  # flat * K passes 2**31 for a pair tensor at N = 2048 with B = 4
+    local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
@@ -279,10 +293,7 @@ def _layernorm_linear_backward_kernel(
             dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
 
     if NEED_DX:
-        dxhat = dxn * gamma[None, :]
-        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / K
-        mean_dxhat = tl.sum(dxhat, axis=1) / K
-        dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+        dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
         tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
         tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)

@@ -24,6 +24,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+def assert_backward_repeats(out: torch.Tensor, leaves: list[torch.Tensor]) -> None:
+    """Two backward passes with one random output gradient give every gradient of ``leaves``
+    bit for bit (deterministic: no atomics, partial sums added in a fixed order)."""
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def evo_attention_reference_chunked(
     inputs: dict[str, torch.Tensor],
     grad_out: torch.Tensor,

@@ -16,6 +16,8 @@ import triton.language as tl
 
 from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
+    _chunk_rows,
+    _layernorm_backward_rows,
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
@@ -120,12 +122,7 @@ def _transition_backward_kernel(
     LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
     LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
     pid = tl.program_id(0)
-    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    flat = row_start + local
-    row_ok = flat < row_end
-    batch = flat // rows_per_batch
-    rows = flat % rows_per_batch
-    flat = flat.to(tl.int64)  # flat * C passes 2**31 for a pair tensor at N = 2048 with B = 4
+    local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
     dtype = w_in_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
@@ -161,10 +158,7 @@ def _transition_backward_kernel(
     x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-    dxhat = dxn * gamma[None, :]
-    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / C
-    mean_dxhat = tl.sum(dxhat, axis=1) / C
-    dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
+    dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, C)
     tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + pid

@@ -23,6 +23,8 @@ import triton.language as tl
 
 from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
+    _chunk_rows,
+    _layernorm_backward_rows,
     _layernorm_chunk,
     _layernorm_stats,
     _row_offsets,
@@ -139,24 +141,6 @@ def _triangle_output_forward_kernel(
              mask=row_ok[:, None] & (ks < CZ)[None, :])
     tl.store(x_mean_ptr + flat, x_mean, mask=row_ok)
     tl.store(x_rstd_ptr + flat, x_rstd, mask=row_ok)
-
-
-@triton.jit
-def _layernorm_backward_rows(dxn, xhat, rstd, gamma, N_CH: tl.constexpr):
-    dxhat = dxn * gamma[None, :]
-    mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / N_CH
-    mean_dxhat = tl.sum(dxhat, axis=1) / N_CH
-    return (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
-
-
-@triton.jit
-def _chunk_rows(row_start, row_end, NN, BLOCK_M: tl.constexpr):
-    """This program's rows of the chunk ``[row_start, row_end)`` of the ``B * N * N`` pairs:
-    index in the chunk, flat index, validity, batch and pair index ij."""
-    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    flat = row_start + local
-    # int64 flat index: flat * c_z passes 2**31 for a pair tensor at N = 2048 with B = 4.
-    return local, flat.to(tl.int64), flat < row_end, flat // NN, flat % NN
 
 
 @triton.jit

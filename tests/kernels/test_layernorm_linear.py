@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megafold.kernels.layernorm_linear import layernorm_linear, layernorm_linear_reference
-from megafold.kernels.testing import TOL, rel_err
+from megafold.kernels.testing import TOL, assert_backward_repeats, rel_err
 
 # The package exports the op under the module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.layernorm_linear")
@@ -80,12 +80,7 @@ def test_strided_inputs_and_gradient():
 def test_weight_gradients_are_deterministic():
     inputs = make_inputs((3, 11, 11, 24), 40, torch.float32)
     out = layernorm_linear(**inputs, backend="triton")
-    grad_out = torch.randn_like(out)
-    params = [inputs[n] for n in ("ln_weight", "ln_bias", "weight", "bias")]
-    first = torch.autograd.grad(out, params, grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, params, grad_out)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_backward_repeats(out, [inputs[n] for n in ("ln_weight", "ln_bias", "weight", "bias")])
 
 
 def test_weight_gradient_chunks(one_block_chunks):
@@ -95,11 +90,7 @@ def test_weight_gradient_chunks(one_block_chunks):
     inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
     check(inputs, torch.float32)
     assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
-    out = layernorm_linear(**inputs, backend="triton")
-    grad_out = torch.randn_like(out)
-    first = torch.autograd.grad(out, list(inputs.values()), grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, list(inputs.values()), grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_backward_repeats(layernorm_linear(**inputs, backend="triton"), list(inputs.values()))
 
 
 @pytest.mark.parametrize("frozen", [("x",), ("weight", "bias"), ("x", "ln_weight", "ln_bias", "weight")])

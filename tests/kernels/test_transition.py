@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megafold.kernels.transition import transition, transition_reference
-from megafold.kernels.testing import TOL, rel_err
+from megafold.kernels.testing import TOL, assert_backward_repeats, rel_err
 
 # The package exports the op under its module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.transition")
@@ -78,13 +78,7 @@ def test_hidden_activation_is_never_saved():
 
 def test_weight_gradients_are_deterministic():
     inputs = make_inputs((3, 11, 11, 16), 4, torch.float32)
-    out = transition(**inputs, backend="triton")
-    grad_out = torch.randn_like(out)
-    params = [inputs[n] for n in NAMES[1:]]
-    first = torch.autograd.grad(out, params, grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, params, grad_out)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_backward_repeats(transition(**inputs, backend="triton"), [inputs[n] for n in NAMES[1:]])
 
 
 def test_weight_gradient_chunks(one_block_chunks):
@@ -95,11 +89,7 @@ def test_weight_gradient_chunks(one_block_chunks):
     inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
     check(inputs, torch.float32)
     assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
-    out = transition(**inputs, backend="triton")
-    grad_out = torch.randn_like(out)
-    first = torch.autograd.grad(out, list(inputs.values()), grad_out, retain_graph=True)
-    second = torch.autograd.grad(out, list(inputs.values()), grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_backward_repeats(transition(**inputs, backend="triton"), list(inputs.values()))
 
 
 @pytest.mark.gpu
