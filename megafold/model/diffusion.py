@@ -200,7 +200,7 @@ class GraphedDenoiser:
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
         try:
-            side = torch.cuda.Stream(x_noisy.device)
+            side = _side_stream(x_noisy.device)
             side.wait_stream(torch.cuda.current_stream(x_noisy.device))
             with torch.cuda.stream(side):
                 result = self.denoise(x_noisy, sigma)
@@ -218,6 +218,19 @@ class GraphedDenoiser:
             return result
         finally:
             torch.set_autocast_cache_enabled(cache)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device for every capture. A stream of its own per capture would
+    cycle through PyTorch's pool of 32, and cuBLAS keeps a workspace (tens of MiB, allocated
+    through the caching allocator) for every stream it has run on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def noise_schedule(config: AlphaFold3Config, steps: int, device: torch.device | None = None) -> torch.Tensor:

@@ -683,6 +683,13 @@ def _allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
+        # cuBLAS keeps a workspace per stream it ran on, allocated through the caching
+        # allocator and so counted as allocated memory; a step that stops midway (out of
+        # memory) may leave one on a side stream. They are rebuilt on the next call.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            torch.cuda.synchronize(device)
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 
