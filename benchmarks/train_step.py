@@ -59,7 +59,7 @@ def run(kernels: str, args, device) -> dict:
     torch._dynamo.reset()
     cuda = device.type == "cuda"  # else a CPU smoke run ("tiny"): no memory counters
     torch.cuda.empty_cache()
-    config = preset(args.preset, kernels="torch" if kernels == "compile" else kernels)
+    config = preset(args.preset, kernels="torch" if kernels == "compile" else kernels, **args.overrides)
     model = AlphaFold3(config).to(device).train()
     if kernels == "compile":
         _compile_blocks(model, True)
@@ -102,6 +102,17 @@ def longest(kernels: str, args, device) -> dict:
     return {"longest_N": int(found.attrs["longest_crop"]), "longest_stopped_by": str(found.attrs["stopped_by"])}
 
 
+def _override(item: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` with VALUE parsed as JSON where it parses (true, 8, 0.5), else a string."""
+    import json
+
+    field, _, value = item.partition("=")
+    try:
+        return field, json.loads(value)
+    except ValueError:
+        return field, value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
@@ -115,8 +126,12 @@ def main(argv=None):
     parser.add_argument("--longest", action="store_true", help="also find the longest crop that fits")
     parser.add_argument("--longest-budget", type=float, default=240.0, help="seconds per kernels setting")
     parser.add_argument("--max-crop", type=int, default=4096)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override for every run, e.g. checkpoint_reentrant=false (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name (runs with --set)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.overrides = dict(_override(item) for item in args.set)
     if args.synthetic:
         args.source = "synthetic"
     if not torch.cuda.is_available() and args.preset != "tiny":
@@ -139,7 +154,9 @@ def main(argv=None):
         rows.append(row)
         print("  ", row, flush=True)
     name = "train_step" if args.source == "store" and args.preset == "paper" else f"train_step-{args.preset}-{args.source}"
+    name += f"-{args.tag}" if args.tag else ""
     path = write_json(name, env, rows, {"preset": args.preset, "crop": args.crop, "recycles": 1,
+                                        "overrides": args.overrides,
                                         "source": args.source, "workers": args.workers,
                                         "command": " ".join(["python", "benchmarks/train_step.py", *(argv or sys.argv[1:])])},
                       args.out)

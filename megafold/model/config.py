@@ -79,6 +79,7 @@ class AlphaFold3Config:
     # ---- speed and memory
     kernels: str = "auto"  # "torch" (eager baseline) | "triton" | "auto"
     checkpoint: bool = True  # activation checkpointing per Pairformer / MSA / template block
+    checkpoint_reentrant: bool = True  # ... whose forward builds no autograd graph (less host time)
     bf16: bool = True  # bf16 autocast on the forward
     pair_bf16_checkpoint: bool = True  # store the checkpointed pair activations in bf16
     pair_offload: bool = False  # ... and keep them in pinned host memory (CUDA): longer crops

@@ -121,6 +121,7 @@ class MSAModule(nn.Module):
         super().__init__()
         self.checkpoint = config.checkpoint
         self.pair_bf16, self.offload = config.pair_bf16_checkpoint, config.pair_offload
+        self.reentrant = config.checkpoint_reentrant
         self.msa_proj = LinearNoBias(NUM_RESTYPES + 2, config.c_m)
         self.single_proj = LinearNoBias(config.c_s_inputs, config.c_m)
         self.blocks = nn.ModuleList(
@@ -148,5 +149,6 @@ class MSAModule(nn.Module):
             pair, msa = checkpoint_pair_block(
                 block, pair, msa, pair_mask, msa_mask, token_mask,
                 enabled=self.checkpoint, pair_bf16=self.pair_bf16, offload=self.offload,
+                reentrant=self.reentrant,
             )
         return pair

@@ -135,6 +135,7 @@ class PairformerStack(nn.Module):
         super().__init__()
         self.checkpoint = config.checkpoint
         self.pair_bf16, self.offload = config.pair_bf16_checkpoint, config.pair_offload
+        self.reentrant = config.checkpoint_reentrant
         self.blocks = nn.ModuleList(
             PairformerBlock(
                 c_z, c_s, tri_mul_hidden=tri_mul_hidden or config.tri_mul_hidden,
@@ -153,5 +154,6 @@ class PairformerStack(nn.Module):
             pair, single = checkpoint_pair_block(
                 block, pair, single, pair_mask, token_mask,
                 enabled=self.checkpoint, pair_bf16=self.pair_bf16, offload=self.offload,
+                reentrant=self.reentrant,
             )
         return pair, single

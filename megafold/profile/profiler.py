@@ -54,6 +54,7 @@ Results are ``xarray.Dataset`` objects (``save`` / ``load`` through zarr); see
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -79,6 +80,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megafold.errors import ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config, preset, synthetic_batch
+from megafold.model.primitives import nonreentrant_checkpoints
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -641,14 +643,20 @@ class _Session:
         tracer.begin(timeline)
         batch = next(batches)
         tracer.stage("forward")
-        with torch.set_grad_enabled(self.backward):
+        # A traced step hooks the loss's autograd graph: a reentrant checkpoint's inner backward
+        # is not part of it, so the traced step checkpoints non-reentrantly.
+        def exact():
+            return nonreentrant_checkpoints() if tracer.traced else contextlib.nullcontext()
+
+        with exact(), torch.set_grad_enabled(self.backward):
             loss, _ = self.model.training_loss(batch, n_cycles=self.n_cycles)
         if self.backward:
             tracer.stage("profiler")
             handles = tracer.hook_graph(loss)
             tracer.stage("backward")
             try:
-                loss.backward()
+                with exact():
+                    loss.backward()
             finally:
                 for handle in handles:
                     handle.remove()

@@ -1,3 +1,4 @@
+import contextlib
 import math
 import re
 
@@ -11,6 +12,7 @@ from megafold.model.primitives import (
     LinearNoBias,
     checkpoint_pair_block,
     local_attention,
+    nonreentrant_checkpoints,
     shared_dropout,
 )
 
@@ -118,8 +120,9 @@ def _block(pair, single, weight):
     return new_pair, single * 2
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("pair_bf16", [False, True])
-def test_checkpoint_pair_block(pair_bf16):
+def test_checkpoint_pair_block(pair_bf16, reentrant):
     weight = torch.randn(8, 8, requires_grad=True)
     pair = torch.randn(2, 5, 5, 8, requires_grad=True)
     single = torch.randn(2, 5, 3, requires_grad=True)
@@ -128,10 +131,44 @@ def test_checkpoint_pair_block(pair_bf16):
     expected = [t.grad.clone() for t in (pair, single, weight)]
     for t in (pair, single, weight):
         t.grad = None
-    out_pair, out_single = checkpoint_pair_block(_block, pair, single, weight, enabled=True, pair_bf16=pair_bf16)
+    out_pair, out_single = checkpoint_pair_block(
+        _block, pair, single, weight, enabled=True, pair_bf16=pair_bf16, reentrant=reentrant
+    )
     (out_pair.square().sum() + out_single.sum()).backward()
     tol = 2e-2 if pair_bf16 else 1e-6  # bf16 keeps 8 mantissa bits of the block input
     assert out_pair.dtype == torch.float32
     assert (out_pair - ref_pair).norm() / ref_pair.norm() < tol
     for got, want in zip((pair.grad, single.grad, weight.grad), expected):
         assert (got - want).norm() / want.norm() < tol
+
+
+def _dropout_block(pair, single, grad_modes):
+    grad_modes.append(torch.is_grad_enabled())
+    return pair + shared_dropout(torch.tanh(pair), 0.5, True, -3), single
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_reentrant_checkpoint_replays_dropout_and_builds_no_graph_in_forward(forced):
+    """The reentrant form runs the block's forward without building an autograd graph, then
+    recomputes it in backward with the forward's dropout masks (same gradients as no
+    checkpoint); ``nonreentrant_checkpoints()`` switches to the non-reentrant form, whose
+    forward builds the graph (and drops what it saves)."""
+    pair = torch.randn(2, 6, 6, 4, requires_grad=True)
+    single = torch.randn(2, 6, 3, requires_grad=True)
+    torch.manual_seed(3)
+    ref_pair, _ = _dropout_block(pair, single, [])
+    ref_pair.square().sum().backward()
+    expected = pair.grad.clone()
+    pair.grad = None
+    grad_modes: list[bool] = []
+    torch.manual_seed(3)
+    with nonreentrant_checkpoints() if forced else contextlib.nullcontext():
+        out, _ = checkpoint_pair_block(
+            _dropout_block, pair, single, grad_modes, enabled=True, pair_bf16=False, reentrant=True
+        )
+    assert torch.equal(out, ref_pair)
+    assert grad_modes == [forced]
+    torch.manual_seed(99)  # the recompute must not draw new masks from the current state
+    out.square().sum().backward()
+    assert grad_modes == [forced, True]
+    assert torch.allclose(pair.grad, expected, rtol=1e-6, atol=1e-7)
