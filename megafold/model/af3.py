@@ -43,7 +43,7 @@ from megafold.model.losses import (
 )
 from megafold.model.msa import MSAModule
 from megafold.model.pairformer import PairformerStack
-from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed
+from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed, checkpointed_with_context
 from megafold.model.template import TemplateEmbedder
 
 Batch = Mapping[str, torch.Tensor]
@@ -179,7 +179,9 @@ class AlphaFold3(nn.Module):
         pairs = bonded_atom_pairs(batch) if c.bond_loss_weight > 0 else torch.zeros(0, 3, dtype=torch.long)
         lddt_pairs = smooth_lddt_pairs(x_true, nucleotide, resolved)  # once, not per chunk
 
-        def chunk_terms(x_noisy_c: torch.Tensor, x_aug_c: torch.Tensor, sigma_c: torch.Tensor) -> torch.Tensor:
+        def chunk_terms(
+            ctx: DiffusionContext, x_noisy_c: torch.Tensor, x_aug_c: torch.Tensor, sigma_c: torch.Tensor
+        ) -> torch.Tensor:
             x_denoised = self.diffusion_module(ctx, x_noisy_c, sigma_c)
             aligned = weighted_rigid_align(x_denoised, x_aug_c, (weight * resolved)[:, None])
             mse = weighted_mse(x_denoised, aligned, weight[:, None], resolved[:, None])
@@ -192,9 +194,12 @@ class AlphaFold3(nn.Module):
         for start in range(0, S, chunk):
             args = (x_noisy[:, start : start + chunk], x_aug[:, start : start + chunk], sigma[:, start : start + chunk])
             if chunk < S and torch.is_grad_enabled():
-                parts.append(checkpointed(chunk_terms, *args))
+                if c.checkpoint_reentrant:  # the context's tensors become checkpoint arguments
+                    parts.append(checkpointed_with_context(chunk_terms, ctx, *args))
+                else:
+                    parts.append(checkpointed(lambda *a: chunk_terms(ctx, *a), *args))
             else:
-                parts.append(chunk_terms(*args))
+                parts.append(chunk_terms(ctx, *args))
         mse, lddt, bond = torch.cat(parts, dim=-1)
         weighted = edm_weight(sigma, c.sigma_data) * (mse + c.bond_loss_weight * bond)
         return {"diffusion": weighted.mean(), "smooth_lddt": lddt.mean(), "bond": bond.mean(), "mse": mse.mean()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import dataclasses
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -142,6 +143,52 @@ def checkpointed(fn: Callable, *args, reentrant: bool = False):
     ):
         return checkpoint(run, *args, use_reentrant=True)
     return checkpoint(run, *args, use_reentrant=False)
+
+
+def tensor_leaves(tree: object) -> tuple[list[torch.Tensor], Callable[[Sequence[torch.Tensor]], object]]:
+    """The tensors inside ``tree`` (dataclasses, named and plain tuples, lists, dicts; any other
+    object is a constant) and a function that rebuilds the tree around replacement tensors."""
+    leaves: list[torch.Tensor] = []
+
+    def walk(node: object) -> Callable[[Sequence[torch.Tensor]], object]:
+        if isinstance(node, torch.Tensor):
+            index = len(leaves)
+            leaves.append(node)
+            return lambda new: new[index]
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            fields = {f.name: walk(getattr(node, f.name)) for f in dataclasses.fields(node) if f.init}
+            return lambda new: dataclasses.replace(node, **{k: rebuild(new) for k, rebuild in fields.items()})
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            parts = [walk(item) for item in node]
+            return lambda new: type(node)(*(rebuild(new) for rebuild in parts))
+        if isinstance(node, (list, tuple)):
+            parts = [walk(item) for item in node]
+            return lambda new: type(node)(rebuild(new) for rebuild in parts)
+        if isinstance(node, dict):
+            items = {key: walk(value) for key, value in node.items()}
+            return lambda new: {key: rebuild(new) for key, rebuild in items.items()}
+        return lambda new: node
+
+    rebuild = walk(tree)
+    return leaves, rebuild
+
+
+def checkpointed_with_context(fn: Callable, context: object, *args):
+    """``checkpointed(fn, context, *args)`` reentrantly: every tensor of ``context`` (see
+    ``tensor_leaves``) that requires grad becomes an argument of the checkpoint, so the
+    recompute's gradients reach it (a reentrant checkpoint gives gradients to its arguments
+    and parameters only)."""
+    leaves, rebuild = tensor_leaves(context)
+    with_grad = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+    count = len(args)
+
+    def run(*inputs):
+        new = list(leaves)
+        for index, tensor in zip(with_grad, inputs[count:]):
+            new[index] = tensor
+        return fn(rebuild(new), *inputs[:count])
+
+    return checkpointed(run, *args, *(leaves[i] for i in with_grad), reentrant=True)
 
 
 def run_in_chunks(

@@ -225,13 +225,16 @@ def test_memory_switches_keep_the_result(mixed_batch, perturb):
     row chunking change nothing in fp32; bf16 autocast with bf16 pair checkpoints stays
     within bf16 tolerance (loss terms 5e-2, whole gradient 1e-1)."""
     plain_terms, plain_grads = _train_step(tiny(), mixed_batch, perturb)
-    lean = tiny(checkpoint=True, transition_chunk=3, attention_chunk=5, diffusion_chunk=1)
-    terms, grads = _train_step(lean, mixed_batch, perturb)
-    for name, value in plain_terms.items():
-        assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     typical = sorted(float(g.norm()) for g in plain_grads.values())[len(plain_grads) // 2]
-    for name, grad in plain_grads.items():  # fp32 summed in another order; see SHIFT_INVARIANT
-        assert (grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-4 * typical, name
+    for reentrant in (False, True):  # reentrant: the diffusion context's tensors are checkpoint arguments
+        lean = tiny(checkpoint=True, transition_chunk=3, attention_chunk=5, diffusion_chunk=1,
+                    checkpoint_reentrant=reentrant)  # fmt: skip
+        terms, grads = _train_step(lean, mixed_batch, perturb)
+        for name, value in plain_terms.items():
+            assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        assert grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():  # fp32 summed in another order; see SHIFT_INVARIANT
+            assert (grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-4 * typical, (reentrant, name)
 
     bf16 = lean.replace(bf16=True, pair_bf16_checkpoint=True)
     terms, grads = _train_step(bf16, mixed_batch, perturb)
