@@ -264,8 +264,9 @@ class AdaLN(nn.Module):
         # LN(a) in a's dtype: under autocast (bf16 a) this skips autocast's fp32 copies of a and
         # of LN(a), which backward would keep, and their casts, for a value that is rounded to
         # bf16 before the next product anyway (the kernel's statistics are fp32 either way).
-        with torch.autocast(a.device.type, enabled=False):
-            normed = F.layer_norm(a, self.norm_a.normalized_shape, eps=self.norm_a.eps)
+        # (aten's native_layer_norm has no autocast policy: no context to enter and leave, ~850
+        # calls a "paper" step.)
+        normed = torch.native_layer_norm(a, self.norm_a.normalized_shape, None, None, self.norm_a.eps)[0]
         return modulation.scale * normed + modulation.shift
 
 
@@ -386,8 +387,8 @@ def local_attention(
     logits = logits.masked_fill(~key_mask[:, None, :, None, None, :], torch.finfo(logits.dtype).min)
     # Softmax in the logits' dtype (the kernel accumulates in fp32): CUDA autocast would return
     # fp32 probabilities, keep them for backward and cast them back to bf16 for the product.
-    with torch.autocast(logits.device.type, enabled=False):
-        probs = torch.softmax(logits, dim=-1)
+    # aten's _softmax has no autocast policy (softmax's is fp32): no context needed.
+    probs = torch._softmax(logits, -1, False)
     out = torch.einsum("bskhqm,bskmhd->bskqhd", probs, v)
     return out * torch.sigmoid(gate)
 
