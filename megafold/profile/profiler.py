@@ -845,6 +845,53 @@ def _profile_dataset(
 # --------------------------------------------------------------------------- public API
 
 
+def precompile_kernels(
+    config: AlphaFold3Config | str | Variant,
+    *,
+    crop: int,
+    device: str | torch.device | None = None,
+    backward: bool = True,
+    n_cycles: int = 1,
+    msa_rows: int = 64,
+    atoms_per_token: int = 8,
+    workers: int | None = None,
+):
+    """Start compiling, in worker processes, the Triton kernels one training step of ``config``
+    at ``crop`` launches (``megafold.kernels.precompile``); returns the handle to ``wait()`` on
+    (None where there is nothing to do: no CUDA, no Triton kernels, a compiled variant).
+
+    It runs one throwaway step with every Triton launch recorded instead of run (a few
+    seconds: the step's host work without its kernels), then returns while the workers
+    compile; profile something else meanwhile. The step uses the stored launch choices, not
+    new tuning (tuning launches kernels)."""
+    from megafold.kernels.precompile import compile_in_processes, record_launches
+
+    variant = config if isinstance(config, Variant) else Variant(resolve_config(config))
+    device = resolve_device(device)
+    if device.type != "cuda" or variant.compile or not variant_label(variant, device).startswith("triton"):
+        return None
+    records: list = []
+    saved = os.environ.get("MEGAFOLD_AUTOTUNE")
+    os.environ["MEGAFOLD_AUTOTUNE"] = "0"
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False)).train()
+        batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
+        with record_launches(records), torch.set_grad_enabled(backward):
+            loss, _ = model.training_loss(batch, n_cycles=n_cycles)
+            if backward:
+                loss.backward()
+    finally:
+        if saved is None:
+            os.environ.pop("MEGAFOLD_AUTOTUNE", None)
+        else:
+            os.environ["MEGAFOLD_AUTOTUNE"] = saved
+        model = batch = loss = None
+        _free_memory(device)
+    return compile_in_processes(records, workers)
+
+
 def profile_step(
     config: AlphaFold3Config | str | Variant = "tiny",
     *,
