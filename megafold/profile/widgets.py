@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -158,7 +159,9 @@ def run_profile(
         for label, variant in list(todo.items())[1:]:
             if on_status:
                 on_status(f"compiling the kernels of {label} in the background")
-            handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, **options)
+            # leave cores to the variant being profiled meanwhile (its step is host-bound)
+            workers = max(1, min(12, (os.cpu_count() or 1) - 2))
+            handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
             if handle is not None:
                 pending[label] = handle
     for number, (label, variant) in enumerate(todo.items(), 1):
