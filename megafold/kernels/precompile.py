@@ -5,8 +5,9 @@ the other in the launching thread: a fresh machine spends about 90 s of its firs
 training step (H100) compiling ~60 kernel variants. ``record_launches`` runs code with every
 Triton launch replaced by a record (kernel, argument dtypes and integers, constexprs, launch
 options: what Triton specializes on) and nothing launched; ``compile_in_processes`` then has
-worker processes compile those records through ``JITFunction.warmup``, which writes Triton's
-on-disk cache. The real run finds each kernel there (a load, not a compile).
+worker processes compile those records through ``JITFunction.warmup`` and load them (which
+builds each signature's C launcher), writing Triton's on-disk cache. The real run finds each
+kernel and launcher there (a load, not a compile).
 
 What the recorded run computes is garbage (no kernel ran): only its launches count, so run a
 throwaway step. A record whose tensor argument is not 16-byte aligned in the real run (a view
@@ -83,7 +84,12 @@ def _compile(records: Sequence[Record]) -> tuple[int, list[str]]:
     for module, name, args, kwargs, grid in records:
         try:
             kernel = getattr(importlib.import_module(module), name)
-            kernel.warmup(*(_decode(a) for a in args), grid=grid, **{k: _decode(v) for k, v in kwargs})
+            compiled = kernel.warmup(*(_decode(a) for a in args), grid=grid, **{k: _decode(v) for k, v in kwargs})
+            # Loading the kernel builds its C launcher (compiled per signature, cached on disk
+            # too): otherwise the main process builds every launcher at its first launch.
+            init = getattr(compiled, "_init_handles", None)
+            if init is not None:
+                init()
             done += 1
         except Exception as error:  # noqa: BLE001  a record that fails compiles lazily later
             problems.append(f"{name}: {type(error).__name__}: {error}"[:200])
