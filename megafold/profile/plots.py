@@ -182,7 +182,7 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
 def longest_crop_figure(ds: xr.Dataset) -> go.Figure:
     """Peak memory against crop size for each config: the crops a step was measured at (filled;
     an x where it did not fit), the fitted peak the search predicted from (dotted), and the
-    predicted longest crop where no step verified it (open circle). The legend gives each
+    predicted longest crop where no step was measured there (open circle). The legend gives each
     config's longest crop and what it rests on. Takes a ``longest_crop`` Dataset or a
     comparison made with ``longest=True``."""
     import plotly.graph_objects as go
@@ -227,7 +227,7 @@ def longest_crop_figure(ds: xr.Dataset) -> go.Figure:
                     name=f"{config}: fitted peak", hoverinfo="skip",
                 )
             )  # fmt: skip
-            if predicted > longest:
+            if predicted > longest and predicted not in crops[tried]:  # a measured crop shows its outcome
                 fig.add_trace(
                     go.Scatter(
                         x=[predicted], y=[np.polyval(fit[::-1], predicted)], mode="markers",

@@ -102,6 +102,16 @@ def test_longest_crop_figure_shows_the_fit_and_an_unverified_prediction(profiles
     assert "torch: fitted peak" in names and "torch: predicted 24 (not verified)" in names
     circle = fig.data[names.index("torch: predicted 24 (not verified)")]
     assert list(circle.x) == [24] and circle.y[0] == pytest.approx(peaks[0] - 4.0 + 4.0 / 64 * 24**2)
+    # A prediction that a step then refuted (it ran out of memory there) is the x, not a circle.
+    fits, outcome = torch_only["crop_fits"].values.copy(), torch_only["crop_outcome"].values.astype(object)
+    crops = list(torch_only[plots.SEARCH_DIM].values)
+    fits[0, crops.index(16)], outcome[0, crops.index(16)] = False, "out of memory"
+    refuted = unverified.assign(
+        crop_fits=(torch_only["crop_fits"].dims, fits), crop_outcome=(torch_only["crop_outcome"].dims, outcome.astype(str)),
+        longest_stopped_by=("config", ["out of memory"]), longest_predicted=("config", [16]),
+    )  # fmt: skip
+    names = [t.name for t in plots.longest_crop_figure(refuted).data]
+    assert "torch: does not fit" in names and not any("predicted" in name for name in names), names
     with pytest.raises(ValueError, match="longest_crop"):
         plots.longest_crop_figure(_without_search(comparison))
 
