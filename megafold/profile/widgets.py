@@ -161,7 +161,12 @@ def run_profile(
                 on_status(f"compiling the kernels of {label} in the background")
             # leave cores to the variant being profiled meanwhile (its step is host-bound)
             workers = max(1, min(12, (os.cpu_count() or 1) - 2))
-            handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
+            try:
+                handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
+            except Exception as error:  # noqa: BLE001  only a speed-up: the kernels compile at first use
+                handle = None
+                if on_status:
+                    on_status(f"precompiling failed ({type(error).__name__}: {error}); kernels compile at first use")
             if handle is not None:
                 pending[label] = handle
     for number, (label, variant) in enumerate(todo.items(), 1):
