@@ -80,6 +80,8 @@ def record_launches(records: list[Record]) -> Iterator[None]:
 
 def _compile(records: Sequence[Record]) -> tuple[int, list[str]]:
     """(in a worker) Compile each record into Triton's on-disk cache; (compiled, problems)."""
+    with contextlib.suppress(OSError, AttributeError):  # yield the CPU to the process being profiled
+        os.nice(10)
     done, problems = 0, []
     for module, name, args, kwargs, grid in records:
         try:
