@@ -20,6 +20,7 @@
 #   dap       (a 2-GPU machine) the sharded trunk's test and benchmarks/dap.py (longest crops)
 #   dap-longest (a 2-GPU machine) the DDP test and the longest crops on 1 and 2 GPUs at 79.2 GiB each
 #   trace     benchmarks/step_trace.py: GPU busy time, launches and top kernels of a "paper" step
+#   host      benchmarks/host_profile.py: where a "paper" step's host (Python) time goes (cProfile)
 #   longest   the trunk's longest crop: triton from 1536, then with pair_offload from 2048
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
 #             then `curve-resume` continues it on the same machine)
@@ -63,6 +64,9 @@ step)
     ;;
 trace)
     step trace 240 $py benchmarks/step_trace.py --kernels torch,triton --out "$OUT"
+    ;;
+host)
+    step host 240 $py benchmarks/host_profile.py --kernels triton,torch --out "$OUT"
     ;;
 longest)
     step longest 260 $py benchmarks/trunk.py --ns 1536 --stacks triton --longest --longest-stacks triton \
