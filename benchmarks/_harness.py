@@ -109,6 +109,19 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def config_overrides(items: list[str]) -> dict[str, object]:
+    """``--set FIELD=VALUE`` items as config overrides, each VALUE parsed as JSON where it
+    parses (true, 8, 0.5), else kept as a string."""
+    overrides = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except ValueError:
+            overrides[field] = value
+    return overrides
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 

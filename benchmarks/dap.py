@@ -48,7 +48,7 @@ def worker(args) -> None:
     """One rank of one trial: a warm-up step, ``reps`` timed steps; rank 0 writes the result."""
     import torch
 
-    from benchmarks._harness import is_oom
+    from benchmarks._harness import config_overrides, is_oom
     from megafold.kernels import use_kernels
     from megafold.model import preset
     from megafold.model.pairformer import PairformerStack
@@ -62,9 +62,7 @@ def worker(args) -> None:
         # 80 GB): out-of-memory happens where it would there. NCCL's own buffers are not counted.
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total), device)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    config = preset(args.preset, kernels=args.kernels, pairformer_blocks=args.blocks,
-                    **{name: json.loads(value) for name, value in overrides.items()})  # fmt: skip
+    config = preset(args.preset, kernels=args.kernels, pairformer_blocks=args.blocks, **config_overrides(args.set))
     torch.manual_seed(0)
     stack = PairformerStack(config, config.pairformer_blocks, config.c_z, config.c_s).to(device)
     shards = AxialShards.create(args.crop)

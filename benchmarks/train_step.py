@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ROOT, environment, is_oom, print_table, write_json  # noqa: E402
+from _harness import ROOT, config_overrides, environment, is_oom, print_table, write_json  # noqa: E402
 
 from megafold.model import AlphaFold3, preset  # noqa: E402
 from megafold.profile.profiler import _compile_blocks, longest_crop, variants  # noqa: E402
@@ -102,17 +102,6 @@ def longest(kernels: str, args, device) -> dict:
     return {"longest_N": int(found.attrs["longest_crop"]), "longest_stopped_by": str(found.attrs["stopped_by"])}
 
 
-def _override(item: str) -> tuple[str, object]:
-    """``FIELD=VALUE`` with VALUE parsed as JSON where it parses (true, 8, 0.5), else a string."""
-    import json
-
-    field, _, value = item.partition("=")
-    try:
-        return field, json.loads(value)
-    except ValueError:
-        return field, value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
@@ -131,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--tag", default="", help="suffix of the JSON's name (runs with --set)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    args.overrides = dict(_override(item) for item in args.set)
+    args.overrides = config_overrides(args.set)
     if args.synthetic:
         args.source = "synthetic"
     if not torch.cuda.is_available() and args.preset != "tiny":

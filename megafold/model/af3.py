@@ -43,7 +43,7 @@ from megafold.model.losses import (
 )
 from megafold.model.msa import MSAModule
 from megafold.model.pairformer import PairformerStack
-from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed, checkpointed_with_context
+from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed_with_context
 from megafold.model.template import TemplateEmbedder
 
 Batch = Mapping[str, torch.Tensor]
@@ -194,10 +194,7 @@ class AlphaFold3(nn.Module):
         for start in range(0, S, chunk):
             args = (x_noisy[:, start : start + chunk], x_aug[:, start : start + chunk], sigma[:, start : start + chunk])
             if chunk < S and torch.is_grad_enabled():
-                if c.checkpoint_reentrant:  # the context's tensors become checkpoint arguments
-                    parts.append(checkpointed_with_context(chunk_terms, ctx, *args))
-                else:
-                    parts.append(checkpointed(lambda *a: chunk_terms(ctx, *a), *args))
+                parts.append(checkpointed_with_context(chunk_terms, ctx, *args, reentrant=c.checkpoint_reentrant))
             else:
                 parts.append(chunk_terms(ctx, *args))
         mse, lddt, bond = torch.cat(parts, dim=-1)

@@ -173,11 +173,11 @@ def tensor_leaves(tree: object) -> tuple[list[torch.Tensor], Callable[[Sequence[
     return leaves, rebuild
 
 
-def checkpointed_with_context(fn: Callable, context: object, *args):
-    """``checkpointed(fn, context, *args)`` reentrantly: every tensor of ``context`` (see
-    ``tensor_leaves``) that requires grad becomes an argument of the checkpoint, so the
-    recompute's gradients reach it (a reentrant checkpoint gives gradients to its arguments
-    and parameters only)."""
+def checkpointed_with_context(fn: Callable, context: object, *args, reentrant: bool = True):
+    """``checkpointed(fn, context, *args, reentrant=...)`` with every tensor of ``context``
+    (see ``tensor_leaves``) that requires grad passed as an argument of the checkpoint, so a
+    reentrant recompute's gradients reach it (a reentrant checkpoint gives gradients to its
+    arguments and parameters only; the non-reentrant form works either way)."""
     leaves, rebuild = tensor_leaves(context)
     with_grad = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
     count = len(args)
@@ -188,7 +188,7 @@ def checkpointed_with_context(fn: Callable, context: object, *args):
             new[index] = tensor
         return fn(rebuild(new), *inputs[:count])
 
-    return checkpointed(run, *args, *(leaves[i] for i in with_grad), reentrant=True)
+    return checkpointed(run, *args, *(leaves[i] for i in with_grad), reentrant=reentrant)
 
 
 def run_in_chunks(

@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -862,8 +863,7 @@ def precompile_kernels(
 
     It runs one throwaway step with every Triton launch recorded instead of run (a few
     seconds: the step's host work without its kernels), then returns while the workers
-    compile; profile something else meanwhile. The step uses the stored launch choices, not
-    new tuning (tuning launches kernels)."""
+    compile; profile something else meanwhile."""
     from megafold.kernels.precompile import compile_in_processes, record_launches
 
     variant = config if isinstance(config, Variant) else Variant(resolve_config(config))
@@ -871,24 +871,20 @@ def precompile_kernels(
     if device.type != "cuda" or variant.compile or not variant_label(variant, device).startswith("triton"):
         return None
     records: list = []
-    saved = os.environ.get("MEGAFOLD_AUTOTUNE")
-    os.environ["MEGAFOLD_AUTOTUNE"] = "0"
-    try:
+    # Tuning launches kernels: the recorded step takes the stored choices (or the defaults).
+    with mock.patch.dict(os.environ, {"MEGAFOLD_AUTOTUNE": "0"}):
         torch.manual_seed(0)
         with torch.device(device):
             model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False)).train()
         batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
-        with record_launches(records), torch.set_grad_enabled(backward):
-            loss, _ = model.training_loss(batch, n_cycles=n_cycles)
-            if backward:
-                loss.backward()
-    finally:
-        if saved is None:
-            os.environ.pop("MEGAFOLD_AUTOTUNE", None)
-        else:
-            os.environ["MEGAFOLD_AUTOTUNE"] = saved
-        model = batch = loss = None
-        _free_memory(device)
+        try:
+            with record_launches(records), torch.set_grad_enabled(backward):
+                loss, _ = model.training_loss(batch, n_cycles=n_cycles)
+                if backward:
+                    loss.backward()
+        finally:
+            model = batch = loss = None
+            _free_memory(device)
     return compile_in_processes(records, workers)
 
 

@@ -156,11 +156,11 @@ def run_profile(
     # (~90 s on an H100): worker processes compile them while the other variants are profiled.
     pending: dict[str, object] = {}
     if device.type == "cuda" and len(todo) > 1:
+        # leave cores to the variant being profiled meanwhile (its step is host-bound)
+        workers = max(1, min(12, (os.cpu_count() or 1) - 2))
         for label, variant in list(todo.items())[1:]:
             if on_status:
                 on_status(f"compiling the kernels of {label} in the background")
-            # leave cores to the variant being profiled meanwhile (its step is host-bound)
-            workers = max(1, min(12, (os.cpu_count() or 1) - 2))
             try:
                 handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
             except Exception as error:  # noqa: BLE001  only a speed-up: the kernels compile at first use
