@@ -993,8 +993,8 @@ def longest_crop(
     predicts instead of walking. It fits the measured peaks as ``base + b N + c N^2 + d N^3``
     (eager triangle attention holds an ``[N, N, N]`` tensor), with non-negative coefficients and
     ``base`` the persistent memory (weights, Adam's moments, one gradient per parameter); one
-    point gives ``base + c N^2`` (``base + d N^3`` for the torch kernels), a cautious first
-    jump; two give ``c, d`` where the peak grew faster than N^2 between them, else ``b, c``. Each step then runs at the largest grid crop
+    point gives ``base + b N + c N^2`` with the two terms equal there (``base + d N^3`` for the
+    torch kernels), a cautious first jump; two give ``c, d`` where the peak grew faster than N^2 between them, else ``b, c``. Each step then runs at the largest grid crop
     predicted to fit inside the bracket (the longest crop that fit, the shortest that did not),
     so a step both verifies the prediction and sharpens the fit; once the prediction says the
     next grid crop does not fit, one step there closes the bracket. A profile of the same
@@ -1177,9 +1177,10 @@ def _next_crop(tried: Mapping[int, _Trial], grid: _Grid, predicted: int | None) 
 
 def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float, cubic: bool = False) -> np.ndarray | None:
     """Coefficients ``[base, b, c, d]`` (MiB) of ``peak = base + b N + c N^2 + d N^3``, all
-    non-negative, fitted by least squares to the measured peaks: from one point ``c`` alone
-    (``d`` alone with ``cubic``: a config known to hold ``[N, N, N]`` tensors, whose quadratic
-    extrapolation would overshoot into an out-of-memory step); from two, ``c, d`` where the
+    non-negative, fitted by least squares to the measured peaks: from one point ``b`` and ``c``
+    sharing the peak above the base equally (``d`` alone with ``cubic``: a config known to hold
+    ``[N, N, N]`` tensors, whose slower extrapolation would overshoot into an out-of-memory
+    step); from two, ``c, d`` where the
     peak above the base grows faster than N^2 between them, else ``b, c``; ``b, c, d`` from
     three on (exact where there are as many points as unknowns). None without a measured peak."""
     points = sorted((c, t.peak_mib) for c, t in tried.items() if np.isfinite(t.peak_mib))
@@ -1187,8 +1188,18 @@ def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float, cubic: bool = False
         return None
     n = np.array([p[0] for p in points], dtype=np.float64)
     above_base = np.array([p[1] for p in points], dtype=np.float64) - base_mib
+    if len(points) == 1 and not cubic:
+        # Half of the peak above the base in a linear term, half in a quadratic one. The H100
+        # "paper" search's four-point fit put 78% of the triton step's activations at crop 384
+        # in the linear term (atoms, 48 diffusion samples) and its peak grew as N^1.5 up to
+        # 1408; a pure N^2 extrapolation undershot to 1152 and cost two more steps of ~15 s.
+        fit = np.zeros(4)
+        fit[0] = base_mib
+        fit[1] = max(above_base[0], 0.0) / 2 / n[0]
+        fit[2] = max(above_base[0], 0.0) / 2 / n[0] ** 2
+        return fit
     if len(points) == 1:
-        powers: tuple[int, ...] = (3,) if cubic else (2,)
+        powers: tuple[int, ...] = (3,)
     elif len(points) == 2:
         faster = above_base[0] > 0 and above_base[1] > above_base[0] * (n[1] / n[0]) ** 2
         powers = (2, 3) if faster else (1, 2)

@@ -89,7 +89,7 @@ class DashboardSettings:
     quick: bool = False
     longest: bool = True
     max_crop: int = 2048
-    time_budget_s: float | None = 112.0  # the whole run (profiles, then searches); None: no limit
+    time_budget_s: float | None = 112.0  # the whole run (each profile and its search); None: no limit
     overhead: bool = True  # one plain step per variant: the profiler's own cost
     steps: int = 1
     warmup: int = 1
@@ -136,12 +136,20 @@ def run_profile(
     on_result: Callable[[str, xr.Dataset], None] | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> xr.Dataset:
-    """Profile every kernel variant of ``settings``, then search their longest crops, calling
-    ``on_result(label, results so far)`` after each and ``on_status(text)`` before each.
+    """Profile each kernel variant of ``settings`` and search its longest crop, one variant
+    after the other, calling ``on_result(label, results so far)`` after each profile and search
+    and ``on_status(text)`` before each.
 
     The searches start from each profile (its crop and peak on synthetic batches are the first
-    point of the memory fit) and share what is left of ``settings.time_budget_s`` equally,
-    a later variant inheriting what an earlier one did not use."""
+    point of the memory fit) and share what is left of ``settings.time_budget_s`` equally, less
+    the time the later variants' profiles will take (the first profile's, for each), a later
+    variant inheriting what an earlier one did not use.
+
+    On a GPU, once the first variant is profiled, worker processes compile the Triton kernels
+    of the later variants (``precompile_kernels``) while the first variant's search runs: a
+    fresh machine would otherwise compile them at the triton variant's first step (~90 s on an
+    H100). The first profile runs before the workers start, so its step time is not measured
+    beside them."""
     began = time.perf_counter()
     device = resolve_device(settings.device)
     todo = settings.variants()
@@ -152,23 +160,8 @@ def run_profile(
         "device": device, "backward": settings.backward, "msa_rows": settings.msa_rows,
         "atoms_per_token": settings.atoms_per_token,
     }  # fmt: skip
-    # A fresh GPU machine compiles every Triton kernel at the triton variant's first step
-    # (~90 s on an H100): worker processes compile them while the other variants are profiled.
     pending: dict[str, object] = {}
-    if device.type == "cuda" and len(todo) > 1:
-        # leave cores to the variant being profiled meanwhile (its step is host-bound)
-        workers = max(1, min(12, (os.cpu_count() or 1) - 2))
-        for label, variant in list(todo.items())[1:]:
-            if on_status:
-                on_status(f"compiling the kernels of {label} in the background")
-            try:
-                handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
-            except Exception as error:  # noqa: BLE001  only a speed-up: the kernels compile at first use
-                handle = None
-                if on_status:
-                    on_status(f"precompiling failed ({type(error).__name__}: {error}); kernels compile at first use")
-            if handle is not None:
-                pending[label] = handle
+    profile_s = 0.0
     for number, (label, variant) in enumerate(todo.items(), 1):
         if label in pending:
             if on_status:
@@ -179,29 +172,55 @@ def run_profile(
                           f"in {compiled['seconds']:.0f} s")  # fmt: skip
         if on_status:
             on_status(f"profiling {label} ({number}/{len(todo)}) at crop {settings.crop}")
+        profile_began = time.perf_counter()
         results[label] = profile_step(
             variant, crop=settings.crop, batches=batches, steps=settings.steps, warmup=settings.warmup,
             measure_overhead=settings.overhead, label=label, **options,
         )  # fmt: skip
+        if number == 1:
+            profile_s = time.perf_counter() - profile_began
         if on_result:
-            on_result(label, combine(results))
-    if settings.longest:
-        cpu = device.type == "cpu"
-        for number, (label, variant) in enumerate(todo.items(), 1):
+            on_result(label, combine(results, searches))
+        if number == 1 and device.type == "cuda" and len(todo) > 1:
+            pending = _start_precompiling(dict(list(todo.items())[1:]), settings, options, on_status)
+        if settings.longest:
+            later = len(todo) - number
             share_s = None
             if settings.time_budget_s is not None:
-                left_s = settings.time_budget_s - (time.perf_counter() - began)
-                share_s = max(left_s, 0.0) / (len(todo) - number + 1)
+                left_s = settings.time_budget_s - (time.perf_counter() - began) - later * profile_s
+                share_s = max(left_s, 0.0) / (later + 1)
             if on_status:
                 within = "" if share_s is None else f" within {share_s:.0f} s"
                 on_status(f"longest crop of {label} ({number}/{len(todo)}), up to {settings.max_crop}{within}")
             searches[label] = longest_crop(
-                variant, start=settings.crop, step=settings.crop if cpu else 128, max_crop=settings.max_crop,
-                time_budget_s=share_s, known=results[label] if batches is None else None, label=label, **options,
+                variant, start=settings.crop, step=settings.crop if device.type == "cpu" else 128,
+                max_crop=settings.max_crop, time_budget_s=share_s, known=results[label] if batches is None else None,
+                label=label, **options,
             )  # fmt: skip
             if on_result:
                 on_result(label, combine(results, searches))
     return combine(results, searches)
+
+
+def _start_precompiling(
+    later: dict[str, Variant], settings: DashboardSettings, options: dict, on_status: Callable[[str], None] | None
+) -> dict[str, object]:
+    """Start the Triton compile workers for each of ``later``; {label: handle to wait on}."""
+    # leave cores to the step profiled or searched meanwhile (it is host-bound)
+    workers = max(1, min(12, (os.cpu_count() or 1) - 2))
+    pending: dict[str, object] = {}
+    for label, variant in later.items():
+        if on_status:
+            on_status(f"compiling the kernels of {label} in the background")
+        try:
+            handle = precompile_kernels(variant, crop=settings.crop, n_cycles=1, workers=workers, **options)
+        except Exception as error:  # noqa: BLE001  only a speed-up: the kernels compile at first use
+            handle = None
+            if on_status:
+                on_status(f"precompiling failed ({type(error).__name__}: {error}); kernels compile at first use")
+        if handle is not None:
+            pending[label] = handle
+    return pending
 
 
 def example_view(batch: Batch, *, width: int = 420, height: int = 320):

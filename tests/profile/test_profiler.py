@@ -346,46 +346,54 @@ class _FakeGpu:
 GPU_GRID = profiler._Grid(start=128, step=128, last=8192)
 
 
+# The H100 "paper" triton search (session 5): the fit of its four measured peaks, in MiB.
+H100_TRITON = {"base": 5771.62, "b": 14.824, "c": 0.0083979, "d": 7.262e-6, "limit": 77835.84}
+
+
 def test_search_seeded_with_a_profile_verifies_the_predicted_crop_then_closes_the_bracket():
-    """From one profiled crop the first step already goes to the cautious prediction, the
-    second to the exact one (two points fix a quadratic), the third confirms the crop above
-    does not fit: 3 steps where stepping by 128 from 384 would take 21."""
-    gpu = _FakeGpu()
-    assert gpu.longest(GPU_GRID) == 2944
+    """From one profiled crop the first step already goes to the prediction of the
+    linear-plus-quadratic prior, the second to the two-point fit's, the third confirms the
+    crop above does not fit: 3 steps where stepping by 128 from 384 would take 10. A quadratic
+    prior (all of the peak above the base in N^2) would have started at 1152 and walked up."""
+    gpu = _FakeGpu(**H100_TRITON)
+    assert gpu.longest(GPU_GRID) == 1536
     result = gpu.search(GPU_GRID, known=gpu.known(384))
-    assert gpu.attempts == [2304, 2944, 3072]
-    assert max(c for c, t in result.tried.items() if t.outcome == "fits") == 2944
-    assert result.stopped_by == "out of memory" and result.predicted == 2944
-    np.testing.assert_allclose(result.fit, [1000, 3, 0.01, 0], rtol=1e-6, atol=1e-9)
+    assert gpu.attempts == [1408, 1536, 1664]
+    assert max(c for c, t in result.tried.items() if t.outcome == "fits") == 1536
+    assert result.stopped_by == "out of memory"
+    # The prior: the peak above the base at 384 split equally between N and N^2.
+    one = profiler._fit_peaks(gpu.known(384), gpu.base)
+    above = gpu.peak(384) - gpu.base
+    np.testing.assert_allclose(one, [gpu.base, above / 2 / 384, above / 2 / 384**2, 0.0], rtol=1e-12)
 
 
 def test_search_within_a_time_budget_says_what_the_answer_rests_on():
-    # Time for the verification at 2944 (86.7 s on the fake clock) but not for the confirmation.
-    gpu = _FakeGpu()
-    result = gpu.search(GPU_GRID, deadline=200.0, known=gpu.known(384))
-    assert gpu.attempts == [2304, 2944]
-    assert result.stopped_by == "memory (predicted)" and result.predicted == 2944
-    # No time to verify the prediction: the answer is the crop that fit, and says so.
-    gpu = _FakeGpu()
+    # Time for the verification at 1536 (23.6 s on the fake clock) but not for the confirmation.
+    gpu = _FakeGpu(**H100_TRITON)
     result = gpu.search(GPU_GRID, deadline=60.0, known=gpu.known(384))
-    assert gpu.attempts == [2304]
-    assert result.stopped_by == "time budget" and result.predicted == 2944
+    assert gpu.attempts == [1408, 1536]
+    assert result.stopped_by == "memory (predicted)" and result.predicted == 1536
+    # No time to verify the prediction: the answer is the crop that fit, and says so.
+    gpu = _FakeGpu(**H100_TRITON)
+    result = gpu.search(GPU_GRID, deadline=20.0, known=gpu.known(384))
+    assert gpu.attempts == [1408]
+    assert result.stopped_by == "time budget" and result.predicted == 1536
     # A step that runs past the deadline (stopped by the module hooks) ends the search too.
-    gpu = _FakeGpu()
+    gpu = _FakeGpu(**H100_TRITON)
     result = profiler._search(
         lambda crop: profiler._Trial("out of time"), GPU_GRID, gpu.limit, gpu.base, gpu.known(384), 1e9
     )
-    assert result.stopped_by == "time budget" and result.tried[2304].outcome == "out of time"
+    assert result.stopped_by == "time budget" and result.tried[1408].outcome == "out of time"
 
 
 def test_search_recovers_when_the_prediction_overshoots():
-    """Eager triangle attention's N^3 memory: the quadratic fit of the first points overshoots,
-    the step runs out of memory, the search bisects the bracket, and the cubic fit of three
-    points lands on the longest crop."""
+    """N^3 memory that the config does not announce: the linear-plus-quadratic prior
+    overshoots, the step runs out of memory, the search bisects the bracket, and the cubic fit
+    of three points lands on the longest crop."""
     gpu = _FakeGpu(b=1.0, c=0.005, d=4e-6)
     result = gpu.search(GPU_GRID, known=gpu.known(384))
-    assert gpu.attempts[:2] == [3200, 1792]  # out of memory, then the middle of 384..3200
-    assert result.tried[3200].outcome == "out of memory"
+    assert gpu.attempts[:2] == [4352, 2304]  # out of memory, then the middle of 384..4352
+    assert result.tried[4352].outcome == "out of memory"
     longest = max(c for c, t in result.tried.items() if t.outcome == "fits")
     assert longest == gpu.longest(GPU_GRID) == 2432
     assert result.stopped_by == "out of memory" and len(gpu.attempts) <= 6
@@ -393,13 +401,14 @@ def test_search_recovers_when_the_prediction_overshoots():
 
 def test_search_of_an_eager_config_assumes_cubic_growth_and_verifies_without_running_out_of_memory():
     """The H100 dashboard's eager "paper" search (peaks measured at 384 and 640 on an 80 GB
-    card, base 6036 MiB): the quadratic first jump went to 896 and ran out of memory, leaving no
-    time to verify 768. A cubic first jump steps at 640, the two-point fit (grown faster than
+    card, base 6036 MiB): a quadratic first jump went to 896 and ran out of memory, leaving no
+    time to verify 768 (the linear-plus-quadratic prior overshoots further, to 1152). A cubic
+    first jump steps at 640, the two-point fit (grown faster than
     N^2: c and d) at 768, and the search stops there predicting that 896 does not fit."""
     gpu = _FakeGpu(base=6036.0, b=0.0, c=0.0564, d=5.58e-5, limit=77836.0)
     assert gpu.longest(GPU_GRID) == 768
-    assert gpu.search(GPU_GRID, known=gpu.known(384)).tried[896].outcome == "out of memory"
-    assert gpu.attempts[0] == 896  # without the prior: the overshoot
+    assert gpu.search(GPU_GRID, known=gpu.known(384)).tried[1152].outcome == "out of memory"
+    assert gpu.attempts[0] == 1152  # without the cubic prior: the overshoot
     gpu = _FakeGpu(base=6036.0, b=0.0, c=0.0564, d=5.58e-5, limit=77836.0)
     ms_768 = gpu.ms_per_token2 * 768**2
     result = profiler._search(
