@@ -84,6 +84,7 @@ class AlphaFold3Config:
     pair_bf16_checkpoint: bool = True  # store the checkpointed pair activations in bf16
     pair_offload: bool = False  # ... and keep them in pinned host memory (CUDA): longer crops
     diffusion_chunk: int = 0  # diffusion samples per chunk (0: all at once)
+    diffusion_block_checkpoint: bool = False  # checkpoint each diffusion-transformer block too
     transition_chunk: int = 0  # rows per transition chunk (0: unchunked)
     attention_chunk: int = 0  # rows per triangle-attention chunk (0: unchunked)
     rollout_cuda_graph: bool = True  # sampler steps replay a CUDA graph of the denoiser (CUDA only)
@@ -177,7 +178,7 @@ def _validate(config: AlphaFold3Config, origin: str) -> None:
         if getattr(config, name) < 1:
             fail(f"{name}={getattr(config, name)} must be >= 1")
     non_negative = [
-        "msa_blocks", "template_blocks", "confidence_blocks", "diffusion_chunk",
+        "msa_blocks", "template_blocks", "confidence_blocks", "diffusion_chunk", "diffusion_block_checkpoint",
         "transition_chunk", "attention_chunk", "bond_loss_weight", "pae_loss_weight",
         "diffusion_loss_weight", "distogram_loss_weight", "confidence_loss_weight",
         "nucleotide_loss_weight", "ligand_loss_weight",

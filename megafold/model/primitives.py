@@ -537,6 +537,10 @@ class DiffusionTransformer(nn.Module):
     # Blocks whose conditioning is projected at once: fewer launches against more live memory
     # (3 x [S x L, group x 2 x c_a] at a time; 226 MB in bf16 for 8 samples of 384 tokens).
     conditioning_group = 6
+    # With gradients on, checkpoint each block ("reentrant" or "plain", see ``checkpointed``;
+    # None: no): the backward keeps one block's activations, not every block's, at the price
+    # of a second forward of each block.
+    checkpoint_blocks: str | None = None
 
     def __init__(self, c_a: int, c_cond: int, c_pair: int, blocks: int, heads: int):
         super().__init__()
@@ -608,12 +612,21 @@ class DiffusionTransformer(nn.Module):
             weights = self.weights(fuse_projections=False)
         if modulations is None:
             modulations = self._modulations(cond, weights)
-        for block, bias, projection, (attention_modulation, transition_modulation) in zip(
-            self.blocks, biases, weights.projections, modulations
-        ):
-            a = a + block.attention(a, bias, mask, attention_modulation, windows, projection)
-            a = a + block.transition(a, transition_modulation)
+        checkpoint_blocks = self.checkpoint_blocks if torch.is_grad_enabled() else None
+        for block, bias, projection, block_modulations in zip(self.blocks, biases, weights.projections, modulations):
+            context = (block, bias, mask, block_modulations, windows, projection)
+            if checkpoint_blocks is None:
+                a = _block_update(context, a)
+            else:  # every tensor of the context that needs a gradient is a checkpoint argument
+                a = checkpointed_with_context(_block_update, context, a, reentrant=checkpoint_blocks == "reentrant")
         return a
+
+
+def _block_update(context: tuple, a: torch.Tensor) -> torch.Tensor:
+    """One DiffusionTransformer block on ``a``: ``a += Attn(a); a += Trans(a)``."""
+    block, bias, mask, (attention_modulation, transition_modulation), windows, projection = context
+    a = a + block.attention(a, bias, mask, attention_modulation, windows, projection)
+    return a + block.transition(a, transition_modulation)
 
 
 @dataclass

@@ -228,7 +228,7 @@ def test_memory_switches_keep_the_result(mixed_batch, perturb):
     typical = sorted(float(g.norm()) for g in plain_grads.values())[len(plain_grads) // 2]
     for reentrant in (False, True):  # reentrant: the diffusion context's tensors are checkpoint arguments
         lean = tiny(checkpoint=True, transition_chunk=3, attention_chunk=5, diffusion_chunk=1,
-                    checkpoint_reentrant=reentrant)  # fmt: skip
+                    diffusion_block_checkpoint=True, checkpoint_reentrant=reentrant)  # fmt: skip
         terms, grads = _train_step(lean, mixed_batch, perturb)
         for name, value in plain_terms.items():
             assert terms[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
