@@ -85,7 +85,7 @@ def run(kernels: str, args, device) -> dict:
     step_s = statistics.median(times)
     wait_per_step = (waits[-1] - waits[1]) / max(1, len(waits) - 2)
     row = {"kernels": kernels, "preset": args.preset, "crop": args.crop, "source": args.source,
-           "step_s": step_s, "peak_gib": peak, "data_wait_s": wait_per_step,
+           "step_s": step_s, "step_times_s": times, "peak_gib": peak, "data_wait_s": wait_per_step,
            "data_wait_frac": wait_per_step / (wait_per_step + step_s)}
     source.close()
     del model, source

@@ -99,7 +99,7 @@ class AlphaFold3Config:
 
 
 _PRESETS: dict[str, dict] = {
-    "paper": dict(diffusion_chunk=8, diffusion_block_checkpoint=True),
+    "paper": dict(diffusion_chunk=8),
     "small": dict(
         c_s=128, c_z=64, c_m=32, c_atom=64, c_atompair=16, c_token=256, c_template=32,
         c_fourier=128, pairformer_blocks=8, msa_blocks=2, template_blocks=1,
