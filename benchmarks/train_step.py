@@ -59,7 +59,7 @@ def run(kernels: str, args, device) -> dict:
     torch._dynamo.reset()
     cuda = device.type == "cuda"  # else a CPU smoke run ("tiny"): no memory counters
     torch.cuda.empty_cache()
-    config = preset(args.preset, kernels="torch" if kernels == "compile" else kernels, **args.overrides)
+    config = variants(preset(args.preset, **args.overrides), (kernels,))[kernels].config
     model = AlphaFold3(config).to(device).train()
     if kernels == "compile":
         _compile_blocks(model, True)
