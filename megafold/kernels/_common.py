@@ -184,11 +184,14 @@ def pick_config(
     candidates: Sequence[dict],
     default: dict,
     bench: Callable[[dict], float],
+    legacy_key: Sequence | None = None,
 ) -> dict:
     """Return the fastest of ``candidates`` for this op and shape key, tuning once per machine.
 
     ``bench(config)`` runs the kernel with a config and returns its time in ms (raising
-    if the config cannot run, e.g. out of shared memory).
+    if the config cannot run, e.g. out of shared memory). ``legacy_key``: the key this op
+    had before ``key`` grew a field (a row-count bucket); with tuning off, a choice stored
+    under it serves where ``key`` has none, so choices shipped before still apply.
     """
     if device.type != "cuda" or len(candidates) <= 1:
         return default
@@ -205,6 +208,8 @@ def pick_config(
             _memory_cache.update(packaged_choices(device))
             _memory_cache.update(_read_disk_cache(autotune_cache_path()))
         hit = _memory_cache.get(cache_key)
+        if hit is None and legacy_key is not None and not tuning:
+            hit = _memory_cache.get(json.dumps([op, list(legacy_key), device_name(device)]))
     if hit is not None or not tuning:  # tuning off: a stored choice where there is one, else the default
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
@@ -231,19 +236,28 @@ def run_tuned(
     candidates: Sequence[dict],
     default: dict,
     launch: Callable[[dict], object],
+    legacy_key: Sequence | None = None,
 ) -> object:
-    """Launch with the tuned (or stored) configuration for this key.
+    """Launch with the tuned (or stored) configuration for this key (``legacy_key``: see
+    ``pick_config``).
 
     A stored choice that does not fit this launch (a shared-memory overflow: the key missed
     something that changes the kernel's footprint) falls back to the default, not a crash.
     """
-    config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)))
+    config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)), legacy_key)
     try:
         return launch(config)
     except Exception as error:
         if config == default or "out of resource" not in str(error).lower():
             raise
         return launch(default)
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the row-count field of a tuning key (a pair
+    tensor's N^2 rows at N = 384 and 512 share 2^18; N = 768 is 2^20; a single track's N
+    rows are far below), so one stored choice serves a range of similar shapes."""
+    return next_power_of_2(rows)
 
 
 def bench_ms(fn: Callable[[], object], reps: int = 10) -> float:

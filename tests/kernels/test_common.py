@@ -113,3 +113,24 @@ def test_a_gpu_without_its_own_file_borrows_one_of_the_same_architecture(fake_gp
         _common._memory_cache.clear()
         assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == expected
     _common._memory_cache.clear()
+
+
+def test_a_key_with_a_row_bucket_falls_back_to_its_legacy_choice_only_when_tuning_is_off(fake_gpu, monkeypatch):
+    """Choices shipped before a key grew its row-count bucket keep serving with tuning off;
+    tuning tunes (and stores) the bucketed key instead of reusing the legacy choice."""
+    _common._memory_cache[json.dumps(["op", [5], "Fake GPU 80GB"])] = {"BLOCK": 64}
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}, {"BLOCK": 128}]
+    bucketed = (5, _common.rows_bucket(384 * 384))
+    assert bucketed == (5, 2**18) and _common.rows_bucket(512 * 512) == 2**18 and _common.rows_bucket(1) == 1
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
+
+    def no_bench(config):
+        raise AssertionError("no tuning when it is off")
+
+    assert pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(5,)) == {"BLOCK": 64}
+    assert pick_config("op", (6, 2**18), fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(6,)) == {"BLOCK": 32}
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
+    timings = {32: 3.0, 64: 2.0, 128: 1.0}
+    assert pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, lambda c: timings[c["BLOCK"]],
+                       legacy_key=(5,)) == {"BLOCK": 128}  # fmt: skip
+    assert _common._memory_cache[json.dumps(["op", list(bucketed), "Fake GPU 80GB"])] == {"BLOCK": 128}
