@@ -60,6 +60,12 @@ def test_step_figure_shows_stages_speedup_and_the_profilers_overhead(comparison)
     texts = [a.text for a in warm.layout.annotations if "x<br>" in a.text]
     overhead = float(comparison["step_ms"].sel(config="torch").mean() / comparison["plain_step_ms"].sel(config="torch"))
     assert f"profiler {overhead - 1:+.0%}" in texts[0]
+    titles = [a.text for a in fig.layout.annotations]
+    assert "Step time (speedup vs torch)" in titles
+    # Without a plain step the bars are profiled steps, and the title says so.
+    profiled_only = plots.step_figure(comparison.drop_vars("plain_step_ms"), baseline="torch")
+    assert "Profiled step time (speedup vs torch)" in [a.text for a in profiled_only.layout.annotations]
+    assert not any(t.name == "plain step (no hooks)" for t in profiled_only.data)
 
 
 def test_memory_timeline_has_one_line_per_config(comparison):
