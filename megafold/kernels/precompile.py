@@ -120,6 +120,12 @@ class Precompile:
         return {"records": self.records, "compiled": compiled, "problems": problems,
                 "seconds": time.perf_counter() - self.began}  # fmt: skip
 
+    def cancel(self) -> None:
+        """Drop what has not started and let the pool go without waiting (a failed caller)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
 
 def compile_in_processes(records: Sequence[Record], workers: int | None = None) -> Precompile:
     """Start compiling ``records`` in ``workers`` spawned processes (default: the CPUs, at most

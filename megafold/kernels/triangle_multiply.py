@@ -327,7 +327,8 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    run_tuned("triangle_multiply_in_fwd", (*key, rows_bucket(z.numel() // z.shape[-1])), dev, candidates, default, launch_in, key)
+    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
+    run_tuned("triangle_multiply_in_fwd", bucketed, dev, candidates, default, launch_in, key)
 
     a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
     x = torch.bmm(a, b.transpose(1, 2)) if outgoing else torch.bmm(a.transpose(1, 2), b)
@@ -348,7 +349,8 @@ def _triangle_forward(z, mask, p, outgoing, eps):
 
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    run_tuned("triangle_multiply_out_fwd", (*key, rows_bucket(z.numel() // z.shape[-1])), dev, candidates, default, launch_out, key)
+    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
+    run_tuned("triangle_multiply_out_fwd", bucketed, dev, candidates, default, launch_out, key)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
 
 
@@ -388,7 +390,8 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    run_tuned("triangle_multiply_out_bwd", (*key, rows_bucket(z.numel() // z.shape[-1])), dev, candidates, default, launch, key)
+    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
+    run_tuned("triangle_multiply_out_bwd", bucketed, dev, candidates, default, launch, key)
     return dx, d_gate, grads["w_o"], grads["ln_w"], grads["ln_b"]
 
 
@@ -447,7 +450,8 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    run_tuned("triangle_multiply_in_bwd", (*key, rows_bucket(z.numel() // z.shape[-1])), dev, candidates, default, launch, key)
+    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
+    run_tuned("triangle_multiply_in_bwd", bucketed, dev, candidates, default, launch, key)
     return dz, grads["ln_w"], grads["ln_b"], grads["w_p"], grads["w_g"], grads["w_og"]
 
 

@@ -135,7 +135,7 @@ def step_figure(ds: xr.Dataset, baseline: str | None = None) -> go.Figure:
     measured_plain = plain_ms is not None and bool(np.isfinite(plain_ms.values).any())
     # Without a plain step the bars are profiled steps only: module hooks and non-reentrant
     # checkpoints (the traced step's), tens of percent slower than a plain training step.
-    step_title = f"Step time (speedup vs {baseline})" if measured_plain else f"Profiled step time (speedup vs {baseline})"
+    step_title = f"{'Step' if measured_plain else 'Profiled step'} time (speedup vs {baseline})"
     fig = make_subplots(
         rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(step_title, "Peak memory (MiB)"),
     )  # fmt: skip

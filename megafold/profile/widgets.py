@@ -161,47 +161,52 @@ def run_profile(
         "atoms_per_token": settings.atoms_per_token,
     }  # fmt: skip
     pending: dict[str, object] = {}
-    profile_s = 0.0
-    for number, (label, variant) in enumerate(todo.items(), 1):
-        if label in pending:
+    try:
+        profile_s = 0.0
+        for number, (label, variant) in enumerate(todo.items(), 1):
+            if label in pending:
+                if on_status:
+                    on_status(f"waiting for the kernels of {label}")
+                compiled = pending.pop(label).wait()
+                if on_status:
+                    on_status(f"{compiled['compiled']} of {compiled['records']} kernel launches precompiled "
+                              f"in {compiled['seconds']:.0f} s")  # fmt: skip
             if on_status:
-                on_status(f"waiting for the kernels of {label}")
-            compiled = pending.pop(label).wait()
-            if on_status:
-                on_status(f"{compiled['compiled']} of {compiled['records']} kernel launches precompiled "
-                          f"in {compiled['seconds']:.0f} s")  # fmt: skip
-        if on_status:
-            on_status(f"profiling {label} ({number}/{len(todo)}) at crop {settings.crop}")
-        profile_began = time.perf_counter()
-        results[label] = profile_step(
-            variant, crop=settings.crop, batches=batches, steps=settings.steps, warmup=settings.warmup,
-            measure_overhead=settings.overhead, label=label, **options,
-        )  # fmt: skip
-        if number == 1:
-            profile_s = time.perf_counter() - profile_began
-        if on_result:
-            on_result(label, combine(results, searches))
-        if number == 1 and device.type == "cuda" and len(todo) > 1:
-            pending = _start_precompiling(dict(list(todo.items())[1:]), settings, options, on_status)
-        if settings.longest:
-            later = len(todo) - number
-            share_s = None
-            if settings.time_budget_s is not None:
-                # Each later profile is reserved half the first one's time: triton's "paper" step
-                # at crop 384 takes 0.5-0.7x eager's on an H100, and a longer reserve starved
-                # eager's search of its closing step (cold H100 run, 02dd817).
-                left_s = settings.time_budget_s - (time.perf_counter() - began) - later * profile_s / 2
-                share_s = max(left_s, 0.0) / (later + 1)
-            if on_status:
-                within = "" if share_s is None else f" within {share_s:.0f} s"
-                on_status(f"longest crop of {label} ({number}/{len(todo)}), up to {settings.max_crop}{within}")
-            searches[label] = longest_crop(
-                variant, start=settings.crop, step=settings.crop if device.type == "cpu" else 128,
-                max_crop=settings.max_crop, time_budget_s=share_s, known=results[label] if batches is None else None,
-                label=label, **options,
+                on_status(f"profiling {label} ({number}/{len(todo)}) at crop {settings.crop}")
+            profile_began = time.perf_counter()
+            results[label] = profile_step(
+                variant, crop=settings.crop, batches=batches, steps=settings.steps, warmup=settings.warmup,
+                measure_overhead=settings.overhead, label=label, **options,
             )  # fmt: skip
+            if number == 1:
+                profile_s = time.perf_counter() - profile_began
             if on_result:
                 on_result(label, combine(results, searches))
+            if number == 1 and device.type == "cuda" and len(todo) > 1:
+                pending.update(_start_precompiling(dict(list(todo.items())[1:]), settings, options, on_status))
+            if settings.longest:
+                later = len(todo) - number
+                share_s = None
+                if settings.time_budget_s is not None:
+                    # Each later profile is reserved half the first one's time: triton's "paper"
+                    # step at crop 384 takes 0.5-0.7x eager's on an H100, and a longer reserve
+                    # starved eager's search of its closing step (cold H100 run, 02dd817).
+                    left_s = settings.time_budget_s - (time.perf_counter() - began) - later * profile_s / 2
+                    share_s = max(left_s, 0.0) / (later + 1)
+                if on_status:
+                    within = "" if share_s is None else f" within {share_s:.0f} s"
+                    on_status(f"longest crop of {label} ({number}/{len(todo)}), "
+                              f"up to {settings.max_crop}{within}")  # fmt: skip
+                searches[label] = longest_crop(
+                    variant, start=settings.crop, step=settings.crop if device.type == "cpu" else 128,
+                    max_crop=settings.max_crop, time_budget_s=share_s,
+                    known=results[label] if batches is None else None, label=label, **options,
+                )  # fmt: skip
+                if on_result:
+                    on_result(label, combine(results, searches))
+    finally:
+        for handle in pending.values():  # a run that failed leaves no compile workers behind
+            handle.cancel()
     return combine(results, searches)
 
 

@@ -127,7 +127,8 @@ def test_a_key_with_a_row_bucket_falls_back_to_its_legacy_choice_only_when_tunin
     def no_bench(config):
         raise AssertionError("no tuning when it is off")
 
-    assert pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(5,)) == {"BLOCK": 64}
+    stored = pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(5,))
+    assert stored == {"BLOCK": 64}
     assert pick_config("op", (6, 2**18), fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(6,)) == {"BLOCK": 32}
     monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
     timings = {32: 3.0, 64: 2.0, 128: 1.0}

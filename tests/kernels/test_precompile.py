@@ -35,6 +35,18 @@ def test_recording_restores_the_launcher_and_nothing_to_compile_costs_nothing():
     assert handle.wait()["records"] == 0 and handle.pool is None
 
 
+def test_a_cancelled_handle_lets_its_pool_go():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from megafold.kernels.precompile import Precompile
+
+    handle = Precompile(1, [], ProcessPoolExecutor(1))
+    handle.cancel()
+    assert handle.pool is None
+    handle.cancel()  # twice is harmless
+    assert handle.wait()["compiled"] == 0
+
+
 def test_no_precompiling_off_cuda():
     assert precompile_kernels("tiny", crop=16, device="cpu") is None
 
