@@ -16,6 +16,8 @@
 #   datawait  a "small" training step's wait for data: precache vs parsing + search on the fly
 #   step      benchmarks/train_step.py, "paper" at crop 384, torch vs triton only (compile's row
 #             needs a stage of its own: compiling every block took over 240 s)
+#   compile   benchmarks/train_step.py, torch, triton and torch.compile of the whole model in one
+#             run, 2 steps each (the H100 run took 473 s, most of it compiling)
 #   multigpu  (a 2-GPU machine) the NCCL equivalence test and benchmarks/multigpu.py
 #   dap       (a 2-GPU machine) the sharded trunk's test and benchmarks/dap.py (longest crops)
 #   dap-longest (a 2-GPU machine) the DDP test and the longest crops on 1 and 2 GPUs at 79.2 GiB each
@@ -61,6 +63,11 @@ dashboard)
     ;;
 step)
     step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton --out "$OUT"
+    ;;
+compile)
+    export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+    step train_step_compile 560 $py benchmarks/train_step.py --source synthetic --kernels torch,triton,compile \
+        --steps 2 --tag compile --out "$OUT"
     ;;
 trace)
     step trace 240 $py benchmarks/step_trace.py --kernels torch,triton --out "$OUT"
