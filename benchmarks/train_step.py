@@ -59,10 +59,10 @@ def run(kernels: str, args, device) -> dict:
     torch._dynamo.reset()
     cuda = device.type == "cuda"  # else a CPU smoke run ("tiny"): no memory counters
     torch.cuda.empty_cache()
-    config = variants(preset(args.preset, **args.overrides), (kernels,))[kernels].config
-    model = AlphaFold3(config).to(device).train()
-    if kernels == "compile":
-        _compile_blocks(model, True)
+    variant = variants(preset(args.preset, **args.overrides), (kernels,))[kernels]
+    model = AlphaFold3(variant.config).to(device).train()
+    if variant.compile:
+        _compile_blocks(model, variant.compile)
     training_loss = model.training_loss
     source = batches(args, device)
     times, waits = [], []

@@ -184,17 +184,21 @@ def pick_config(
     candidates: Sequence[dict],
     default: dict,
     bench: Callable[[dict], float],
-    legacy_key: Sequence | None = None,
+    rows: int | None = None,
 ) -> dict:
     """Return the fastest of ``candidates`` for this op and shape key, tuning once per machine.
 
     ``bench(config)`` runs the kernel with a config and returns its time in ms (raising
-    if the config cannot run, e.g. out of shared memory). ``legacy_key``: the key this op
-    had before ``key`` grew a field (a row-count bucket); with tuning off, a choice stored
-    under it serves where ``key`` has none, so choices shipped before still apply.
+    if the config cannot run, e.g. out of shared memory). ``rows``: the op's row count; the
+    key then gains its ``rows_bucket``, so one choice serves a range of similar shapes. With
+    tuning off, a choice stored under the key without the bucket (choices shipped before the
+    bucket existed) serves where the bucketed key has none.
     """
     if device.type != "cuda" or len(candidates) <= 1:
         return default
+    legacy_key = None
+    if rows is not None:
+        legacy_key, key = key, (*key, rows_bucket(rows))
     # A training step asks ~20k times: the answer for (op, key, device, tuning on) is kept under a
     # tuple key, so a repeat costs one dict lookup (no JSON key, no device-name query).
     tuning = autotune_enabled()
@@ -236,15 +240,15 @@ def run_tuned(
     candidates: Sequence[dict],
     default: dict,
     launch: Callable[[dict], object],
-    legacy_key: Sequence | None = None,
+    rows: int | None = None,
 ) -> object:
-    """Launch with the tuned (or stored) configuration for this key (``legacy_key``: see
+    """Launch with the tuned (or stored) configuration for this key (``rows``: see
     ``pick_config``).
 
     A stored choice that does not fit this launch (a shared-memory overflow: the key missed
     something that changes the kernel's footprint) falls back to the default, not a crash.
     """
-    config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)), legacy_key)
+    config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)), rows)
     try:
         return launch(config)
     except Exception as error:
@@ -256,7 +260,7 @@ def run_tuned(
 def rows_bucket(rows: int) -> int:
     """The power of two at or above ``rows``: the row-count field of a tuning key (a pair
     tensor's N^2 rows at N = 384 and 512 share 2^18; N = 768 is 2^20; a single track's N
-    rows are far below), so one stored choice serves a range of similar shapes."""
+    rows are far below)."""
     return next_power_of_2(rows)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import next_power_of_2, resolve_backend, rows_bucket, run_tuned
+from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
 
@@ -338,7 +338,7 @@ def layernorm_linear_forward(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8)
     ]
     key = (K, O, str(weight.dtype), str(x.dtype), bias is not None)
-    run_tuned("layernorm_linear_fwd", (*key, rows_bucket(rows.count)), x.device, candidates, default, launch, key)
+    run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
 
 
@@ -434,7 +434,7 @@ def layernorm_linear_backward(
         for nw in (4, 8)
     ] if block_k <= 128 else []
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
-    run_tuned("layernorm_linear_bwd", (*key, rows_bucket(M)), x.device, candidates, default, launch, key)
+    run_tuned("layernorm_linear_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w"], grads["b"]
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend, rows_bucket, run_tuned
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
@@ -202,7 +202,7 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
     ] if wide <= 128 else []
     key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype))
-    run_tuned("transition_fwd", (*key, rows_bucket(rows.count)), x.device, candidates, default, launch, key)
+    run_tuned("transition_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
 
 
@@ -254,7 +254,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
     key = (C, H, C_OUT, str(dtype), str(x.dtype), str(dy.dtype))
-    run_tuned("transition_bwd", (*key, rows_bucket(M)), x.device, candidates, default, launch, key)
+    run_tuned("transition_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w_in"], grads["w_out"]
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import resolve_backend, rows_bucket, run_tuned
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
@@ -327,8 +327,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
-    run_tuned("triangle_multiply_in_fwd", bucketed, dev, candidates, default, launch_in, key)
+    run_tuned("triangle_multiply_in_fwd", key, dev, candidates, default, launch_in, rows=B * NN)
 
     a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
     x = torch.bmm(a, b.transpose(1, 2)) if outgoing else torch.bmm(a.transpose(1, 2), b)
@@ -349,8 +348,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
 
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
-    run_tuned("triangle_multiply_out_fwd", bucketed, dev, candidates, default, launch_out, key)
+    run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out, rows=B * NN)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
 
 
@@ -390,8 +388,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
-    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
-    run_tuned("triangle_multiply_out_bwd", bucketed, dev, candidates, default, launch, key)
+    run_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch, rows=M)
     return dx, d_gate, grads["w_o"], grads["ln_w"], grads["ln_b"]
 
 
@@ -450,8 +447,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
     candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
                   for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
-    bucketed = (*key, rows_bucket(z.numel() // z.shape[-1]))
-    run_tuned("triangle_multiply_in_bwd", bucketed, dev, candidates, default, launch, key)
+    run_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch, rows=M)
     return dz, grads["ln_w"], grads["ln_b"], grads["w_p"], grads["w_g"], grads["w_og"]
 
 

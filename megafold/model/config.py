@@ -178,7 +178,7 @@ def _validate(config: AlphaFold3Config, origin: str) -> None:
         if getattr(config, name) < 1:
             fail(f"{name}={getattr(config, name)} must be >= 1")
     non_negative = [
-        "msa_blocks", "template_blocks", "confidence_blocks", "diffusion_chunk", "diffusion_block_checkpoint",
+        "msa_blocks", "template_blocks", "confidence_blocks", "diffusion_chunk",
         "transition_chunk", "attention_chunk", "bond_loss_weight", "pae_loss_weight",
         "diffusion_loss_weight", "distogram_loss_weight", "confidence_loss_weight",
         "nucleotide_loss_weight", "ligand_loss_weight",

@@ -118,8 +118,8 @@ class DiffusionModule(nn.Module):
         self.transformer = DiffusionTransformer(
             config.c_token, config.c_s, config.c_z, config.diffusion_blocks, config.diffusion_heads
         )
-        if config.diffusion_block_checkpoint:
-            self.transformer.checkpoint_blocks = "reentrant" if config.checkpoint_reentrant else "plain"
+        self.transformer.checkpoint_blocks = config.diffusion_block_checkpoint
+        self.transformer.reentrant = config.checkpoint_reentrant
         self.token_norm = LayerNorm(config.c_token)
         self.atom_decoder = AtomAttentionDecoder(
             config.c_token, config.c_atom, config.c_atompair, config.atom_decoder_blocks, config.atom_heads

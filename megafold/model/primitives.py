@@ -8,10 +8,10 @@ sigmoid(0) = 0.5), LayerNorm weight 1 and bias 0.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 import dataclasses
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -537,10 +537,11 @@ class DiffusionTransformer(nn.Module):
     # Blocks whose conditioning is projected at once: fewer launches against more live memory
     # (3 x [S x L, group x 2 x c_a] at a time; 226 MB in bf16 for 8 samples of 384 tokens).
     conditioning_group = 6
-    # With gradients on, checkpoint each block ("reentrant" or "plain", see ``checkpointed``;
-    # None: no): the backward keeps one block's activations, not every block's, at the price
-    # of a second forward of each block.
-    checkpoint_blocks: str | None = None
+    # With gradients on, checkpoint each block (reentrantly or not: ``checkpointed``): the
+    # backward keeps one block's activations, not every block's, at the price of a second
+    # forward of each block.
+    checkpoint_blocks = False
+    reentrant = True
 
     def __init__(self, c_a: int, c_cond: int, c_pair: int, blocks: int, heads: int):
         super().__init__()
@@ -612,13 +613,13 @@ class DiffusionTransformer(nn.Module):
             weights = self.weights(fuse_projections=False)
         if modulations is None:
             modulations = self._modulations(cond, weights)
-        checkpoint_blocks = self.checkpoint_blocks if torch.is_grad_enabled() else None
+        checkpoint_blocks = self.checkpoint_blocks and torch.is_grad_enabled()
         for block, bias, projection, block_modulations in zip(self.blocks, biases, weights.projections, modulations):
             context = (block, bias, mask, block_modulations, windows, projection)
-            if checkpoint_blocks is None:
+            if checkpoint_blocks:  # every tensor of the context that needs a gradient is a checkpoint argument
+                a = checkpointed_with_context(_block_update, context, a, reentrant=self.reentrant)
+            else:
                 a = _block_update(context, a)
-            else:  # every tensor of the context that needs a gradient is a checkpoint argument
-                a = checkpointed_with_context(_block_update, context, a, reentrant=checkpoint_blocks == "reentrant")
         return a
 
 

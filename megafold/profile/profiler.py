@@ -997,8 +997,9 @@ def longest_crop(
     (eager triangle attention holds an ``[N, N, N]`` tensor), with non-negative coefficients and
     ``base`` the persistent memory (weights, Adam's moments, one gradient per parameter); one
     point gives ``base + b N + c N^2`` with the two terms equal there (``base + d N^3`` for the
-    torch kernels), a cautious first jump; two give ``c, d`` where the peak grew faster than N^2 between them, else ``b, c``. Each step then runs at the largest grid crop
-    predicted to fit inside the bracket (the longest crop that fit, the shortest that did not),
+    torch kernels), a cautious first jump; two give ``c, d`` where the peak grew faster than
+    N^2 between them, else ``b, c``. Each step then runs at the largest grid crop predicted to
+    fit inside the bracket (the longest crop that fit, the shortest that did not),
     so a step both verifies the prediction and sharpens the fit; once the prediction says the
     next grid crop does not fit, one step there closes the bracket. A profile of the same
     config (``known=profile_step(...)``) or an earlier search seeds the points, so the first
@@ -1183,9 +1184,9 @@ def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float, cubic: bool = False
     non-negative, fitted by least squares to the measured peaks: from one point ``b`` and ``c``
     sharing the peak above the base equally (``d`` alone with ``cubic``: a config known to hold
     ``[N, N, N]`` tensors, whose slower extrapolation would overshoot into an out-of-memory
-    step); from two, ``c, d`` where the
-    peak above the base grows faster than N^2 between them, else ``b, c``; ``b, c, d`` from
-    three on (exact where there are as many points as unknowns). None without a measured peak."""
+    step); from two, ``c, d`` where the peak above the base grows faster than N^2 between
+    them, else ``b, c``; ``b, c, d`` from three on (exact where there are as many points as
+    unknowns). None without a measured peak."""
     points = sorted((c, t.peak_mib) for c, t in tried.items() if np.isfinite(t.peak_mib))
     if not points:
         return None
@@ -1196,11 +1197,8 @@ def _fit_peaks(tried: Mapping[int, _Trial], base_mib: float, cubic: bool = False
         # "paper" search's four-point fit put 78% of the triton step's activations at crop 384
         # in the linear term (atoms, 48 diffusion samples) and its peak grew as N^1.5 up to
         # 1408; a pure N^2 extrapolation undershot to 1152 and cost two more steps of ~15 s.
-        fit = np.zeros(4)
-        fit[0] = base_mib
-        fit[1] = max(above_base[0], 0.0) / 2 / n[0]
-        fit[2] = max(above_base[0], 0.0) / 2 / n[0] ** 2
-        return fit
+        half = max(above_base[0], 0.0) / 2
+        return np.array([base_mib, half / n[0], half / n[0] ** 2, 0.0])
     if len(points) == 1:
         powers: tuple[int, ...] = (3,)
     elif len(points) == 2:

@@ -127,11 +127,11 @@ def test_a_key_with_a_row_bucket_falls_back_to_its_legacy_choice_only_when_tunin
     def no_bench(config):
         raise AssertionError("no tuning when it is off")
 
-    stored = pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(5,))
+    stored = pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, no_bench, rows=384 * 384)
     assert stored == {"BLOCK": 64}
-    assert pick_config("op", (6, 2**18), fake_gpu, candidates, {"BLOCK": 32}, no_bench, legacy_key=(6,)) == {"BLOCK": 32}
+    assert pick_config("op", (6,), fake_gpu, candidates, {"BLOCK": 32}, no_bench, rows=384 * 384) == {"BLOCK": 32}
     monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
     timings = {32: 3.0, 64: 2.0, 128: 1.0}
-    assert pick_config("op", bucketed, fake_gpu, candidates, {"BLOCK": 32}, lambda c: timings[c["BLOCK"]],
-                       legacy_key=(5,)) == {"BLOCK": 128}  # fmt: skip
+    assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, lambda c: timings[c["BLOCK"]],
+                       rows=384 * 384) == {"BLOCK": 128}  # fmt: skip
     assert _common._memory_cache[json.dumps(["op", list(bucketed), "Fake GPU 80GB"])] == {"BLOCK": 128}
