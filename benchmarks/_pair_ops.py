@@ -221,11 +221,17 @@ def cases(quick: bool, device, ns=None) -> list[Case]:
     return out
 
 
-def run(ns, device, rows: list[dict]) -> None:
-    """Time every case and implementation (fwd + bwd) and check it against float64."""
+OPS = ("layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
+
+
+def run(ns, device, rows: list[dict], ops=OPS, impls=None) -> None:
+    """Time every case and implementation (fwd + bwd) and check it against float64; ``ops``
+    and ``impls`` (names, None: all) select which."""
     from _harness import is_oom, peak_mib, rel_err, time_ms
 
     for case in cases(False, device, ns):
+        if case.op not in ops:
+            continue
         torch._dynamo.reset()
         inputs = case.make_inputs()
         leaves = [k for k, v in inputs.items() if v.requires_grad]
@@ -236,6 +242,8 @@ def run(ns, device, rows: list[dict]) -> None:
         ref = ref.detach()
         del ref_inputs
         for impl, fn in case.implementations.items():
+            if impls and impl not in impls:
+                continue
             row = {"op": case.op, "shape": case.shape, "N": case.N, "impl": impl, **case.extra}
             try:
                 out = fn(inputs)

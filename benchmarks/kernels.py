@@ -206,7 +206,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N in 384, 768 only")
     parser.add_argument("--ops", default="evo_attention,pair",
-                        help="comma list: evo_attention, pair (the four pair ops)")
+                        help="comma list: evo_attention, pair (the four pair ops) or pair ops by name")
     parser.add_argument("--shapes", default=",".join(EVO_SHAPES))
     parser.add_argument("--ns", default=None, help="comma list of N (overrides --quick)")
     parser.add_argument("--breakdown", action="store_true", help="device time per megafold kernel")
@@ -225,13 +225,14 @@ def main(argv=None):
     if "evo_attention" in ops:
         bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
                   args.impls.split(",") if args.impls else None)
-    if "pair" in ops:
-        try:
-            import _pair_ops
-        except ImportError as error:
-            print(f"pair ops skipped: {error}")
-        else:
-            _pair_ops.run(ns, device, rows)
+    try:
+        import _pair_ops
+    except ImportError as error:
+        print(f"pair ops skipped: {error}")
+    else:
+        pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
+        if pair_ops:
+            _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None)
     from megafold.kernels._common import autotune_cache_path
 
     tuned = json.loads(autotune_cache_path().read_text()) if autotune_cache_path().exists() else {}

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import environment, is_oom, print_table, write_json  # noqa: E402
+from _harness import environment, is_oom, kernel_breakdown, print_table, write_json  # noqa: E402
 
 from megafold.model import preset  # noqa: E402
 from megafold.model.pairformer import PairformerStack, TriangleAttention, TriangleMultiplication  # noqa: E402
@@ -109,9 +109,10 @@ def step_fn(stack, config, N, device, compiled=False):
 KERNELS = {"eager": "torch", "compile": "torch", "triton": "triton", "triton-offload": "triton", "cueq": "torch"}
 
 
-def measure(name, N, device, reps=2):
+def measure(name, N, device, reps=2, breakdown=False):
     """Median step seconds and peak GiB over ``reps`` timed steps after a warm-up step
-    (``reps=0``: the warm-up step alone, to see whether N fits)."""
+    (``reps=0``: the warm-up step alone, to see whether N fits), and with ``breakdown`` the
+    device ms per kernel name of one more step (else None)."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     context = cueq_modules() if name == "cueq" else contextlib.nullcontext()
@@ -123,7 +124,7 @@ def measure(name, N, device, reps=2):
         if not reps:
             del stack, step
             torch.cuda.empty_cache()
-            return None, None
+            return None, None, None
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -133,9 +134,10 @@ def measure(name, N, device, reps=2):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        kernels = kernel_breakdown(step, steps=1) if breakdown else None
     del stack, step
     torch.cuda.empty_cache()
-    return statistics.median(times), peak
+    return statistics.median(times), peak, kernels
 
 
 def main(argv=None):
@@ -148,6 +150,9 @@ def main(argv=None):
     parser.add_argument("--longest-from", type=int, default=None, help="first N of the search (default: the largest --ns)")
     parser.add_argument("--longest-step", type=int, default=128)
     parser.add_argument("--max-n", type=int, default=3072)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the device time per kernel of one step (the top --top names)")
+    parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -168,12 +173,17 @@ def main(argv=None):
         for N in ns:
             row = {"stack": name, "N": N}
             try:
-                row["step_s"], row["peak_gib"] = measure(name, N, device, args.reps)
+                row["step_s"], row["peak_gib"], kernels = measure(name, N, device, args.reps, args.breakdown)
+                if kernels:
+                    row["device_s"] = sum(kernels.values()) / 1e3
+                    row["kernels_ms"] = {k: round(v, 2) for k, v in list(kernels.items())[: args.top]}
+                    for kernel, ms in list(kernels.items())[: args.top]:
+                        print(f"      {ms:9.2f} ms  {kernel}")
             except Exception as error:
                 row["error"] = "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:200]
                 torch.cuda.empty_cache()
             rows.append(row)
-            print("  ", row, flush=True)
+            print("  ", {k: v for k, v in row.items() if k != "kernels_ms"}, flush=True)
     if args.longest:
         for name in args.longest_stacks.split(","):
             longest, N = None, args.longest_from or max(ns)
@@ -193,7 +203,7 @@ def main(argv=None):
     path = write_json("trunk", env, rows, {"preset": "paper", "blocks": 48, "bf16": True,
                                            "checkpoint": True, "ns": ns}, args.out)
     print()
-    print_table(rows, ["stack", "N", "step_s", "peak_gib", "longest_N", "error"])
+    print_table(rows, ["stack", "N", "step_s", "peak_gib", "device_s", "longest_N", "error"])
     print(f"\nwrote {path}")
 
 
