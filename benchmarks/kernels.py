@@ -39,17 +39,31 @@ EVO_SHAPES = {
     "pairbias24": lambda n: dict(S=1, H=16, D=24),
     "pairbias64": lambda n: dict(S=1, H=16, D=64),
     "diffusion": lambda n: dict(S=48, H=16, D=48),
+    # The triangle shape in the layouts the model has handed the op: q, k, v and gate as views
+    # of one LayerNorm-linear output of ``width`` channels (4 x H x D, then H bias channels,
+    # then zero padding), and the ending node's transposed views of it (``ending``).
+    "tri_view516": lambda n: dict(S=n, H=4, D=32, width=516),
+    "tri_view516_end": lambda n: dict(S=n, H=4, D=32, width=516, ending=True),
+    "tri_view528": lambda n: dict(S=n, H=4, D=32, width=528),
 }
 
 
-def evo_inputs(S, N, H, D, device, dtype=torch.bfloat16):
+def evo_inputs(S, N, H, D, device, dtype=torch.bfloat16, width=None, ending=False):
+    """Fresh inputs; q, k, v and gate are separate contiguous leaves, or (``width``) views of
+    one ``[1, S, N, width]`` leaf, transposed (S and N swapped) with ``ending``."""
     def leaf(*shape):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
     mask = torch.ones(1, S, N, dtype=torch.bool, device=device)
     mask[..., N - max(1, N // 20):] = False  # crop padding
-    return {"q": leaf(1, S, N, H, D), "k": leaf(1, S, N, H, D), "v": leaf(1, S, N, H, D),
-            "bias": leaf(1, H, N, N), "mask": mask, "gate": leaf(1, S, N, H, D)}
+    if width is None:
+        q, k, v, gate = (leaf(1, S, N, H, D) for _ in range(4))
+    else:
+        proj = leaf(1, N, S, width) if ending else leaf(1, S, N, width)
+        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)
+        if ending:
+            q, k, v, gate = (t.transpose(1, 2) for t in (q, k, v, gate))
+    return {"q": q, "k": k, "v": v, "bias": leaf(1, H, N, N), "mask": mask, "gate": gate}
 
 
 def evo_implementations(S, N, H, D):
@@ -156,7 +170,7 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None):
             dims = EVO_SHAPES[shape](n)
             S, H, D = dims["S"], dims["H"], dims["D"]
             torch._dynamo.reset()
-            inputs = evo_inputs(S, n, H, D, device)
+            inputs = evo_inputs(S, n, H, D, device, width=dims.get("width"), ending=dims.get("ending", False))
             grad_out = torch.randn_like(inputs["q"])
             leaves = ["q", "k", "v", "bias", "gate"]
             ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out, dtype=torch.float32)
@@ -207,7 +221,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="N in 384, 768 only")
     parser.add_argument("--ops", default="evo_attention,pair",
                         help="comma list: evo_attention, pair (the four pair ops) or pair ops by name")
-    parser.add_argument("--shapes", default=",".join(EVO_SHAPES))
+    parser.add_argument("--shapes", default="tri,pairbias24,pairbias64,diffusion",
+                        help=f"comma list of: {', '.join(EVO_SHAPES)}")
     parser.add_argument("--ns", default=None, help="comma list of N (overrides --quick)")
     parser.add_argument("--breakdown", action="store_true", help="device time per megafold kernel")
     parser.add_argument("--impls", default=None, help="comma list of implementations to run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megafold.kernels import evo_attention, layernorm_linear, triangle_multiply
@@ -48,8 +49,8 @@ class TriangleAttention(nn.Module):
     """Triangle attention around the starting (Alg. 14) or ending node (Alg. 15).
 
     Starting node: row i attends over k with ``q_ij . k_ik + b_jk``. Ending node: the same on
-    the transposed pair, done by handing ``evo_attention`` transposed views (no copies).
-    One fused LayerNorm + projection gives q, k, v, gate and the per-head bias.
+    the transposed pair (its projection reads the transposed view; the update is transposed
+    back). One fused LayerNorm + projection gives q, k, v, gate and the per-head bias.
     """
 
     def __init__(self, c_z: int, heads: int = 4, head_dim: int = 32, ending: bool = False, chunk_size: int = 0):
@@ -66,24 +67,26 @@ class TriangleAttention(nn.Module):
     def forward(self, pair: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
         """pair ``[B, N, N, c_z]``, pair_mask ``[B, N, N]`` bool -> update ``[B, N, N, c_z]``."""
         H, D = self.heads, self.head_dim
-        proj = layernorm_linear(pair, self.norm_weight, self.norm_bias, self.in_proj_weight)
-        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)  # [B, N, N, H, D]
-        bias = proj[..., 4 * H * D :]  # [B, N, N, H]: b_jk from z_jk
         if self.ending:
-            # Rows are the second index j; logits q_ij . k_kj + b_ki.
-            q, k, v, gate = (t.transpose(1, 2) for t in (q, k, v, gate))
-            bias, mask = bias.permute(0, 3, 2, 1), pair_mask.transpose(1, 2)
-        else:
-            bias, mask = bias.permute(0, 3, 1, 2), pair_mask
-        # The bias is read once per row (N times): a contiguous copy, 1 / (4 D) the size of
-        # q, k, v and gate, makes those reads coalesced. q, k, v, gate stay views.
-        bias = bias.contiguous()
+            # Ending-node attention is starting-node attention on the transposed pair,
+            # transposed back: projecting the transposed view gives q, k, v and gate with each
+            # row's tokens adjacent, as the kernel reads them best.
+            pair, pair_mask = pair.transpose(1, 2), pair_mask.transpose(1, 2)
+        # The projection's width rounded up to 16 channels (zero rows): q, k, v and gate rows
+        # then start 32-byte aligned, and Triton vectorises their loads.
+        width = self.in_proj_weight.shape[0]
+        weight = F.pad(self.in_proj_weight, (0, 0, 0, -width % 16))
+        proj = layernorm_linear(pair, self.norm_weight, self.norm_bias, weight)
+        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)  # [B, N, N, H, D]
+        # b_jk from z_jk: [B, H, N, N], contiguous. It is read once per row (N times); the
+        # copy is 1 / (4 D) the size of q, k, v and gate, which stay views.
+        bias = proj[..., 4 * H * D : width].permute(0, 3, 1, 2).contiguous()
 
         def attend(q_rows, k_rows, v_rows, gate_rows, mask_rows):
             return evo_attention(q_rows, k_rows, v_rows, bias=bias, mask=mask_rows, gate=gate_rows)
 
-        out = run_in_chunks(attend, [q, k, v, gate, mask], self.chunk_size, dim=1)
-        out = torch.nn.functional.linear(out.flatten(-2), self.out_proj_weight)
+        out = run_in_chunks(attend, [q, k, v, gate, pair_mask], self.chunk_size, dim=1)
+        out = F.linear(out.flatten(-2), self.out_proj_weight)
         return out.transpose(1, 2) if self.ending else out
 
 

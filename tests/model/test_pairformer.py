@@ -30,6 +30,34 @@ def test_ending_node_attention_is_starting_node_on_the_transpose():
     torch.testing.assert_close(end(pair, mask), expected)
 
 
+def _triangle_attention_by_definition(module: TriangleAttention, pair, mask):
+    """AF3 Alg. 14 (starting node) / 15 (ending node) written out with einsum."""
+    H, D = module.heads, module.head_dim
+    z = torch.nn.functional.layer_norm(pair, (pair.shape[-1],), module.norm_weight, module.norm_bias)
+    proj = z @ module.in_proj_weight.T
+    q, k, v, g = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)  # [B, I, J, H, D]
+    b = proj[..., 4 * H * D :]  # [B, I, J, H]
+    if module.ending:  # a_ijk = softmax_k(q_ij . k_kj + b_ki), keys k of column j
+        logits = torch.einsum("bijhd,bkjhd->bijhk", q, k) / D**0.5 + b.permute(0, 2, 3, 1)[:, :, None]
+        keys = mask.transpose(1, 2)[:, None, :, None, :]  # mask[k, j] -> [B, 1, J, 1, K]
+    else:  # a_ijk = softmax_k(q_ij . k_ik + b_jk), keys k of row i
+        logits = torch.einsum("bijhd,bikhd->bijhk", q, k) / D**0.5 + b.permute(0, 1, 3, 2)[:, None]
+        keys = mask[:, :, None, None, :]
+    # A query whose keys are all masked attends to nothing (output 0), as the op defines.
+    a = torch.softmax(logits.masked_fill(~keys, float("-inf")), dim=-1).nan_to_num(0.0)
+    o = torch.einsum("bijhk,bkjhd->bijhd" if module.ending else "bijhk,bikhd->bijhd", a, v)
+    return (torch.sigmoid(g) * o).flatten(-2) @ module.out_proj_weight.T
+
+
+def test_triangle_attention_matches_alg_14_and_15():
+    pair, mask = _pair()
+    for ending in (False, True):
+        module = _randomise(TriangleAttention(16, heads=2, head_dim=8, ending=ending))
+        out = module(pair, mask)
+        expected = _triangle_attention_by_definition(module, pair, mask)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_triangle_attention_and_transition_match_unchunked():
     pair, mask = _pair()
     for ending in (False, True):
