@@ -135,3 +135,20 @@ def test_a_key_with_a_row_bucket_falls_back_to_its_legacy_choice_only_when_tunin
     assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, lambda c: timings[c["BLOCK"]],
                        rows=384 * 384) == {"BLOCK": 128}  # fmt: skip
     assert _common._memory_cache[json.dumps(["op", list(bucketed), "Fake GPU 80GB"])] == {"BLOCK": 128}
+
+
+def test_every_shipped_choice_is_keyed_for_its_own_file_and_names_block_sizes():
+    """A shipped file serves only the GPU its name says (a key with another device name would
+    never be read), and each choice is a launch configuration."""
+    files = sorted(_common.TUNED_DIR.glob("*.json"))
+    assert {path.name for path in files} >= {"NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"}
+    for path in files:
+        data = json.loads(path.read_text())
+        assert data["_capability"] == [9, 0]
+        for key, choice in data.items():
+            if key.startswith("_"):
+                continue
+            op, shape, device = json.loads(key)
+            assert "".join(c if c.isalnum() or c in "._-" else "_" for c in device) + ".json" == path.name
+            assert isinstance(op, str) and isinstance(shape, list)
+            assert "num_warps" in choice and any(name.startswith("BLOCK_") for name in choice), (key, choice)
