@@ -11,15 +11,15 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.primitives import (
     AttentionPairBias,
     Transition,
+    add_dropout,
     checkpoint_pair_block,
     init_weight_,
     lecun_normal_,
     ln_params,
     run_in_chunks,
-    shared_dropout,
 )
 
-ROWWISE, COLUMNWISE = -3, -2  # shared_dropout's shared axis for [B, I, J, C]
+ROWWISE, COLUMNWISE = -3, -2  # add_dropout's shared axis for [B, I, J, C]
 
 
 class TriangleMultiplication(nn.Module):
@@ -64,23 +64,29 @@ class TriangleAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(in_proj)
         self.out_proj_weight = nn.Parameter(init_weight_(torch.empty(c_z, hidden), "final"))
 
-    def forward(self, pair: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
-        """pair ``[B, N, N, c_z]``, pair_mask ``[B, N, N]`` bool -> update ``[B, N, N, c_z]``."""
+    def project(self, pair: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v, gate ``[B, N, N, H, D]`` and the bias ``[B, N, N, H]``: views of one fused
+        LayerNorm + projection of ``pair`` ``[B, N, N, c_z]``."""
         H, D = self.heads, self.head_dim
-        if self.ending:
-            # Ending-node attention is starting-node attention on the transposed pair,
-            # transposed back: projecting the transposed view gives q, k, v and gate with each
-            # row's tokens adjacent, as the kernel reads them best.
-            pair, pair_mask = pair.transpose(1, 2), pair_mask.transpose(1, 2)
         # The projection's width rounded up to 16 channels (zero rows): q, k, v and gate rows
         # then start 32-byte aligned, and Triton vectorises their loads.
         width = self.in_proj_weight.shape[0]
         weight = F.pad(self.in_proj_weight, (0, 0, 0, -width % 16))
         proj = layernorm_linear(pair, self.norm_weight, self.norm_bias, weight)
-        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)  # [B, N, N, H, D]
+        q, k, v, gate = proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3)
+        return q, k, v, gate, proj[..., 4 * H * D : width]
+
+    def forward(self, pair: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """pair ``[B, N, N, c_z]``, pair_mask ``[B, N, N]`` bool -> update ``[B, N, N, c_z]``."""
+        if self.ending:
+            # Ending-node attention is starting-node attention on the transposed pair,
+            # transposed back: projecting the transposed view gives q, k, v and gate with each
+            # row's tokens adjacent, as the kernel reads them best.
+            pair, pair_mask = pair.transpose(1, 2), pair_mask.transpose(1, 2)
+        q, k, v, gate, bias = self.project(pair)
         # b_jk from z_jk: [B, H, N, N], contiguous. It is read once per row (N times); the
         # copy is 1 / (4 D) the size of q, k, v and gate, which stay views.
-        bias = proj[..., 4 * H * D : width].permute(0, 3, 1, 2).contiguous()
+        bias = bias.permute(0, 3, 1, 2).contiguous()
 
         def attend(q_rows, k_rows, v_rows, gate_rows, mask_rows):
             return evo_attention(q_rows, k_rows, v_rows, bias=bias, mask=mask_rows, gate=gate_rows)
@@ -116,10 +122,10 @@ class PairformerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``."""
         p, training = self.dropout, self.training
-        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
+        pair = add_dropout(pair, self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
+        pair = add_dropout(pair, self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
+        pair = add_dropout(pair, self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
+        pair = add_dropout(pair, self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
         pair = pair + self.pair_transition(pair)
         if single is not None:
             bias = self.attention.pair_bias(pair)
