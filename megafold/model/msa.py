@@ -15,11 +15,11 @@ from megafold.model.pairformer import ROWWISE, PairformerBlock
 from megafold.model.primitives import (
     LinearNoBias,
     Transition,
-    add_dropout,
     checkpoint_pair_block,
     init_weight_,
     lecun_normal_,
     ln_params,
+    shared_dropout,
 )
 
 
@@ -102,7 +102,7 @@ class MSABlock(nn.Module):
         pair = pair + self.outer_product_mean(msa, msa_mask)
         if self.updates_msa:
             update = self.pair_weighted_averaging(msa, pair, msa_mask)
-            msa = add_dropout(msa, update, self.msa_dropout, self.training, ROWWISE)
+            msa = msa + shared_dropout(update, self.msa_dropout, self.training, ROWWISE)
             msa = msa + self.msa_transition(msa)
         else:
             msa = None

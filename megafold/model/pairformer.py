@@ -11,15 +11,15 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.primitives import (
     AttentionPairBias,
     Transition,
-    add_dropout,
     checkpoint_pair_block,
     init_weight_,
     lecun_normal_,
     ln_params,
     run_in_chunks,
+    shared_dropout,
 )
 
-ROWWISE, COLUMNWISE = -3, -2  # add_dropout's shared axis for [B, I, J, C]
+ROWWISE, COLUMNWISE = -3, -2  # shared_dropout's shared axis for [B, I, J, C]
 
 
 class TriangleMultiplication(nn.Module):
@@ -122,10 +122,10 @@ class PairformerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``."""
         p, training = self.dropout, self.training
-        pair = add_dropout(pair, self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
-        pair = add_dropout(pair, self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
-        pair = add_dropout(pair, self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
-        pair = add_dropout(pair, self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
+        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
+        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
         pair = pair + self.pair_transition(pair)
         if single is not None:
             bias = self.attention.pair_bias(pair)

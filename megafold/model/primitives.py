@@ -92,24 +92,10 @@ def shared_dropout(x: torch.Tensor, p: float, training: bool, shared_dim: int) -
     """
     if not training or p == 0.0:
         return x
-    return x * dropout_keep(x.shape, shared_dim, p, x) / (1.0 - p)
-
-
-def dropout_keep(shape: Sequence[int], shared_dim: int, p: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0/1 keep mask of ``shape`` with size 1 along ``shared_dim`` (drawn with probability
-    1 - p), in ``like``'s dtype and device."""
-    shape = list(shape)
+    shape = list(x.shape)
     shape[shared_dim] = 1
-    return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p)
-
-
-def add_dropout(residual: torch.Tensor, update: torch.Tensor, p: float, training: bool, shared_dim: int) -> torch.Tensor:
-    """``residual + shared_dropout(update, p, training, shared_dim)`` in one pass over the
-    tensor (``addcmul``, in the residual's precision) instead of three: on the pair tensor
-    every pass is a read and write of ``[B, N, N, c_z]`` in fp32."""
-    if not training or p == 0.0:
-        return residual + update
-    return torch.addcmul(residual, update, dropout_keep(update.shape, shared_dim, p, update), value=1.0 / (1.0 - p))
+    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
 
 
 _NONREENTRANT = [0]  # > 0 inside ``nonreentrant_checkpoints()``

@@ -77,7 +77,7 @@ from megafold.model.pairformer import (
     TriangleAttention,
     TriangleMultiplication,
 )
-from megafold.model.primitives import checkpoint_pair_block, checkpointed, dropout_keep, run_in_chunks
+from megafold.model.primitives import checkpoint_pair_block, checkpointed, run_in_chunks
 
 PRODUCT_CHUNK = 32  # channels of b gathered at a time: [32, P, P] bf16 is 205 MB at P = 1792
 
@@ -285,19 +285,20 @@ def triangle_attention_rows(
     return F.linear(out.flatten(-2), module.out_proj_weight)
 
 
-def add_dropout_rows(
-    residual: torch.Tensor, update: torch.Tensor, p: float, training: bool, shared_dim: int, shards: AxialShards
+def shared_dropout_rows(
+    update: torch.Tensor, p: float, training: bool, shared_dim: int, shards: AxialShards
 ) -> torch.Tensor:
-    """``megafold.model.primitives.add_dropout`` of the whole ``[B, P, P, C]`` update, for this
-    rank's rows: the mask is drawn at the global shape (the same draw on every rank seeded
-    alike, and the unsharded run's) and sliced."""
+    """``megafold.model.primitives.shared_dropout`` of the whole ``[B, P, P, C]`` update, for
+    this rank's rows: the mask is drawn at the global shape (the same draw on every rank
+    seeded alike, and the unsharded run's) and sliced."""
     if not training or p == 0.0:
-        return residual + update
+        return update
     shape = [update.shape[0], shards.padded, update.shape[2], update.shape[3]]
-    keep = dropout_keep(shape, shared_dim, p, update)
+    shape[shared_dim] = 1
+    keep = torch.empty(shape, device=update.device, dtype=update.dtype).bernoulli_(1.0 - p)
     if keep.shape[1] > 1:
         keep = keep[:, shards.row_slice]
-    return torch.addcmul(residual, update, keep, value=1.0 / (1.0 - p))
+    return update * keep / (1.0 - p)
 
 
 def pairformer_block_rows(
@@ -314,14 +315,14 @@ def pairformer_block_rows(
     mask_rows = pair_mask[:, shards.row_slice]
     mask_columns = pair_mask.transpose(1, 2)[:, shards.row_slice]
 
-    def add(pair, update, shared_dim):
-        return add_dropout_rows(pair, update, p, training, shared_dim, shards)
+    def dropout(update, shared_dim):
+        return shared_dropout_rows(update, p, training, shared_dim, shards)
 
-    pair = add(pair, triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards), ROWWISE)
-    pair = add(pair, triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards), ROWWISE)
-    pair = add(pair, triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards), ROWWISE)
+    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards), ROWWISE)
+    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards), ROWWISE)
+    pair = pair + dropout(triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards), ROWWISE)
     ending = triangle_attention_rows(block.tri_attn_end, shards.transpose(pair), mask_columns, shards)
-    pair = add(pair, shards.transpose(ending), COLUMNWISE)
+    pair = pair + dropout(shards.transpose(ending), COLUMNWISE)
     pair = pair + block.pair_transition(pair)
     if single is not None:
         bias = shards.gather(block.attention.pair_bias(pair), dim=2)  # [B, H, P, P]

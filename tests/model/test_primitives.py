@@ -13,7 +13,6 @@ from megafold.model.primitives import (
     checkpoint_pair_block,
     local_attention,
     nonreentrant_checkpoints,
-    add_dropout,
     shared_dropout,
 )
 
@@ -71,27 +70,6 @@ def test_shared_dropout():
     columns = shared_dropout(x, 0.5, True, -2)
     assert (columns == columns[:, :, :1]).all()
     assert torch.equal(shared_dropout(x, 0.5, False, -3), x)
-
-
-@pytest.mark.parametrize("shared_dim", [-3, -2])
-def test_add_dropout_is_the_residual_plus_shared_dropout(shared_dim):
-    """One addcmul pass computes residual + shared_dropout(update), with the same mask draw
-    and the update's gradient; in eval (or p = 0) it is the plain residual add."""
-    residual = torch.randn(2, 6, 7, 5, requires_grad=True)
-    update = torch.randn(2, 6, 7, 5, requires_grad=True)
-    torch.manual_seed(3)
-    fused = add_dropout(residual, update, 0.25, True, shared_dim)
-    torch.manual_seed(3)
-    expected = residual + shared_dropout(update, 0.25, True, shared_dim)
-    torch.testing.assert_close(fused, expected)
-    assert 0 < int((fused == residual).sum()) < fused.numel()  # some of the update dropped, not all
-    g = torch.randn_like(fused)
-    got = torch.autograd.grad(fused, [residual, update], g)
-    want = torch.autograd.grad(expected, [residual, update], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
-    assert torch.equal(add_dropout(residual, update, 0.25, False, shared_dim), residual + update)
-    assert torch.equal(add_dropout(residual, update, 0.0, True, shared_dim), residual + update)
 
 
 BARE_LAYER_NORM = re.compile(r"(^|_)(norm|ln)(_in|_out)?_(weight|bias)$")
