@@ -9,7 +9,8 @@ the crop are padded), so the data-wait share is the real one. ``--source onthefl
 same loader from the shipped mmCIF files instead, parsing and searching MSAs and templates
 with pyhmmer for every sample (the pipeline without the cache, what the precache is measured
 against); ``--source synthetic`` uses a synthetic batch of exactly ``--crop`` tokens. Step time
-is the median over ``--steps`` steps after one warm-up step; peak memory is the allocator's
+is the median over ``--steps`` steps after one warm-up step (each step's time, and the time
+Python's garbage collector took in it, are in the JSON); peak memory is the allocator's
 peak above the weights. ``compile`` is torch.compile of the eager model's repeated blocks (as
 the profiler does it; compiling the whole loss takes longer and was no faster).
 ``--longest`` adds, per kernels setting, the longest crop whose step fits on a grid of 128
@@ -20,6 +21,7 @@ tokens from ``--crop`` (``megafold.profile.longest_crop`` on synthetic batches, 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -55,6 +57,29 @@ def batches(args, device):
             yield batch, data.stats()["wait_s"]
 
 
+class GcTimer:
+    """Seconds Python's cyclic garbage collector ran, and its full (generation 2) collections,
+    since the last ``take()``: a full collection walks every tracked object of the process."""
+
+    def __init__(self):
+        self.seconds, self.full, self._began = 0.0, 0, None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.seconds += time.perf_counter() - self._began
+            self.full += info["generation"] == 2
+
+    def take(self) -> tuple[float, int]:
+        taken, self.seconds, self.full = (self.seconds, self.full), 0.0, 0
+        return taken
+
+    def close(self):
+        gc.callbacks.remove(self._callback)
+
+
 def run(kernels: str, args, device) -> dict:
     torch._dynamo.reset()
     cuda = device.type == "cuda"  # else a CPU smoke run ("tiny"): no memory counters
@@ -65,14 +90,20 @@ def run(kernels: str, args, device) -> dict:
         _compile_blocks(model, variant.compile)
     training_loss = model.training_loss
     source = batches(args, device)
-    times, waits = [], []
+    times, waits, gc_times, gc_full = [], [], [], []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     base = torch.cuda.memory_allocated() if cuda else 0
+    collector = GcTimer()
     for i in range(args.steps + 1):
         batch, waited_total = next(source)  # the loader's cumulative wait for data, seconds
-        if i == 1 and cuda:
-            torch.cuda.reset_peak_memory_stats()
+        if i == 1:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            if args.gc_freeze:  # what the trainer does after its first step
+                gc.collect()
+                gc.freeze()
+        collector.take()
         start = time.perf_counter()
         loss, _terms = training_loss(batch, n_cycles=1)
         loss.backward()
@@ -80,12 +111,19 @@ def run(kernels: str, args, device) -> dict:
         sync()
         if i > 0:  # the first step compiles and tunes
             times.append(time.perf_counter() - start)
+            seconds, full = collector.take()
+            gc_times.append(round(seconds, 4))
+            gc_full.append(full)
         waits.append(waited_total)
+    collector.close()
+    if args.gc_freeze:
+        gc.unfreeze()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
     step_s = statistics.median(times)
     wait_per_step = (waits[-1] - waits[1]) / max(1, len(waits) - 2)
     row = {"kernels": kernels, "preset": args.preset, "crop": args.crop, "source": args.source,
-           "step_s": step_s, "step_times_s": times, "peak_gib": peak, "data_wait_s": wait_per_step,
+           "step_s": step_s, "step_times_s": times, "gc_s": gc_times, "gc_full_collections": gc_full,
+           "gc_freeze": args.gc_freeze, "peak_gib": peak, "data_wait_s": wait_per_step,
            "data_wait_frac": wait_per_step / (wait_per_step + step_s)}
     source.close()
     del model, source
@@ -108,6 +146,8 @@ def main(argv=None):
     parser.add_argument("--crop", type=int, default=384)
     parser.add_argument("--kernels", default="torch,triton")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after the warm-up step, so full collections skip the objects alive then")
     parser.add_argument("--store", default=str(ROOT / "cached_data" / "store.zarr"))
     parser.add_argument("--source", choices=("store", "onthefly", "synthetic"), default="store")
     parser.add_argument("--synthetic", action="store_true", help="same as --source synthetic")
