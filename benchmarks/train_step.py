@@ -100,7 +100,7 @@ def run(kernels: str, args, device) -> dict:
         if i == 1:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            if args.gc_freeze:  # what the trainer does after its first step
+            if args.gc_freeze:  # the objects alive now (model, caches) leave the collections
                 gc.collect()
                 gc.freeze()
         collector.take()
