@@ -240,13 +240,13 @@ def main(argv=None):
     if "evo_attention" in ops:
         bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
                   args.impls.split(",") if args.impls else None)
-    try:
-        import _pair_ops
-    except ImportError as error:
-        print(f"pair ops skipped: {error}")
-    else:
-        pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
-        if pair_ops:
+    if set(ops) - {"evo_attention"}:
+        try:
+            import _pair_ops
+        except ImportError as error:
+            print(f"pair ops skipped: {error}")
+        else:
+            pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
             _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None)
     from megafold.kernels._common import autotune_cache_path
 

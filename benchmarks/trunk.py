@@ -177,7 +177,7 @@ def main(argv=None):
                 if kernels:
                     row["device_s"] = sum(kernels.values()) / 1e3
                     row["kernels_ms"] = {k: round(v, 2) for k, v in list(kernels.items())[: args.top]}
-                    for kernel, ms in list(kernels.items())[: args.top]:
+                    for kernel, ms in row["kernels_ms"].items():
                         print(f"      {ms:9.2f} ms  {kernel}")
             except Exception as error:
                 row["error"] = "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:200]
