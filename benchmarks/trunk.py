@@ -3,11 +3,13 @@
     python benchmarks/trunk.py [--ns 384,768] [--stacks eager,triton,cueq,compile] [--longest]
 
 bf16 autocast and per-block activation checkpointing (pair activations stored in bf16), as in
-the "paper" preset. Stacks: eager (kernels torch), triton (megafold kernels), compile
+the "paper" preset, in training mode (dropout on). Stacks: eager (kernels torch), triton (megafold kernels), compile
 (torch.compile of each eager block), cueq (cuEquivariance's triangle attention and triangle
 multiplication in the same modules, when cuequivariance_torch is importable), triton-offload
 (triton with the checkpointed bf16 pair copies in pinned host memory: ``pair_offload``; its
-peak counts GPU memory only). Step time is the
+peak counts GPU memory only); any of them but triton-offload with ``-graph`` (the step
+captured once and replayed as one CUDA graph: ``megafold.train.graphs.GraphedStep``; its peak is
+the capture's, the memory its graph pool holds). Step time is the
 median of timed steps after one warm-up step; peak memory is the allocator's peak during a step
 above what the inputs and weights hold. ``--longest`` steps N up by 128 from the last size until
 a step runs out of memory and records the longest that fit (one untimed step per size, from
@@ -83,8 +85,12 @@ def build_stack(kernels: str, device, offload: bool = False) -> tuple[Pairformer
     return stack, config
 
 
-def step_fn(stack, config, N, device, compiled=False):
+def step_fn(stack, config, N, device, compiled=False, graph=False):
+    """One forward + backward of ``stack`` on fixed random inputs; with ``graph`` a
+    ``GraphedStep`` of it (captured after one warm-up run), else an eager step that clears the
+    gradients after itself."""
     from megafold.kernels import use_kernels
+    from megafold.train.graphs import GraphedStep
 
     pair = torch.randn(1, N, N, config.c_z, device=device, requires_grad=True)
     single = torch.randn(1, N, config.c_s, device=device, requires_grad=True)
@@ -95,11 +101,18 @@ def step_fn(stack, config, N, device, compiled=False):
         for i, block in enumerate(stack.blocks):
             stack.blocks[i] = torch.compile(block, dynamic=False)
 
-    def step():
+    def body():
         with use_kernels(config.kernels), torch.autocast("cuda", torch.bfloat16):
             pair_out, single_out = stack(pair, single, pair_mask, token_mask)
         loss = pair_out.float().square().mean() + single_out.float().square().mean()
         loss.backward()
+        return loss
+
+    if graph:
+        return GraphedStep(body, [*stack.parameters(), pair, single])
+
+    def step():
+        body()
         stack.zero_grad(set_to_none=True)
         pair.grad = single.grad = None
 
@@ -107,6 +120,9 @@ def step_fn(stack, config, N, device, compiled=False):
 
 
 KERNELS = {"eager": "torch", "compile": "torch", "triton": "triton", "triton-offload": "triton", "cueq": "torch"}
+# "<stack>-graph": the same stack's step captured once and replayed as one CUDA graph
+# (megafold.train.graphs.GraphedStep); its peak is the capture's.
+KERNELS.update({f"{name}-graph": kernels for name, kernels in KERNELS.items() if name != "triton-offload"})
 
 
 def measure(name, N, device, reps=2, breakdown=False):
@@ -115,11 +131,12 @@ def measure(name, N, device, reps=2, breakdown=False):
     device ms per kernel name of one more step (else None)."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    context = cueq_modules() if name == "cueq" else contextlib.nullcontext()
+    base_name, graph = name.removesuffix("-graph"), name.endswith("-graph")
+    context = cueq_modules() if base_name == "cueq" else contextlib.nullcontext()
     with context:
         stack, config = build_stack(KERNELS[name], device, offload=name == "triton-offload")
-        step = step_fn(stack, config, N, device, compiled=name == "compile")
-        step()  # warm-up: compilation, tuning
+        step = step_fn(stack, config, N, device, compiled=base_name == "compile", graph=graph)
+        step()  # warm-up: compilation, tuning (a graph's first replay)
         torch.cuda.synchronize()
         if not reps:
             del stack, step
@@ -133,7 +150,7 @@ def measure(name, N, device, reps=2, breakdown=False):
             step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        peak = (step.peak_bytes if graph else torch.cuda.max_memory_allocated() - base) / 2**30
         kernels = kernel_breakdown(step, steps=1) if breakdown else None
     del stack, step
     torch.cuda.empty_cache()
@@ -164,7 +181,7 @@ def main(argv=None):
     stacks = args.stacks.split(",")
     ns = [int(n) for n in args.ns.split(",")]
     for name in stacks:
-        if name == "cueq":
+        if name.startswith("cueq"):
             try:
                 import cuequivariance_torch  # noqa: F401
             except ImportError:

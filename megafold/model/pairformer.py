@@ -117,15 +117,32 @@ class PairformerBlock(nn.Module):
             self.attention = AttentionPairBias(c_s, single_heads, c_z)
             self.single_transition = Transition(c_s, transition_n)
 
+    def dropout_keep(self, pair: torch.Tensor) -> torch.Tensor | None:
+        """The block's four dropout masks for ``pair`` ``[B, N, N, c_z]``: bool ``[4, B, N, c_z]``
+        (True = keep), or None when dropout is off. The stack draws them before a checkpointed
+        block, so that the recompute reuses them without saving the RNG state."""
+        if not self.training or self.dropout == 0.0:
+            return None
+        B, N, C = pair.shape[0], pair.shape[2], pair.shape[3]
+        return torch.rand(4, B, N, C, device=pair.device) >= self.dropout
+
     def forward(
-        self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor
+        self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``."""
+        """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``;
+        ``keep``: the dropout masks of ``dropout_keep`` (drawn here when None)."""
         p, training = self.dropout, self.training
-        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE)
-        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE)
+        if keep is None:
+            keep = self.dropout_keep(pair)
+        # rowwise masks are shared by the rows i ([B, 1, J, C]), the columnwise one by the columns j
+        row, col = (None,) * 4, None
+        if keep is not None:
+            row, col = tuple(k.unsqueeze(1) for k in keep), keep[3].unsqueeze(2)
+        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE, row[0])
+        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE, row[1])
+        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE, row[2])
+        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE, col)
         pair = pair + self.pair_transition(pair)
         if single is not None:
             bias = self.attention.pair_bias(pair)
@@ -160,9 +177,12 @@ class PairformerStack(nn.Module):
         self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for block in self.blocks:
+            # Dropout masks are drawn here and passed in: the block then draws no random numbers,
+            # and its checkpoint need not save the RNG state (host time; not allowed while a
+            # CUDA graph of the step is captured).
             pair, single = checkpoint_pair_block(
-                block, pair, single, pair_mask, token_mask,
+                block, pair, single, pair_mask, token_mask, block.dropout_keep(pair),
                 enabled=self.checkpoint, pair_bf16=self.pair_bf16, offload=self.offload,
-                reentrant=self.reentrant,
+                reentrant=self.reentrant, preserve_rng=False,
             )
         return pair, single

@@ -84,17 +84,21 @@ def ln_params(c: int) -> tuple[nn.Parameter, nn.Parameter]:
     return nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
 
 
-def shared_dropout(x: torch.Tensor, p: float, training: bool, shared_dim: int) -> torch.Tensor:
+def shared_dropout(
+    x: torch.Tensor, p: float, training: bool, shared_dim: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dropout whose mask is shared along ``shared_dim``.
 
     AF3's DropoutRowwise shares the mask between rows (``shared_dim=-3`` on ``[B, I, J, C]``),
-    DropoutColumnwise between columns (``shared_dim=-2``).
+    DropoutColumnwise between columns (``shared_dim=-2``). ``keep`` (bool, ``x``'s shape with
+    ``shared_dim`` of size 1) is the mask to use; without it one is drawn.
     """
     if not training or p == 0.0:
         return x
-    shape = list(x.shape)
-    shape[shared_dim] = 1
-    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    if keep is None:
+        shape = list(x.shape)
+        shape[shared_dim] = 1
+        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
     return x * keep / (1.0 - p)
 
 
@@ -113,7 +117,7 @@ def nonreentrant_checkpoints() -> Iterator[None]:
         _NONREENTRANT[0] -= 1
 
 
-def checkpointed(fn: Callable, *args, reentrant: bool = False):
+def checkpointed(fn: Callable, *args, reentrant: bool = False, preserve_rng: bool = True):
     """``torch.utils.checkpoint`` of ``fn(*args)``.
 
     Non-reentrant by default. ``reentrant=True`` (the pair blocks, whose every input is an
@@ -124,6 +128,10 @@ def checkpointed(fn: Callable, *args, reentrant: bool = False):
     gradients reach only arguments and parameters: a tensor that ``fn`` closes over would get
     none, so callers with such closures keep the default. Distributed runs and
     ``nonreentrant_checkpoints()`` blocks use the non-reentrant form.
+
+    ``preserve_rng=False`` skips saving and restoring the RNG state around the recompute, for
+    an ``fn`` that draws no random numbers (its dropout masks are arguments): that saves host
+    time, and reading the CUDA RNG state is not allowed while a CUDA graph is being captured.
 
     The backward recomputation runs outside the model's ``use_kernels`` block, so the
     kernels backend of the forward is captured here and restored for it (torch restores
@@ -141,8 +149,8 @@ def checkpointed(fn: Callable, *args, reentrant: bool = False):
         and not (torch.distributed.is_available() and torch.distributed.is_initialized())
         and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     ):
-        return checkpoint(run, *args, use_reentrant=True)
-    return checkpoint(run, *args, use_reentrant=False)
+        return checkpoint(run, *args, use_reentrant=True, preserve_rng_state=preserve_rng)
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
 
 
 def tensor_leaves(tree: object) -> tuple[list[torch.Tensor], Callable[[Sequence[torch.Tensor]], object]]:
@@ -650,6 +658,7 @@ def checkpoint_pair_block(
     pair_bf16: bool,
     offload: bool = False,
     reentrant: bool = False,
+    preserve_rng: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``block(pair, other, *args) -> (pair, other)`` with activation checkpointing
     (reentrant or not: ``checkpointed``).
@@ -663,11 +672,13 @@ def checkpoint_pair_block(
     forward runs on the GPU copy, which is freed when the block returns, and the backward's
     recompute copies the host copy back. Both copies are queued on the compute stream, so
     no synchronisation is needed; they cost 2 bytes per pair element over PCIe each way.
+
+    ``preserve_rng``: as in ``checkpointed`` (False for a block that draws no random numbers).
     """
     if not (enabled and torch.is_grad_enabled()):
         return block(pair, other, *args)
     if not pair_bf16:
-        return checkpointed(block, pair, other, *args, reentrant=reentrant)
+        return checkpointed(block, pair, other, *args, reentrant=reentrant, preserve_rng=preserve_rng)
     stored, dtype, device = pair.to(torch.bfloat16), pair.dtype, pair.device
     on_gpu = [None]  # the forward's GPU copy when offloading; emptied once the forward is done
     if offload and pair.is_cuda:
@@ -683,6 +694,6 @@ def checkpoint_pair_block(
         pair_out, other_out = block(pair_in, other_in, *rest)
         return pair_out - pair_in, other_out
 
-    delta, other = checkpointed(delta_block, stored, other, *args, reentrant=reentrant)
+    delta, other = checkpointed(delta_block, stored, other, *args, reentrant=reentrant, preserve_rng=preserve_rng)
     on_gpu[0] = None
     return pair + delta, other

@@ -70,8 +70,6 @@ import torch.nn.functional as F
 from megafold.errors import ConfigError
 from megafold.kernels import evo_attention, layernorm_linear
 from megafold.model.pairformer import (
-    COLUMNWISE,
-    ROWWISE,
     PairformerBlock,
     PairformerStack,
     TriangleAttention,
@@ -286,18 +284,14 @@ def triangle_attention_rows(
 
 
 def shared_dropout_rows(
-    update: torch.Tensor, p: float, training: bool, shared_dim: int, shards: AxialShards
+    update: torch.Tensor, p: float, training: bool, keep: torch.Tensor | None
 ) -> torch.Tensor:
-    """``megafold.model.primitives.shared_dropout`` of the whole ``[B, P, P, C]`` update, for
-    this rank's rows: the mask is drawn at the global shape (the same draw on every rank
-    seeded alike, and the unsharded run's) and sliced."""
+    """``megafold.model.primitives.shared_dropout`` of this rank's rows of the update, with
+    ``keep`` already sliced to them (masks drawn at the global shape by
+    ``PairformerBlock.dropout_keep``: the same draw on every rank seeded alike, and the
+    unsharded run's)."""
     if not training or p == 0.0:
         return update
-    shape = [update.shape[0], shards.padded, update.shape[2], update.shape[3]]
-    shape[shared_dim] = 1
-    keep = torch.empty(shape, device=update.device, dtype=update.dtype).bernoulli_(1.0 - p)
-    if keep.shape[1] > 1:
-        keep = keep[:, shards.row_slice]
     return update * keep / (1.0 - p)
 
 
@@ -307,22 +301,32 @@ def pairformer_block_rows(
     single: torch.Tensor | None,
     pair_mask: torch.Tensor,
     token_mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    *,
     shards: AxialShards,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``block`` (AF3 Alg. 17) on this rank's rows: pair ``[B, R, P, c_z]``, single ``[B, R, c_s]``
-    or None; pair_mask ``[B, P, P]`` and token_mask ``[B, P]`` whole (every rank holds them)."""
+    or None; pair_mask ``[B, P, P]`` and token_mask ``[B, P]`` whole (every rank holds them);
+    ``keep``: the block's dropout masks at the global shape (``PairformerBlock.dropout_keep``
+    of the rows: it reads the padded size from the columns), drawn here when None."""
     p, training = block.dropout, block.training
     mask_rows = pair_mask[:, shards.row_slice]
     mask_columns = pair_mask.transpose(1, 2)[:, shards.row_slice]
+    if keep is None:
+        keep = block.dropout_keep(pair)
+    # rowwise masks ([B, 1, P, C]) are shared by every row; the columnwise one is this rank's rows
+    row, col = (None,) * 4, None
+    if keep is not None:
+        row, col = tuple(k.unsqueeze(1) for k in keep), keep[3][:, shards.row_slice].unsqueeze(2)
 
-    def dropout(update, shared_dim):
-        return shared_dropout_rows(update, p, training, shared_dim, shards)
+    def dropout(update, keep_mask):
+        return shared_dropout_rows(update, p, training, keep_mask)
 
-    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards), ROWWISE)
-    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards), ROWWISE)
-    pair = pair + dropout(triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards), ROWWISE)
+    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards), row[0])
+    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards), row[1])
+    pair = pair + dropout(triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards), row[2])
     ending = triangle_attention_rows(block.tri_attn_end, shards.transpose(pair), mask_columns, shards)
-    pair = pair + dropout(shards.transpose(ending), COLUMNWISE)
+    pair = pair + dropout(shards.transpose(ending), col)
     pair = pair + block.pair_transition(pair)
     if single is not None:
         bias = shards.gather(block.attention.pair_bias(pair), dim=2)  # [B, H, P, P]
@@ -363,8 +367,8 @@ def pairformer_rows(
     for block in stack.blocks:
         run = functools.partial(pairformer_block_rows, block, shards=shards)
         pair, single = checkpoint_pair_block(
-            run, pair, single, pair_mask, token_mask,
-            enabled=stack.checkpoint, pair_bf16=stack.pair_bf16, offload=stack.offload,
+            run, pair, single, pair_mask, token_mask, block.dropout_keep(pair),
+            enabled=stack.checkpoint, pair_bf16=stack.pair_bf16, offload=stack.offload, preserve_rng=False,
         )
     return pair, single
 

@@ -127,3 +127,41 @@ def test_outer_product_mean_module_follows_alg_9():
     count = torch.einsum("bsi,bsj->bij", mask.float(), mask.float())[..., None]
     expected = (outer / (1e-3 + count)) @ module.out_weight.T + module.out_bias
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointed_recompute_reuses_the_dropout_masks_it_was_given():
+    """The stack draws each block's dropout masks before its checkpoint and the checkpoint keeps
+    no RNG state: the recompute in backward must see the forward's masks, so checkpointed and
+    plain runs from one seed give the same output and gradients. Dropout must also drop."""
+    from megafold.model.pairformer import PairformerStack
+
+    results = []
+    for checkpoint, reentrant in ((False, False), (True, False), (True, True)):
+        config = preset("tiny", pairformer_blocks=2, checkpoint=checkpoint, checkpoint_reentrant=reentrant,
+                        pair_dropout=0.25)
+        torch.manual_seed(0)
+        stack = _randomise(PairformerStack(config, 2, 16, 32, tri_mul_hidden=16)).train()
+        pair, mask = _pair()
+        pair.requires_grad_(True)
+        single = torch.randn(2, 9, 32, requires_grad=True)
+        token_mask = mask[:, 0] | mask[:, :, 0]
+        torch.manual_seed(1)
+        out_pair, out_single = stack(pair, single, mask, token_mask)
+        (out_pair.square().sum() + out_single.square().sum()).backward()
+        grads = [pair.grad, single.grad] + [p.grad for p in stack.parameters()]
+        results.append((out_pair.detach(), grads))
+        if not checkpoint:
+            with torch.no_grad():
+                assert not torch.allclose(stack.eval()(pair, single, mask, token_mask)[0], out_pair)
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0])
+        for grad, expected in zip(grads, results[0][1]):
+            torch.testing.assert_close(grad, expected)
+
+
+def test_dropout_keep_masks_drop_a_quarter_and_scale_the_rest():
+    block = PairformerBlock(16, 0, tri_mul_hidden=16, tri_attn_heads=2, tri_attn_head_dim=8).train()
+    keep = block.dropout_keep(torch.zeros(2, 50, 50, 16))
+    assert keep.shape == (4, 2, 50, 16) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.75) < 0.03
+    assert block.eval().dropout_keep(torch.zeros(2, 5, 5, 16)) is None
