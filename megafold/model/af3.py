@@ -22,6 +22,7 @@ from megafold.model.config import AlphaFold3Config
 from megafold.model.diffusion import (
     DiffusionContext,
     DiffusionModule,
+    GraphedChunkDenoiser,
     GraphedDenoiser,
     centre_random_augmentation,
     noise_schedule,
@@ -43,7 +44,12 @@ from megafold.model.losses import (
 )
 from megafold.model.msa import MSAModule
 from megafold.model.pairformer import PairformerStack
-from megafold.model.primitives import LayerNorm, LinearNoBias, checkpointed_with_context
+from megafold.model.primitives import (
+    LayerNorm,
+    LinearNoBias,
+    checkpointed_with_context,
+    nonreentrant_checkpoints_active,
+)
 from megafold.model.template import TemplateEmbedder
 
 Batch = Mapping[str, torch.Tensor]
@@ -163,7 +169,8 @@ class AlphaFold3(nn.Module):
     def _diffusion_terms(self, batch: Batch, ctx: DiffusionContext) -> dict[str, torch.Tensor]:
         """The diffusion batch: ``diffusion_samples`` noised, rotated and translated copies of the
         truth, denoised in chunks of ``diffusion_chunk`` (each chunk checkpointed, so the memory
-        of the diffusion batch stays that of one chunk)."""
+        of the diffusion batch stays that of one chunk). With ``diffusion_cuda_graph`` and three
+        or more chunks the denoiser's checkpoints replay CUDA graphs (``GraphedChunkDenoiser``)."""
         c = self.config
         atom_mask = batch["atom_mask"]
         B, A = atom_mask.shape
@@ -179,21 +186,33 @@ class AlphaFold3(nn.Module):
         pairs = bonded_atom_pairs(batch) if c.bond_loss_weight > 0 else torch.zeros(0, 3, dtype=torch.long)
         lddt_pairs = smooth_lddt_pairs(x_true, nucleotide, resolved)  # once, not per chunk
 
+        chunk = c.diffusion_chunk if 0 < c.diffusion_chunk < S else S
+        chunks = -(-S // chunk)
+        denoise = None
+        if (
+            c.diffusion_cuda_graph and chunks >= 3 and torch.is_grad_enabled()
+            and not nonreentrant_checkpoints_active()
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        ):  # off CUDA the same checkpoints and gradient sums, run eagerly
+            denoise = GraphedChunkDenoiser(self.diffusion_module, ctx, chunks, graphs=x_true.is_cuda)
+
         def chunk_terms(
             ctx: DiffusionContext, x_noisy_c: torch.Tensor, x_aug_c: torch.Tensor, sigma_c: torch.Tensor
         ) -> torch.Tensor:
-            x_denoised = self.diffusion_module(ctx, x_noisy_c, sigma_c)
+            if denoise is not None:  # a checkpoint of the denoiser, replayed from CUDA graphs
+                x_denoised = denoise(x_noisy_c, sigma_c)
+            else:
+                x_denoised = self.diffusion_module(ctx, x_noisy_c, sigma_c)
             aligned = weighted_rigid_align(x_denoised, x_aug_c, (weight * resolved)[:, None])
             mse = weighted_mse(x_denoised, aligned, weight[:, None], resolved[:, None])
             lddt = smooth_lddt_loss_on_pairs(x_denoised, lddt_pairs)
             bond = bond_loss(x_denoised, x_true, pairs)
             return torch.stack([mse, lddt, bond])  # [3, B, chunk]
 
-        chunk = c.diffusion_chunk if 0 < c.diffusion_chunk < S else S
         parts = []
         for start in range(0, S, chunk):
             args = (x_noisy[:, start : start + chunk], x_aug[:, start : start + chunk], sigma[:, start : start + chunk])
-            if chunk < S and torch.is_grad_enabled():
+            if chunk < S and torch.is_grad_enabled() and denoise is None:
                 parts.append(checkpointed_with_context(chunk_terms, ctx, *args, reentrant=c.checkpoint_reentrant))
             else:
                 parts.append(chunk_terms(ctx, *args))

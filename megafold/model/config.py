@@ -88,6 +88,7 @@ class AlphaFold3Config:
     transition_chunk: int = 0  # rows per transition chunk (0: unchunked)
     attention_chunk: int = 0  # rows per triangle-attention chunk (0: unchunked)
     rollout_cuda_graph: bool = True  # sampler steps replay a CUDA graph of the denoiser (CUDA only)
+    diffusion_cuda_graph: bool = True  # training: the diffusion chunks' denoiser calls replay CUDA graphs
 
     @property
     def c_s_inputs(self) -> int:

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from megafold.kernels import layernorm_linear
+from megafold.kernels import default_backend, layernorm_linear, use_kernels
 from megafold.model.config import AlphaFold3Config
 from megafold.model.embedders import AtomAttentionDecoder, AtomAttentionEncoder, AtomContext, RelativePositionEncoding
 from megafold.model.primitives import (
@@ -27,6 +27,7 @@ from megafold.model.primitives import (
     TransformerWeights,
     lecun_normal_,
     ln_params,
+    tensor_leaves,
 )
 
 Batch = Mapping[str, torch.Tensor]
@@ -230,6 +231,167 @@ class GraphedDenoiser:
             return result
         finally:
             torch.set_autocast_cache_enabled(cache)
+
+
+class GraphedChunkDenoiser:
+    """The training step's denoiser on the equal chunks of its diffusion batch, forward and
+    backward replayed from CUDA graphs: a checkpoint of each chunk (nothing of a chunk is kept
+    for the backward but its inputs) whose launches cost one replay instead of thousands.
+
+    A "paper" step denoises 48 samples in chunks, through the atom transformers and 24 token
+    transformer blocks, once in the forward and again in the backward (recompute and
+    gradients): thousands of small launches per chunk that bound the step at small crops, and
+    that made smaller chunks (less memory) cost time. Here a step's first chunk runs eagerly (it
+    compiles and tunes the kernels for the step's shapes), the second is captured into a graph
+    and replayed, and so are the rest. The backward does the same with the recompute and
+    ``torch.autograd.grad``; the graph adds each chunk's gradients of the context tensors and of
+    the module's parameters into buffers in a fixed order (deterministic), which reach autograd
+    (context) and ``.grad`` (parameters) when the last chunk's backward is done. Graphs and
+    buffers live for one step. A chunk of another shape and any capture that fails run eagerly.
+
+    Use: ``denoise = GraphedChunkDenoiser(module, ctx, chunks)``, then ``denoise(x_noisy, sigma)``
+    for each of the ``chunks`` chunks, with gradients on, outside distributed runs (parameter
+    gradients are added to ``.grad`` directly, past DDP's hooks). ``graphs=False`` (off CUDA)
+    runs every chunk eagerly.
+    """
+
+    def __init__(self, module: nn.Module, ctx: "DiffusionContext", chunks: int, graphs: bool = True):
+        self.module, self.chunks = module, chunks
+        self.leaves, self.rebuild = tensor_leaves(ctx)
+        self.grad_index = [i for i, leaf in enumerate(self.leaves) if leaf.requires_grad]
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.backend = default_backend()
+        device_type = self.leaves[0].device.type
+        self.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        self.shape: tuple | None = None
+        self.calls = {"forward": 0, "backward": 0}
+        self.graphs: dict[str, tuple] = {}  # "forward" / "backward": (graph, static inputs, outputs)
+        self.eager = not graphs  # graphs=False: the same checkpoints and sums, every chunk eager
+        self.used: list[int] | None = None  # which of leaves + params get gradients
+        self.totals: list[torch.Tensor] | None = None
+
+    def __call__(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return _GraphedChunk.apply(self, x_noisy, sigma, *(self.leaves[i] for i in self.grad_index))
+
+    def _denoise(self, grad_leaves: list[torch.Tensor], x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        leaves = list(self.leaves)
+        for index, leaf in zip(self.grad_index, grad_leaves):
+            leaves[index] = leaf
+        return self.module(self.rebuild(leaves), x_noisy, sigma)
+
+    def _graphed(self, kind: str, inputs: tuple[torch.Tensor, ...]) -> bool:
+        """Whether this call replays a graph (capturing it first when needed)."""
+        self.calls[kind] += 1
+        if self.calls[kind] == 1:
+            self.shape = self.shape or tuple(t.shape for t in inputs[:2])
+            return False
+        if self.eager or tuple(t.shape for t in inputs[:2]) != self.shape:
+            return False
+        if kind not in self.graphs:
+            if self.calls[kind] >= self.chunks:  # the last chunk: a capture would not pay
+                return False
+            statics = tuple(t.clone() for t in inputs)
+            run = self._forward_graph_body if kind == "forward" else self._backward_graph_body
+            graph, outputs = self._capture(lambda: run(*statics))
+            if graph is None:
+                return False
+            self.graphs[kind] = (graph, statics, outputs)
+        graph, statics, _ = self.graphs[kind]
+        for static, value in zip(statics, inputs):
+            static.copy_(value)
+        graph.replay()
+        return True
+
+    def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph | None, object]:
+        device = self.leaves[0].device
+        current = torch.cuda.current_stream(device)
+        side = _side_stream(device)
+        side.wait_stream(current)
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)  # no cast cached in the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    outputs = body()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:  # e.g. an op that syncs with the host
+            warnings.warn(f"GraphedChunkDenoiser: CUDA graph capture failed ({error}); the chunks run eagerly")
+            self.eager = True
+            return None, None
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+            current.wait_stream(side)
+        return graph, outputs
+
+    # forward: no gradients (the autograd Function's forward)
+
+    def _forward_graph_body(self, x_noisy, sigma):
+        return self._denoise([self.leaves[i] for i in self.grad_index], x_noisy, sigma)
+
+    def forward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self._graphed("forward", (x_noisy, sigma)):
+            out = self.graphs["forward"][2].clone()
+        else:
+            out = self._forward_graph_body(x_noisy, sigma)
+        if self.calls["forward"] == self.chunks:  # the last chunk: free the forward graph's memory
+            self.graphs.pop("forward", None)
+        return out
+
+    # backward: the chunk's recompute and gradients, added into self.totals
+
+    def _gradients(self, x_noisy, sigma, grad) -> list[torch.Tensor | None]:
+        device_type, enabled, dtype = self.autocast
+        with torch.enable_grad(), use_kernels(self.backend), torch.autocast(device_type, dtype, enabled=enabled):
+            leaves = [self.leaves[i].detach().requires_grad_() for i in self.grad_index]
+            out = self._denoise(leaves, x_noisy, sigma)
+            return list(torch.autograd.grad(out, leaves + self.params, grad, allow_unused=True))
+
+    def _backward_graph_body(self, x_noisy, sigma, grad):
+        grads = self._gradients(x_noisy, sigma, grad)
+        torch._foreach_add_(self.totals, [grads[i] for i in self.used])
+
+    def backward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> list:
+        if self.totals is None:  # the first backward: it also finds which inputs get gradients
+            grads = self._gradients(x_noisy, sigma, grad)
+            self.used = [i for i, g in enumerate(grads) if g is not None]
+            self.totals = [grads[i] for i in self.used]
+            self.calls["backward"] += 1
+        elif not self._graphed("backward", (x_noisy, sigma, grad)):
+            self._backward_graph_body(x_noisy, sigma, grad)
+        count = len(self.grad_index)
+        if self.calls["backward"] < self.calls["forward"]:
+            return [None] * count
+        # The last chunk's backward: hand the sums over, release the graphs.
+        sums = dict(zip(self.used, self.totals))
+        for index, param in enumerate(self.params, start=count):
+            if index in sums:
+                if param.grad is None:
+                    param.grad = sums[index]
+                else:
+                    param.grad.add_(sums[index])
+        leaf_grads = [sums.get(i) for i in range(count)]
+        self.graphs.clear()
+        self.totals = None
+        return leaf_grads
+
+
+class _GraphedChunk(torch.autograd.Function):
+    """One chunk of ``GraphedChunkDenoiser``: the context tensors that need gradients are inputs,
+    so that autograd routes theirs; only the chunk's noised positions and noise levels are kept."""
+
+    @staticmethod
+    def forward(ctx, runner: GraphedChunkDenoiser, x_noisy: torch.Tensor, sigma: torch.Tensor, *grad_leaves):
+        ctx.runner = runner
+        ctx.save_for_backward(x_noisy, sigma)
+        return runner.forward_chunk(x_noisy, sigma)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_noisy, sigma = ctx.saved_tensors
+        return (None, None, None, *ctx.runner.backward_chunk(x_noisy, sigma, grad.contiguous()))
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}

@@ -117,6 +117,11 @@ def nonreentrant_checkpoints() -> Iterator[None]:
         _NONREENTRANT[0] -= 1
 
 
+def nonreentrant_checkpoints_active() -> bool:
+    """Whether a ``nonreentrant_checkpoints()`` block is open (the profiler's traced step)."""
+    return _NONREENTRANT[0] > 0
+
+
 def checkpointed(fn: Callable, *args, reentrant: bool = False, preserve_rng: bool = True):
     """``torch.utils.checkpoint`` of ``fn(*args)``.
 

@@ -163,7 +163,7 @@ def variants(config: AlphaFold3Config | str, names: Sequence[str] = ("torch", "t
     known = {
         "torch": Variant(config.replace(kernels="torch")),
         "triton": Variant(config.replace(kernels="triton")),
-        "compile": Variant(config.replace(kernels="torch", rollout_cuda_graph=False), compile=True),
+        "compile": Variant(config.replace(kernels="torch", rollout_cuda_graph=False, diffusion_cuda_graph=False), compile=True),
     }
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -878,7 +878,7 @@ def precompile_kernels(
     with mock.patch.dict(os.environ, {"MEGAFOLD_AUTOTUNE": "0"}):
         torch.manual_seed(0)
         with torch.device(device):
-            model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False)).train()
+            model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
         batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
         try:
             with record_launches(records), torch.set_grad_enabled(backward):

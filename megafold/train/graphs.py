@@ -67,7 +67,7 @@ class GraphedStep:
             torch.cuda.reset_peak_memory_stats(device)
             self.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, stream=side):  # the warm-up's stream: its grad accumulators
                     self.outputs = step()
             except RuntimeError as error:
                 raise RuntimeError(
