@@ -27,6 +27,7 @@ from megafold.model.primitives import (
     TransformerWeights,
     lecun_normal_,
     ln_params,
+    nonreentrant_checkpoints,
     tensor_leaves,
 )
 
@@ -344,7 +345,10 @@ class GraphedChunkDenoiser:
 
     def _gradients(self, x_noisy, sigma, grad) -> list[torch.Tensor | None]:
         device_type, enabled, dtype = self.autocast
-        with torch.enable_grad(), use_kernels(self.backend), torch.autocast(device_type, dtype, enabled=enabled):
+        # Checkpoints inside (diffusion_block_checkpoint) go non-reentrant: a reentrant one cannot
+        # run under torch.autograd.grad.
+        with torch.enable_grad(), use_kernels(self.backend), nonreentrant_checkpoints(), \
+                torch.autocast(device_type, dtype, enabled=enabled):
             leaves = [self.leaves[i].detach().requires_grad_() for i in self.grad_index]
             out = self._denoise(leaves, x_noisy, sigma)
             return list(torch.autograd.grad(out, leaves + self.params, grad, allow_unused=True))

@@ -47,17 +47,19 @@ def test_edm_preconditioning_at_initialisation(make_batch):
     torch.testing.assert_close(denoised, expected)
 
 
-@pytest.mark.parametrize("samples,chunk,graph", [(3, 1, False), (3, 1, True), (5, 2, True)])
-def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, perturb, samples, chunk, graph):
+@pytest.mark.parametrize("samples,chunk,graph,blocks", [(3, 1, False, False), (3, 1, True, False),
+                                                        (5, 2, True, False), (3, 1, True, True)])
+def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, perturb, samples, chunk, graph, blocks):
     """Chunks checkpointed (graph off), or through GraphedChunkDenoiser (graph on: on the CPU its
     eager path, the same checkpoints and gradient sums; 5 samples in chunks of 2 end with a
-    shorter chunk), against the whole diffusion batch at once."""
+    shorter chunk; with block checkpoints inside, which must not be reentrant under its
+    torch.autograd.grad), against the whole diffusion batch at once."""
     batch = make_batch(("3mht", 12, "ligand"))
     results = []
     for chunk_size in (0, chunk):
         torch.manual_seed(0)
         config = preset("tiny", kernels="torch", diffusion_samples=samples, diffusion_chunk=chunk_size,
-                        diffusion_cuda_graph=graph)
+                        diffusion_cuda_graph=graph, diffusion_block_checkpoint=blocks)
         model = AlphaFold3(config).eval()
         perturb(model)
         torch.manual_seed(1)
