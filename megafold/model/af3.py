@@ -213,7 +213,8 @@ class AlphaFold3(nn.Module):
         for start in range(0, S, chunk):
             args = (x_noisy[:, start : start + chunk], x_aug[:, start : start + chunk], sigma[:, start : start + chunk])
             if chunk < S and torch.is_grad_enabled() and denoise is None:
-                parts.append(checkpointed_with_context(chunk_terms, ctx, *args, reentrant=c.checkpoint_reentrant))
+                parts.append(checkpointed_with_context(chunk_terms, ctx, *args, reentrant=c.checkpoint_reentrant,
+                                                       preserve_rng=False))  # the noise is drawn outside
             else:
                 parts.append(chunk_terms(ctx, *args))
         mse, lddt, bond = torch.cat(parts, dim=-1)

@@ -186,7 +186,9 @@ def tensor_leaves(tree: object) -> tuple[list[torch.Tensor], Callable[[Sequence[
     return leaves, rebuild
 
 
-def checkpointed_with_context(fn: Callable, context: object, *args, reentrant: bool = True):
+def checkpointed_with_context(
+    fn: Callable, context: object, *args, reentrant: bool = True, preserve_rng: bool = True
+):
     """``checkpointed(fn, context, *args, reentrant=...)`` with every tensor of ``context``
     (see ``tensor_leaves``) that requires grad passed as an argument of the checkpoint, so a
     reentrant recompute's gradients reach it (a reentrant checkpoint gives gradients to its
@@ -201,7 +203,7 @@ def checkpointed_with_context(fn: Callable, context: object, *args, reentrant: b
             new[index] = tensor
         return fn(rebuild(new), *inputs[:count])
 
-    return checkpointed(run, *args, *(leaves[i] for i in with_grad), reentrant=reentrant)
+    return checkpointed(run, *args, *(leaves[i] for i in with_grad), reentrant=reentrant, preserve_rng=preserve_rng)
 
 
 def run_in_chunks(
@@ -220,7 +222,7 @@ def run_in_chunks(
         length = min(chunk_size, size - start)
         parts = [t.narrow(dim, start, length) for t in split]
         if torch.is_grad_enabled():
-            outputs.append(checkpointed(fn, *parts))
+            outputs.append(checkpointed(fn, *parts, preserve_rng=False))  # the pair ops draw no random numbers
         else:
             outputs.append(fn(*parts))
     return torch.cat(outputs, dim)
@@ -630,7 +632,9 @@ class DiffusionTransformer(nn.Module):
         for block, bias, projection, block_modulations in zip(self.blocks, biases, weights.projections, modulations):
             context = (block, bias, mask, block_modulations, windows, projection)
             if checkpoint_blocks:  # every tensor of the context that needs a gradient is a checkpoint argument
-                a = checkpointed_with_context(_block_update, context, a, reentrant=self.reentrant)
+                # no random numbers in a block: no RNG state to keep (reading it inside a CUDA
+                # graph capture, GraphedChunkDenoiser's, breaks the generator's graph state)
+                a = checkpointed_with_context(_block_update, context, a, reentrant=self.reentrant, preserve_rng=False)
             else:
                 a = _block_update(context, a)
         return a
