@@ -28,7 +28,7 @@ def _batch(n_tokens: int) -> dict:
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_paper_forward_backward_at_crop_384_fits(kernels):
     """One full training step of "paper" (checkpointing, bf16, 48 diffusion samples in chunks
-    of 8, the most recycles) peaks under 78 GiB with either kernels setting."""
+    of 4, the most recycles) peaks under 78 GiB with either kernels setting."""
     model = _paper_model(kernels=kernels).train()
     batch = _batch(CROP)
     torch.cuda.synchronize()
@@ -77,8 +77,8 @@ def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch):
     """A "paper" step (triton, bf16) whose diffusion chunks replay CUDA graphs
     (``diffusion_cuda_graph``) against the same step with checkpointed chunks: every loss term
     within 1e-3 relative and the whole gradient within 1e-2 (the chunks' gradients add in
-    another order, in bf16), with no capture falling back: 48 samples in 6 chunks replay 5
-    chunks forward and 5 backward."""
+    another order, in bf16), with no capture falling back: every chunk but the first replays,
+    forward and backward (48 samples in chunks of 4: 11 and 11)."""
     import warnings
 
     from megafold.model.diffusion import GraphedChunkDenoiser
@@ -112,7 +112,8 @@ def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch):
         grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
         results[graph] = (terms, grad)
     (plain, plain_grad), (replayed, replayed_grad) = results[False], results[True]
-    assert replays.count("forward") == 5 and replays.count("backward") == 5, replays
+    chunks = -(-model.config.diffusion_samples // model.config.diffusion_chunk)
+    assert chunks >= 3 and replays.count("forward") == replays.count("backward") == chunks - 1, replays
     for name, value in plain.items():
         assert replayed[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
     assert (replayed_grad - plain_grad).norm() / plain_grad.norm() < 1e-2
