@@ -319,6 +319,9 @@ class GraphedChunkDenoiser:
                 finally:
                     graph.capture_end()
         except RuntimeError as error:  # e.g. an op that syncs with the host
+            oom = _out_of_memory(error)
+            if oom is not None:  # the step does not fit: say so as an eager step would
+                raise oom from error
             warnings.warn(f"GraphedChunkDenoiser: CUDA graph capture failed ({error}); the chunks run eagerly")
             self.eager = True
             return None, None
@@ -380,6 +383,20 @@ class GraphedChunkDenoiser:
         self.graphs.clear()
         self.totals = None
         return leaf_grads
+
+
+def _out_of_memory(error: BaseException | None) -> torch.OutOfMemoryError | None:
+    """The out-of-memory error in ``error``'s chain (a failed capture's ``capture_end`` raises
+    its own error on top of the one that broke the capture), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError):
+            return error
+        if "out of memory" in str(error).lower():
+            return torch.OutOfMemoryError(str(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class _GraphedChunk(torch.autograd.Function):

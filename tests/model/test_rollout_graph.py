@@ -1,5 +1,6 @@
 """The sampler's CUDA-graphed denoiser (GraphedDenoiser): eager off CUDA, the same
-structures from graph replays on CUDA."""
+structures from graph replays on CUDA; and how the training chunks' graphs
+(GraphedChunkDenoiser) report a capture that runs out of memory."""
 
 import pytest
 import torch
@@ -67,3 +68,21 @@ def test_graphed_rollout_equals_the_eager_rollout_on_cuda(kernels):
     assert (replayed - once).norm() <= 1e-5 * once.norm()
     assert torch.isfinite(graphed).all()
     assert (graphed - eager).norm() <= 1e-4 * eager.norm()
+
+
+def test_a_capture_that_runs_out_of_memory_reports_out_of_memory():
+    """GraphedChunkDenoiser re-raises an out-of-memory error found anywhere in a failed
+    capture's exception chain (capture_end raises its own error on top), so the longest-crop
+    search still sees "out of memory"; other errors are not mistaken for one."""
+    from megafold.model.diffusion import _out_of_memory
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as error:
+        found = _out_of_memory(error)
+    assert isinstance(found, torch.OutOfMemoryError) and "2.00 GiB" in str(found)
+    assert _out_of_memory(RuntimeError("operation not permitted when stream is capturing")) is None
+    assert isinstance(_out_of_memory(RuntimeError("HIP out of memory")), torch.OutOfMemoryError)
