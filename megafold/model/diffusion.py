@@ -218,7 +218,8 @@ class GraphedDenoiser:
             self.inputs = (x_noisy.clone(), sigma.clone())
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # thread_local: the loader's copy thread may allocate and copy meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.output = self.denoise(*self.inputs)
             except RuntimeError as error:  # e.g. an op that syncs with the host
                 warnings.warn(f"GraphedDenoiser: CUDA graph capture failed ({error}); the sampler runs eagerly")
@@ -313,7 +314,9 @@ class GraphedChunkDenoiser:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin()
+                # thread_local: the loader's copy thread (its own stream) may allocate and copy
+                # while a step captures; "global" would fail the capture for that
+                graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     outputs = body()
                 finally:
