@@ -21,6 +21,15 @@ def _paper_model(**overrides) -> AlphaFold3:
         return AlphaFold3(preset("paper", **overrides))
 
 
+def _perturbed(model: AlphaFold3) -> AlphaFold3:
+    """Small LeCun-scaled noise on every weight: the zero-initialised branches become active."""
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.3
+            param.add_(0.1 * scale * torch.randn_like(param))
+    return model
+
+
 def _batch(n_tokens: int) -> dict:
     return synthetic_batch(n_tokens, atoms_per_token=8, msa_rows=512, templates=4, device="cuda", seed=0)
 
@@ -51,11 +60,7 @@ def test_fused_and_eager_losses_agree_in_bf16():
     The weights get small LeCun-scaled noise so that the zero-initialised branches (triangle
     updates, attention outputs) are active and their kernels matter.
     """
-    model = _paper_model().eval()  # eval: no dropout, so both runs draw the same numbers
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.3
-            param.add_(0.1 * scale * torch.randn_like(param))
+    model = _perturbed(_paper_model().eval())  # eval: no dropout, so both runs draw the same numbers
     batch = _batch(256)
     results = {}
     for kernels in ("torch", "triton"):
@@ -93,11 +98,7 @@ def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch):
         return replayed
 
     monkeypatch.setattr(GraphedChunkDenoiser, "_graphed", counted)
-    model = _paper_model(kernels="triton").eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.3
-            param.add_(0.1 * scale * torch.randn_like(param))
+    model = _perturbed(_paper_model(kernels="triton").eval())
     batch = _batch(256)
     results = {}
     for graph in (False, True):
