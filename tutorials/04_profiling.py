@@ -111,6 +111,26 @@ plots.memory_timeline_figure(trade)
 plots.module_time_figure(trade)
 
 # %% [markdown]
+# ## Launches: CUDA graphs
+#
+# At small crops on a GPU the host, not the GPU, bounds a step: a "paper" step issues tens of
+# thousands of small launches. Two config switches replay CUDA graphs instead, with either
+# kernels setting:
+# - `diffusion_cuda_graph` (on): the 48 diffusion samples run in checkpointed chunks of
+#   `diffusion_chunk`; the step's second chunk is captured and every later one replays it,
+#   forward and recompute-plus-backward. Smaller chunks then cost memory, not time.
+# - `rollout_cuda_graph` (on): the sampler's denoiser, in the confidence mini-rollout and in
+#   prediction.
+#
+# The per-module trace runs the chunks eagerly (its hooks must see every module), so on a GPU
+# its module times add up to more than a plain step takes. For a fixed-shape step of your own
+# (a trunk-only fine-tune, a benchmark), `megafold.train.graphs.GraphedStep(step, parameters)`
+# captures forward and backward once and replays them. Off CUDA these switches change nothing.
+
+# %%
+print({name: getattr(config, name) for name in ("diffusion_cuda_graph", "rollout_cuda_graph", "diffusion_chunk")})
+
+# %% [markdown]
 # ## Kernels side by side
 #
 # `variants(config, ("torch", "triton", "compile"))` builds the standard comparison: the eager

@@ -7,6 +7,7 @@ validation metrics and predictions written as mmCIF.
 """
 
 from megafold.train.checkpoint import load_checkpoint, save_checkpoint
+from megafold.train.graphs import GraphedStep
 from megafold.train.metrics import (
     all_atom_lddt,
     ca_lddt,
@@ -21,6 +22,7 @@ from megafold.train.metrics import (
 from megafold.train.trainer import TrainConfig, Trainer, learning_rate, load_metrics
 
 __all__ = [
+    "GraphedStep",
     "TrainConfig",
     "Trainer",
     "all_atom_lddt",
