@@ -4,8 +4,10 @@ recycle, the 48-sample diffusion batch, every loss including the confidence mini
     python benchmarks/train_step.py [--preset paper] [--crop 384] [--kernels torch,triton,compile]
                                     [--source store|onthefly|synthetic] [--longest]
 
-Batches come from the shipped precache through the prefetching loader (entries shorter than
-the crop are padded), so the data-wait share is the real one. ``--source onthefly`` feeds the
+Batches come from the shipped precache through the prefetching loader, so the data-wait share
+is the real one; a batch of one entry has that entry's size, cropped to ``--crop`` but not
+padded up to it (the shipped entries have 25-558 tokens), so these steps vary in size and are
+lighter than a full crop. ``--source onthefly`` feeds the
 same loader from the shipped mmCIF files instead, parsing and searching MSAs and templates
 with pyhmmer for every sample (the pipeline without the cache, what the precache is measured
 against); ``--source synthetic`` uses a synthetic batch of exactly ``--crop`` tokens. Step time
