@@ -39,3 +39,17 @@ def positive_float(text: str) -> float:
 def one_line(message: object) -> str:
     """An error message on one line (whitespace runs, newlines included, become one space)."""
     return " ".join(str(message).split())
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """An argparse ``type``: ``FIELD=VALUE``, the value read as JSON where it parses (true, 4,
+    0.5, "x") and kept as text otherwise (a word such as triton)."""
+    import json
+
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field.strip(), json.loads(value)
+    except ValueError:
+        return field.strip(), value

@@ -3,6 +3,7 @@
     megafold quickstart                                   # precache, train, predict, profile, report
     megafold precache SRC... --out STORE [--msa-dir D]    # features of structure files -> zarr store
     megafold train --store STORE [--preset tiny] [--steps N] [--crop 384] [--out DIR] [--resume]
+                   [--set FIELD=VALUE ...]                # model config fields, e.g. diffusion_chunk=2
     megafold predict INPUT... --checkpoint DIR/checkpoint.pt [--out DIR]
     megafold profile [--preset tiny] [--crop 32] [--kernels torch triton]
     megafold bench [ARGS...]                              # benchmarks/kernels.py
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from megafold.arguments import OneLineParser, one_line, positive_float, positive_int
+from megafold.arguments import OneLineParser, config_override, one_line, positive_float, positive_int
 from megafold.errors import ConfigError, MegafoldError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +33,14 @@ def _device_default() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_config(preset_name: str | None, kernels: str, device: str, *, bf16: bool | None = None, checkpointing: bool | None = None):
+def model_config(
+    preset_name: str | None, kernels: str, device: str, *, bf16: bool | None = None,
+    checkpointing: bool | None = None, settings: Sequence[tuple[str, object]] = (),
+):
     """The model config of a command line: the preset ("tiny" on the CPU, "small" on a GPU by
     default) with the kernels, bf16 (default: the preset's on a GPU, off on the CPU) and
-    activation checkpointing switches applied."""
+    activation checkpointing switches applied, then the ``--set FIELD=VALUE`` overrides
+    (ConfigError names an unknown field or a bad value)."""
     from megafold.model import preset
 
     name = preset_name or ("small" if device.startswith("cuda") else "tiny")
@@ -46,10 +51,18 @@ def model_config(preset_name: str | None, kernels: str, device: str, *, bf16: bo
         overrides["bf16"] = False  # bf16 autocast on the CPU is slow and not what a GPU run does
     if checkpointing is not None:
         overrides["checkpoint"] = checkpointing
-    return preset(name, **overrides)
+    return preset(name, **{**overrides, **dict(settings)})  # --set wins
 
 
 # ---------------------------------------------------------------------------- train
+
+
+def _add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="settings", action="append", type=config_override, default=[], metavar="FIELD=VALUE",
+        help="model config field, e.g. diffusion_chunk=2 or pair_offload=true (repeatable; "
+        "megafold.model.AlphaFold3Config lists the fields)",
+    )
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +86,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for GPU presets, off on the CPU)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None, help="per-block activation checkpointing (default: the preset's)")
+    _add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -85,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_NAME
     if args.resume:  # the run's own configs; the command line may move, extend or time-limit it
+        if args.settings:
+            raise ConfigError("--set applies to new runs: a resumed run continues exactly, with its checkpoint's model config")
         state = load_checkpoint(checkpoint)
         saved = TrainConfig.from_dict(state["train_config"])
         config = saved.replace(
@@ -96,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if checkpoint.exists():
             raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
         device = args.device or _device_default()
-        model = model_config(args.preset, args.kernels, device, bf16=args.bf16, checkpointing=args.checkpointing)
+        model = model_config(args.preset, args.kernels, device, bf16=args.bf16, checkpointing=args.checkpointing,
+                             settings=args.settings)
         config = TrainConfig(
             store=args.store, out=str(out), keys=tuple(args.keys) if args.keys else None, crop_size=args.crop,
             batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps or 1000, max_minutes=args.minutes,
@@ -167,7 +184,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if "triton" in args.kernels and _device_default() == "cpu" and not os.environ.get("TRITON_INTERPRET"):
         raise ConfigError("kernels triton on the CPU need TRITON_INTERPRET=1 set before the run (the Triton interpreter, very slow)")
     device = args.device or _device_default()
-    config = model_config(args.preset, "torch", device)
+    config = model_config(args.preset, "torch", device, settings=args.settings)
     result = compare(variants(config, tuple(args.kernels)), crop=args.crop, backward=not args.forward_only, device=device, steps=args.steps)
     from megafold.quickstart import profile_rows
 
@@ -255,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--forward-only", action="store_true")
     prof.add_argument("--device", default=None)
     prof.add_argument("--out", default=None, help="save the results (zarr)")
+    _add_set_argument(prof)
 
     commands.add_parser("bench", help="kernel benchmarks (benchmarks/kernels.py [--quick])", add_help=False)
     return parser

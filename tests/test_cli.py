@@ -50,6 +50,10 @@ def run(argv, capsys) -> tuple[int, str, str]:
         (["predict", "/no/such.cif", "--checkpoint", "x.pt"], "megafold: error: /no/such.cif: no such structure file"),
         (["quickstart", "--data", "/no/such/data"], "megafold: error: /no/such/data/structures: no shipped structures here"),
         (["frobnicate"], "megafold: error: argument COMMAND: invalid choice: 'frobnicate'"),
+        (["train", "--store", str(STORE), "--set", "chunky=2"], "megafold: error: preset 'tiny': unknown config field"),
+        (["train", "--store", str(STORE), "--set", "diffusion_chunk=two"], "megafold: error: preset 'tiny': diffusion_chunk='two' is not a int"),
+        (["train", "--store", str(STORE), "--set", "diffusion_chunk"], "megafold train: error: argument --set: expected FIELD=VALUE, got 'diffusion_chunk'"),
+        (["profile", "--set", "pair_offload=true", "--device", "cpu"], "megafold: error: preset 'tiny': pair_offload moves"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -74,11 +78,18 @@ def test_a_user_error_from_the_installed_command_has_no_traceback(tmp_path):
 def test_train_resume_and_predict_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--store", str(STORE), "--keys", "1znf", "--out", str(out), *TINY]
-    status, stdout, _ = run([*base, "--steps", "2"], capsys)
+    status, stdout, _ = run([*base, "--steps", "2", "--set", "diffusion_chunk=1", "--set", "pair_dropout=0.1"], capsys)
     assert status == 0 and "trained to step 2" in stdout
+    from megafold.train import load_checkpoint
+
+    saved = load_checkpoint(out / "checkpoint.pt")["model_config"]  # --set reached the run's config
+    assert saved["diffusion_chunk"] == 1 and saved["pair_dropout"] == 0.1 and saved["kernels"] == "torch"
 
     status, _, err = run([*base, "--steps", "3"], capsys)
     assert status == 2 and "already holds a run" in err and "--resume" in err
+
+    status, _, err = run([*base, "--steps", "3", "--resume", "--set", "diffusion_chunk=1"], capsys)
+    assert status == 2 and "--set applies to new runs" in err
 
     status, stdout, _ = run([*base, "--steps", "3", "--resume"], capsys)
     assert status == 0 and "trained to step 3" in stdout
