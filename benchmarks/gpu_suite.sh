@@ -7,10 +7,13 @@
 # Results (JSON) land in $OUT/<gpu-name>/, logs in $OUT/<stage>-*.log; the kernels' tuning
 # cache in $OUT/autotune.json. Each step has its own time limit so one hang cannot eat the rest.
 # Stages:
-#   tests     pytest -m gpu over the GPU test files (the predict test needs biotite and gemmi)
+#   tests     pytest -m gpu over the kernels' GPU tests
+#   tests-model pytest -m gpu over the other GPU test files: model, CUDA graphs, profiler, loader,
+#             trainer (the predict test needs biotite and gemmi)
 #   kernels   benchmarks/kernels.py --quick (OPS=evo_attention,pair by default; MEGAFOLD_AUTOTUNE=1
 #             tunes and leaves the choices in $OUT/autotune.json)
-#   whole     benchmarks/trunk.py (eager, triton, cueq, compile at N=384, 768) and
+#   whole     benchmarks/trunk.py (eager, triton, cueq, compile at N=384, 768; triton and cueq also
+#             with the step replayed as a CUDA graph) and
 #             benchmarks/train_step.py (paper, crop 384, torch / triton / compile)
 #   dashboard benchmarks/dashboard_screenshot.py (paper, crop 384, torch vs triton, longest crops)
 #   datawait  a "small" training step's wait for data: precache vs parsing + search on the fly
@@ -46,15 +49,18 @@ case $stage in
 tests)
     # the GPU test files by name: other test modules import biotite, which the GPU image lacks;
     # the dashboard's two-minute test is the `dashboard` stage's run
+    step pytest 560 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/kernels
+    ;;
+tests-model)
     step pytest 560 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
-        tests/kernels tests/model/test_gpu.py tests/profile/test_profiler_gpu.py \
-        tests/model/test_rollout_graph.py tests/precache/test_loader.py tests/train/test_gpu.py
+        tests/model/test_gpu.py tests/profile/test_profiler_gpu.py tests/model/test_rollout_graph.py \
+        tests/precache/test_loader.py tests/train/test_gpu.py tests/train/test_graphs.py
     ;;
 kernels)
     step kernels 420 $py benchmarks/kernels.py --quick --ops "${OPS:-evo_attention,pair}" --out "$OUT"
     ;;
 whole)
-    step trunk 330 $py benchmarks/trunk.py --ns 384,768 --stacks eager,triton,cueq,compile --out "$OUT"
+    step trunk 350 $py benchmarks/trunk.py --ns 384,768 --stacks eager,triton,triton-graph,cueq,cueq-graph,compile --out "$OUT"
     step train_step 240 $py benchmarks/train_step.py --source synthetic --kernels torch,triton,compile --out "$OUT"
     ;;
 dashboard)
