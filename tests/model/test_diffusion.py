@@ -53,7 +53,8 @@ def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, p
     """Chunks checkpointed (graph off), or through GraphedChunkDenoiser (graph on: on the CPU its
     eager path, the same checkpoints and gradient sums; 5 samples in chunks of 2 end with a
     shorter chunk; with block checkpoints inside, which must not be reentrant under its
-    torch.autograd.grad), against the whole diffusion batch at once."""
+    torch.autograd.grad), against the whole diffusion batch at once. Two steps' gradients
+    accumulate, so the second adds to ``.grad`` that the first left."""
     batch = make_batch(("3mht", 12, "ligand"))
     results = []
     for chunk_size in (0, chunk):
@@ -62,9 +63,10 @@ def test_chunked_diffusion_batch_gives_the_same_loss_and_gradients(make_batch, p
                         diffusion_cuda_graph=graph, diffusion_block_checkpoint=blocks)
         model = AlphaFold3(config).eval()
         perturb(model)
-        torch.manual_seed(1)
-        loss, terms = model.training_loss(batch)
-        loss.backward()
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            loss, terms = model.training_loss(batch)
+            loss.backward()
         results.append((terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (terms0, grads0), (terms1, grads1) = results
     for name in terms0:
