@@ -48,7 +48,7 @@ from megafold.model.primitives import (
     LayerNorm,
     LinearNoBias,
     checkpointed_with_context,
-    nonreentrant_checkpoints_active,
+    gradients_may_bypass_autograd,
 )
 from megafold.model.template import TemplateEmbedder
 
@@ -189,11 +189,8 @@ class AlphaFold3(nn.Module):
         chunk = c.diffusion_chunk if 0 < c.diffusion_chunk < S else S
         chunks = -(-S // chunk)
         denoise = None
-        if (
-            c.diffusion_cuda_graph and chunks >= 3 and torch.is_grad_enabled()
-            and not nonreentrant_checkpoints_active()
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        ):  # off CUDA the same checkpoints and gradient sums, run eagerly
+        if c.diffusion_cuda_graph and chunks >= 3 and torch.is_grad_enabled() and gradients_may_bypass_autograd():
+            # off CUDA the same checkpoints and gradient sums, run eagerly
             denoise = GraphedChunkDenoiser(self.diffusion_module, ctx, chunks, graphs=x_true.is_cuda)
 
         def chunk_terms(

@@ -126,6 +126,15 @@ class PairformerBlock(nn.Module):
         B, N, C = pair.shape[0], pair.shape[2], pair.shape[3]
         return torch.rand(4, B, N, C, device=pair.device) >= self.dropout
 
+    @staticmethod
+    def dropout_masks(keep: torch.Tensor | None, rows: slice = slice(None)) -> tuple:
+        """``keep`` (``dropout_keep``) shaped for the four updates: three rowwise masks shared by
+        the rows i (``[B, 1, N, C]``), then the columnwise one of rows ``rows`` shared by the
+        columns j (``[B, R, 1, C]``); four Nones without dropout."""
+        if keep is None:
+            return (None,) * 4
+        return keep[0].unsqueeze(1), keep[1].unsqueeze(1), keep[2].unsqueeze(1), keep[3][:, rows].unsqueeze(2)
+
     def forward(
         self, pair: torch.Tensor, single: torch.Tensor | None, pair_mask: torch.Tensor, token_mask: torch.Tensor,
         keep: torch.Tensor | None = None,
@@ -133,16 +142,11 @@ class PairformerBlock(nn.Module):
         """pair ``[B, N, N, c_z]``, single ``[B, N, c_s]`` or None; masks ``[B, N, N]``, ``[B, N]``;
         ``keep``: the dropout masks of ``dropout_keep`` (drawn here when None)."""
         p, training = self.dropout, self.training
-        if keep is None:
-            keep = self.dropout_keep(pair)
-        # rowwise masks are shared by the rows i ([B, 1, J, C]), the columnwise one by the columns j
-        row, col = (None,) * 4, None
-        if keep is not None:
-            row, col = tuple(k.unsqueeze(1) for k in keep), keep[3].unsqueeze(2)
-        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE, row[0])
-        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE, row[1])
-        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE, row[2])
-        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE, col)
+        masks = self.dropout_masks(self.dropout_keep(pair) if keep is None else keep)
+        pair = pair + shared_dropout(self.tri_mul_out(pair, pair_mask), p, training, ROWWISE, masks[0])
+        pair = pair + shared_dropout(self.tri_mul_in(pair, pair_mask), p, training, ROWWISE, masks[1])
+        pair = pair + shared_dropout(self.tri_attn_start(pair, pair_mask), p, training, ROWWISE, masks[2])
+        pair = pair + shared_dropout(self.tri_attn_end(pair, pair_mask), p, training, COLUMNWISE, masks[3])
         pair = pair + self.pair_transition(pair)
         if single is not None:
             bias = self.attention.pair_bias(pair)

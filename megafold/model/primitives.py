@@ -117,9 +117,12 @@ def nonreentrant_checkpoints() -> Iterator[None]:
         _NONREENTRANT[0] -= 1
 
 
-def nonreentrant_checkpoints_active() -> bool:
-    """Whether a ``nonreentrant_checkpoints()`` block is open (the profiler's traced step)."""
-    return _NONREENTRANT[0] > 0
+def gradients_may_bypass_autograd() -> bool:
+    """Whether gradients may reach tensors and parameters outside the loss's autograd graph (a
+    reentrant checkpoint's inner backward, ``GraphedChunkDenoiser``'s sums): not inside
+    ``nonreentrant_checkpoints()`` (the profiler's hooks follow that graph) nor in a distributed
+    run (DDP's hooks do)."""
+    return not _NONREENTRANT[0] and not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def checkpointed(fn: Callable, *args, reentrant: bool = False, preserve_rng: bool = True):
@@ -150,8 +153,7 @@ def checkpointed(fn: Callable, *args, reentrant: bool = False, preserve_rng: boo
 
     if (
         reentrant
-        and not _NONREENTRANT[0]
-        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        and gradients_may_bypass_autograd()
         and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     ):
         return checkpoint(run, *args, use_reentrant=True, preserve_rng_state=preserve_rng)

@@ -70,12 +70,14 @@ import torch.nn.functional as F
 from megafold.errors import ConfigError
 from megafold.kernels import evo_attention, layernorm_linear
 from megafold.model.pairformer import (
+    COLUMNWISE,
+    ROWWISE,
     PairformerBlock,
     PairformerStack,
     TriangleAttention,
     TriangleMultiplication,
 )
-from megafold.model.primitives import checkpoint_pair_block, checkpointed, run_in_chunks
+from megafold.model.primitives import checkpoint_pair_block, checkpointed, run_in_chunks, shared_dropout
 
 PRODUCT_CHUNK = 32  # channels of b gathered at a time: [32, P, P] bf16 is 205 MB at P = 1792
 
@@ -283,18 +285,6 @@ def triangle_attention_rows(
     return F.linear(out.flatten(-2), module.out_proj_weight)
 
 
-def shared_dropout_rows(
-    update: torch.Tensor, p: float, training: bool, keep: torch.Tensor | None
-) -> torch.Tensor:
-    """``megafold.model.primitives.shared_dropout`` of this rank's rows of the update, with
-    ``keep`` already sliced to them (masks drawn at the global shape by
-    ``PairformerBlock.dropout_keep``: the same draw on every rank seeded alike, and the
-    unsharded run's)."""
-    if not training or p == 0.0:
-        return update
-    return update * keep / (1.0 - p)
-
-
 def pairformer_block_rows(
     block: PairformerBlock,
     pair: torch.Tensor,
@@ -312,21 +302,16 @@ def pairformer_block_rows(
     p, training = block.dropout, block.training
     mask_rows = pair_mask[:, shards.row_slice]
     mask_columns = pair_mask.transpose(1, 2)[:, shards.row_slice]
-    if keep is None:
-        keep = block.dropout_keep(pair)
-    # rowwise masks ([B, 1, P, C]) are shared by every row; the columnwise one is this rank's rows
-    row, col = (None,) * 4, None
-    if keep is not None:
-        row, col = tuple(k.unsqueeze(1) for k in keep), keep[3][:, shards.row_slice].unsqueeze(2)
-
-    def dropout(update, keep_mask):
-        return shared_dropout_rows(update, p, training, keep_mask)
-
-    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards), row[0])
-    pair = pair + dropout(triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards), row[1])
-    pair = pair + dropout(triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards), row[2])
-    ending = triangle_attention_rows(block.tri_attn_end, shards.transpose(pair), mask_columns, shards)
-    pair = pair + dropout(shards.transpose(ending), col)
+    # the rowwise masks serve every row as they are; the columnwise one is cut to this rank's rows
+    masks = block.dropout_masks(block.dropout_keep(pair) if keep is None else keep, shards.row_slice)
+    update = triangle_multiply_rows(block.tri_mul_out, pair, mask_rows, shards)
+    pair = pair + shared_dropout(update, p, training, ROWWISE, masks[0])
+    update = triangle_multiply_rows(block.tri_mul_in, pair, mask_rows, shards)
+    pair = pair + shared_dropout(update, p, training, ROWWISE, masks[1])
+    update = triangle_attention_rows(block.tri_attn_start, pair, mask_rows, shards)
+    pair = pair + shared_dropout(update, p, training, ROWWISE, masks[2])
+    update = shards.transpose(triangle_attention_rows(block.tri_attn_end, shards.transpose(pair), mask_columns, shards))
+    pair = pair + shared_dropout(update, p, training, COLUMNWISE, masks[3])
     pair = pair + block.pair_transition(pair)
     if single is not None:
         bias = shards.gather(block.attention.pair_bias(pair), dim=2)  # [B, H, P, P]
