@@ -13,7 +13,9 @@ with pyhmmer for every sample (the pipeline without the cache, what the precache
 against); ``--source synthetic`` uses a synthetic batch of exactly ``--crop`` tokens. Step time
 is the median over ``--steps`` steps after one warm-up step (each step's time, and the time
 Python's garbage collector took in it, are in the JSON); peak memory is the allocator's
-peak above the weights. ``compile`` is torch.compile of the eager model's repeated blocks (as
+peak above the weights (``--phases``: split into the forward's and the backward's), and the
+JSON also has the most the caching allocator reserved, weights and graph pools included.
+``compile`` is torch.compile of the eager model's repeated blocks (as
 the profiler does it; compiling the whole loss takes longer and was no faster).
 ``--longest`` adds, per kernels setting, the longest crop whose step fits on a grid of 128
 tokens from ``--crop`` (``megafold.profile.longest_crop`` on synthetic batches, within
@@ -92,7 +94,7 @@ def run(kernels: str, args, device) -> dict:
         _compile_blocks(model, variant.compile)
     training_loss = model.training_loss
     source = batches(args, device)
-    times, waits, gc_times, gc_full = [], [], [], []
+    times, waits, gc_times, gc_full, peaks = [], [], [], [], []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     base = torch.cuda.memory_allocated() if cuda else 0
@@ -108,9 +110,14 @@ def run(kernels: str, args, device) -> dict:
         collector.take()
         start = time.perf_counter()
         loss, _terms = training_loss(batch, n_cycles=1)
+        if cuda and i > 0 and args.phases:  # the forward's peak, then the backward's (two syncs)
+            forward_peak = torch.cuda.max_memory_allocated() - base
+            torch.cuda.reset_peak_memory_stats()
         loss.backward()
         model.zero_grad(set_to_none=True)
         sync()
+        if cuda and i > 0 and args.phases:
+            peaks.append((round(forward_peak / 2**30, 3), round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)))
         if i > 0:  # the first step compiles and tunes
             times.append(time.perf_counter() - start)
             seconds, full = collector.take()
@@ -121,11 +128,18 @@ def run(kernels: str, args, device) -> dict:
     if args.gc_freeze:
         gc.unfreeze()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+    if peaks:
+        peak = max(max(pair) for pair in peaks)
+    # what the caching allocator held at most (all of it, the weights and CUDA graphs' pools
+    # included): a graph's replay allocates nothing, so the allocated peak sees its pool's
+    # use only at capture
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     step_s = statistics.median(times)
     wait_per_step = (waits[-1] - waits[1]) / max(1, len(waits) - 2)
     row = {"kernels": kernels, "preset": args.preset, "crop": args.crop, "source": args.source,
            "step_s": step_s, "step_times_s": times, "gc_s": gc_times, "gc_full_collections": gc_full,
-           "gc_freeze": args.gc_freeze, "peak_gib": peak, "data_wait_s": wait_per_step,
+           "gc_freeze": args.gc_freeze, "peak_gib": peak,
+           "peak_forward_backward_gib": peaks, "reserved_peak_gib": reserved, "data_wait_s": wait_per_step,
            "data_wait_frac": wait_per_step / (wait_per_step + step_s)}
     source.close()
     del model, source
@@ -150,6 +164,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() after the warm-up step, so full collections skip the objects alive then")
+    parser.add_argument("--phases", action="store_true",
+                        help="record each step's forward and backward memory peaks (syncs once more per step)")
     parser.add_argument("--store", default=str(ROOT / "cached_data" / "store.zarr"))
     parser.add_argument("--source", choices=("store", "onthefly", "synthetic"), default="store")
     parser.add_argument("--synthetic", action="store_true", help="same as --source synthetic")
