@@ -27,7 +27,6 @@ from megafold.model.primitives import (
     TransformerWeights,
     lecun_normal_,
     ln_params,
-    nonreentrant_checkpoints,
     tensor_leaves,
 )
 
@@ -356,12 +355,12 @@ class GraphedChunkDenoiser:
         (203 M parameters in "paper": 0.76 GiB), in a graph's pool or out of it. Under capture
         the additions are recorded in place; every replay adds into the same tensors."""
         device_type, enabled, dtype = self.autocast
-        # Checkpoints inside (diffusion_block_checkpoint) go non-reentrant: a reentrant one cannot
-        # run under a backward nested in this Function's backward.
-        with torch.enable_grad(), use_kernels(self.backend), nonreentrant_checkpoints(), \
-                torch.autocast(device_type, dtype, enabled=enabled):
+        with torch.enable_grad(), use_kernels(self.backend), torch.autocast(device_type, dtype, enabled=enabled):
             out = self._denoise(self.detached, x_noisy, sigma)
-            torch.autograd.backward(out, grad, inputs=self.detached + self.params)
+            # The chunk's only leaves that need gradients are these and the parameters, so no
+            # ``inputs=`` (a reentrant block checkpoint inside, diffusion_block_checkpoint, runs
+            # only under a plain backward; a non-reentrant one failed to capture on an H100).
+            torch.autograd.backward(out, grad)
 
     def backward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> list:
         if self.detached is None:  # the step's first backward: eager, it allocates every .grad
