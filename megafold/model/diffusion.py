@@ -323,6 +323,13 @@ class GraphedChunkDenoiser:
             oom = _out_of_memory(error)
             if oom is not None:  # the step does not fit: say so as an eager step would
                 raise oom from error
+            if not _random_numbers_work(device):
+                # an invalidated capture ends before CUDA's generator leaves its capture state,
+                # and every later random op would fail with a message about offsets
+                raise RuntimeError(
+                    f"GraphedChunkDenoiser: the CUDA graph capture of a diffusion chunk failed ({error}) "
+                    "and left CUDA's random number generator unusable; run with diffusion_cuda_graph=False "
+                    "(CLI: --set diffusion_cuda_graph=false)") from error
             warnings.warn(f"GraphedChunkDenoiser: CUDA graph capture failed ({error}); the chunks run eagerly")
             self.eager = True
             return None, None
@@ -358,17 +365,32 @@ class GraphedChunkDenoiser:
         with torch.enable_grad(), use_kernels(self.backend), torch.autocast(device_type, dtype, enabled=enabled):
             out = self._denoise(self.detached, x_noisy, sigma)
             # The chunk's only leaves that need gradients are these and the parameters, so no
-            # ``inputs=`` (a reentrant block checkpoint inside, diffusion_block_checkpoint, runs
-            # only under a plain backward; a non-reentrant one failed to capture on an H100).
+            # ``inputs=``: block checkpoints inside (diffusion_block_checkpoint) may then be
+            # reentrant, which runs only under a plain backward.
             torch.autograd.backward(out, grad)
+
+    def _accumulate_eagerly(self, x_noisy, sigma, grad) -> None:
+        """``_accumulate`` without a graph, on the captures' side stream when there are graphs.
+        Autograd's nodes that add into ``.grad`` remember the stream they were made on, and
+        one made here may outlive this call (with block checkpoints, on an H100): a capture
+        that then meets one made on the default stream fails ("operation would make the legacy
+        stream depend on a capturing blocking stream")."""
+        if self.eager:
+            return self._accumulate(x_noisy, sigma, grad)
+        device = self.leaves[0].device
+        current, side = torch.cuda.current_stream(device), _side_stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._accumulate(x_noisy, sigma, grad)
+        current.wait_stream(side)
 
     def backward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> list:
         if self.detached is None:  # the step's first backward: eager, it allocates every .grad
             self.detached = [self.leaves[i].detach().requires_grad_() for i in self.grad_index]
-            self._accumulate(x_noisy, sigma, grad)
+            self._accumulate_eagerly(x_noisy, sigma, grad)
             self.calls["backward"] += 1
         elif not self._graphed("backward", (x_noisy, sigma, grad)):
-            self._accumulate(x_noisy, sigma, grad)
+            self._accumulate_eagerly(x_noisy, sigma, grad)
         if self.calls["backward"] < self.calls["forward"]:
             return [None] * len(self.grad_index)
         # The last chunk's backward: hand the context's sums to autograd, release the graphs.
@@ -376,6 +398,16 @@ class GraphedChunkDenoiser:
         self.graphs.clear()
         self.detached = None
         return leaf_grads
+
+
+def _random_numbers_work(device: torch.device) -> bool:
+    """Whether CUDA's generator on ``device`` draws (a failed capture can leave it broken)."""
+    try:
+        torch.empty(1, device=device).uniform_()
+        torch.cuda.synchronize(device)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _out_of_memory(error: BaseException | None) -> torch.OutOfMemoryError | None:
