@@ -78,12 +78,14 @@ def test_fused_and_eager_losses_agree_in_bf16():
     assert (fused_grad - eager_grad).norm() / eager_grad.norm() < 5e-2
 
 
-def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch):
+@pytest.mark.parametrize("block_checkpoint", [True, False])
+def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch, block_checkpoint):
     """A "paper" step (triton, bf16) whose diffusion chunks replay CUDA graphs
     (``diffusion_cuda_graph``) against the same step with checkpointed chunks: every loss term
     within 1e-3 relative and the whole gradient within 1e-2 (the chunks' gradients add in
     another order, in bf16), with no capture falling back: every chunk but the first replays,
-    forward and backward (48 samples in chunks of 4: 11 and 11)."""
+    forward and backward (48 samples in chunks of 4: 11 and 11). With and without a checkpoint
+    per diffusion-transformer block inside the chunks (their capture once failed on an H100)."""
     import warnings
 
     from megafold.model.diffusion import GraphedChunkDenoiser
@@ -98,7 +100,7 @@ def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch):
         return replayed
 
     monkeypatch.setattr(GraphedChunkDenoiser, "_graphed", counted)
-    model = _perturbed(_paper_model(kernels="triton").eval())
+    model = _perturbed(_paper_model(kernels="triton", diffusion_block_checkpoint=block_checkpoint).eval())
     batch = _batch(256)
     results = {}
     for graph in (False, True):
