@@ -118,7 +118,9 @@ plots.module_time_figure(trade)
 # kernels setting:
 # - `diffusion_cuda_graph` (on): the 48 diffusion samples run in checkpointed chunks of
 #   `diffusion_chunk`; the step's second chunk is captured and every later one replays it,
-#   forward and recompute-plus-backward. Smaller chunks then cost memory, not time.
+#   forward and recompute-plus-backward. Smaller chunks and a checkpoint per
+#   diffusion-transformer block (`diffusion_block_checkpoint`, on in "paper") then save
+#   memory without costing host time.
 # - `rollout_cuda_graph` (on): the sampler's denoiser, in the confidence mini-rollout and in
 #   prediction.
 #
@@ -128,7 +130,8 @@ plots.module_time_figure(trade)
 # captures forward and backward once and replays them. Off CUDA these switches change nothing.
 
 # %%
-print({name: getattr(config, name) for name in ("diffusion_cuda_graph", "rollout_cuda_graph", "diffusion_chunk")})
+print({name: getattr(config, name)
+       for name in ("diffusion_cuda_graph", "rollout_cuda_graph", "diffusion_chunk", "diffusion_block_checkpoint")})
 
 # %% [markdown]
 # ## Kernels side by side
