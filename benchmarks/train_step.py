@@ -40,6 +40,7 @@ from _harness import ROOT, config_overrides, environment, is_oom, print_table, w
 
 from megafold.model import AlphaFold3, preset  # noqa: E402
 from megafold.profile.profiler import _compile_blocks, longest_crop, variants  # noqa: E402
+from megafold.train.trainer import pad_batch  # noqa: E402
 
 
 def batches(args, device):
@@ -58,7 +59,7 @@ def batches(args, device):
     data = Loader(source, args.crop, 1, shuffle=True, workers=args.workers, device=device)
     while True:
         for batch in data:
-            yield batch, data.stats()["wait_s"]
+            yield pad_batch(batch, args.pad_multiple), data.stats()["wait_s"]
 
 
 class GcTimer:
@@ -170,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--source", choices=("store", "onthefly", "synthetic"), default="store")
     parser.add_argument("--synthetic", action="store_true", help="same as --source synthetic")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    parser.add_argument("--pad-multiple", type=int, default=0,
+                        help="pad store / onthefly batches to a multiple of this many tokens, as the trainer's "
+                        "pad_multiple does (0: each entry at its own size)")
     parser.add_argument("--longest", action="store_true", help="also find the longest crop that fits")
     parser.add_argument("--longest-budget", type=float, default=240.0, help="seconds per kernels setting")
     parser.add_argument("--max-crop", type=int, default=4096)
@@ -204,7 +208,7 @@ def main(argv=None):
     name += f"-{args.tag}" if args.tag else ""
     path = write_json(name, env, rows, {"preset": args.preset, "crop": args.crop, "recycles": 1,
                                         "overrides": args.overrides,
-                                        "source": args.source, "workers": args.workers,
+                                        "source": args.source, "workers": args.workers, "pad_multiple": args.pad_multiple,
                                         "command": " ".join(["python", "benchmarks/train_step.py", *(argv or sys.argv[1:])])},
                       args.out)
     print()

@@ -46,6 +46,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
         (["train", "--store", str(STORE), "--crop", "0"], "megafold train: error: argument --crop: expected a positive integer, got 0"),
         (["train", "--store", str(STORE), "--crop", "big"], "megafold train: error: argument --crop: expected a positive integer, got 'big'"),
         (["train", "--store", str(STORE), "--steps", "-3"], "megafold train: error: argument --steps: expected a positive integer"),
+        (["train", "--store", str(STORE), "--pad-multiple", "-8"], "megafold train: error: argument --pad-multiple: expected a non-negative integer, got -8"),
         (["train"], "megafold train: error: the following arguments are required: --store"),
         (["predict", "/no/such.cif", "--checkpoint", "x.pt"], "megafold: error: /no/such.cif: no such structure file"),
         (["quickstart", "--data", "/no/such/data"], "megafold: error: /no/such/data/structures: no shipped structures here"),
@@ -78,12 +79,15 @@ def test_a_user_error_from_the_installed_command_has_no_traceback(tmp_path):
 def test_train_resume_and_predict_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--store", str(STORE), "--keys", "1znf", "--out", str(out), *TINY]
-    status, stdout, _ = run([*base, "--steps", "2", "--set", "diffusion_chunk=1", "--set", "pair_dropout=0.1"], capsys)
+    status, stdout, _ = run([*base, "--steps", "2", "--set", "diffusion_chunk=1", "--set", "pair_dropout=0.1",
+                             "--pad-multiple", "8"], capsys)
     assert status == 0 and "trained to step 2" in stdout
     from megafold.train import load_checkpoint
 
-    saved = load_checkpoint(out / "checkpoint.pt")["model_config"]  # --set reached the run's config
+    state = load_checkpoint(out / "checkpoint.pt")
+    saved = state["model_config"]  # --set reached the run's config
     assert saved["diffusion_chunk"] == 1 and saved["pair_dropout"] == 0.1 and saved["kernels"] == "torch"
+    assert state["train_config"]["pad_multiple"] == 8
 
     status, _, err = run([*base, "--steps", "3"], capsys)
     assert status == 2 and "already holds a run" in err and "--resume" in err
