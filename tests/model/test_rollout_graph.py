@@ -2,6 +2,8 @@
 structures from graph replays on CUDA; and how the training chunks' graphs
 (GraphedChunkDenoiser) report a capture that runs out of memory."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -86,3 +88,38 @@ def test_a_capture_that_runs_out_of_memory_reports_out_of_memory():
     assert isinstance(found, torch.OutOfMemoryError) and "2.00 GiB" in str(found)
     assert _out_of_memory(RuntimeError("operation not permitted when stream is capturing")) is None
     assert isinstance(_out_of_memory(RuntimeError("HIP out of memory")), torch.OutOfMemoryError)
+
+
+@pytest.mark.gpu
+def test_a_capture_that_breaks_the_random_generator_says_how_to_turn_graphs_off(monkeypatch):
+    """A host sync inside the capture of a training chunk invalidates it. If CUDA's generator
+    is left in its capture state (torch 2.11 on an H100 did that), falling back to eager chunks
+    would fail at the next random op with a message about offsets: the step must instead
+    raise one error that names the capture and ``diffusion_cuda_graph=False``. If the
+    generator survived, the chunks fall back to eager ones with a warning and the step ends."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from megafold.model import diffusion
+
+    body = diffusion.GraphedChunkDenoiser._forward_graph_body
+
+    def syncing(self, x_noisy, sigma):
+        out = body(self, x_noisy, sigma)
+        if torch.cuda.is_current_stream_capturing():
+            float(out.sum())  # a host sync: not allowed while a stream captures
+        return out
+
+    monkeypatch.setattr(diffusion.GraphedChunkDenoiser, "_forward_graph_body", syncing)
+    config = preset("small", kernels="torch", bf16=False, diffusion_samples=6, diffusion_chunk=2)
+    model = AlphaFold3(config).cuda()
+    batch = synthetic_batch(32, atoms_per_token=4, msa_rows=8, device="cuda", seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            loss, _ = model.training_loss(batch, n_cycles=1)
+            loss.backward()
+        except RuntimeError as error:
+            assert "diffusion_cuda_graph=False" in str(error) and "capture" in str(error), error
+            return
+    assert any("capture failed" in str(w.message) for w in caught)
+    assert torch.isfinite(loss)
