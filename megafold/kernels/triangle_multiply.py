@@ -295,6 +295,18 @@ def _row_block(width: int) -> int:
     return max(16, min(64, 8192 // width))
 
 
+def _stages(cfg: dict) -> dict:
+    """``num_stages`` of a choice that names it; choices stored without it keep Triton's default."""
+    return {"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}
+
+
+def _input_candidates() -> list[dict]:
+    """Tuning candidates of the two input-side kernels, whose loop over c_h in BLOCK_C slices
+    loads weight tiles: the pipeline depth is a choice too (Triton's default, 2 and 4)."""
+    base = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw} for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)]
+    return base + [{**cfg, "num_stages": ns} for cfg in base for ns in (2, 4)]
+
+
 def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
     """Autotune key, and whether the shape is one the candidates are meant for (c_z <= 128)."""
     return (z.shape[-1], c_h, str(dtype), str(z.dtype)), block_size(z.shape[-1], 1 << 30) <= 128
@@ -321,12 +333,12 @@ def _triangle_forward(z, mask, p, outgoing, eps):
             N, CH, ab.stride(0), *sz, *sm, *w_p.stride(), *w_g.stride(), eps,
             CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            **_stages(cfg),
         )
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
-    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
-                  for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
+    candidates = _input_candidates() if small else []
     run_tuned("triangle_multiply_in_fwd", key, dev, candidates, default, launch_in, rows=B * NN)
 
     a, b = ab[0].view(B * CH, N, N), ab[1].view(B * CH, N, N)
@@ -438,6 +450,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
                 *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),
                 CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+                **_stages(cfg),
             )
             add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
             add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
@@ -445,8 +458,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
-    candidates = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw}
-                  for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)] if small else []
+    candidates = _input_candidates() if small else []
     run_tuned("triangle_multiply_in_bwd", key, dev, candidates, default, launch, rows=M)
     return dz, grads["ln_w"], grads["ln_b"], grads["w_p"], grads["w_g"], grads["w_og"]
 
