@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -248,7 +249,8 @@ class GraphedChunkDenoiser:
     a backward of the chunk; each chunk's gradients of the context tensors and of the module's
     parameters add into their ``.grad`` in place, in a fixed order (deterministic): the
     parameters' directly, the context's into one detached copy per tensor, handed to autograd
-    when the last chunk's backward is done. Graphs live for one step. A chunk of another shape and any capture that fails run eagerly.
+    when the last chunk's backward is done. Graphs live for one step. A chunk of another shape
+    and any capture that fails run eagerly.
 
     Use: ``denoise = GraphedChunkDenoiser(module, ctx, chunks)``, then ``denoise(x_noisy, sigma)``
     for each of the ``chunks`` chunks, with gradients on, outside distributed runs (parameter
@@ -257,27 +259,22 @@ class GraphedChunkDenoiser:
     """
 
     def __init__(self, module: nn.Module, ctx: "DiffusionContext", chunks: int, graphs: bool = True):
-        self.module, self.chunks = module, chunks
+        self.module, self.ctx, self.chunks = module, ctx, chunks
         self.leaves, self.rebuild = tensor_leaves(ctx)
         self.grad_index = [i for i, leaf in enumerate(self.leaves) if leaf.requires_grad]
-        self.params = [p for p in module.parameters() if p.requires_grad]
         self.backend = default_backend()
-        device_type = self.leaves[0].device.type
+        self.device = self.leaves[0].device
+        device_type = self.device.type
         self.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         self.shape: tuple | None = None
         self.calls = {"forward": 0, "backward": 0}
         self.graphs: dict[str, tuple] = {}  # "forward" / "backward": (graph, static inputs, outputs)
         self.eager = not graphs  # graphs=False: the same checkpoints and sums, every chunk eager
         self.detached: list[torch.Tensor] | None = None  # the context leaves whose .grad add up a step
+        self.detached_ctx: "DiffusionContext | None" = None  # the context around them
 
     def __call__(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return _GraphedChunk.apply(self, x_noisy, sigma, *(self.leaves[i] for i in self.grad_index))
-
-    def _denoise(self, grad_leaves: list[torch.Tensor], x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        leaves = list(self.leaves)
-        for index, leaf in zip(self.grad_index, grad_leaves):
-            leaves[index] = leaf
-        return self.module(self.rebuild(leaves), x_noisy, sigma)
 
     def _graphed(self, kind: str, inputs: tuple[torch.Tensor, ...]) -> bool:
         """Whether this call replays a graph (capturing it first when needed)."""
@@ -303,15 +300,12 @@ class GraphedChunkDenoiser:
         return True
 
     def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph | None, object]:
-        device = self.leaves[0].device
-        current = torch.cuda.current_stream(device)
-        side = _side_stream(device)
-        side.wait_stream(current)
+        device = self.device
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)  # no cast cached in the graph's memory
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):
+            with _on_side_stream(device):
                 # thread_local: the loader's copy thread (its own stream) may allocate and copy
                 # while a step captures; "global" would fail the capture for that
                 graph.capture_begin(capture_error_mode="thread_local")
@@ -335,13 +329,12 @@ class GraphedChunkDenoiser:
             return None, None
         finally:
             torch.set_autocast_cache_enabled(cache)
-            current.wait_stream(side)
         return graph, outputs
 
     # forward: no gradients (the autograd Function's forward)
 
     def _forward_graph_body(self, x_noisy, sigma):
-        return self._denoise([self.leaves[i] for i in self.grad_index], x_noisy, sigma)
+        return self.module(self.ctx, x_noisy, sigma)
 
     def forward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self._graphed("forward", (x_noisy, sigma)):
@@ -363,7 +356,7 @@ class GraphedChunkDenoiser:
         the additions are recorded in place; every replay adds into the same tensors."""
         device_type, enabled, dtype = self.autocast
         with torch.enable_grad(), use_kernels(self.backend), torch.autocast(device_type, dtype, enabled=enabled):
-            out = self._denoise(self.detached, x_noisy, sigma)
+            out = self.module(self.detached_ctx, x_noisy, sigma)
             # The chunk's only leaves that need gradients are these and the parameters, so no
             # ``inputs=``: block checkpoints inside (diffusion_block_checkpoint) may then be
             # reentrant, which runs only under a plain backward.
@@ -377,27 +370,38 @@ class GraphedChunkDenoiser:
         stream depend on a capturing blocking stream")."""
         if self.eager:
             return self._accumulate(x_noisy, sigma, grad)
-        device = self.leaves[0].device
-        current, side = torch.cuda.current_stream(device), _side_stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with _on_side_stream(self.device):
             self._accumulate(x_noisy, sigma, grad)
-        current.wait_stream(side)
 
     def backward_chunk(self, x_noisy: torch.Tensor, sigma: torch.Tensor, grad: torch.Tensor) -> list:
-        if self.detached is None:  # the step's first backward: eager, it allocates every .grad
+        if self.detached is None:  # the step's first backward (eager: it allocates every .grad)
             self.detached = [self.leaves[i].detach().requires_grad_() for i in self.grad_index]
-            self._accumulate_eagerly(x_noisy, sigma, grad)
-            self.calls["backward"] += 1
-        elif not self._graphed("backward", (x_noisy, sigma, grad)):
+            leaves = list(self.leaves)
+            for index, leaf in zip(self.grad_index, self.detached):
+                leaves[index] = leaf
+            self.detached_ctx = self.rebuild(leaves)
+        if not self._graphed("backward", (x_noisy, sigma, grad)):
             self._accumulate_eagerly(x_noisy, sigma, grad)
         if self.calls["backward"] < self.calls["forward"]:
             return [None] * len(self.grad_index)
         # The last chunk's backward: hand the context's sums to autograd, release the graphs.
         leaf_grads = [leaf.grad for leaf in self.detached]
         self.graphs.clear()
-        self.detached = None
+        self.detached = self.detached_ctx = None
         return leaf_grads
+
+
+@contextmanager
+def _on_side_stream(device: torch.device) -> Iterator[torch.cuda.Stream]:
+    """Run a block on the device's side stream (``_side_stream``), ordered after the current
+    stream's work so far, with the current stream waiting for the block's."""
+    current, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield side
+    finally:
+        current.wait_stream(side)
 
 
 def _random_numbers_work(device: torch.device) -> bool:
