@@ -224,9 +224,30 @@ def cases(quick: bool, device, ns=None) -> list[Case]:
 OPS = ("layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
 
 
-def run(ns, device, rows: list[dict], ops=OPS, impls=None) -> None:
+def graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` (one forward + backward) captured once in a CUDA graph; returns its replay.
+
+    Every implementation gets the same treatment: three warm-up calls on a side stream (they
+    tune and compile what needs it), then one capture. The replay has no host work, so its
+    time is the GPU's: what the op costs inside a graphed training step, where launches and
+    Python no longer show.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) -> None:
     """Time every case and implementation (fwd + bwd) and check it against float64; ``ops``
-    and ``impls`` (names, None: all) select which."""
+    and ``impls`` (names, None: all) select which. ``graph``: also time each one replayed
+    from a CUDA graph (``graph_ms``; ``graph_error`` where the capture fails)."""
     from _harness import is_oom, peak_mib, rel_err, time_ms
 
     for case in cases(False, device, ns):
@@ -259,10 +280,19 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None) -> None:
                 row["peak_mib"] = peak_mib(step)
             except Exception as error:  # a peer that cannot run a shape is a row, not a crash
                 row["error"] = ("OOM" if is_oom(error) else f"{type(error).__name__}: {error}")[:200]
+            if graph and "ms" in row:
+                try:
+                    replay = graphed(step)
+                    row["graph_ms"] = time_ms(replay)
+                    del replay
+                except Exception as error:
+                    row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
             rows.append(row)
             print(f"  {case.op:18s} {case.shape:9s} N={case.N:5d} {impl:9s} "
                   + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
-                     if "ms" in row else row["error"]), flush=True)
+                     if "ms" in row else row["error"])
+                  + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
+                  + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
         del ref, ref_grads
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -226,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--ns", default=None, help="comma list of N (overrides --quick)")
     parser.add_argument("--breakdown", action="store_true", help="device time per megafold kernel")
     parser.add_argument("--impls", default=None, help="comma list of implementations to run")
+    parser.add_argument("--graph", action="store_true",
+                        help="pair ops: also time every implementation replayed from a CUDA graph")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,14 +249,15 @@ def main(argv=None):
             print(f"pair ops skipped: {error}")
         else:
             pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
-            _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None)
+            _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None,
+                          graph=args.graph and device.type == "cuda")
     from megafold.kernels._common import autotune_cache_path
 
     tuned = json.loads(autotune_cache_path().read_text()) if autotune_cache_path().exists() else {}
     path = write_json("kernels", env, rows, {"ns": ns, "ops": ops, "dtype": "bfloat16",
-                                             "mode": "forward+backward", "tuned": tuned}, args.out)
+                                             "mode": "forward+backward", "graph": args.graph, "tuned": tuned}, args.out)
     print()
-    print_table(rows, ["op", "shape", "N", "impl", "ms", "peak_mib", "rel_err", "error"])
+    print_table(rows, ["op", "shape", "N", "impl", "ms", "graph_ms", "peak_mib", "rel_err", "error"])
     print(f"\nwrote {path}")
 
 
