@@ -107,6 +107,12 @@ def autotune_enabled() -> bool:
     return not interpreter_active() and os.environ.get("MEGAFOLD_AUTOTUNE", "1") != "0"
 
 
+def autotune_forced() -> bool:
+    """``MEGAFOLD_AUTOTUNE=force``: tune every key again in this process, ignoring the shipped
+    and cached choices (the new choices are still written to the cache)."""
+    return autotune_enabled() and os.environ.get("MEGAFOLD_AUTOTUNE") == "force"
+
+
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
 
@@ -208,7 +214,7 @@ def pick_config(
         return hit
     cache_key = json.dumps([op, list(key), device_name(device)])
     with _cache_lock:
-        if not _memory_cache:
+        if not _memory_cache and not autotune_forced():
             _memory_cache.update(packaged_choices(device))
             _memory_cache.update(_read_disk_cache(autotune_cache_path()))
         hit = _memory_cache.get(cache_key)
