@@ -202,40 +202,65 @@ def _layernorm_linear_forward_kernel(
     sx_b, sx_o, sx_i, sx_c, sw_o, sw_k, eps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COL_BLOCKS: tl.constexpr,
 ):
-    # Output-column blocks of one row block are neighbours in launch order, so the x tile
-    # they all read comes from L2 after the first.
+    """One row block and COL_BLOCKS output-column blocks of ``LN(x) W^T + b``.
+
+    When the row fits one tile (BLOCK_K >= K), x is read once: the statistics and LN(x) come
+    from the register tile and serve every column block of the program. With COL_BLOCKS
+    covering all of O (large row counts), x crosses HBM once in all; with fewer, the column
+    blocks of one row block are neighbours in launch order, so x comes from L2 after the first.
+    """
     pid = tl.program_id(0)
     batch = tl.program_id(1)
-    num_n = tl.cdiv(O, BLOCK_N)
+    num_n = tl.cdiv(O, BLOCK_N * COL_BLOCKS)
     pid_m = pid // num_n
     pid_n = pid % num_n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_per_batch
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, K, BLOCK_M, BLOCK_K)
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < O
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w_t = tl.load(
-            w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
-            mask=col_ok[None, :] & (ks < K)[:, None], other=0.0,
-        )
-        acc = tl.dot(xn.to(w_t.dtype), w_t, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
     flat = batch.to(tl.int64) * rows_per_batch + rows
-    tl.store(
-        out_ptr + flat[:, None] * O + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+    out_rows = out_ptr + flat[:, None] * O
+    if BLOCK_K >= K:
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
+        # Two passes over the register tile in fp32 (mean, then centred variance).
+        mean = tl.sum(x, axis=1) / K
+        centred = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
+        gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xn = tl.where(ok, centred * rstd[:, None] * gamma[None, :] + beta[None, :], 0.0).to(w_ptr.dtype.element_ty)
+        for c in range(COL_BLOCKS):
+            cols = (pid_n * COL_BLOCKS + c) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < O
+            w_t = tl.load(w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
+                          mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(xn, w_t, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, K, BLOCK_M, BLOCK_K)
+        for c in range(COL_BLOCKS):
+            cols = (pid_n * COL_BLOCKS + c) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < O
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, k0, K, BLOCK_K)
+                ks = k0 + tl.arange(0, BLOCK_K)
+                w_t = tl.load(
+                    w_ptr + cols[None, :] * sw_o + ks[:, None] * sw_k,
+                    mask=col_ok[None, :] & (ks < K)[:, None], other=0.0,
+                )
+                acc = tl.dot(xn.to(w_t.dtype), w_t, acc, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
     if pid_n == 0:
         tl.store(mean_ptr + flat, mean, mask=row_ok)
         tl.store(rstd_ptr + flat, rstd, mask=row_ok)
@@ -249,13 +274,17 @@ def _layernorm_linear_backward_kernel(
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, WRITE_XN: tl.constexpr,
+    XN_WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
-    LayerNorm parameter and bias gradients, and LN(x) for the chunk's weight-gradient product.
+    LayerNorm parameter gradients, and LN(x) for the chunk's weight-gradient product.
 
     The whole row (BLOCK_K >= K) sits in registers: the LayerNorm backward needs two
-    reductions over it.
+    reductions over it. With XN_WIDTH > K, the rows of LN(x) get a column of ones at K (and
+    zeros up to XN_WIDTH, which keeps cuBLAS's rows 16-byte aligned): the weight-gradient
+    product ``dy^T [LN(x), 1]`` then yields the bias gradient as its column K, with no pass
+    of its own over dy.
     """
     pid = tl.program_id(0)
     local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
@@ -275,7 +304,14 @@ def _layernorm_linear_backward_kernel(
     if WRITE_XN:
         beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         xn = xhat * gamma[None, :] + beta[None, :]
-        tl.store(xn_ptr + local[:, None] * K + ks[None, :], xn.to(xn_ptr.dtype.element_ty), mask=ok)
+        xn_rows = xn_ptr + local[:, None].to(tl.int64) * XN_WIDTH
+        tl.store(xn_rows + ks[None, :], xn.to(xn_ptr.dtype.element_ty), mask=ok)
+        if XN_WIDTH > K:
+            extra = tl.arange(0, XN_WIDTH - K)
+            ones = tl.where(extra == 0, 1.0, 0.0)
+            tl.store(xn_rows + K + extra[None, :],
+                     tl.broadcast_to(ones[None, :], [BLOCK_M, XN_WIDTH - K]).to(xn_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
     dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for n0 in range(0, O, BLOCK_N):
@@ -306,6 +342,17 @@ def _launch_kwargs(cfg: dict) -> dict:
     return {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
 
 
+# Rows above which one program computes every output column of its row block (x read once
+# from HBM): 1024 row blocks of 64 or more, ~8 per SM of a 132-SM GPU, still fill it.
+ALL_COLUMNS_MIN_ROWS = 1 << 16
+
+
+def _column_blocks(rows: int, out_features: int, block_n: int) -> int:
+    """Output-column blocks per forward program: all of them for pair-sized inputs, else one
+    (a single track's few hundred rows need the column blocks as parallelism)."""
+    return triton.cdiv(out_features, block_n) if rows >= ALL_COLUMNS_MIN_ROWS else 1
+
+
 def layernorm_linear_forward(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor | None, eps: float,
@@ -321,21 +368,24 @@ def layernorm_linear_forward(
     D0, _, D2 = rows.sizes
 
     def launch(cfg: dict) -> None:
-        grid = (triton.cdiv(rows.per_batch, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]), D0)
+        col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
+        grid = (triton.cdiv(rows.per_batch, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
         _layernorm_linear_forward_kernel[grid](
             x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
             rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
             K=K, HAS_BIAS=bias is not None, X_MERGED=rows.merged[0],
             DOT_PRECISION=dot_precision(weight.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_kwargs(cfg),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], COL_BLOCKS=col_blocks,
+            **_launch_kwargs(cfg),
         )
 
     block_k = block_size(K, 128)
     block_n = block_size(O, 128)
     default = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+    # COL_BLOCKS 0: the row-count rule of _column_blocks; 1: one column block per program.
     candidates = [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw}
-        for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8)
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw, "COL_BLOCKS": cb}
+        for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8) for cb in (0, 1)
     ]
     key = (K, O, str(weight.dtype), str(x.dtype), bias is not None)
     run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
@@ -392,6 +442,10 @@ def layernorm_linear_backward(
     dy_rows = as_row_matrix(dy, dtype) if need_weight else None
     D2 = rows.sizes[2]
     block_k = block_size(K, 1 << 30)
+    # The bias gradient rides on the weight-gradient product as a column of ones (see the
+    # kernel); 16 bytes of padding keep the operand's rows aligned.
+    bias_in_product = need_bias and need_weight
+    xn_width = K + 16 // dtype.itemsize if bias_in_product else K
     grads = {}
 
     def launch(cfg):
@@ -399,9 +453,9 @@ def layernorm_linear_backward(
         num_blocks = triton.cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
-        dw = torch.zeros(O, K, device=x.device, dtype=torch.float32) if need_weight else None
-        chunks = row_chunks(M, K * dtype.itemsize, block_m) if need_weight else [(0, M)]
-        xn = torch.empty(chunks[0][1], K, device=x.device, dtype=dtype) if need_weight else None
+        dw = torch.zeros(O, xn_width, device=x.device, dtype=torch.float32) if need_weight else None
+        chunks = row_chunks(M, xn_width * dtype.itemsize, block_m) if need_weight else [(0, M)]
+        xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
         for start, end in chunks:
             _layernorm_linear_backward_kernel[(triton.cdiv(end - start, block_m),)](
@@ -412,17 +466,20 @@ def layernorm_linear_backward(
                 weight.stride(0), weight.stride(1),
                 K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
                 DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, WRITE_XN=need_weight,
-                BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
+                XN_WIDTH=xn_width, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
             )
             if need_weight:
                 add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
         grads["ln_w"] = ln_w_part.sum(0) if need_input else None
         grads["ln_b"] = ln_b_part.sum(0) if need_input else None
-        grads["w"] = dw
+        grads["w"] = dw[:, :K].contiguous() if bias_in_product else dw
         # Not in the kernel's column loop: a store there (with the dot accumulating across
         # iterations) made Triton 3.6's pipeliner drop one column block's dot on an H200
-        # (dx off by 1/sqrt(blocks)); torch's reduction is deterministic too.
-        grads["b"] = dy.reshape(-1, O).sum(0, dtype=torch.float32) if need_bias else None
+        # (dx off by 1/sqrt(blocks)). Without a weight gradient, torch's reduction.
+        if bias_in_product:
+            grads["b"] = dw[:, K].contiguous()
+        else:
+            grads["b"] = dy.reshape(-1, O).sum(0, dtype=torch.float32) if need_bias else None
 
     # The row lives in registers: fewer rows per block as K grows, so wide rows still fit.
     default = {"BLOCK_M": max(16, min(64, 8192 // block_k)),

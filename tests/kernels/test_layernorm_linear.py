@@ -63,6 +63,32 @@ def test_matches_float64_reference(shape, out_features, bias, dtype, poisoned_em
     check(make_inputs(shape, out_features, dtype, bias=bias), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, out_features", [((2, 9, 9, 24), 150), ((3, 5, 130), 200)])
+def test_every_column_block_in_one_program(shape, out_features, dtype, monkeypatch, poisoned_empty):
+    # The pair-sized forward: each program computes all output-column blocks of its rows from
+    # one load of x (with K over one block, the looped-K path does the same per column block).
+    monkeypatch.setattr(module, "ALL_COLUMNS_MIN_ROWS", 1)
+    assert module._column_blocks(10, out_features, 128) == 2
+    check(make_inputs(shape, out_features, dtype), dtype)
+
+
+def test_bias_gradient_rides_on_the_weight_product():
+    # The bias gradient is column K of dy^T [LN(x), 1]: exact for a dy with one nonzero
+    # column, and absent (plain sum) when the weight is frozen.
+    inputs = make_inputs((2, 7, 7, 24), 40, torch.float32)
+    out = layernorm_linear(**inputs, backend="triton")
+    grad_out = torch.zeros_like(out)
+    grad_out[..., 3] = 2.0
+    d_bias = torch.autograd.grad(out, inputs["bias"], grad_out)[0]
+    expected = torch.zeros(40)
+    expected[3] = 2.0 * 2 * 7 * 7
+    assert torch.equal(d_bias, expected)
+    inputs["weight"] = inputs["weight"].detach()
+    out = layernorm_linear(**inputs, backend="triton")
+    assert torch.equal(torch.autograd.grad(out, inputs["bias"], grad_out)[0], expected)
+
+
 def test_strided_inputs_and_gradient():
     # A transposed pair view, a channel-strided view and a transposed output gradient.
     inputs = make_inputs((2, 9, 9, 48), 24, torch.float32)
