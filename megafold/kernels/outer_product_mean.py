@@ -96,15 +96,25 @@ def _pair_rows(i0, j0, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
-def _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
-                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CZ: tl.constexpr):
-    """``g = dz_ij / norm_ij`` as ``[BLOCK_I * BLOCK_J, BLOCK_CZ]`` (fp32), rows as in _pair_rows."""
+def _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CZ: tl.constexpr):
+    """``dz_ij`` as ``[BLOCK_I * BLOCK_J, BLOCK_CZ]`` (fp32, zero outside) and ``1 / norm_ij``,
+    rows as in _pair_rows."""
     ri, rj, r_ok = _pair_rows(i0, j0, N, BLOCK_I, BLOCK_J)
     es = tl.arange(0, BLOCK_CZ)
     inv_norm = tl.load(inv_norm_ptr + batch.to(tl.int64) * sn_b + ri * sn_i + rj * sn_j, mask=r_ok, other=0.0)
     rows = batch.to(tl.int64) * sz_b + ri.to(tl.int64) * sz_i + rj.to(tl.int64) * sz_j
     dz = tl.load(dz_ptr + rows[:, None] + es[None, :] * sz_e, mask=r_ok[:, None] & (es < CZ)[None, :], other=0.0)
-    return dz.to(tl.float32) * inv_norm[:, None]
+    return dz.to(tl.float32), inv_norm
+
+
+@triton.jit
+def _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CZ: tl.constexpr):
+    """``g = dz_ij / norm_ij`` as ``[BLOCK_I * BLOCK_J, BLOCK_CZ]`` (fp32), rows as in _pair_rows."""
+    dz, inv_norm = _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+                              BLOCK_I, BLOCK_J, BLOCK_CZ)
+    return dz * inv_norm[:, None]
 
 
 @triton.jit
@@ -216,7 +226,7 @@ def _outer_product_mean_left_grad_kernel(
 
 @triton.jit
 def _outer_product_mean_weight_grad_kernel(
-    a_ptr, b_ptr, inv_norm_ptr, dz_ptr, dw_part_ptr,
+    a_ptr, b_ptr, inv_norm_ptr, dz_ptr, dw_part_ptr, db_part_ptr,
     N, S, CH, CZ,
     st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
     ONE_S_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -225,12 +235,14 @@ def _outer_product_mean_weight_grad_kernel(
 ):
     """This program's share of ``dW[e, c, d] = sum_ij g_ij[e] P_ij[c, d]`` for one channel chunk:
     j blocks program_id(0), + num_programs(0), ..., every i; one fp32 partial per program
-    (summed on the host in a fixed order)."""
+    (summed on the host in a fixed order). The programs of the first channel chunk also sum
+    ``dz`` over their pairs: the bias gradient's partials, with no pass of its own over dz."""
     c0 = tl.program_id(1) * BLOCK_C
     batch = tl.program_id(2)
     dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_CZ, BLOCK_C * BLOCK_D], tl.float32)
+    bias_acc = tl.zeros([BLOCK_CZ], tl.float32)
     for j0 in range(tl.program_id(0) * BLOCK_J, N, tl.num_programs(0) * BLOCK_J):
         if ONE_S_BLOCK:  # the b tile serves every i block: load it once
             ss = tl.arange(0, BLOCK_S)
@@ -240,8 +252,10 @@ def _outer_product_mean_weight_grad_kernel(
         for i0 in range(0, N, BLOCK_I):
             outer = _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
                                 ONE_S_BLOCK, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D)
-            g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
-                                  sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+            dz, inv_norm = _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
+                                      sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+            bias_acc += tl.sum(dz, axis=0)
+            g = dz * inv_norm[:, None]
             acc = tl.dot(tl.trans(g.to(dtype)), outer, acc, input_precision=DOT_PRECISION)
 
     es = tl.arange(0, BLOCK_CZ)
@@ -251,6 +265,9 @@ def _outer_product_mean_weight_grad_kernel(
     part = (batch * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * CZ * CH * CH
     tl.store(dw_part_ptr + part + es[:, None] * CH * CH + (cs * CH + ds)[None, :], acc,
              mask=(es < CZ)[:, None] & ((cs < CH) & (ds < CH))[None, :])
+    if tl.program_id(1) == 0:
+        bias_part = (batch * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * CZ
+        tl.store(db_part_ptr + bias_part + es, bias_acc, mask=es < CZ)
 
 
 # --------------------------------------------------------------------------- launches
@@ -396,16 +413,17 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ),
               configs["left_grad"], _fitting(("left_grad", *fit_key), left_grads))
 
-    dw_parts = None
+    dw_parts = db_parts = None
 
     def weight_grad(cfg):
-        nonlocal dw_parts
+        nonlocal dw_parts, db_parts
         num_j = triton.cdiv(N, cfg["BLOCK_J"])
         groups = triton.cdiv(num_j, triton.cdiv(num_j, MAX_WEIGHT_GRAD_PARTIALS))  # equal j blocks per program
         dw_parts = torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
+        db_parts = torch.empty(B * groups, CZ, device=ab_t.device, dtype=torch.float32)
         grid = (groups, triton.cdiv(CH, cfg["BLOCK_C"]), B)
         _outer_product_mean_weight_grad_kernel[grid](
-            a_t, b_t, inv_norm, dz, dw_parts, N, S, CH, CZ,
+            a_t, b_t, inv_norm, dz, dw_parts, db_parts, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *dz.stride(),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=precision,
             BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
@@ -413,7 +431,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
 
     run_tuned("outer_product_mean_weight_grad", key, ab_t.device, _candidates(configs["weight_grad"], CH, CZ),
               configs["weight_grad"], _fitting(("weight_grad", *fit_key), weight_grad))
-    return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0)
+    return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0), db_parts.sum(0)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -433,8 +451,7 @@ class OuterProductMeanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         ab_t, inv_norm, weight = ctx.saved_tensors
-        d_ab, dw = _opm_backward(dz, ab_t, inv_norm, weight)
-        d_bias = dz.sum(dim=(0, 1, 2), dtype=torch.float32)
+        d_ab, dw, d_bias = _opm_backward(dz, ab_t, inv_norm, weight)
         return d_ab, None, dw, d_bias, None
 
 
