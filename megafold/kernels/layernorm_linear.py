@@ -398,7 +398,9 @@ def layernorm_linear_forward(
 # multiplies them: as fused Triton kernels these products kept a whole weight slice of fp32
 # accumulators per program and ran at ~10-15% of tensor-core peak. The chunk bounds the
 # temporaries; the fp32 sum over chunks runs in a fixed order (deterministic, no atomics).
-WEIGHT_GRAD_CHUNK_BYTES = 128 << 20
+# 256 MiB: one chunk for every pair op at N = 384 (each further chunk costs a kernel launch,
+# products and additions: ~0.3 ms of host time on an H100 host), a few at N = 768.
+WEIGHT_GRAD_CHUNK_BYTES = 256 << 20
 
 
 def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: int = 1) -> list[tuple[int, int]]:

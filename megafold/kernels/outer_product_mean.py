@@ -317,13 +317,22 @@ def default_configs(CH: int, CZ: int, S: int) -> dict[str, dict]:
     }
 
 
-def _candidates(default: dict, CH: int, CZ: int) -> list[dict]:
-    """A few variations of ``default`` for the tuner (c_h <= 32, c_z <= 128 only)."""
+def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[dict]:
+    """A few variations of ``default`` for the tuner (c_h <= 32, c_z <= 128 only). ``S``: the
+    MSA depth, for the left-gradient kernel, whose s blocks each make the dP tiles again:
+    one s block of up to 128 rows makes them once (more shared memory, fewer stages)."""
     if block_size(CH, 1 << 30) > 32 or block_size(CZ, 1 << 30) > 128:
         return []
     variants = [default]
-    for change in ({"num_warps": 4}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
-                   {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}):
+    changes = [{"num_warps": 4}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
+               {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}]
+    if S is not None and block_size(S, 128) > default["BLOCK_S"]:
+        whole = {"BLOCK_S": block_size(S, 128)}
+        changes += [whole | {"num_stages": ns} for ns in (1, 2)]
+        changes += [whole | {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "num_stages": ns} for ns in (1, 2)]
+        changes += [whole | {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"],
+                             "num_stages": ns} for ns in (1, 2)]
+    for change in changes:
         if default | change not in variants:
             variants.append(default | change)
     return variants
@@ -410,7 +419,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
                 DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
             )
 
-    run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ),
+    run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ, S),
               configs["left_grad"], _fitting(("left_grad", *fit_key), left_grads))
 
     dw_parts = db_parts = None

@@ -80,6 +80,21 @@ def test_deep_msa_over_several_row_blocks():
     check(m, mask, make_params(8, 8, 16, torch.float32), torch.float32)
 
 
+def test_left_gradient_with_one_s_block(monkeypatch):
+    # The tuner's candidate that covers a 70-row MSA with one s block (dP made once, not twice).
+    real = opm_module.default_configs
+
+    def one_s_block(CH, CZ, S):
+        configs = real(CH, CZ, S)
+        configs["left_grad"] = configs["left_grad"] | {"BLOCK_S": opm_module.block_size(S, 128), "num_stages": 1}
+        return configs
+
+    monkeypatch.setattr(opm_module, "default_configs", one_s_block)
+    assert one_s_block(12, 24, 70)["left_grad"]["BLOCK_S"] == 128
+    m, mask = make_msa(1, 70, 13, 16, torch.float32)
+    check(m, mask, make_params(16, 12, 24, torch.float32), torch.float32)
+
+
 def test_fully_masked_residue_and_sequence():
     # Residue 3 has no valid row (count 0: the output is the bias, gradients finite); row 2 is empty.
     m, mask = make_msa(1, 6, 9, 16, torch.float32)
