@@ -403,11 +403,14 @@ def layernorm_linear_forward(
 WEIGHT_GRAD_CHUNK_BYTES = 256 << 20
 
 
-def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: int = 1) -> list[tuple[int, int]]:
+def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: float = 1) -> list[tuple[int, int]]:
     """``[start, end)`` row ranges whose temporaries of ``bytes_per_row`` stay within
-    ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``; every start is a multiple of ``multiple``
-    (a row block)."""
-    step = max(multiple, budget_scale * WEIGHT_GRAD_CHUNK_BYTES // bytes_per_row // multiple * multiple)
+    ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``: as few chunks as that allows, of equal size
+    (a short last chunk would set no lower peak and still cost a launch). Every start is a
+    multiple of ``multiple`` (a row block)."""
+    budget = max(1, int(budget_scale * WEIGHT_GRAD_CHUNK_BYTES))
+    count = max(1, math.ceil(total * bytes_per_row / budget))
+    step = max(multiple, math.ceil(math.ceil(total / count) / multiple) * multiple)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
