@@ -322,7 +322,8 @@ class GraphedChunkDenoiser:
                 # and every later random op would fail with a message about offsets
                 raise RuntimeError(
                     f"GraphedChunkDenoiser: the CUDA graph capture of a diffusion chunk failed ({error}) "
-                    "and left CUDA's random number generator unusable; run with diffusion_cuda_graph=False "
+                    "and left CUDA's random number generator unusable for the rest of this process; "
+                    "restart it (in a notebook: restart the kernel) and run with diffusion_cuda_graph=False "
                     "(CLI: --set diffusion_cuda_graph=false)") from error
             warnings.warn(f"GraphedChunkDenoiser: CUDA graph capture failed ({error}); the chunks run eagerly")
             self.eager = True
