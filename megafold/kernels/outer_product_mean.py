@@ -324,14 +324,20 @@ def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[d
     if block_size(CH, 1 << 30) > 32 or block_size(CZ, 1 << 30) > 128:
         return []
     variants = [default]
-    changes = [{"num_warps": 4}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
-               {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}]
+    half_c = {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"]}
+    changes = [{"num_warps": 4}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3}, half_c]
+    # Wider and narrower j blocks (every dot dimension stays >= 16: BLOCK_I * BLOCK_J >= 16).
+    for base in ({}, half_c):
+        for block_j in (2 * default["BLOCK_J"], default["BLOCK_J"] // 2):
+            if block_j >= 1 and block_j * (base or default)["BLOCK_I"] >= 16:
+                changes.append(base | {"BLOCK_J": block_j})
     if S is not None and block_size(S, 128) > default["BLOCK_S"]:
         whole = {"BLOCK_S": block_size(S, 128)}
         changes += [whole | {"num_stages": ns} for ns in (1, 2)]
         changes += [whole | {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "num_stages": ns} for ns in (1, 2)]
-        changes += [whole | {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "BLOCK_I": 2 * default["BLOCK_I"],
-                             "num_stages": ns} for ns in (1, 2)]
+        changes += [whole | half_c | {"num_stages": ns} for ns in (1, 2)]
+        changes += [whole | half_c | {"BLOCK_J": default["BLOCK_J"] // 2, "num_stages": ns} for ns in (1, 2)
+                    if default["BLOCK_J"] // 2 * half_c["BLOCK_I"] >= 16]
     for change in changes:
         if default | change not in variants:
             variants.append(default | change)
