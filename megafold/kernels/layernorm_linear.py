@@ -174,6 +174,26 @@ def _layernorm_chunk(
 
 
 @triton.jit
+def _layernorm_tile(
+    x_ptr, x_rows, row_ok, stride_c, ln_w_ptr, ln_b_ptr, eps,
+    K: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """LN(x) of whole rows (BLOCK_K >= K) from one load of x: the fp32 tile (zero outside the
+    tensor) and the rows' fp32 mean and 1/std, the statistics taken in two passes over the
+    register tile (mean, then centred variance)."""
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    ok = row_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / K
+    centred = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    return tl.where(ok, centred * rstd[:, None] * gamma[None, :] + beta[None, :], 0.0), mean, rstd
+
+
+@triton.jit
 def _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M: tl.constexpr):
     """This program's rows of the chunk ``[row_start, row_end)`` of ``B * rows_per_batch`` rows:
     index in the chunk, flat index, validity, batch and row within the batch."""
@@ -224,15 +244,8 @@ def _layernorm_linear_forward_kernel(
     if BLOCK_K >= K:
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
-        # Two passes over the register tile in fp32 (mean, then centred variance).
-        mean = tl.sum(x, axis=1) / K
-        centred = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
-        gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        xn = tl.where(ok, centred * rstd[:, None] * gamma[None, :] + beta[None, :], 0.0).to(w_ptr.dtype.element_ty)
+        xn, mean, rstd = _layernorm_tile(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, eps, K, BLOCK_K)
+        xn = xn.to(w_ptr.dtype.element_ty)
         for c in range(COL_BLOCKS):
             cols = (pid_n * COL_BLOCKS + c) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < O

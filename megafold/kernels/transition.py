@@ -19,7 +19,7 @@ from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
     _layernorm_chunk,
-    _layernorm_stats,
+    _layernorm_tile,
     _row_offsets,
     add_weight_grad,
     as_row_matrix,
@@ -65,8 +65,7 @@ def _transition_forward_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_per_batch
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, C, BLOCK_M, BLOCK_C)
-    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C)
+    xn, mean, rstd = _layernorm_tile(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, eps, C, BLOCK_C)
     xn = xn.to(w_in_ptr.dtype.element_ty)
 
     cos = tl.arange(0, BLOCK_CO)

@@ -26,7 +26,7 @@ from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
     _layernorm_chunk,
-    _layernorm_stats,
+    _layernorm_tile,
     _row_offsets,
     add_weight_grad,
     autocast_dtype,
@@ -89,8 +89,7 @@ def _triangle_input_forward_kernel(
     ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = ij < NN
     z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
-    mean, rstd = _layernorm_stats(z_ptr, z_rows, row_ok, sz_c, eps, CZ, BLOCK_M, BLOCK_CZ)
-    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, CZ, BLOCK_CZ)
+    zn, mean, rstd = _layernorm_tile(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, eps, CZ, BLOCK_CZ)
     zn = zn.to(w_p_ptr.dtype.element_ty)
     valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
     valid = valid.to(tl.float32)
@@ -129,8 +128,7 @@ def _triangle_output_forward_kernel(
     dtype = w_o_ptr.dtype.element_ty
 
     x_rows = batch.to(tl.int64) * CH * NN + ij
-    x_mean, x_rstd = _layernorm_stats(x_ptr, x_rows, row_ok, NN, eps, CH, BLOCK_M, BLOCK_CH)
-    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, NN, ln_out_w_ptr, ln_out_b_ptr, x_mean, x_rstd, 0, CH, BLOCK_CH)
+    xn, x_mean, x_rstd = _layernorm_tile(x_ptr, x_rows, row_ok, NN, ln_out_w_ptr, ln_out_b_ptr, eps, CH, BLOCK_CH)
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
     update = tl.dot(xn.to(dtype), tl.trans(w_o), input_precision=DOT_PRECISION)
 
