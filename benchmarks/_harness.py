@@ -65,6 +65,26 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` (one forward + backward) captured once in a CUDA graph; returns its replay.
+
+    Every implementation gets the same treatment: three warm-up calls on a side stream (they
+    tune and compile what needs it), then one capture. The replay has no host work, so its
+    time is the GPU's: what the op costs inside a graphed training step, where launches and
+    Python no longer show.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def peak_mib(fn: Callable[[], object]) -> float | None:
     if not torch.cuda.is_available():
         return None

@@ -32,7 +32,12 @@ C_Z = 128
 LINEAR_OUTPUTS = (16, 128, 512, 640)
 ALL_N = (256, 384, 512, 768, 1024)
 QUICK_N = (384, 768)
-DTYPE = torch.bfloat16  # activations and autocast (a CPU smoke run under the interpreter uses fp16)
+DTYPE = torch.bfloat16  # activations and autocast on a GPU
+
+
+def dtype_for(device) -> torch.dtype:
+    """bf16 on a GPU; fp16 for a CPU smoke run (Triton's interpreter mishandles bf16 arithmetic)."""
+    return DTYPE if torch.device(device).type == "cuda" else torch.float16
 
 Inputs = dict[str, torch.Tensor]
 
@@ -59,7 +64,7 @@ def _float64(inputs: Inputs) -> Inputs:
 def _autocast(fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], torch.Tensor]:
     def run(inputs: Inputs) -> torch.Tensor:
         device = next(iter(inputs.values())).device
-        with torch.autocast(device.type, dtype=DTYPE):
+        with torch.autocast(device.type, dtype=dtype_for(device)):
             return fn(inputs)
 
     return run
@@ -80,7 +85,7 @@ def _impls(eager: Callable[[Inputs], torch.Tensor], megafold: Callable[[Inputs],
 
 def _layernorm_linear_case(N: int, out_features: int, device) -> Case:
     def make_inputs():
-        return {"x": _leaf(1, N, N, C_Z, device=device, dtype=DTYPE),
+        return {"x": _leaf(1, N, N, C_Z, device=device, dtype=dtype_for(device)),
                 "ln_weight": _leaf(C_Z, device=device, scale=0.1, shift=1.0),
                 "ln_bias": _leaf(C_Z, device=device, scale=0.1),
                 "weight": _leaf(out_features, C_Z, device=device, scale=C_Z**-0.5),
@@ -98,7 +103,7 @@ def _layernorm_linear_case(N: int, out_features: int, device) -> Case:
 
 def _transition_case(N: int, device, n: int = 4) -> Case:
     def make_inputs():
-        return {"x": _leaf(1, N, N, C_Z, device=device, dtype=DTYPE),
+        return {"x": _leaf(1, N, N, C_Z, device=device, dtype=dtype_for(device)),
                 "ln_weight": _leaf(C_Z, device=device, scale=0.1, shift=1.0),
                 "ln_bias": _leaf(C_Z, device=device, scale=0.1),
                 "w_in": _leaf(2 * n * C_Z, C_Z, device=device, scale=C_Z**-0.5),
@@ -133,7 +138,7 @@ def _padded_pair_mask(N: int, device) -> torch.Tensor:
 
 def _triangle_case(N: int, device, outgoing: bool = True) -> Case:
     def make_inputs():
-        return {"z": _leaf(1, N, N, C_Z, device=device, dtype=DTYPE),
+        return {"z": _leaf(1, N, N, C_Z, device=device, dtype=dtype_for(device)),
                 "mask": _padded_pair_mask(N, device), **_triangle_params(C_Z, C_Z, device)}
 
     def split(x):
@@ -196,7 +201,7 @@ def _opm_case(N: int, device, c_m: int = 64, c_h: int = 32) -> Case:
     def make_inputs():
         mask = torch.rand(1, S, N, device=device) > 0.1  # gaps in the alignment
         mask[:, :, N - max(1, N // 20):] = False  # crop padding
-        return {"m": _leaf(1, S, N, c_m, device=device, dtype=DTYPE), "mask": mask,
+        return {"m": _leaf(1, S, N, c_m, device=device, dtype=dtype_for(device)), "mask": mask,
                 "norm_weight": _leaf(c_m, device=device, scale=0.1, shift=1.0),
                 "norm_bias": _leaf(c_m, device=device, scale=0.1),
                 "proj_weight": _leaf(2 * c_h, c_m, device=device, scale=c_m**-0.5),
@@ -224,31 +229,11 @@ def cases(quick: bool, device, ns=None) -> list[Case]:
 OPS = ("layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
 
 
-def graphed(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` (one forward + backward) captured once in a CUDA graph; returns its replay.
-
-    Every implementation gets the same treatment: three warm-up calls on a side stream (they
-    tune and compile what needs it), then one capture. The replay has no host work, so its
-    time is the GPU's: what the op costs inside a graphed training step, where launches and
-    Python no longer show.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) -> None:
     """Time every case and implementation (fwd + bwd) and check it against float64; ``ops``
     and ``impls`` (names, None: all) select which. ``graph``: also time each one replayed
     from a CUDA graph (``graph_ms``; ``graph_error`` where the capture fails)."""
-    from _harness import is_oom, peak_mib, rel_err, time_ms
+    from _harness import graphed, is_oom, peak_mib, rel_err, time_ms
 
     for case in cases(False, device, ns):
         if case.op not in ops:
@@ -258,7 +243,7 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) 
         leaves = [k for k, v in inputs.items() if v.requires_grad]
         ref_inputs = {k: (v.detach().double().requires_grad_() if k in leaves else v) for k, v in inputs.items()}
         ref = case.reference(ref_inputs)
-        grad_out = torch.randn(ref.shape, device=device, dtype=DTYPE)
+        grad_out = torch.randn(ref.shape, device=device, dtype=dtype_for(device))
         ref_grads = torch.autograd.grad(ref, [ref_inputs[k] for k in leaves], grad_out.double())
         ref = ref.detach()
         del ref_inputs

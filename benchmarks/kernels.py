@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    environment, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
+    environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
 )
 
 from megafold.kernels import evo_attention  # noqa: E402
@@ -164,7 +164,7 @@ def _to_reference_layout(name, tensor, impl):
     return tensor.transpose(2, 3) if impl == "cueq" else tensor.permute(0, 2, 3, 1, 4)
 
 
-def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None):
+def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False):
     for shape in shapes:
         for n in ns:
             dims = EVO_SHAPES[shape](n)
@@ -202,6 +202,11 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None):
 
                     row["ms"] = time_ms(step)
                     row["peak_mib"] = peak_mib(step)
+                    if graph:
+                        try:
+                            row["graph_ms"] = time_ms(graphed(step))
+                        except Exception as error:  # a peer that cannot be captured keeps its plain row
+                            row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
                     if breakdown and device.type == "cuda":
                         row["kernels_ms"] = kernel_breakdown(step)
                         print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()})
@@ -210,7 +215,8 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None):
                 rows.append(row)
                 print(f"  {shape:10s} N={n:5d} {impl:9s} "
                       + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
-                         if "ms" in row else row["error"]), flush=True)
+                         if "ms" in row else row["error"])
+                      + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else ""), flush=True)
             del inputs, ref, ref_grads
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -227,7 +233,7 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true", help="device time per megafold kernel")
     parser.add_argument("--impls", default=None, help="comma list of implementations to run")
     parser.add_argument("--graph", action="store_true",
-                        help="pair ops: also time every implementation replayed from a CUDA graph")
+                        help="also time every implementation replayed from a CUDA graph")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,7 +247,7 @@ def main(argv=None):
     rows: list[dict] = []
     if "evo_attention" in ops:
         bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
-                  args.impls.split(",") if args.impls else None)
+                  args.impls.split(",") if args.impls else None, graph=args.graph and device.type == "cuda")
     if set(ops) - {"evo_attention"}:
         try:
             import _pair_ops
