@@ -289,3 +289,11 @@ timings.pivot(index="N", columns="backend", values=["fwd+bwd ms", "peak MiB"]).r
 # The full benchmark (every shape AF3 uses, torch.compile and FlexAttention rows, results as
 # JSON) is `python benchmarks/kernels.py`; the kernel's source, top to bottom, is
 # `megafold/kernels/evo_attention.py`.
+#
+# Two ways to read its times. A plain call includes the host's work: Python, autograd and
+# one launch per kernel, which at small N can take longer than the kernels themselves (on
+# the H100 host behind `benchmarks/results`, 1-3 ms per pair op at N = 384). With `--graph`
+# each implementation is also captured once in a CUDA graph and replayed, which leaves only
+# GPU time: what the op costs inside a graphed training step (megafold's trunk and diffusion
+# chunks run that way). `python benchmarks/pair_breakdown.py` splits one call into its kernels
+# and reports the host's own time next to them.
