@@ -427,13 +427,19 @@ def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: floa
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
-def add_weight_grad(acc: torch.Tensor, grad: torch.Tensor, act: torch.Tensor) -> None:
-    """``acc += grad^T act`` for fp32 ``acc`` ``[G, A]``, grad ``[R, G]``, act ``[R, A]``.
+def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """``acc + grad^T act`` into fp32 ``acc`` ``[G, A]`` (None: the first chunk, which becomes
+    the accumulator), grad ``[R, G]``, act ``[R, A]``; returns the accumulator.
 
     The product runs in the operands' dtype (cuBLAS, fp32 accumulation inside, the result
-    rounded once per chunk, as autocast's own weight gradients are), then adds in fp32.
+    rounded once per chunk, as autocast's own weight gradients are), then adds in fp32. The
+    first chunk's product is only widened: no zero-filled buffer and no addition to launch.
     """
-    acc += torch.mm(grad.t(), act)
+    product = torch.mm(grad.t(), act)
+    if acc is None:
+        return product.float()
+    acc += product
+    return acc
 
 
 def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -471,7 +477,7 @@ def layernorm_linear_backward(
         num_blocks = triton.cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
-        dw = torch.zeros(O, xn_width, device=x.device, dtype=torch.float32) if need_weight else None
+        dw = None
         chunks = row_chunks(M, xn_width * dtype.itemsize, block_m) if need_weight else [(0, M)]
         xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
@@ -487,7 +493,7 @@ def layernorm_linear_backward(
                 XN_WIDTH=xn_width, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
             )
             if need_weight:
-                add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
+                dw = add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
         grads["ln_w"] = ln_w_part.sum(0) if need_input else None
         grads["ln_b"] = ln_b_part.sum(0) if need_input else None
         grads["w"] = dw[:, :K].contiguous() if bias_in_product else dw

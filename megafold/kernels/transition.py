@@ -226,8 +226,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         num_blocks = triton.cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, C, device=x.device, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
-        dw_in = torch.zeros(2 * H, C, device=x.device, dtype=torch.float32)
-        dw_out = torch.zeros(C_OUT, H, device=x.device, dtype=torch.float32)
+        dw_in = dw_out = None
         chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, block_m, CHUNK_BUDGET_SCALE)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
@@ -243,8 +242,8 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
                 BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                 num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
             )
-            add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
-            add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
+            dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
+            dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
         grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_in=dw_in, w_out=dw_out)
 
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}

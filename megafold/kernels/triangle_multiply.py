@@ -385,7 +385,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         block_m = cfg["BLOCK_M"]
         ln_w_part = torch.empty(triton.cdiv(M, block_m), CH, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
-        dw_o = torch.zeros(CZ, CH, device=dev, dtype=torch.float32)
+        dw_o = None
         chunks = row_chunks(M, (CZ + CH) * dtype.itemsize, block_m)
         d_update = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         xn = torch.empty(chunks[0][1], CH, device=dev, dtype=dtype)
@@ -397,7 +397,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
                 CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
             )
-            add_weight_grad(dw_o, d_update[: end - start], xn[: end - start])
+            dw_o = add_weight_grad(dw_o, d_update[: end - start], xn[: end - start])
         grads.update(w_o=dw_o, ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
 
     key, small = _tuning_key(z, CH, dtype)
@@ -441,8 +441,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
         block_m = cfg["BLOCK_M"]
         ln_w_part = torch.empty(triton.cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
-        dw_pg = torch.zeros(4 * CH, CZ, device=dev, dtype=torch.float32)
-        dw_og = torch.zeros(CZ, CZ, device=dev, dtype=torch.float32)
+        dw_pg = dw_og = None
         chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m, INPUT_CHUNK_BUDGET_SCALE)
         zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
@@ -455,8 +454,8 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
                 **_stages(cfg),
             )
-            add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
-            add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
+            dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
+            dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
         grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=dw_pg[: 2 * CH], w_g=dw_pg[2 * CH:], w_og=dw_og)
 
     key, small = _tuning_key(z, CH, dtype)
