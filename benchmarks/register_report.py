@@ -1,0 +1,186 @@
+"""Registers, spills and shared memory of the pair-op kernels, compiled for a GPU without one.
+
+    python benchmarks/register_report.py [--arch 90] [--out DIR]
+
+Each kernel is compiled ahead of time for ``sm_<arch>`` (Triton's own compiler and the
+``ptxas`` it ships; no GPU, no driver) with the configuration megafold launches at AF3's pair
+widths (c_z = c = 128, c_h = 128 for the triangle, c_h = 32 for the outer product mean): the
+H100's shipped choice for the N = 768 bucket where there is one, else the op's default.
+``ptxas -v`` reports registers per thread and spill bytes. A kernel at 255 registers with
+spill stores keeps more live state than the register file holds and pays local-memory
+traffic inside its main loop: the first thing to fix before tuning it further.
+
+Compare with what a GPU run measures; Triton's version matters (the GPU machine in
+``benchmarks/results`` runs Triton 3.6). JSON: results/<arch>/<date>-register_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from _harness import environment, print_table, write_json  # noqa: E402
+
+FP32_NAMES = ("mean", "rstd", "part", "ln_", "norm_ptr", "inv_norm", "bias_ptr")
+
+
+def _pointer_type(name: str) -> str:
+    if "mask" in name:
+        return "*i1"
+    if any(part in name for part in FP32_NAMES):
+        return "*fp32"
+    return "*bf16"
+
+
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> and read ptxas's resource report."""
+    names = fn.arg_names
+    signature = {n: ("constexpr" if n in constexprs else _pointer_type(n) if n.endswith("_ptr") else "i32")
+                 for n in names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = ""
+        for exe in ("ptxas", "ptxas-blackwell"):  # the first one whose PTX version fits
+            run = subprocess.run([str(bin_dir / exe), "-v", f"--gpu-name=sm_{arch}a", str(ptx),
+                                  "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+            report = run.stderr
+            if "Used" in report:
+                break
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_stores": int(spills.group(1)) if spills else None,
+        "spill_loads": int(spills.group(2)) if spills else None,
+        "shared_kib": round(kernel.metadata.shared / 1024, 1),
+        "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
+    }
+
+
+def _shipped(op: str, key_prefix: list) -> dict | None:
+    """The H100's shipped choice for ``op`` whose key starts with ``key_prefix`` (the N = 768
+    bucket, 2^20 rows, where the key has one)."""
+    path = Path(__file__).resolve().parents[1] / "megafold" / "kernels" / "tuned" / "NVIDIA_H100_80GB_HBM3.json"
+    choices = json.loads(path.read_text())
+    found = None
+    for key, value in choices.items():
+        if key.startswith("_"):  # the file's own fields (its GPU's capability)
+            continue
+        name, shape, _device = json.loads(key)
+        if name == op and shape[: len(key_prefix)] == key_prefix:
+            if shape[-1] == 1 << 20:
+                return value
+            found = found or value
+    return found
+
+
+def cases() -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, constexprs, launch config) for each kernel at AF3's pair widths."""
+    import importlib
+
+    # the modules themselves (megafold.kernels re-exports functions of the same names)
+    ln, opm, tr, tri = (importlib.import_module(f"megafold.kernels.{name}") for name in
+                        ("layernorm_linear", "outer_product_mean", "transition", "triangle_multiply"))
+
+    bf16 = "torch.bfloat16"
+    out = []
+    for width in (16, 128, 512, 640):
+        cfg = _shipped("layernorm_linear_fwd", [128, width, bf16, bf16, True]) or {
+            "BLOCK_M": 64, "BLOCK_N": ln.block_size(width, 128), "BLOCK_K": 128, "num_warps": 4}
+        col_blocks = cfg.get("COL_BLOCKS") or ln._column_blocks(1 << 20, width, cfg["BLOCK_N"])
+        out.append((f"layernorm_linear fwd 128->{width}", ln._layernorm_linear_forward_kernel,
+                    dict(K=128, HAS_BIAS=True, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"],
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128, COL_BLOCKS=col_blocks), cfg))
+        cfg = _shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or {
+            "BLOCK_M": 64, "BLOCK_N": min(64, ln.block_size(width, 64)), "num_warps": 4}
+        out.append((f"layernorm_linear bwd 128->{width}", ln._layernorm_linear_backward_kernel,
+                    dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, WRITE_XN=True,
+                         XN_WIDTH=136, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128), cfg))
+    for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
+        cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16])
+        extra = {"DY_MERGED": True} if direction == "bwd" else {}
+        out.append((f"transition {direction}", kernel,
+                    dict(C=128, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=128,
+                         BLOCK_CO=128, BLOCK_H=cfg["BLOCK_H"], **extra), cfg))
+    # the split backward (not shipped yet) at the configuration its GPU test runs
+    out.append(("transition bwd, split", tr._transition_backward_operands_kernel,
+                dict(C=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, BLOCK_M=64, BLOCK_C=128, BLOCK_CO=128,
+                     BLOCK_H=32), {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8}))
+    out.append(("transition layernorm bwd, split", tr._transition_layernorm_backward_kernel,
+                dict(C=128, X_MERGED=True, BLOCK_M=64, BLOCK_C=128), {"BLOCK_M": 64, "num_warps": 8}))
+    for name, kernel, extra in (
+        ("in_fwd", tri._triangle_input_forward_kernel, {"M_MERGED": True}),
+        ("in_bwd", tri._triangle_input_backward_kernel, {"M_MERGED": True}),
+        ("out_fwd", tri._triangle_output_forward_kernel, {"CH": 128}),
+        ("out_bwd", tri._triangle_output_backward_kernel, {"CH": 128, "D_MERGED": True}),
+    ):
+        cfg = _shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16])
+        blocks = {"BLOCK_C": cfg["BLOCK_C"]} if "in_" in name else {"BLOCK_CH": 128}
+        out.append((f"triangle {name}", kernel,
+                    dict(CZ=128, Z_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=128,
+                         **blocks, **extra), cfg))
+    for S in (128, 64):
+        defaults = opm.default_configs(32, 128, S)
+        for name, kernel in (("forward", opm._outer_product_mean_forward_kernel),
+                             ("left_grad", opm._outer_product_mean_left_grad_kernel),
+                             ("weight_grad", opm._outer_product_mean_weight_grad_kernel)):
+            cfg = _shipped(f"outer_product_mean_{name}", [32, 128, S, bf16]) or defaults[name]
+            constexprs = {k: cfg[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_C", "BLOCK_S")}
+            constexprs |= dict(DOT_PRECISION=None, BLOCK_D=32, BLOCK_CZ=128)
+            if name != "left_grad":
+                constexprs["ONE_S_BLOCK"] = S <= cfg["BLOCK_S"]
+            out.append((f"outer_product_mean {name} S={S}", kernel, constexprs, cfg))
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    parser.add_argument("--only", default=None, help="substring of the kernel names to compile")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before the kernels are defined
+    env = environment() | {"device": f"sm_{args.arch}-offline"}
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    rows = []
+    for name, kernel, constexprs, cfg in cases():
+        if args.only and args.only not in name:
+            continue
+        warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
+        row = {"kernel": name, "config": {k: v for k, v in cfg.items()}, "num_warps": warps, "num_stages": stages}
+        try:
+            row |= compile_report(kernel, constexprs, warps, stages, args.arch)
+        except Exception as error:  # one kernel that does not compile is a row, not a crash
+            row["error"] = f"{type(error).__name__}: {error}"[:200]
+        rows.append(row)
+        print(f"  {name:36s} " + (f"{row['registers']} regs, spills {row['spill_stores']} / {row['spill_loads']} B, "
+                                   f"{row['shared_kib']} KiB shared" if "error" not in row else row["error"]),
+              flush=True)
+    path = write_json("register_report", env, rows, {"arch": args.arch}, args.out)
+    print()
+    print_table(rows, ["kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared_kib",
+                       "error"])
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/register_report.py compiles a kernel for an H100 without a GPU and reads
+ptxas's register and spill report (the tool behind the spill figures in benchmarks/NOTES.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_offline_compile_reports_registers_and_spills(tmp_path):
+    # A child process: the kernels must be defined without TRITON_INTERPRET, which this
+    # test session sets before they are imported.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "register_report.py"),
+                          "--only", "layernorm_linear fwd 128->16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (report,) = tmp_path.glob("*/*-register_report.json")
+    (row,) = json.loads(report.read_text())["rows"]
+    assert "error" not in row, row
+    assert 0 < row["registers"] <= 255, row
+    assert row["spill_stores"] is not None and row["spill_stores"] >= 0, row
+    assert row["shared_kib"] > 0 and row["wgmma"] > 0, row
