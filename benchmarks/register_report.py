@@ -45,10 +45,18 @@ def _pointer_type(name: str) -> str:
     return "*bf16"
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
-    """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> and read ptxas's resource report."""
+def _scalar_type(name: str) -> str:
+    return "fp32" if name == "eps" or name.startswith("scale") else "i32"
+
+
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int,
+                   types: dict | None = None) -> dict:
+    """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> and read ptxas's resource report.
+    ``types``: argument types that differ from the naming rules (``*bf16`` pointers, fp32
+    statistics and partials, ``*i1`` masks, fp32 ``eps`` and ``scale``, i32 otherwise)."""
     names = fn.arg_names
-    signature = {n: ("constexpr" if n in constexprs else _pointer_type(n) if n.endswith("_ptr") else "i32")
+    signature = {n: ("constexpr" if n in constexprs else (types or {}).get(n) or
+                     (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n)))
                  for n in names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
@@ -93,8 +101,9 @@ def _shipped(op: str, key_prefix: list) -> dict | None:
     return found
 
 
-def cases() -> list[tuple[str, object, dict, dict]]:
-    """(name, kernel, constexprs, launch config) for each kernel at AF3's pair widths."""
+def cases() -> list[tuple]:
+    """(name, kernel, constexprs, launch config[, argument types]) for each kernel at AF3's pair
+    widths, and EvoAttention's kernels at the triangle shape (H=4, D=32, N=768)."""
     import importlib
 
     # the modules themselves (megafold.kernels re-exports functions of the same names)
@@ -138,6 +147,18 @@ def cases() -> list[tuple[str, object, dict, dict]]:
         out.append((f"triangle {name}", kernel,
                     dict(CZ=128, Z_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=128,
                          **blocks, **extra), cfg))
+    evo = importlib.import_module("megafold.kernels.evo_attention")
+    evo_types = {"bias_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32"}
+    for name, kernel, extra in (
+        ("fwd", evo._evo_attention_forward_kernel, {"HAS_BIAS": True, "HAS_GATE": True, "ROWS": 1}),
+        ("dkdv", evo._evo_attention_dkdv_kernel, {"HAS_BIAS": True}),
+        ("dq", evo._evo_attention_dq_kernel, {"HAS_BIAS": True, "WRITE_DBIAS": False, "ROWS": 1}),
+        ("dbias", evo._evo_attention_dbias_kernel, {}),
+    ):
+        cfg = _shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True])
+        out.append((f"evo_attention {name} (triangle, N=768)", kernel,
+                    dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32,
+                         IEEE=False, WIDE=False, **extra), cfg, evo_types))
     for S in (128, 64):
         defaults = opm.default_configs(32, 128, S)
         for name, kernel in (("forward", opm._outer_product_mean_forward_kernel),
@@ -162,13 +183,13 @@ def main(argv=None) -> None:
     env = environment() | {"device": f"sm_{args.arch}-offline"}
     print(f"triton {triton.__version__}, sm_{args.arch}")
     rows = []
-    for name, kernel, constexprs, cfg in cases():
+    for name, kernel, constexprs, cfg, *types in cases():
         if args.only and args.only not in name:
             continue
         warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
         row = {"kernel": name, "config": {k: v for k, v in cfg.items()}, "num_warps": warps, "num_stages": stages}
         try:
-            row |= compile_report(kernel, constexprs, warps, stages, args.arch)
+            row |= compile_report(kernel, constexprs, warps, stages, args.arch, *types)
         except Exception as error:  # one kernel that does not compile is a row, not a crash
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         rows.append(row)
