@@ -339,6 +339,9 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
+    if candidates:  # the configurations ptxas compiles with few or no spills (register_report.py)
+        candidates += [{"BLOCK_M": 32, "BLOCK_H": 16, "num_warps": 8}, {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 8},
+                       {"BLOCK_M": 64, "BLOCK_H": 16, "num_warps": 8}]
     if candidates and autotune_forced():  # not yet measured on a GPU: only a forced re-tune tries it
         candidates += [{"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": 8, "SPLIT": True}
                        for bm, bh in ((64, 32), (64, 64), (128, 32))]

@@ -71,6 +71,14 @@ def test_split_backward_matches_float64_reference(shape, n, c_out, dtype, monkey
     check(make_inputs(shape, n, dtype, c_out=c_out), dtype)
 
 
+@pytest.mark.parametrize("block_m, block_h", [(32, 16), (64, 16)])
+def test_narrow_tiles(block_m, block_h, monkeypatch, poisoned_empty):
+    # The spill-free tuning candidates of the backward (32 or 64 rows, 16 hidden units).
+    monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
+                        launch(default | {"BLOCK_M": block_m, "BLOCK_H": block_h, "num_warps": 8}))
+    check(make_inputs((3, 5, 33), 3, torch.float16, c_out=20), torch.float16)
+
+
 def test_split_backward_in_chunks_of_a_transposed_view(one_block_chunks, monkeypatch):
     monkeypatch.setattr(module, "SPLIT_BACKWARD", True)
     inputs = make_inputs((3, 11, 11, 24), 4, torch.float32)
