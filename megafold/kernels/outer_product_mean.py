@@ -287,8 +287,10 @@ def _w_strides(weight: torch.Tensor, CH: int, swap: bool) -> tuple[int, int, int
 
 def default_configs(CH: int, CZ: int, S: int) -> dict[str, dict]:
     """Tiles and launch settings of the three kernels, chosen for c_h = 32, c_z = 128 on
-    H100/H200 (sm_90 builds of these settings use wgmma for every dot and hold every tile in
-    registers, no spills) and scaled for other widths; every dot dimension is >= 16.
+    H100/H200 (sm_90 builds of these settings use wgmma for every dot) and scaled for other
+    widths; every dot dimension is >= 16. With Triton 3.6 they do spill registers, 28 B to
+    1.3 KB a thread (``benchmarks/register_report.py``); the H100's tuned choices spill more
+    and still measured faster.
 
     forward: a ``[BLOCK_I * BLOCK_C, BLOCK_J * c_h]`` outer-product tile (64 x 128) moved to
     ``[(i, j), (c, d)]`` (128 x 64) and contracted with W into a 128 x c_z accumulator.
