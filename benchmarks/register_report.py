@@ -17,6 +17,7 @@ Compare with what a GPU run measures; Triton's version matters (the GPU machine 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from _harness import environment, print_table, write_json  # noqa: E402
+from megafold.kernels._common import TUNED_DIR, _read_disk_cache  # noqa: E402
 
 FP32_NAMES = ("mean", "rstd", "part", "ln_", "norm_ptr", "inv_norm", "bias_ptr")
 
@@ -84,13 +86,16 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: 
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _h100_choices() -> dict:
+    return _read_disk_cache(TUNED_DIR / "NVIDIA_H100_80GB_HBM3.json")
+
+
 def _shipped(op: str, key_prefix: list) -> dict | None:
     """The H100's shipped choice for ``op`` whose key starts with ``key_prefix`` (the N = 768
     bucket, 2^20 rows, where the key has one)."""
-    path = Path(__file__).resolve().parents[1] / "megafold" / "kernels" / "tuned" / "NVIDIA_H100_80GB_HBM3.json"
-    choices = json.loads(path.read_text())
     found = None
-    for key, value in choices.items():
+    for key, value in _h100_choices().items():
         if key.startswith("_"):  # the file's own fields (its GPU's capability)
             continue
         name, shape, _device = json.loads(key)

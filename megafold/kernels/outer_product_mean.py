@@ -336,7 +336,7 @@ def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[d
     if S is not None and block_size(S, 128) > default["BLOCK_S"]:
         whole = {"BLOCK_S": block_size(S, 128)}
         changes += [whole | {"num_stages": ns} for ns in (1, 2)]
-        changes += [whole | {"BLOCK_C": max(1, default["BLOCK_C"] // 2), "num_stages": ns} for ns in (1, 2)]
+        changes += [whole | {"BLOCK_C": half_c["BLOCK_C"], "num_stages": ns} for ns in (1, 2)]
         changes += [whole | half_c | {"num_stages": ns} for ns in (1, 2)]
         changes += [whole | half_c | {"BLOCK_J": default["BLOCK_J"] // 2, "num_stages": ns} for ns in (1, 2)
                     if default["BLOCK_J"] // 2 * half_c["BLOCK_I"] >= 16]

@@ -310,13 +310,13 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
         split = cfg.get("SPLIT", False)
         dxn = torch.empty(chunk, C, device=x.device, dtype=dtype) if split else None
+        strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+                   w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
+        meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
+                    BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
+                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
             grid = (triton.cdiv(end - start, block_m),)
-            strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                       w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
-            meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
-                        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
-                        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
             if not split:
                 _transition_backward_kernel[grid](
                     x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
