@@ -224,11 +224,14 @@ def pick_config(
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
     best, best_ms = default, float("inf")
+    trials = []
     for config in candidates:
         try:
             ms = bench(config)
-        except Exception:  # a config that does not fit this GPU is just not a candidate
+        except Exception as error:  # a config that does not fit this GPU is just not a candidate
+            trials.append({"config": config, "error": f"{type(error).__name__}: {error}"[:120]})
             continue
+        trials.append({"config": config, "ms": round(ms, 4)})
         if ms < best_ms:
             best, best_ms = config, ms
     with _cache_lock:
@@ -236,6 +239,11 @@ def pick_config(
         merged = _read_disk_cache(autotune_cache_path())
         merged[cache_key] = best
         _write_disk_cache(autotune_cache_path(), merged)
+        # Every candidate's time, beside the cache: what the choice was made from.
+        trials_path = autotune_cache_path().with_name("autotune-trials.json")
+        record = _read_disk_cache(trials_path)
+        record[cache_key] = trials
+        _write_disk_cache(trials_path, record)
     return best
 
 

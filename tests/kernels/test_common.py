@@ -56,6 +56,9 @@ def test_tuning_picks_the_fastest_config_once_and_stores_it(fake_gpu, tmp_path):
     assert again == best and len(calls) == 4  # the second call reads the cache
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert stored == {json.dumps(["op", [1, 2], "Fake GPU 80GB"]): {"BLOCK": 64}}
+    trials = json.loads((tmp_path / "autotune-trials.json").read_text())[json.dumps(["op", [1, 2], "Fake GPU 80GB"])]
+    assert [t.get("ms") for t in trials] == [3.0, 1.0, 2.0, None]
+    assert [t["config"] for t in trials] == candidates and "out of shared memory" in trials[3]["error"]
     _common._memory_cache.clear()  # a new process reads the choice from disk
     assert pick_config("op", (1, 2), fake_gpu, candidates, {"BLOCK": 32}, bench) == best
     assert len(calls) == 4
