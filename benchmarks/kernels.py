@@ -48,11 +48,12 @@ EVO_SHAPES = {
 }
 
 
-def evo_inputs(S, N, H, D, device, dtype=torch.bfloat16, width=None, ending=False):
+def evo_inputs(S, N, H, D, device, dtype=torch.bfloat16, width=None, ending=False, generator=None):
     """Fresh inputs; q, k, v and gate are separate contiguous leaves, or (``width``) views of
-    one ``[1, S, N, width]`` leaf, transposed (S and N swapped) with ``ending``."""
+    one ``[1, S, N, width]`` leaf, transposed (S and N swapped) with ``ending``. ``generator``:
+    one of the benchmark's own (a failed CUDA-graph capture leaves the default one unusable)."""
     def leaf(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator).requires_grad_()
 
     mask = torch.ones(1, S, N, dtype=torch.bool, device=device)
     mask[..., N - max(1, N // 20):] = False  # crop padding
@@ -170,8 +171,11 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False
             dims = EVO_SHAPES[shape](n)
             S, H, D = dims["S"], dims["H"], dims["D"]
             torch._dynamo.reset()
-            inputs = evo_inputs(S, n, H, D, device, width=dims.get("width"), ending=dims.get("ending", False))
-            grad_out = torch.randn_like(inputs["q"])
+            generator = torch.Generator(device=device)
+            generator.manual_seed(n)
+            inputs = evo_inputs(S, n, H, D, device, width=dims.get("width"), ending=dims.get("ending", False),
+                                generator=generator)
+            grad_out = torch.randn(inputs["q"].shape, device=device, dtype=inputs["q"].dtype, generator=generator)
             leaves = ["q", "k", "v", "bias", "gate"]
             ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out, dtype=torch.float32)
             for impl, (prepare, run) in evo_implementations(S, n, H, D).items():
@@ -216,7 +220,8 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False
                 print(f"  {shape:10s} N={n:5d} {impl:9s} "
                       + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
                          if "ms" in row else row["error"])
-                      + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else ""), flush=True)
+                      + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
+                      + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
             del inputs, ref, ref_grads
             if device.type == "cuda":
                 torch.cuda.empty_cache()
