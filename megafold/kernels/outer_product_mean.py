@@ -17,7 +17,8 @@ math is computed once per kernel:
 
 - forward, per (i block, j block), looping over channel chunks: ``P`` then ``z += P W^T``;
 - ``dA`` per (i block, channel chunk, s block), looping over j blocks: ``dP = g W`` with
-  ``g = dz / norm``, then ``dA += dP B``; ``dB`` is the same kernel on the transposed problem;
+  ``g = dz / norm``, then ``dA += dP B``; ``dB`` is the same on the transposed problem, by
+  programs of the same launch;
 - ``dW`` per (group of j blocks, channel chunk), looping over i blocks: ``P`` then
   ``dW += g^T P``, one fp32 partial per program summed in a fixed order (deterministic, no
   atomics; at most 64 partials per batch element).
@@ -183,7 +184,7 @@ def _outer_product_mean_forward_kernel(
 
 @triton.jit
 def _outer_product_mean_left_grad_kernel(
-    right_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_left_ptr,
+    ab_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_ab_ptr,
     N, S, CH, CZ,
     st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d, sz_b, sz_i, sz_j, sz_e,
     sd_b, sd_n, sd_c, sd_s,
@@ -191,25 +192,33 @@ def _outer_product_mean_left_grad_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
-    """Gradient of the left operand for one (i block, channel chunk, s block):
+    """Gradient of one operand for one (i block, channel chunk, s block, side):
     ``dl[s, i, c] = sum_{j, d} dP[i, j, c, d] r[s, j, d]`` with ``dP = (dz / norm) W``.
 
-    Called with (a, b) for da, and with b's layout as ``right``, transposed dz and norm and
-    W's channel axes swapped for db. Each dP element is made once per s block.
+    Side 0 makes da from (dz, b); side 1 makes db from the transposed problem (i <-> j in dz
+    and the norm, a as the other operand, W's channel axes swapped). Both sides share one
+    launch, so together they fill the GPU (one side alone leaves a partial last wave at
+    N = 384). Each dP element is made once per s block and side.
     """
+    side = tl.program_id(2) % 2
+    num_s = tl.cdiv(S, BLOCK_S)
+    batch = (tl.program_id(2) // 2) // num_s
+    ss = ((tl.program_id(2) // 2) % num_s) * BLOCK_S + tl.arange(0, BLOCK_S)
     i0 = tl.program_id(0) * BLOCK_I
     c0 = tl.program_id(1) * BLOCK_C
-    num_s = tl.cdiv(S, BLOCK_S)
-    batch = tl.program_id(2) // num_s
-    ss = (tl.program_id(2) % num_s) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = ss < S
     dtype = w_ptr.dtype.element_ty
+    right_ptr = ab_ptr + (1 - side) * CH * st_c
+    d_left_ptr = d_ab_ptr + side * CH * sd_c
+    sn_row, sn_col = sn_i + side * (sn_j - sn_i), sn_j + side * (sn_i - sn_j)
+    sz_row, sz_col = sz_i + side * (sz_j - sz_i), sz_j + side * (sz_i - sz_j)
+    sw_left, sw_right = sw_c + side * (sw_d - sw_c), sw_d + side * (sw_c - sw_d)
 
-    w = _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_c, sw_d, BLOCK_C, BLOCK_D, BLOCK_CZ)
+    w = _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_left, sw_right, BLOCK_C, BLOCK_D, BLOCK_CZ)
     acc = tl.zeros([BLOCK_I * BLOCK_C, BLOCK_S], tl.float32)
     for j0 in range(0, N, BLOCK_J):
-        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j,
-                              sz_b, sz_i, sz_j, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_row, sn_col,
+                              sz_b, sz_row, sz_col, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
         d_outer = tl.dot(g.to(dtype), w, input_precision=DOT_PRECISION).to(dtype)
         d_outer = _swap_middle_axes(d_outer, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_D)
         right = _channel_rows(right_ptr, batch, j0, 0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
@@ -279,10 +288,10 @@ def _msa_operands(ab: torch.Tensor) -> torch.Tensor:
     return ab.permute(0, 2, 3, 1).contiguous()
 
 
-def _w_strides(weight: torch.Tensor, CH: int, swap: bool) -> tuple[int, int, int]:
+def _w_strides(weight: torch.Tensor, CH: int) -> tuple[int, int, int]:
     """Strides (e, c, d) of out_weight ``[c_z, c_h * c_h]`` seen as ``[c_z, c_h, c_h]``."""
     s_e, s_cd = weight.stride()
-    return (s_e, s_cd, CH * s_cd) if swap else (s_e, CH * s_cd, s_cd)
+    return s_e, CH * s_cd, s_cd
 
 
 def default_configs(CH: int, CZ: int, S: int) -> dict[str, dict]:
@@ -391,7 +400,7 @@ def _opm_forward(ab_t, inv_norm, weight, bias):
         grid = (triton.cdiv(N, cfg["BLOCK_I"]) * triton.cdiv(N, cfg["BLOCK_J"]), B)
         _outer_product_mean_forward_kernel[grid](
             a_t, b_t, inv_norm, weight, bias, out, N, S, CH, CZ,
-            *a_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH, False),
+            *a_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=dot_precision(weight.dtype),
             BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
         )
@@ -416,16 +425,13 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     d_ab_t = torch.empty_like(ab_t)
 
     def left_grads(cfg):
-        grid = (triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(CH, cfg["BLOCK_C"]), B * triton.cdiv(S, cfg["BLOCK_S"]))
-        # da from (dz, b); db is the same kernel on the transposed problem (i <-> j, a <-> b, W's c <-> d).
-        for right, grad, norm, swap, d_left in ((b_t, dz, inv_norm, False, d_ab_t[:, :, :CH]),
-                                                (a_t, dz.transpose(1, 2), inv_norm.transpose(1, 2), True,
-                                                 d_ab_t[:, :, CH:])):
-            _outer_product_mean_left_grad_kernel[grid](
-                right, norm, weight, grad, d_left, N, S, CH, CZ,
-                *right.stride(), *norm.stride(), *_w_strides(weight, CH, swap), *grad.stride(), *d_left.stride(),
-                DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
-            )
+        # Axis 2: (batch, s block) x side; side 0 makes da, side 1 db (the transposed problem).
+        grid = (triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(CH, cfg["BLOCK_C"]), B * triton.cdiv(S, cfg["BLOCK_S"]) * 2)
+        _outer_product_mean_left_grad_kernel[grid](
+            ab_t, inv_norm, weight, dz, d_ab_t, N, S, CH, CZ,
+            *ab_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH), *dz.stride(), *d_ab_t.stride(),
+            DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
+        )
 
     run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ, S),
               configs["left_grad"], _fitting(("left_grad", *fit_key), left_grads))
