@@ -135,12 +135,6 @@ def cases() -> list[tuple]:
         out.append((f"transition {direction}", kernel,
                     dict(C=128, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=128,
                          BLOCK_CO=128, BLOCK_H=cfg["BLOCK_H"], **extra), cfg))
-    # the split backward (not shipped yet) at the configuration its GPU test runs
-    out.append(("transition bwd, split", tr._transition_backward_operands_kernel,
-                dict(C=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, BLOCK_M=64, BLOCK_C=128, BLOCK_CO=128,
-                     BLOCK_H=32), {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8}))
-    out.append(("transition layernorm bwd, split", tr._transition_layernorm_backward_kernel,
-                dict(C=128, X_MERGED=True, BLOCK_M=64, BLOCK_C=128), {"BLOCK_M": 64, "num_warps": 8}))
     for name, kernel, extra in (
         ("in_fwd", tri._triangle_input_forward_kernel, {"M_MERGED": True}),
         ("in_bwd", tri._triangle_input_backward_kernel, {"M_MERGED": True}),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import autotune_forced, resolve_backend, run_tuned
+from megafold.kernels._common import resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
@@ -37,12 +37,6 @@ from megafold.kernels.layernorm_linear import (
 # the peak stays well under half of eager's (which stores the whole hidden).
 CHUNK_BUDGET_SCALE = 2
 
-# The split backward: the row kernel only writes d(a, b) and silu(a) * b (no dx accumulator,
-# which with the hidden chunk overflows the register file: ptxas reports 1.4-2.4 KB of spills
-# per thread for the fused kernel at the H100's choices, none for the split one at 64 rows
-# and 8 warps), cuBLAS makes d(LN(x)) = d(a, b) w_in, a small kernel the LayerNorm backward.
-# Off by default until a GPU has measured it (see benchmarks/register_report.py).
-SPLIT_BACKWARD = False
 
 
 @triton.jit
@@ -172,75 +166,6 @@ def _transition_backward_kernel(
     tl.store(dln_b_part_ptr + part * C + cs, tl.sum(dxn, axis=0), mask=c_ok)
 
 
-@triton.jit
-def _transition_backward_operands_kernel(
-    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr, xn_ptr, dab_ptr, hidden_ptr,
-    row_start, row_end, rows_per_batch, inner, H, C_OUT,
-    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-    C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """The split backward's row kernel: for one row block of the chunk, LN(x), d(a, b) and
-    silu(a) * b, as the fused kernel writes them, without its dx accumulator.
-
-    Its prologue repeats the fused kernel's on purpose: moving it into a shared helper changed
-    the fused kernel's register allocation (2416 -> 2440 spilled bytes a thread in
-    register_report.py), and the fused kernel is the one measured and shipped."""
-    local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
-    dtype = w_in_ptr.dtype.element_ty
-    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    cs = tl.arange(0, BLOCK_C)
-    ok = row_ok[:, None] & (cs < C)[None, :]
-    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C).to(dtype)
-    tl.store(xn_ptr + local[:, None] * C + cs[None, :], xn, mask=ok)
-    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-    cos = tl.arange(0, BLOCK_CO)
-    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
-                 mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(dtype)
-    dab_rows = dab_ptr + local[:, None].to(tl.int64) * (2 * H)
-    hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
-    for h0 in range(0, H, BLOCK_H):
-        da, db, hidden, _, _ = _swiglu_backward_chunk(
-            xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
-        )
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = row_ok[:, None] & (hs < H)[None, :]
-        tl.store(dab_rows + hs[None, :], da.to(dtype), mask=h_ok)
-        tl.store(dab_rows + (H + hs)[None, :], db.to(dtype), mask=h_ok)
-        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
-
-
-@triton.jit
-def _transition_layernorm_backward_kernel(
-    dxn_ptr, x_ptr, ln_w_ptr, mean_ptr, rstd_ptr, dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    row_start, row_end, rows_per_batch, inner, sx_b, sx_o, sx_i, sx_c,
-    C: tl.constexpr, X_MERGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The split backward's last pass over one row block of a chunk: dx through the input
-    LayerNorm from d(LN(x)) ``[chunk rows, C]`` (cuBLAS made it from d(a, b) and w_in), and the
-    LayerNorm parameter gradients' partials, indexed as the fused kernel indexes them."""
-    pid = tl.program_id(0)
-    local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
-    cs = tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    ok = row_ok[:, None] & c_ok[None, :]
-    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
-    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
-    dxn = tl.load(dxn_ptr + local[:, None].to(tl.int64) * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
-    gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-    dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, C)
-    tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    part = row_start // BLOCK_M + pid
-    tl.store(dln_w_part_ptr + part * C + cs, tl.sum(dxn * xhat, axis=0), mask=c_ok)
-    tl.store(dln_b_part_ptr + part * C + cs, tl.sum(dxn, axis=0), mask=c_ok)
-
-
 # --------------------------------------------------------------------------- launches
 
 
@@ -308,47 +233,25 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
-        split = cfg.get("SPLIT", False)
-        dxn = torch.empty(chunk, C, device=x.device, dtype=dtype) if split else None
         strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
                    w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
         meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
-            grid = (triton.cdiv(end - start, block_m),)
-            if not split:
-                _transition_backward_kernel[grid](
-                    x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
-                    start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
-                )
-            else:  # the operands, then d(LN(x)) = d(a, b) w_in in cuBLAS, then the LayerNorm backward
-                _transition_backward_operands_kernel[grid](
-                    x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, xn, dab, hidden,
-                    start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
-                )
-                torch.mm(dab[: end - start], w_in, out=dxn[: end - start])
-                _transition_layernorm_backward_kernel[grid](
-                    dxn, x, ln_weight, mean, rstd, dx, ln_w_part, ln_b_part, start, end, rows.per_batch,
-                    rows.sizes[2], *rows.args(0), x.stride(-1),
-                    C=C, X_MERGED=rows.merged[0], BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8,
-                )
+            _transition_backward_kernel[(triton.cdiv(end - start, block_m),)](
+                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
+                start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
+            )
             dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
             dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
         grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_in=dw_in, w_out=dw_out)
 
-    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4,
-               "SPLIT": SPLIT_BACKWARD}
+    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
     candidates = [
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8)
     ] if wide <= 128 else []
-    if candidates:  # the configurations ptxas compiles with few or no spills (register_report.py)
-        candidates += [{"BLOCK_M": 32, "BLOCK_H": 16, "num_warps": 8}, {"BLOCK_M": 32, "BLOCK_H": 32, "num_warps": 8},
-                       {"BLOCK_M": 64, "BLOCK_H": 16, "num_warps": 8}]
-    if candidates and autotune_forced():  # not yet measured on a GPU: only a forced re-tune tries it
-        candidates += [{"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": 8, "SPLIT": True}
-                       for bm, bh in ((64, 32), (64, 64), (128, 32))]
     key = (C, H, C_OUT, str(dtype), str(x.dtype), str(dy.dtype))
     run_tuned("transition_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w_in"], grads["w_out"]

@@ -62,30 +62,12 @@ def test_matches_float64_reference(shape, n, c_out, dtype, poisoned_empty):
     check(make_inputs(shape, n, dtype, c_out=c_out), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape, n, c_out", [((2, 7, 7, 24), 4, None), ((3, 5, 33), 3, 20)])
-def test_split_backward_matches_float64_reference(shape, n, c_out, dtype, monkeypatch, poisoned_empty):
-    # The split backward (row kernel without the dx accumulator, d(LN(x)) from cuBLAS, then the
-    # LayerNorm backward kernel) computes the same gradients, in row chunks and transposed too.
-    monkeypatch.setattr(module, "SPLIT_BACKWARD", True)
-    check(make_inputs(shape, n, dtype, c_out=c_out), dtype)
-
-
 @pytest.mark.parametrize("block_m, block_h", [(32, 16), (64, 16)])
 def test_narrow_tiles(block_m, block_h, monkeypatch, poisoned_empty):
-    # The spill-free tuning candidates of the backward (32 or 64 rows, 16 hidden units).
+    # Narrow hidden blocks (16 units, as the default takes for rows wider than 256) at 32 or 64 rows.
     monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
                         launch(default | {"BLOCK_M": block_m, "BLOCK_H": block_h, "num_warps": 8}))
     check(make_inputs((3, 5, 33), 3, torch.float16, c_out=20), torch.float16)
-
-
-def test_split_backward_in_chunks_of_a_transposed_view(one_block_chunks, monkeypatch):
-    monkeypatch.setattr(module, "SPLIT_BACKWARD", True)
-    inputs = make_inputs((3, 11, 11, 24), 4, torch.float32)
-    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
-    check(inputs, torch.float32, grad_out=torch.randn(3, 11, 11, 24).transpose(1, 2))
-    assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
-    assert_backward_repeats(transition(**inputs, backend="triton"), [inputs[n] for n in NAMES])
 
 
 def test_transposed_input_and_gradient():
@@ -121,17 +103,6 @@ def test_weight_gradient_chunks(one_block_chunks):
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [256, 384, 768])
 def test_bf16_pair_transition_on_gpu(N):
-    check(make_inputs((1, N, N, 128), 4, torch.bfloat16, device="cuda"), torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N", [257, 768])
-def test_bf16_split_backward_on_gpu(N, monkeypatch):
-    # The split backward at the configuration ptxas compiles without spills (64 rows, 8 warps).
-    monkeypatch.setattr(module, "SPLIT_BACKWARD", True)
-    monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
-                        launch(default | {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 8}) if op == "transition_bwd"
-                        else launch(default))
     check(make_inputs((1, N, N, 128), 4, torch.bfloat16, device="cuda"), torch.bfloat16)
 
 
