@@ -129,6 +129,11 @@ def cases() -> list[tuple]:
         out.append((f"layernorm_linear bwd 128->{width}", ln._layernorm_linear_backward_kernel,
                     dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, WRITE_XN=True,
                          XN_WIDTH=136, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128), cfg))
+    for width in (16, 32, 128):  # the narrow backward (dW in registers) at its default tiles
+        cfg = ln.NARROW_DEFAULT
+        out.append((f"layernorm_linear bwd narrow 128->{width}", ln._layernorm_linear_backward_narrow_kernel,
+                    dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, NEED_BIAS=True,
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=ln.block_size(width, 1 << 30), BLOCK_K=128), cfg))
     for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
         cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16])
         extra = {"DY_MERGED": True} if direction == "bwd" else {}

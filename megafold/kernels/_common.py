@@ -92,6 +92,11 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SM (or AMD CU) count; 1 off a GPU (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 # --------------------------------------------------------------------------- autotuning
 #
 # Triton's own @autotune re-tunes in every process and cannot run under the interpreter.

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from megafold.kernels._common import (
     interpreter_active,
+    multiprocessors,
     next_power_of_2,
     resolve_backend,
     run_tuned,
@@ -567,10 +568,6 @@ def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
     return max(1, min(triton.cdiv(4 * multiprocessors, tiles), S // 32))
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has_bias: bool):
     bucket = lambda n: next_power_of_2(n)  # noqa: E731  shapes within a factor of 2 share a choice
     return (kind, bucket(S), bucket(N), next_power_of_2(D), H, str(dtype), has_bias)
@@ -628,7 +625,7 @@ class _Inputs:
         B, S, N, H = self.B, self.S, self.N, self.H
         programs = triton.cdiv(N, cfg["BLOCK_M"]) * S * B * H
         tile = cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d
-        rows = _rows_per_program(S, programs, _multiprocessors(self.q.device), tile)
+        rows = _rows_per_program(S, programs, multiprocessors(self.q.device), tile)
         return (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(S, rows), B * H), rows
 
     def args(self):
@@ -732,7 +729,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
 
         def launch_dbias(cfg):
             tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(N, cfg["BLOCK_M"]) * B * H
-            rows_per_chunk = triton.cdiv(S, _dbias_row_chunks(tiles, S, _multiprocessors(device)))
+            rows_per_chunk = triton.cdiv(S, _dbias_row_chunks(tiles, S, multiprocessors(device)))
             chunks = triton.cdiv(S, rows_per_chunk)
             # Several chunks write fp32 partials, summed below in a fixed order (deterministic).
             target = dbias if chunks == 1 else torch.empty((chunks, B, H, N, N), device=device,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import multiprocessors, next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
 
@@ -204,6 +204,27 @@ def _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _normalised_rows(x_ptr, x_rows, stride_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok):
+    """Whole rows of x normalised with their saved statistics (fp32, zero outside the tensor),
+    and the rows' 1/std."""
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
+    return tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
+def _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
+                           dln_w_part_ptr, dln_b_part_ptr, K: tl.constexpr):
+    """dx of whole rows from d(LN(x)), and this row block's partials (index ``part``) of the
+    LayerNorm parameters' gradients."""
+    dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
+    tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
+    tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
+
+
+@triton.jit
 def _layernorm_backward_rows(dxn, xhat, rstd, gamma, K: tl.constexpr):
     """d(x) of LayerNorm rows from d(LN(x)) ``dxn``, the normalised rows and 1/std (fp32)."""
     dxhat = dxn * gamma[None, :]
@@ -309,10 +330,7 @@ def _layernorm_linear_backward_kernel(
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + pid
 
-    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     if WRITE_XN:
         beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -342,10 +360,60 @@ def _layernorm_linear_backward_kernel(
             dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
 
     if NEED_DX:
-        dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
-        tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
-        tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
+        _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
+                               dln_w_part_ptr, dln_b_part_ptr, K)
+
+
+@triton.jit
+def _layernorm_linear_backward_narrow_kernel(
+    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
+    dln_w_part_ptr, dln_b_part_ptr, dw_part_ptr, db_part_ptr,
+    M, rows_per_batch, inner, O,
+    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
+    K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The backward for outputs that fit one column block (O <= BLOCK_N) and rows that fit
+    one tile (K <= BLOCK_K), with the weight gradient: this program takes row blocks
+    pid, pid + P, ... of all M rows (P programs). Per row block, dx and the LayerNorm
+    partials as the chunked kernel makes them; over its row blocks, ``dW = dy^T LN(x)`` and
+    the bias gradient in fp32 registers, stored as one partial per program (summed in a
+    fixed order). Narrow outputs make LN(x) the widest operand of the weight product: here
+    it is never written to memory and read back.
+    """
+    pid = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < O
+    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    dw = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = flat < M
+        batch, rows = flat // rows_per_batch, flat % rows_per_batch
+        ok = row_ok[:, None] & k_ok[None, :]
+        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
+        dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(w.dtype)
+        xn = tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0).to(w.dtype)
+        dw = tl.dot(tl.trans(dy), xn, dw, input_precision=DOT_PRECISION)
+        if NEED_BIAS:
+            db += tl.sum(dy.to(tl.float32), axis=0)
+        if NEED_DX:
+            dxn = tl.dot(dy, w, input_precision=DOT_PRECISION)
+            _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, block,
+                                   dln_w_part_ptr, dln_b_part_ptr, K)
+    part = pid.to(tl.int64) * O * K
+    tl.store(dw_part_ptr + part + cols[:, None] * K + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+    if NEED_BIAS:
+        tl.store(db_part_ptr + pid * O + cols, db, mask=col_ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -404,6 +472,13 @@ def layernorm_linear_forward(
     run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
 
+
+# Outputs up to this many columns (rounded up to a power of two), with rows of up to 128
+# channels, take the narrow backward by default: dW in registers, LN(x) never stored.
+# 32 rows and 8 warps: what ptxas (Triton 3.6, sm_90) compiles without spills at 16 outputs;
+# 64 rows spill 0.7 KB a thread, 4 warps 0.5-2.4 KB (benchmarks/register_report.py).
+NARROW_MAX_OUT = 32
+NARROW_DEFAULT = {"NARROW": True, "BLOCK_M": 32, "num_warps": 8, "PROGRAMS_PER_SM": 4}
 
 # Weight gradients are products over all rows, ``dW = G^T A`` with G the gradient of the
 # layer's output and A its input, both [rows, *]. The row-parallel backward kernels write A
@@ -472,7 +547,33 @@ def layernorm_linear_backward(
     xn_width = K + 16 // dtype.itemsize if bias_in_product else K
     grads = {}
 
+    def launch_narrow(cfg):
+        block_m = cfg["BLOCK_M"]
+        num_blocks = triton.cdiv(M, block_m)
+        programs = min(num_blocks, cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
+        ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
+        ln_b_part = torch.empty_like(ln_w_part) if need_input else None
+        dw_part = torch.empty(programs, O, K, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(programs, O, device=x.device, dtype=torch.float32) if need_bias else None
+        dummy = mean
+        _layernorm_linear_backward_narrow_kernel[(programs,)](
+            x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
+            ln_w_part if need_input else dummy, ln_b_part if need_input else dummy, dw_part,
+            db_part if need_bias else dummy,
+            M, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
+            weight.stride(0), weight.stride(1),
+            K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
+            NEED_DX=need_input, NEED_BIAS=need_bias, BLOCK_M=block_m, BLOCK_N=block_size(O, 1 << 30),
+            BLOCK_K=block_k, **_launch_kwargs(cfg),
+        )
+        grads["ln_w"] = ln_w_part.sum(0) if need_input else None
+        grads["ln_b"] = ln_b_part.sum(0) if need_input else None
+        grads["w"] = dw_part.sum(0)
+        grads["b"] = db_part.sum(0) if need_bias else None
+
     def launch(cfg):
+        if cfg.get("NARROW"):
+            return launch_narrow(cfg)
         block_m = cfg["BLOCK_M"]
         num_blocks = triton.cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
@@ -514,6 +615,12 @@ def layernorm_linear_backward(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
         for nw in (4, 8)
     ] if block_k <= 128 else []
+    narrow = need_weight and block_k <= 128 and block_size(O, 1 << 30) <= NARROW_MAX_OUT
+    if narrow:
+        default = NARROW_DEFAULT
+    if need_weight and block_k <= 128 and block_size(O, 1 << 30) <= 128:
+        candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p}
+                       for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8)]
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
     run_tuned("layernorm_linear_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w"], grads["b"]

@@ -73,6 +73,76 @@ def test_every_column_block_in_one_program(shape, out_features, dtype, monkeypat
     check(make_inputs(shape, out_features, dtype), dtype)
 
 
+@pytest.fixture
+def narrow(monkeypatch):
+    """Every output up to 128 columns takes the narrow backward (dW in registers)."""
+    monkeypatch.setattr(module, "NARROW_MAX_OUT", 128)
+    launches = []
+    kernel = module._layernorm_linear_backward_narrow_kernel
+    monkeypatch.setattr(module, "_layernorm_linear_backward_narrow_kernel", _Recorder(kernel, launches))
+    return launches
+
+
+class _Recorder:
+    """A kernel whose launches are counted (grid sizes recorded)."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, out_features, bias", [((2, 7, 7, 24), 40, True), ((13, 33), 16, False),
+                                                        ((3, 11, 11, 128), 128, True)])
+def test_narrow_backward_matches_float64_reference(shape, out_features, bias, dtype, narrow, poisoned_empty):
+    # Each program takes several row blocks (one SM off a GPU: 4 programs), the last one partial.
+    check(make_inputs(shape, out_features, dtype, bias=bias), dtype)
+    assert narrow and all(grid[0] <= 4 for grid in narrow)
+
+
+def test_narrow_backward_of_strided_views(narrow):
+    inputs = make_inputs((2, 9, 9, 48), 24, torch.float32)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
+    check(inputs, torch.float32, torch.randn(2, 9, 9, 24).transpose(1, 2))
+    assert narrow
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("x", "ln_weight", "ln_bias"), ("bias",)])
+def test_narrow_backward_of_a_subset(frozen, narrow):
+    inputs = make_inputs((2, 9, 9, 24), 40, torch.float32)
+    for name in frozen:
+        inputs[name] = inputs[name].detach()
+    leaves = [n for n, t in inputs.items() if t.requires_grad]
+    out = layernorm_linear(**inputs, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[n] for n in leaves], grad_out)
+    ref_inputs = {n: t.detach().double().requires_grad_(n in leaves) for n, t in inputs.items()}
+    ref_grads = torch.autograd.grad(layernorm_linear_reference(**ref_inputs), [ref_inputs[n] for n in leaves],
+                                    grad_out.double())
+    for name, grad, ref in zip(leaves, grads, ref_grads):
+        assert rel_err(grad, ref) < TOL[torch.float32], name
+    assert narrow
+
+
+def test_narrow_backward_is_deterministic(narrow):
+    inputs = make_inputs((3, 11, 11, 24), 16, torch.float32)
+    assert_backward_repeats(layernorm_linear(**inputs, backend="triton"), list(inputs.values()))
+    assert narrow
+
+
+def test_narrow_output_takes_the_narrow_backward_by_default(narrow, monkeypatch):
+    monkeypatch.setattr(module, "NARROW_MAX_OUT", 32)
+    out = layernorm_linear(**make_inputs((2, 9, 9, 24), 16, torch.float32), backend="triton")
+    out.sum().backward()
+    assert len(narrow) == 1
+    out = layernorm_linear(**make_inputs((2, 9, 9, 24), 40, torch.float32), backend="triton")
+    out.sum().backward()
+    assert len(narrow) == 1  # 40 columns: the chunked kernel and the cuBLAS product
+
+
 def test_bias_gradient_rides_on_the_weight_product():
     # The bias gradient is column K of dy^T [LN(x), 1]: exact for a dy with one nonzero
     # column, and absent (plain sum) when the weight is frozen.
@@ -149,6 +219,14 @@ def test_backends_agree_under_default_choice():
 @pytest.mark.parametrize("out_features", [16, 128, 512, 640])
 def test_bf16_pair_shapes_on_gpu(N, out_features):
     check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [257, 384])
+@pytest.mark.parametrize("out_features", [16, 128])
+def test_bf16_narrow_backward_on_gpu(N, out_features, narrow):
+    check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
+    assert narrow
 
 
 @pytest.mark.gpu
