@@ -106,6 +106,13 @@ def _shipped(op: str, key_prefix: list) -> dict | None:
     return found
 
 
+def _narrow_case(ln, width: int, cfg: dict, note: str) -> tuple:
+    """layernorm_linear's narrow backward (dW in registers) for K=128 and ``width`` outputs."""
+    return (f"layernorm_linear bwd narrow 128->{width}{note}", ln._layernorm_linear_backward_narrow_kernel,
+            dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, NEED_BIAS=True,
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=ln.block_size(width, 1 << 30), BLOCK_K=128), cfg)
+
+
 def cases() -> list[tuple]:
     """(name, kernel, constexprs, launch config[, argument types]) for each kernel at AF3's pair
     widths, and EvoAttention's kernels at the triangle shape (H=4, D=32, N=768)."""
@@ -126,14 +133,12 @@ def cases() -> list[tuple]:
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128, COL_BLOCKS=col_blocks), cfg))
         cfg = _shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or {
             "BLOCK_M": 64, "BLOCK_N": min(64, ln.block_size(width, 64)), "num_warps": 4}
-        out.append((f"layernorm_linear bwd 128->{width}", ln._layernorm_linear_backward_kernel,
+        out.append(_narrow_case(ln, width, cfg, "") if cfg.get("NARROW") else
+                   (f"layernorm_linear bwd 128->{width}", ln._layernorm_linear_backward_kernel,
                     dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, WRITE_XN=True,
                          XN_WIDTH=136, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128), cfg))
     for width in (16, 32, 128):  # the narrow backward (dW in registers) at its default tiles
-        cfg = ln.NARROW_DEFAULT
-        out.append((f"layernorm_linear bwd narrow 128->{width}", ln._layernorm_linear_backward_narrow_kernel,
-                    dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, NEED_BIAS=True,
-                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=ln.block_size(width, 1 << 30), BLOCK_K=128), cfg))
+        out.append(_narrow_case(ln, width, ln.NARROW_DEFAULT, ", default tiles"))
     for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
         cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16])
         extra = {"DY_MERGED": True} if direction == "bwd" else {}
