@@ -72,12 +72,11 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
     tune and compile what needs it), then one capture. The replay has no host work, so its
     time is the GPU's: what the op costs inside a graphed training step, where launches and
     Python no longer show.
+
+    Known problem: in kernels.py's EvoAttention runs, the capture of the process's first
+    shape fails for every implementation (later shapes capture; benchmarks/NOTES.md,
+    session 11). A trivial capture before it did not help.
     """
-    global _primed
-    if not _primed:  # the process's first capture, of a trivial step (see below)
-        _primed = True
-        scratch = torch.zeros(1, device="cuda")
-        graphed(lambda: scratch.add_(1))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -89,12 +88,6 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
         step()
     torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
-
-
-# In kernels.py's EvoAttention runs the first capture of the process (tri, N=384) failed for
-# every implementation, and every later shape's capture worked; the same step captured first
-# in a process of its own did not fail. The cause is not pinned down: a trivial capture goes first.
-_primed = False
 
 
 def peak_mib(fn: Callable[[], object]) -> float | None:
