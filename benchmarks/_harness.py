@@ -22,6 +22,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+DTYPE = torch.bfloat16  # activations and autocast on a GPU
+
+
+def dtype_for(device) -> torch.dtype:
+    """bf16 on a GPU; fp16 for a CPU smoke run (Triton's interpreter mishandles bf16 arithmetic)."""
+    return DTYPE if torch.device(device).type == "cuda" else torch.float16
 
 
 def environment() -> dict:

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from _harness import dtype_for
 from megafold.kernels import layernorm_linear, outer_product_mean, transition, triangle_multiply
 from megafold.kernels.layernorm_linear import layernorm_linear_reference
 from megafold.kernels.outer_product_mean import NORM_EPS, outer_product_mean_reference
@@ -32,13 +33,6 @@ C_Z = 128
 LINEAR_OUTPUTS = (16, 128, 512, 640)
 ALL_N = (256, 384, 512, 768, 1024)
 QUICK_N = (384, 768)
-DTYPE = torch.bfloat16  # activations and autocast on a GPU
-
-
-def dtype_for(device) -> torch.dtype:
-    """bf16 on a GPU; fp16 for a CPU smoke run (Triton's interpreter mishandles bf16 arithmetic)."""
-    return DTYPE if torch.device(device).type == "cuda" else torch.float16
-
 Inputs = dict[str, torch.Tensor]
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
+    dtype_for, environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
 )
 
 from megafold.kernels import evo_attention  # noqa: E402
@@ -166,65 +166,71 @@ def _to_reference_layout(name, tensor, impl):
 
 
 def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False):
-    for shape in shapes:
-        for n in ns:
-            dims = EVO_SHAPES[shape](n)
-            S, H, D = dims["S"], dims["H"], dims["D"]
-            torch._dynamo.reset()
-            generator = torch.Generator(device=device)
-            generator.manual_seed(n)
-            inputs = evo_inputs(S, n, H, D, device, width=dims.get("width"), ending=dims.get("ending", False),
-                                generator=generator)
-            grad_out = torch.randn(inputs["q"].shape, device=device, dtype=inputs["q"].dtype, generator=generator)
-            leaves = ["q", "k", "v", "bias", "gate"]
-            ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out, dtype=torch.float32)
-            for impl, (prepare, run) in evo_implementations(S, n, H, D).items():
-                if impls and impl not in impls:
-                    continue
-                row = {"op": "evo_attention", "shape": shape, "N": n, "S": S, "H": H, "D": D,
-                       "impl": impl}
-                try:
-                    x = prepare(inputs) if prepare else inputs
-                    grads_of = x.get("_grads_of") or tuple(inputs[k] for k in leaves)
-                    x = {k: v for k, v in x.items() if k != "_grads_of"}
-                    out = run(x)
-                    g_out = {"cueq": lambda g: g.transpose(2, 3).contiguous(),
-                             "trifast": lambda g: g.permute(0, 3, 1, 2, 4).contiguous(),
-                             }.get(impl, lambda g: g)(grad_out)
-                    grads = torch.autograd.grad(out, grads_of, g_out)
-                    out_ref_layout = _to_reference_layout("q", out, impl)
-                    errs = [rel_err(out_ref_layout, ref)]
-                    errs += [rel_err(_to_reference_layout(name, g, impl), ref_grads[name])
-                             for name, g in zip(leaves, grads)]
-                    row["rel_err"] = max(errs)
-                    row["rel_err_out"] = errs[0]
-                    del out, grads
+    runs = [(shape, n, True) for shape in shapes for n in ns]
+    if graph:
+        # A small shape first, its rows not kept: in session 11 every implementation's capture
+        # failed at the first shape of the process, and only there (cause not found).
+        runs.insert(0, (shapes[0], 64, False))
+    for shape, n, keep in runs:
+        dims = EVO_SHAPES[shape](n)
+        S, H, D = dims["S"], dims["H"], dims["D"]
+        torch._dynamo.reset()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(n)
+        inputs = evo_inputs(S, n, H, D, device, dtype=dtype_for(device), width=dims.get("width"),
+                            ending=dims.get("ending", False), generator=generator)
+        grad_out = torch.randn(inputs["q"].shape, device=device, dtype=inputs["q"].dtype, generator=generator)
+        leaves = ["q", "k", "v", "bias", "gate"]
+        ref, ref_grads = evo_attention_reference_chunked(inputs, grad_out, dtype=torch.float32)
+        for impl, (prepare, run) in evo_implementations(S, n, H, D).items():
+            if impls and impl not in impls:
+                continue
+            row = {"op": "evo_attention", "shape": shape, "N": n, "S": S, "H": H, "D": D,
+                   "impl": impl}
+            try:
+                x = prepare(inputs) if prepare else inputs
+                grads_of = x.get("_grads_of") or tuple(inputs[k] for k in leaves)
+                x = {k: v for k, v in x.items() if k != "_grads_of"}
+                out = run(x)
+                g_out = {"cueq": lambda g: g.transpose(2, 3).contiguous(),
+                         "trifast": lambda g: g.permute(0, 3, 1, 2, 4).contiguous(),
+                         }.get(impl, lambda g: g)(grad_out)
+                grads = torch.autograd.grad(out, grads_of, g_out)
+                out_ref_layout = _to_reference_layout("q", out, impl)
+                errs = [rel_err(out_ref_layout, ref)]
+                errs += [rel_err(_to_reference_layout(name, g, impl), ref_grads[name])
+                         for name, g in zip(leaves, grads)]
+                row["rel_err"] = max(errs)
+                row["rel_err_out"] = errs[0]
+                del out, grads
 
-                    def step():
-                        o = run(x)
-                        torch.autograd.grad(o, grads_of, g_out)
+                def step():
+                    o = run(x)
+                    torch.autograd.grad(o, grads_of, g_out)
 
-                    row["ms"] = time_ms(step)
-                    row["peak_mib"] = peak_mib(step)
-                    if graph:
-                        try:
-                            row["graph_ms"] = time_ms(graphed(step))
-                        except Exception as error:  # a peer that cannot be captured keeps its plain row
-                            row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
-                    if breakdown and device.type == "cuda":
-                        row["kernels_ms"] = kernel_breakdown(step)
-                        print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()})
-                except Exception as error:  # a peer that cannot run a shape is a row, not a crash
-                    row["error"] = ("OOM" if is_oom(error) else f"{type(error).__name__}: {error}")[:200]
-                rows.append(row)
-                print(f"  {shape:10s} N={n:5d} {impl:9s} "
-                      + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
-                         if "ms" in row else row["error"])
-                      + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
-                      + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
-            del inputs, ref, ref_grads
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                row["ms"] = time_ms(step)
+                row["peak_mib"] = peak_mib(step)
+                if graph:
+                    try:
+                        row["graph_ms"] = time_ms(graphed(step))
+                    except Exception as error:  # a peer that cannot be captured keeps its plain row
+                        row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
+                if breakdown and device.type == "cuda":
+                    row["kernels_ms"] = kernel_breakdown(step)
+                    print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()})
+            except Exception as error:  # a peer that cannot run a shape is a row, not a crash
+                row["error"] = ("OOM" if is_oom(error) else f"{type(error).__name__}: {error}")[:200]
+            if not keep:
+                continue
+            rows.append(row)
+            print(f"  {shape:10s} N={n:5d} {impl:9s} "
+                  + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
+                     if "ms" in row else row["error"])
+                  + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
+                  + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
+        del inputs, ref, ref_grads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
-"""The pair-op benchmark's own cases (benchmarks/_pair_ops.py) run on the CPU and agree with
-their float64 references: a smoke run whose numbers are wrong would hide a broken row."""
+"""The kernel benchmark's own cases (benchmarks/_pair_ops.py, kernels.py's EvoAttention rows)
+run on the CPU and agree with their references: a smoke run whose numbers are wrong would hide
+a broken row."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import _pair_ops  # noqa: E402
+import kernels  # noqa: E402
 
 
 def test_cpu_cases_run_in_fp16():
@@ -26,4 +28,12 @@ def test_megafold_rows_match_their_reference(op):
     _pair_ops.run([12], torch.device("cpu"), rows, ops=(op,), impls=("megafold",))
     assert rows and all("error" not in row for row in rows), rows
     # fp16 operands and outputs (2^-11 relative per rounding); a layout bug gives O(1).
+    assert max(row["rel_err"] for row in rows) < 1e-2, rows
+
+
+def test_evo_attention_rows_match_their_reference():
+    rows: list[dict] = []
+    kernels.bench_evo([12], ["tri", "pairbias24"], torch.device("cpu"), rows, impls=("megafold",))
+    assert len(rows) == 2 and all("error" not in row for row in rows), rows
+    # fp16 inputs against the fp32 reference; a bf16 smoke run gave errors of ~1e10.
     assert max(row["rel_err"] for row in rows) < 1e-2, rows
