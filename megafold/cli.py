@@ -8,6 +8,7 @@
     megafold predict INPUT... --checkpoint DIR/checkpoint.pt [--out DIR]
     megafold profile [--preset tiny] [--crop 32] [--kernels torch triton]
     megafold bench [ARGS...]                              # benchmarks/kernels.py
+    megafold tuning [--cache-dir DIR] [--op NAME] [--trials]  # what the kernel tuner chose, and from what
 
 A mistake in the input (a missing store, an unknown preset, a bad crop size, a path that
 does not exist) prints one line on stderr and exits with status 2; no traceback.
@@ -211,6 +212,35 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return subprocess.call([sys.executable, str(script), *argv])
 
 
+def cmd_tuning(args: argparse.Namespace) -> int:
+    from megafold.kernels._common import tuning_records
+
+    try:
+        records = [r for r in tuning_records(args.cache_dir) if args.op in r["op"]]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not records:
+        where = args.cache_dir or "the tuning cache's folder"
+        print(f"no tuning records in {where}: the tuner writes them when it times a key that has no stored "
+              "choice (MEGAFOLD_AUTOTUNE=1, the default on a GPU; =force tunes every key again)")
+        return 0
+    for record in records:
+        timed = sorted((t for t in record["trials"] if "ms" in t), key=lambda t: t["ms"])
+        runner_up = f", next {timed[1]['ms']:.4f} ms" if len(timed) > 1 else ""
+        print(f"{record['op']} ({', '.join(map(str, record['key']))}) on {record['device']}: {_config_text(record['chosen'])} "
+              f"{record['ms'] if record['ms'] is not None else '-'} ms{runner_up} "
+              f"({len(record['trials'])} candidates)")
+        if args.trials:
+            for trial in timed + [t for t in record["trials"] if "ms" not in t]:
+                result = f"{trial['ms']:.4f} ms" if "ms" in trial else trial.get("error", "failed")
+                print(f"    {result:>12}  {_config_text(trial['config'])}")
+    return 0
+
+
+def _config_text(config: dict | None) -> str:
+    return "-" if config is None else " ".join(f"{name}={value}" for name, value in sorted(config.items()))
+
+
 # ---------------------------------------------------------------------------- quickstart, precache
 
 
@@ -283,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_argument(prof)
 
     commands.add_parser("bench", help="kernel benchmarks (benchmarks/kernels.py [--quick])", add_help=False)
+
+    tune = commands.add_parser("tuning", help="what the kernel tuner chose per shape, and every candidate's time")
+    tune.add_argument("--cache-dir", default=None, help="the tuning cache's folder (default: $MEGAFOLD_CACHE_DIR "
+                                                         "or ~/.cache/megafold)")
+    tune.add_argument("--op", default="", help="only ops whose name contains this")
+    tune.add_argument("--trials", action="store_true", help="every candidate, fastest first")
     return parser
 
 
@@ -301,5 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "predict": cmd_predict, "profile": cmd_profile}
+COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "predict": cmd_predict, "profile": cmd_profile,
+            "tuning": cmd_tuning}
 PASS_THROUGH = {"precache": cmd_precache, "bench": cmd_bench}

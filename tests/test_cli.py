@@ -177,3 +177,27 @@ def test_quickstart_end_to_end(tmp_path):
     summary = json.loads((out / "predictions" / "1a8o_summary.json").read_text())
     assert 0.0 <= summary["metrics"]["ca_lddt"] <= 1.0
     assert len((out / "train" / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_tuning_shows_each_choice_and_every_candidate(capsys, tmp_path):
+    key = json.dumps(["transition_bwd", [128, 512, 128, "torch.bfloat16", 1048576], "NVIDIA H100 80GB HBM3"])
+    trials = [{"config": {"BLOCK_M": 64, "num_warps": 4}, "ms": 3.7},
+              {"config": {"BLOCK_M": 128, "num_warps": 8}, "ms": 3.46},
+              {"config": {"BLOCK_M": 256, "num_warps": 8}, "error": "OutOfResources: shared memory"}]
+    (tmp_path / "autotune-trials.json").write_text(json.dumps({key: trials}))
+    status, out, _ = run(["tuning", "--cache-dir", str(tmp_path), "--trials"], capsys)
+    lines = out.splitlines()
+    assert status == 0 and len(lines) == 4
+    assert lines[0].startswith("transition_bwd (128, 512, 128, torch.bfloat16, 1048576) on NVIDIA H100 80GB HBM3: "
+                               "BLOCK_M=128 num_warps=8 3.46 ms, next 3.7000 ms (3 candidates)"), lines[0]
+    assert "3.4600 ms" in lines[1] and "3.7000 ms" in lines[2] and "OutOfResources" in lines[3]
+    status, out, _ = run(["tuning", "--cache-dir", str(tmp_path), "--op", "triangle"], capsys)
+    assert status == 0 and out.startswith("no tuning records")
+
+
+def test_tuning_names_a_broken_record(capsys, tmp_path):
+    (tmp_path / "autotune-trials.json").write_text("{not json")
+    status, _, err = run(["tuning", "--cache-dir", str(tmp_path)], capsys)
+    assert status == 2 and err.startswith(f"megafold: error: {tmp_path / 'autotune-trials.json'}: not a tuning record")
+    assert err.count("\n") == 1
+

@@ -276,6 +276,32 @@ def run_tuned(
         return launch(default)
 
 
+def tuning_records(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """What the tuner chose and why: one record per tuned key, from ``autotune-trials.json`` in
+    ``cache_dir`` (default: the tuning cache's folder, ``MEGAFOLD_CACHE_DIR`` or
+    ``~/.cache/megafold``). Each record: ``op``, ``key`` (the shape key), ``device``,
+    ``trials`` (every candidate's ``config`` with its median ``ms`` or the ``error`` that ruled
+    it out), ``chosen`` (the fastest config) and ``ms`` (its time); records are sorted by op
+    and key. An empty list where nothing was tuned; ValueError for a file that is not a record.
+    """
+    path = Path(cache_dir) / "autotune-trials.json" if cache_dir is not None else \
+        autotune_cache_path().with_name("autotune-trials.json")
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        records = []
+        for cache_key, trials in data.items():
+            op, key, device = json.loads(cache_key)
+            timed = [t for t in trials if "ms" in t]
+            best = min(timed, key=lambda t: t["ms"]) if timed else None
+            records.append({"op": op, "key": key, "device": device, "trials": trials,
+                            "chosen": best["config"] if best else None, "ms": best["ms"] if best else None})
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{path}: not a tuning record ({type(error).__name__}: {error})") from None
+    return sorted(records, key=lambda r: (r["op"], json.dumps(r["key"])))
+
+
 def rows_bucket(rows: int) -> int:
     """The power of two at or above ``rows``: the row-count field of a tuning key (a pair
     tensor's N^2 rows at N = 384 and 512 share 2^18; N = 768 is 2^20; a single track's N

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megafold.kernels import _common
-from megafold.kernels._common import pick_config, resolve_backend, use_kernels
+from megafold.kernels._common import pick_config, resolve_backend, tuning_records, use_kernels
 
 
 def test_auto_resolves_to_triton_under_the_interpreter_and_torch_on_request():
@@ -59,6 +59,9 @@ def test_tuning_picks_the_fastest_config_once_and_stores_it(fake_gpu, tmp_path):
     trials = json.loads((tmp_path / "autotune-trials.json").read_text())[json.dumps(["op", [1, 2], "Fake GPU 80GB"])]
     assert [t.get("ms") for t in trials] == [3.0, 1.0, 2.0, None]
     assert [t["config"] for t in trials] == candidates and "out of shared memory" in trials[3]["error"]
+    (record,) = tuning_records(tmp_path)
+    assert record["op"] == "op" and record["key"] == [1, 2] and record["chosen"] == {"BLOCK": 64}
+    assert record["ms"] == 1.0 and record["trials"] == trials
     _common._memory_cache.clear()  # a new process reads the choice from disk
     assert pick_config("op", (1, 2), fake_gpu, candidates, {"BLOCK": 32}, bench) == best
     assert len(calls) == 4
