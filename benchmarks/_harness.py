@@ -127,6 +127,17 @@ def write_json(name: str, env: dict, rows: list[dict], config: dict, out_dir: Pa
     return path
 
 
+def row_summary(row: dict) -> str:
+    """One timed row as a progress line: time, peak and error, or what failed; graphed time."""
+    text = (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
+            if "ms" in row else row["error"])
+    if "graph_ms" in row:
+        text += f"  graph {row['graph_ms']:8.3f} ms"
+    if "graph_error" in row:
+        text += f"  graph: {row['graph_error']}"
+    return text
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(value):
         if isinstance(value, float):

@@ -227,7 +227,7 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) 
     """Time every case and implementation (fwd + bwd) and check it against float64; ``ops``
     and ``impls`` (names, None: all) select which. ``graph``: also time each one replayed
     from a CUDA graph (``graph_ms``; ``graph_error`` where the capture fails)."""
-    from _harness import graphed, is_oom, peak_mib, rel_err, time_ms
+    from _harness import graphed, is_oom, peak_mib, rel_err, row_summary, time_ms
 
     for case in cases(False, device, ns):
         if case.op not in ops:
@@ -267,11 +267,7 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) 
                 except Exception as error:
                     row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
             rows.append(row)
-            print(f"  {case.op:18s} {case.shape:9s} N={case.N:5d} {impl:9s} "
-                  + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
-                     if "ms" in row else row["error"])
-                  + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
-                  + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
+            print(f"  {case.op:18s} {case.shape:9s} N={case.N:5d} {impl:9s} {row_summary(row)}", flush=True)
         del ref, ref_grads
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    dtype_for, environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, time_ms, write_json,
+    dtype_for, environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, row_summary, time_ms,
+    write_json,
 )
 
 from megafold.kernels import evo_attention  # noqa: E402
@@ -223,11 +224,7 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False
             if not keep:
                 continue
             rows.append(row)
-            print(f"  {shape:10s} N={n:5d} {impl:9s} "
-                  + (f"{row['ms']:8.3f} ms  {row['peak_mib'] or 0:9.1f} MiB  err {row['rel_err']:.2e}"
-                     if "ms" in row else row["error"])
-                  + (f"  graph {row['graph_ms']:8.3f} ms" if "graph_ms" in row else "")
-                  + (f"  graph: {row['graph_error']}" if "graph_error" in row else ""), flush=True)
+            print(f"  {shape:10s} N={n:5d} {impl:9s} {row_summary(row)}", flush=True)
         del inputs, ref, ref_grads
         if device.type == "cuda":
             torch.cuda.empty_cache()
