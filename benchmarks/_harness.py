@@ -22,12 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DTYPE = torch.bfloat16  # activations and autocast on a GPU
-
-
 def dtype_for(device) -> torch.dtype:
     """bf16 on a GPU; fp16 for a CPU smoke run (Triton's interpreter mishandles bf16 arithmetic)."""
-    return DTYPE if torch.device(device).type == "cuda" else torch.float16
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
 
 
 def environment() -> dict:
@@ -94,6 +91,15 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
         step()
     torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
+
+
+def graph_time(step: Callable[[], object]) -> dict:
+    """``{"graph_ms": ...}``: ``step`` replayed from a CUDA graph (``graphed``), or
+    ``{"graph_error": ...}`` where the capture fails (the plain row stays)."""
+    try:
+        return {"graph_ms": time_ms(graphed(step))}
+    except Exception as error:
+        return {"graph_error": f"{type(error).__name__}: {error}"[:200]}
 
 
 def peak_mib(fn: Callable[[], object]) -> float | None:

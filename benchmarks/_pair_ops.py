@@ -227,7 +227,7 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) 
     """Time every case and implementation (fwd + bwd) and check it against float64; ``ops``
     and ``impls`` (names, None: all) select which. ``graph``: also time each one replayed
     from a CUDA graph (``graph_ms``; ``graph_error`` where the capture fails)."""
-    from _harness import graphed, is_oom, peak_mib, rel_err, row_summary, time_ms
+    from _harness import graph_time, is_oom, peak_mib, rel_err, row_summary, time_ms
 
     for case in cases(False, device, ns):
         if case.op not in ops:
@@ -260,12 +260,7 @@ def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) 
             except Exception as error:  # a peer that cannot run a shape is a row, not a crash
                 row["error"] = ("OOM" if is_oom(error) else f"{type(error).__name__}: {error}")[:200]
             if graph and "ms" in row:
-                try:
-                    replay = graphed(step)
-                    row["graph_ms"] = time_ms(replay)
-                    del replay
-                except Exception as error:
-                    row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
+                row.update(graph_time(step))
             rows.append(row)
             print(f"  {case.op:18s} {case.shape:9s} N={case.N:5d} {impl:9s} {row_summary(row)}", flush=True)
         del ref, ref_grads

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    dtype_for, environment, graphed, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, row_summary, time_ms,
+    dtype_for, environment, graph_time, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, row_summary, time_ms,
     write_json,
 )
 
@@ -212,10 +212,7 @@ def bench_evo(ns, shapes, device, rows, breakdown=False, impls=None, graph=False
                 row["ms"] = time_ms(step)
                 row["peak_mib"] = peak_mib(step)
                 if graph:
-                    try:
-                        row["graph_ms"] = time_ms(graphed(step))
-                    except Exception as error:  # a peer that cannot be captured keeps its plain row
-                        row["graph_error"] = f"{type(error).__name__}: {error}"[:200]
+                    row.update(graph_time(step))
                 if breakdown and device.type == "cuda":
                     row["kernels_ms"] = kernel_breakdown(step)
                     print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()})

@@ -225,13 +225,13 @@ def cmd_tuning(args: argparse.Namespace) -> int:
               "choice (MEGAFOLD_AUTOTUNE=1, the default on a GPU; =force tunes every key again)")
         return 0
     for record in records:
-        timed = sorted((t for t in record["trials"] if "ms" in t), key=lambda t: t["ms"])
-        runner_up = f", next {timed[1]['ms']:.4f} ms" if len(timed) > 1 else ""
+        trials = record["trials"]  # fastest first
+        runner_up = f", next {trials[1]['ms']:.4f} ms" if len(trials) > 1 and "ms" in trials[1] else ""
         print(f"{record['op']} ({', '.join(map(str, record['key']))}) on {record['device']}: {_config_text(record['chosen'])} "
               f"{record['ms'] if record['ms'] is not None else '-'} ms{runner_up} "
               f"({len(record['trials'])} candidates)")
         if args.trials:
-            for trial in timed + [t for t in record["trials"] if "ms" not in t]:
+            for trial in trials:
                 result = f"{trial['ms']:.4f} ms" if "ms" in trial else trial.get("error", "failed")
                 print(f"    {result:>12}  {_config_text(trial['config'])}")
     return 0

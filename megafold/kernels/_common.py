@@ -92,6 +92,7 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+@functools.lru_cache(maxsize=None)  # asked on every launch of some kernels
 def multiprocessors(device: torch.device) -> int:
     """The GPU's SM (or AMD CU) count; 1 off a GPU (the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -281,7 +282,7 @@ def tuning_records(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     ``cache_dir`` (default: the tuning cache's folder, ``MEGAFOLD_CACHE_DIR`` or
     ``~/.cache/megafold``). Each record: ``op``, ``key`` (the shape key), ``device``,
     ``trials`` (every candidate's ``config`` with its median ``ms`` or the ``error`` that ruled
-    it out), ``chosen`` (the fastest config) and ``ms`` (its time); records are sorted by op
+    it out; fastest first, failures last), ``chosen`` (the fastest config) and ``ms`` (its time); records are sorted by op
     and key. An empty list where nothing was tuned; ValueError for a file that is not a record.
     """
     path = Path(cache_dir) / "autotune-trials.json" if cache_dir is not None else \
@@ -293,8 +294,8 @@ def tuning_records(cache_dir: str | os.PathLike | None = None) -> list[dict]:
         records = []
         for cache_key, trials in data.items():
             op, key, device = json.loads(cache_key)
-            timed = [t for t in trials if "ms" in t]
-            best = min(timed, key=lambda t: t["ms"]) if timed else None
+            trials = sorted(trials, key=lambda t: t.get("ms", float("inf")))  # fastest first, failures last
+            best = trials[0] if trials and "ms" in trials[0] else None
             records.append({"op": op, "key": key, "device": device, "trials": trials,
                             "chosen": best["config"] if best else None, "ms": best["ms"] if best else None})
     except (ValueError, TypeError, KeyError, AttributeError) as error:

@@ -545,6 +545,7 @@ def layernorm_linear_backward(
     # kernel); 16 bytes of padding keep the operand's rows aligned.
     bias_in_product = need_bias and need_weight
     xn_width = K + 16 // dtype.itemsize if bias_in_product else K
+    narrow_block_n = block_size(O, 1 << 30)  # the narrow kernel's one block of output columns
     grads = {}
 
     def launch_narrow(cfg):
@@ -563,7 +564,7 @@ def layernorm_linear_backward(
             M, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
             weight.stride(0), weight.stride(1),
             K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
-            NEED_DX=need_input, NEED_BIAS=need_bias, BLOCK_M=block_m, BLOCK_N=block_size(O, 1 << 30),
+            NEED_DX=need_input, NEED_BIAS=need_bias, BLOCK_M=block_m, BLOCK_N=narrow_block_n,
             BLOCK_K=block_k, **_launch_kwargs(cfg),
         )
         grads["ln_w"] = ln_w_part.sum(0) if need_input else None
@@ -615,12 +616,11 @@ def layernorm_linear_backward(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
         for nw in (4, 8)
     ] if block_k <= 128 else []
-    narrow = need_weight and block_k <= 128 and block_size(O, 1 << 30) <= NARROW_MAX_OUT
-    if narrow:
-        default = NARROW_DEFAULT
-    if need_weight and block_k <= 128 and block_size(O, 1 << 30) <= 128:
+    if need_weight and block_k <= 128 and narrow_block_n <= 128:
         candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p}
                        for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8)]
+        if narrow_block_n <= NARROW_MAX_OUT:
+            default = NARROW_DEFAULT
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
     run_tuned("layernorm_linear_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w"], grads["b"]

@@ -38,7 +38,6 @@ from megafold.kernels.layernorm_linear import (
 CHUNK_BUDGET_SCALE = 2
 
 
-
 @triton.jit
 def _swiglu_chunk(xn, w_in_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):

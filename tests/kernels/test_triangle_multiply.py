@@ -77,8 +77,8 @@ def test_matches_float64_reference(B, N, c_z, c_h, padding, dtype, outgoing, poi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_narrow_channel_slices(dtype, monkeypatch, poisoned_empty):
-    # The tuning candidates with 16-channel slices in the input kernels (c_h = 40: 3 slices,
-    # the last one partial) compute the same op.
+    # 16-channel slices in the input kernels (c_h = 40: 3 slices, the last one partial)
+    # compute the same op.
     monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
                         launch(default | ({"BLOCK_C": 16, "BLOCK_M": 32, "num_warps": 8} if "_in_" in op else {})))
     z = (torch.randn(2, 7, 7, 24) + 1).to(dtype).requires_grad_()
