@@ -1,23 +1,31 @@
-"""Registers, spills and shared memory of the pair-op kernels, compiled for a GPU without one.
+"""Registers, spills and shared memory of every megafold kernel, compiled for a GPU without one.
 
-    python benchmarks/register_report.py [--arch 90] [--out DIR]
+    python benchmarks/register_report.py [--arch 90 | --hip gfx942] [--only NAME] [--out DIR]
 
-Each kernel is compiled ahead of time for ``sm_<arch>`` (Triton's own compiler and the
-``ptxas`` it ships; no GPU, no driver) with the configuration megafold launches at AF3's pair
-widths (c_z = c = 128, c_h = 128 for the triangle, c_h = 32 for the outer product mean): the
-H100's shipped choice for the N = 768 bucket where there is one, else the op's default.
-``ptxas -v`` reports registers per thread and spill bytes. A kernel at 255 registers with
-spill stores keeps more live state than the register file holds and pays local-memory
-traffic inside its main loop: the first thing to fix before tuning it further.
+Each kernel is compiled ahead of time (Triton's own compiler, no GPU, no driver) with the
+configuration megafold launches at AF3's pair widths (c_z = c = 128, c_h = 128 for the
+triangle, c_h = 32 for the outer product mean): the H100's shipped choice for the N = 768
+bucket where there is one, else the op's default.
 
-Compare with what a GPU run measures; Triton's version matters (the GPU machine in
-``benchmarks/results`` runs Triton 3.6). JSON: results/<arch>/<date>-register_report.json.
+- NVIDIA (``--arch``, default 90): ``ptxas -v`` (shipped with Triton) reports registers per
+  thread and spill bytes. A kernel at 255 registers with spill stores keeps more live state
+  than the register file holds and pays local-memory traffic inside its main loop.
+- AMD (``--hip gfx942``, an MI300X; ``gfx90a``, an MI250X): the code object's vector
+  registers, spills and scratch, and the LDS it needs. AMD GPUs have 64 KiB of LDS per CU, so
+  a kernel that compiles here but needs more than that cannot launch there.
+
+A row with an error is a kernel that does not compile for that target with this Triton: the
+check that the kernels build on the oldest supported Triton (3.2) and on AMD GPUs, which no
+machine here has. Compare resources with what a GPU run measures; Triton's version matters
+(the GPU machine in ``benchmarks/results`` runs Triton 3.6).
+JSON: results/<target>-offline/<date>-register_report-triton<version>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import re
@@ -51,19 +59,50 @@ def _scalar_type(name: str) -> str:
     return "fp32" if name == "eps" or name.startswith("scale") else "i32"
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int,
-                   types: dict | None = None) -> dict:
-    """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> and read ptxas's resource report.
-    ``types``: argument types that differ from the naming rules (``*bf16`` pointers, fp32
-    statistics and partials, ``*i1`` masks, fp32 ``eps`` and ``scale``, i32 otherwise)."""
+def _source(fn, constexprs: dict, types: dict | None) -> ASTSource:
+    """The kernel with its argument types and constexpr values, in the form this Triton takes:
+    3.3 and later list every argument in the signature (constexprs as "constexpr") and key
+    the values by argument index; 3.2 lists only the runtime arguments and keys the values
+    by name."""
     names = fn.arg_names
-    signature = {n: ("constexpr" if n in constexprs else (types or {}).get(n) or
-                     (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n)))
-                 for n in names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    runtime = {n: (types or {}).get(n) or (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n))
+               for n in names if n not in constexprs}
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        signature = {n: runtime.get(n, "constexpr") for n in names}
+        return ASTSource(fn=fn, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return ASTSource(fn=fn, signature=runtime, constants=dict(constexprs))
+
+
+def _hip_report(kernel) -> dict:
+    """Resources of an AMD code object, from the metadata in its assembly."""
+    asm = kernel.asm["amdgcn"]
+
+    def field(name):
+        found = re.search(rf"\.{name}:\s+(\d+)", asm)
+        return int(found.group(1)) if found else None
+
+    return {
+        "registers": field("vgpr_count"),  # vector registers per lane
+        "spill_stores": field("vgpr_spill_count"),  # registers spilled, not bytes
+        "spill_loads": field("sgpr_spill_count"),
+        "scratch_b": field("private_segment_fixed_size"),
+        "shared_kib": round(kernel.metadata.shared / 1024, 1),
+        "fits_lds": kernel.metadata.shared <= 64 * 1024,
+    }
+
+
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int | str,
+                   types: dict | None = None) -> dict:
+    """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> (an int) or an AMD GPU (a "gfx..."
+    name) and read its resource report. ``types``: argument types that differ from the naming
+    rules (``*bf16`` pointers, fp32 statistics and partials, ``*i1`` masks, fp32 ``eps`` and
+    ``scale``, i32 otherwise)."""
+    source = _source(fn, constexprs, types)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if isinstance(arch, str):
+        return _hip_report(triton.compile(source, target=GPUTarget("hip", arch, 64), options=options))
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -86,15 +125,21 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: 
     }
 
 
-@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=None)  # read once for all the cases
 def _h100_choices() -> dict:
     return _read_disk_cache(TUNED_DIR / "NVIDIA_H100_80GB_HBM3.json")
 
 
+# --defaults: every kernel at its op's default configuration (what a GPU with no shipped
+# choices runs with tuning off, e.g. an AMD GPU), not the H100's shipped choices.
+USE_DEFAULTS = False
+
+
 def _shipped(op: str, key_prefix: list) -> dict | None:
     """The H100's shipped choice for ``op`` whose key starts with ``key_prefix`` (the N = 768
     bucket, 2^20 rows, where the key has one)."""
+    if USE_DEFAULTS:
+        return None
     found = None
     for key, value in _h100_choices().items():
         if key.startswith("_"):  # the file's own fields (its GPU's capability)
@@ -132,8 +177,9 @@ def cases() -> list[tuple]:
         out.append((f"layernorm_linear fwd 128->{width}", ln._layernorm_linear_forward_kernel,
                     dict(K=128, HAS_BIAS=True, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"],
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128, COL_BLOCKS=col_blocks), cfg))
-        cfg = _shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or {
-            "BLOCK_M": 64, "BLOCK_N": min(64, ln.block_size(width, 64)), "num_warps": 4}
+        cfg = _shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or (
+            ln.NARROW_DEFAULT if ln.block_size(width, 1 << 30) <= ln.NARROW_MAX_OUT else
+            {"BLOCK_M": 64, "BLOCK_N": ln.block_size(width, 64), "num_warps": 4})
         out.append(_narrow_case(ln, width, cfg, "") if cfg.get("NARROW") else
                    (f"layernorm_linear bwd 128->{width}", ln._layernorm_linear_backward_kernel,
                     dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, WRITE_XN=True,
@@ -141,7 +187,8 @@ def cases() -> list[tuple]:
     for width in (16, 32, 128):  # the narrow backward (dW in registers) at its default tiles
         out.append(_narrow_case(ln, width, ln.NARROW_DEFAULT, ", default tiles"))
     for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
-        cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16])
+        cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16]) or {
+            "BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 4}
         extra = {"DY_MERGED": True} if direction == "bwd" else {}
         out.append((f"transition {direction}", kernel,
                     dict(C=128, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=128,
@@ -152,7 +199,8 @@ def cases() -> list[tuple]:
         ("out_fwd", tri._triangle_output_forward_kernel, {"CH": 128}),
         ("out_bwd", tri._triangle_output_backward_kernel, {"CH": 128, "D_MERGED": True}),
     ):
-        cfg = _shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16])
+        cfg = _shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16]) or (
+            {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4} if "in_" in name else {"BLOCK_M": 64, "num_warps": 4})
         blocks = {"BLOCK_C": cfg["BLOCK_C"]} if "in_" in name else {"BLOCK_CH": 128}
         out.append((f"triangle {name}", kernel,
                     dict(CZ=128, Z_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=128,
@@ -165,10 +213,14 @@ def cases() -> list[tuple]:
         ("dq", evo._evo_attention_dq_kernel, {"HAS_BIAS": True, "WRITE_DBIAS": False, "ROWS": 1}),
         ("dbias", evo._evo_attention_dbias_kernel, {}),
     ):
-        cfg = _shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True])
+        cfg = _shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True]) or evo._default_blocks(name, 768, 32)
         out.append((f"evo_attention {name} (triangle, N=768)", kernel,
                     dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32,
                          IEEE=False, WIDE=False, **extra), cfg, evo_types))
+    # The backward's prologue (gate gradient, ungated dO, delta), as _backward launches it.
+    out.append(("evo_attention prep (triangle, N=768)", evo._evo_attention_backward_prep_kernel,
+                dict(H=4, D=32, HAS_GATE=True, BLOCK_N=32, BLOCK_H=4, BLOCK_D=32, WIDE=False),
+                {"num_warps": 4, "num_stages": 3}, {"delta_ptr": "*fp32"}))
     for S in (128, 64):
         defaults = opm.default_configs(32, 128, S)
         for name, kernel in (("forward", opm._outer_product_mean_forward_kernel),
@@ -186,30 +238,43 @@ def cases() -> list[tuple]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    parser.add_argument("--hip", default=None, help="an AMD GPU instead, e.g. gfx942 (MI300X), gfx90a (MI250X)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="each op's default configuration instead of the H100's shipped choices")
     parser.add_argument("--only", default=None, help="substring of the kernel names to compile")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before the kernels are defined
-    env = environment() | {"device": f"sm_{args.arch}-offline"}
-    print(f"triton {triton.__version__}, sm_{args.arch}")
+    global USE_DEFAULTS
+    USE_DEFAULTS = args.defaults
+    target = args.hip or args.arch
+    target_name = args.hip or f"sm_{args.arch}"
+    env = environment() | {"device": f"{target_name}-offline"}
+    print(f"triton {triton.__version__}, {target_name}")
     rows = []
     for name, kernel, constexprs, cfg, *types in cases():
         if args.only and args.only not in name:
             continue
         warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
+        if args.hip:  # as megafold launches on AMD GPUs (64 KiB of LDS): at most two stages
+            stages = min(stages, 2)
         row = {"kernel": name, "config": {k: v for k, v in cfg.items()}, "num_warps": warps, "num_stages": stages}
         try:
-            row |= compile_report(kernel, constexprs, warps, stages, args.arch, *types)
+            row |= compile_report(kernel, constexprs, warps, stages, target, *types)
         except Exception as error:  # one kernel that does not compile is a row, not a crash
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         rows.append(row)
-        print(f"  {name:36s} " + (f"{row['registers']} regs, spills {row['spill_stores']} / {row['spill_loads']} B, "
-                                   f"{row['shared_kib']} KiB shared" if "error" not in row else row["error"]),
-              flush=True)
-    path = write_json("register_report", env, rows, {"arch": args.arch}, args.out)
+        spills = (f"spilled {row.get('spill_stores')} vgprs / {row.get('spill_loads')} sgprs, scratch "
+                  f"{row.get('scratch_b')} B" if args.hip else
+                  f"spills {row.get('spill_stores')} / {row.get('spill_loads')} B")
+        print(f"  {name:36s} " + (f"{row['registers']} regs, {spills}, {row['shared_kib']} KiB shared"
+                                   if "error" not in row else row["error"]), flush=True)
+    name = f"register_report-triton{triton.__version__}" + ("-defaults" if args.defaults else "")
+    config = {"target": target_name, "triton": triton.__version__, "defaults": args.defaults}
+    path = write_json(name, env, rows, config, args.out)
     print()
-    print_table(rows, ["kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared_kib",
-                       "error"])
+    columns = ["kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared_kib"]
+    print_table(rows, columns + (["scratch_b", "fits_lds"] if args.hip else []) + ["error"])
     print(f"\nwrote {path}")
 
 

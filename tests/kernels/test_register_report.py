@@ -1,5 +1,6 @@
-"""benchmarks/register_report.py compiles a kernel for an H100 without a GPU and reads
-ptxas's register and spill report (the tool behind the spill figures in benchmarks/NOTES.md)."""
+"""benchmarks/register_report.py compiles a kernel for an H100, or an AMD MI300X, without a
+GPU and reads its register and spill report (the tool behind the spill figures in
+benchmarks/NOTES.md, and the check that the kernels build for AMD GPUs)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,24 @@ def test_offline_compile_reports_registers_and_spills(tmp_path):
                           "--only", "layernorm_linear fwd 128->16", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    (report,) = tmp_path.glob("*/*-register_report.json")
+    (report,) = tmp_path.glob("sm_90-offline/*-register_report-triton*.json")
     (row,) = json.loads(report.read_text())["rows"]
     assert "error" not in row, row
     assert 0 < row["registers"] <= 255, row
     assert row["spill_stores"] is not None and row["spill_stores"] >= 0, row
     assert row["shared_kib"] > 0 and row["wgmma"] > 0, row
+
+
+def test_offline_compile_for_an_amd_gpu_reports_registers_and_lds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "register_report.py"), "--hip", "gfx942",
+                          "--defaults", "--only", "evo_attention prep", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (report,) = tmp_path.glob("gfx942-offline/*-register_report-triton*-defaults.json")
+    data = json.loads(report.read_text())
+    assert data["config"]["defaults"] is True
+    (row,) = data["rows"]
+    assert "error" not in row, row
+    assert row["registers"] > 0 and row["scratch_b"] is not None, row
+    assert 0 < row["shared_kib"] <= 64 and row["fits_lds"] is True, row
