@@ -125,7 +125,14 @@ def write_json(name: str, env: dict, rows: list[dict], config: dict, out_dir: Pa
     folder = (out_dir or RESULTS) / re.sub(r"[^A-Za-z0-9._-]+", "_", env["device"])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{env['date']}-{name}.json"
-    payload = {"benchmark": name, **env, "config": config, "rows": rows}
+    # The kernel shape keys that ran their op's default for want of a tuned choice on this GPU
+    # (MEGAFOLD_AUTOTUNE=0 and nothing shipped or cached): their figures are untuned ones.
+    from megafold.kernels._common import untuned_keys
+
+    untuned = untuned_keys()
+    if untuned:
+        print(f"{len(untuned)} kernel shape keys ran untuned defaults (listed under 'untuned' in the JSON)")
+    payload = {"benchmark": name, **env, "config": config, "rows": rows, "untuned": untuned}
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=1)

@@ -107,6 +107,16 @@ def multiprocessors(device: torch.device) -> int:
 
 _cache_lock = threading.Lock()
 _memory_cache: dict[str | tuple, dict] = {}
+_untuned: list[dict] = []  # keys that ran their op's default for want of a stored choice
+
+
+def untuned_keys() -> list[dict]:
+    """The shape keys this process launched with the op's default configuration because
+    tuning was off and no choice was stored for this GPU (shipped or in the local cache):
+    ``{"op", "key", "device"}`` each, in launch order. A run with ``MEGAFOLD_AUTOTUNE=1``
+    tunes exactly these (once per machine); an empty list means every launch ran a tuned
+    choice."""
+    return [dict(entry) for entry in _untuned]
 
 
 def autotune_enabled() -> bool:
@@ -227,6 +237,8 @@ def pick_config(
         if hit is None and legacy_key is not None and not tuning:
             hit = _memory_cache.get(json.dumps([op, list(legacy_key), device_name(device)]))
     if hit is not None or not tuning:  # tuning off: a stored choice where there is one, else the default
+        if hit is None:
+            _untuned.append({"op": op, "key": list(key), "device": device_name(device)})
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
     best, best_ms = default, float("inf")

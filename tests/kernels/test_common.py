@@ -34,6 +34,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "device_name", lambda device: "Fake GPU 80GB")
     monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
     monkeypatch.setattr(_common, "_memory_cache", {})
+    monkeypatch.setattr(_common, "_untuned", [])
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
     monkeypatch.setattr(_common, "device_capability", lambda device: None)
     return torch.device("cuda")
@@ -75,11 +76,17 @@ def test_tuning_off_uses_a_stored_choice_or_the_default(fake_gpu, tmp_path, monk
 
     candidates = [{"BLOCK": 32}, {"BLOCK": 64}]
     assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    # The default ran for want of a stored choice: listed once, however often it launches.
+    assert _common.untuned_keys() == [{"op": "op", "key": [5], "device": "Fake GPU 80GB"}]
     shipped = tmp_path / "shipped.json"
     shipped.write_text(json.dumps({json.dumps(["op", [5], "Fake GPU 80GB"]): {"BLOCK": 64}}))
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: shipped)
     _common._memory_cache.clear()
+    _common._untuned.clear()
     assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert pick_config("op", (6,), fake_gpu, candidates[:1], {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert _common.untuned_keys() == []  # a stored choice, and a key with nothing to choose from
 
 
 def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
