@@ -681,9 +681,6 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
         HAS_GATE=inp.gate is not None, BLOCK_N=prep_block_n, BLOCK_H=block_h, BLOCK_D=block_dp,
         WIDE=inp.wide,
     )
-    dq = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
     block_d = max(16, next_power_of_2(D))
     ieee = dtype == torch.float32
     dummy = inp.q
@@ -691,15 +688,6 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     mask = inp.mask if inp.mask is not None else dummy
     common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide)
     strides = inp.args()
-
-    def launch_dkdv(cfg):
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), S, B * H)
-        _evo_attention_dkdv_kernel[grid](
-            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
-            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
 
     need_dbias = dbias_dtype is not None
     dbias = None
@@ -709,22 +697,10 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     # the separate dBias pass (a third recomputation) is skipped.
     dbias_in_dq = need_dbias and S == 1
 
-    def launch_dq(cfg):
-        grid, rows = inp.query_grid(cfg, block_d)
-        _evo_attention_dq_kernel[grid](
-            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
-            dbias if dbias_in_dq else dq, *strides,
-            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
-            ROWS=rows,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-
     device = inp.q.device
     has_bias = inp.bias is not None
-    _run("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias)
-    _run("dq", launch_dq, device, S, N, D, H, dtype, has_bias)
-
+    # The bias gradient first: its row-chunk partials (fp32 [chunks, B, H, N, N]) and their sum
+    # are freed before dq, dk and dv exist, so they do not add to the backward's peak memory.
     if need_dbias and not dbias_in_dq:
 
         def launch_dbias(cfg):
@@ -746,6 +722,33 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
                 dbias.copy_(target.sum(0))
 
         _run("dbias", launch_dbias, device, S, N, D, H, dtype, has_bias)
+    dq = torch.empty((B, S, N, H, D), device=device, dtype=dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+
+    def launch_dkdv(cfg):
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), S, B * H)
+        _evo_attention_dkdv_kernel[grid](
+            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
+            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    def launch_dq(cfg):
+        grid, rows = inp.query_grid(cfg, block_d)
+        _evo_attention_dq_kernel[grid](
+            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
+            dbias if dbias_in_dq else dq, *strides,
+            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
+            ROWS=rows,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    _run("dkdv", launch_dkdv, device, S, N, D, H, dtype, has_bias)
+    _run("dq", launch_dq, device, S, N, D, H, dtype, has_bias)
+
     return dq, dk, dv, dbias, dgate
 
 
