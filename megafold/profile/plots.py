@@ -44,6 +44,9 @@ def _title(text: str, ds: xr.Dataset, with_crop: bool = True) -> str:
         details.append("crop " + "/".join(str(c) for c in dict.fromkeys(np.ravel(ds["crop"].values).tolist())))
     if ds.attrs.get("device"):
         details.append(str(ds.attrs["device"]))
+    untuned = ds.attrs.get("untuned_kernel_keys", 0)
+    if untuned:
+        details.append(f"{untuned} kernel shapes ran untuned (MEGAFOLD_AUTOTUNE=1 tunes them)")
     return f"{text}<br><sup>{', '.join(details)}</sup>" if details else text
 
 

@@ -775,7 +775,14 @@ def _config_attrs(variant: Variant) -> dict[str, Any]:
 
 
 def _base_attrs(device: torch.device) -> dict[str, Any]:
+    from megafold.kernels._common import untuned_keys
+
     attrs = {"device": describe_device(device), "date": datetime.date.today().isoformat(), **_versions()}
+    # Kernel shape keys that ran their op's default for want of a tuned choice on this GPU
+    # (so far in this process): their times are untuned ones. MEGAFOLD_AUTOTUNE=1 tunes them.
+    untuned = untuned_keys()
+    attrs["untuned_kernel_keys"] = len(untuned)
+    attrs["untuned_kernel_keys_json"] = json.dumps(untuned)
     if device.type == "cuda":
         attrs["device_memory_mib"] = torch.cuda.get_device_properties(device).total_memory / MIB
     return attrs
@@ -932,7 +939,9 @@ def profile_step(
       plain_step_ms, overhead_ms (mean step_ms minus plain_step_ms; NaN without
       ``measure_overhead``), switches (timeline segments per step) and graph_hook_ms (hooking
       the autograd graph between forward and backward, left out of step_ms): the profiler's cost.
-    Attributes name the device, versions, config and the measuring methods.
+    Attributes name the device, versions, config and the measuring methods, and count the
+    kernel shape keys that ran their op's default for want of a tuned choice on this GPU
+    (``untuned_kernel_keys``; the keys in ``untuned_kernel_keys_json``).
     """
     variant = config if isinstance(config, Variant) else Variant(resolve_config(config))
     device = resolve_device(device)

@@ -127,3 +127,11 @@ def test_figures_of_a_single_profile(comparison):
     figures = plots.figures(one.drop_vars("config"))
     assert set(figures) == {"modules", "memory", "step"}
     assert set(plots.figures(comparison)) == {"modules", "memory", "step", "longest"}
+
+
+def test_titles_say_when_kernel_shapes_ran_untuned(comparison):
+    one = _without_search(comparison).sel(config="torch").drop_vars("config")
+    assert "untuned" not in plots.module_time_figure(one).layout.title.text
+    one.attrs["untuned_kernel_keys"] = 3
+    title = plots.module_time_figure(one).layout.title.text
+    assert "3 kernel shapes ran untuned (MEGAFOLD_AUTOTUNE=1 tunes them)" in title

@@ -236,6 +236,8 @@ def test_forward_only(quick_config):
     assert float(stage.sel(stage="backward")) == 0 and float(stage.sel(stage="optimizer")) == 0
     assert float(ds["time_ms"].sel(phase=["backward", "recompute"]).sum()) == 0
     assert ds.attrs["backward"] is False
+    # The CPU runs the interpreter's defaults, which are not a tuning gap.
+    assert ds.attrs["untuned_kernel_keys"] == 0 and ds.attrs["untuned_kernel_keys_json"] == "[]"
 
 
 def test_batches_from_the_shipped_store(quick_config):
