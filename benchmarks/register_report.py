@@ -84,9 +84,9 @@ def _hip_report(kernel) -> dict:
 
     return {
         "registers": field("vgpr_count"),  # vector registers per lane
-        "spill_stores": field("vgpr_spill_count"),  # registers spilled, not bytes
-        "spill_loads": field("sgpr_spill_count"),
-        "scratch_b": field("private_segment_fixed_size"),
+        "vgpr_spills": field("vgpr_spill_count"),  # registers spilled (counts, not bytes)
+        "sgpr_spills": field("sgpr_spill_count"),
+        "scratch_b": field("private_segment_fixed_size"),  # bytes of scratch per lane
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
         "fits_lds": kernel.metadata.shared <= 64 * 1024,
     }
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
         except Exception as error:  # one kernel that does not compile is a row, not a crash
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         rows.append(row)
-        spills = (f"spilled {row.get('spill_stores')} vgprs / {row.get('spill_loads')} sgprs, scratch "
+        spills = (f"spilled {row.get('vgpr_spills')} vgprs / {row.get('sgpr_spills')} sgprs, scratch "
                   f"{row.get('scratch_b')} B" if args.hip else
                   f"spills {row.get('spill_stores')} / {row.get('spill_loads')} B")
         print(f"  {name:36s} " + (f"{row['registers']} regs, {spills}, {row['shared_kib']} KiB shared"
@@ -273,8 +273,9 @@ def main(argv=None) -> None:
     config = {"target": target_name, "triton": triton.__version__, "defaults": args.defaults}
     path = write_json(name, env, rows, config, args.out)
     print()
-    columns = ["kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared_kib"]
-    print_table(rows, columns + (["scratch_b", "fits_lds"] if args.hip else []) + ["error"])
+    spill_columns = ["vgpr_spills", "sgpr_spills", "scratch_b"] if args.hip else ["spill_stores", "spill_loads"]
+    columns = ["kernel", "num_warps", "num_stages", "registers", *spill_columns, "shared_kib"]
+    print_table(rows, columns + (["fits_lds"] if args.hip else []) + ["error"])
     print(f"\nwrote {path}")
 
 

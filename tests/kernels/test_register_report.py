@@ -40,5 +40,5 @@ def test_offline_compile_for_an_amd_gpu_reports_registers_and_lds(tmp_path):
     assert data["config"]["defaults"] is True
     (row,) = data["rows"]
     assert "error" not in row, row
-    assert row["registers"] > 0 and row["scratch_b"] is not None, row
+    assert row["registers"] > 0 and row["vgpr_spills"] is not None and row["scratch_b"] is not None, row
     assert 0 < row["shared_kib"] <= 64 and row["fits_lds"] is True, row
