@@ -3,7 +3,8 @@
     python benchmarks/kernels.py [--quick] [--ops evo_attention,transition,...]
 
 EvoAttention shapes (CONVENTIONS.md): triangle (B=1, S=N, H=4, D=32), pair-bias (S=1, H=16,
-D=24 and 64), diffusion (S=48 samples sharing one bias, H=16, D=48), N in 256..1024. The key
+D=24 and 64), diffusion (S=48 samples sharing one bias, H=16, D=48), N in 256..1024; and two
+shapes of the "paper" training step (`--shapes diffusion4,msa256`). The key
 mask is a crop's padding (the last 5% of keys masked for every row). Rows: eager (the
 reference), compile (torch.compile of the reference; dynamo reset between shapes so no shape
 hits the recompile limit), sdpa, flex (FlexAttention, compiled, bias in score_mod, padding in
@@ -40,6 +41,11 @@ EVO_SHAPES = {
     "pairbias24": lambda n: dict(S=1, H=16, D=24),
     "pairbias64": lambda n: dict(S=1, H=16, D=64),
     "diffusion": lambda n: dict(S=48, H=16, D=48),
+    # The shapes the "paper" training step itself launches: its diffusion transformer's
+    # 4-sample chunks, and the MSA module's pair-weighted averaging over 256 MSA rows (there q
+    # and k are zero, which costs the kernels the same).
+    "diffusion4": lambda n: dict(S=4, H=16, D=48),
+    "msa256": lambda n: dict(S=256, H=8, D=32),
     # The triangle shape in the layouts the model has handed the op: q, k, v and gate as views
     # of one LayerNorm-linear output of ``width`` channels (4 x H x D, then H bias channels,
     # then zero padding), and the ending node's transposed views of it (``ending``).
