@@ -308,7 +308,7 @@ def _read_array(path: str, meta: Mapping[str, Any]) -> np.ndarray:
                 raw = _blosc().decode(chunk_file.read())
             chunk = np.frombuffer(raw, dtype).reshape(chunk_shape)
             stop = min(start + rows, shape[0])
-            out[start:stop] = chunk[: stop - start, *(slice(0, s) for s in shape[1:])]
+            out[start:stop] = chunk[(slice(0, stop - start), *(slice(0, s) for s in shape[1:]))]
         return out
     except Exception as exc:
         raise CacheError(f"{path}: cannot read array ({type(exc).__name__}: {exc}); run verify() and rebuild") from exc
