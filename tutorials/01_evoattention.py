@@ -62,6 +62,7 @@ import time
 
 import pandas as pd
 import torch
+from IPython.display import display
 
 from megafold.kernels import evo_attention
 from megafold.kernels.evo_attention import evo_attention_reference
@@ -101,7 +102,10 @@ rows = []
 for n in (256, 384, 512, 768, 1024):
     heads = 4  # AF3 triangle attention: 4 heads of 32
     rows.append({"N (tokens)": n, "scores of one triangle attention (GiB, bf16)": n**3 * heads * 2 / 2**30})
-pd.DataFrame(rows).set_index("N (tokens)").round(2)
+# display() rather than the cell's last value: a DataFrame kept in the notebook's globals (as
+# `_` and `Out`) breaks Triton 3.2's interpreter, which compares every global of a kernel
+# defined here with triton.language.
+display(pd.DataFrame(rows).set_index("N (tokens)").round(2))
 
 # %% [markdown]
 # Two triangle attentions per Pairformer block, 48 blocks: at crop 768 the eager scores alone
@@ -226,7 +230,7 @@ def check(B, S, N, H, D, dtype):
 shapes = [(1, 6, 20, 2, 16), (1, 1, 33, 4, 8)] + ([(1, 256, 256, 4, 32), (1, 1, 384, 16, 24)] if ON_GPU else [])
 dtypes = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 print(DEVICE)
-pd.DataFrame([check(*shape, dtype) for shape in shapes for dtype in dtypes]).set_index(["shape", "dtype"])
+display(pd.DataFrame([check(*shape, dtype) for shape in shapes for dtype in dtypes]).set_index(["shape", "dtype"]))
 
 # %% [markdown]
 # float32 errors sit far below 1e-3; bf16 ones near 1e-3..1e-2, what bf16 inputs allow.
