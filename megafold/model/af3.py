@@ -111,6 +111,11 @@ class AlphaFold3(nn.Module):
         single, pair = torch.zeros_like(single_init), torch.zeros_like(pair_init)
         grad = torch.is_grad_enabled()
         for cycle in range(n_cycles):
+            if grad and cycle == n_cycles - 1 and cycle > 0:
+                # bf16 autocast caches its casts of the weights. Casts made in the gradient-free
+                # cycles carry no gradient, and torch 2.6 reuses them in this one: the recycled
+                # modules' weights would get no gradient at all. Fresh casts here.
+                torch.clear_autocast_cache()
             with torch.set_grad_enabled(grad and cycle == n_cycles - 1):
                 pair = pair_init + self.recycle_pair(self.recycle_pair_norm(pair.detach()))
                 pair = pair + self.template_embedder(batch, pair, pair_mask, token_mask)

@@ -251,3 +251,34 @@ def test_atom_loss_weights(mixed_batch):
     assert (weights[kind["is_protein"]] == 1).all()
     assert (weights[kind["is_dna"]] == 6).all() and kind["is_dna"].any()
     assert (weights[kind["is_ligand"]] == 11).all() and kind["is_ligand"].any()
+
+
+def test_the_last_recycling_cycle_casts_the_weights_afresh(monkeypatch, perturb):
+    """bf16 autocast caches its weight casts; casts cached in the gradient-free cycles carry no
+    gradient, and torch 2.6 reused them in the last cycle, so the recycled modules' weights got
+    none. The trunk clears the cache before the cycle that takes gradients (only then)."""
+    import sys
+
+    real = torch.clear_autocast_cache
+    calls = []
+
+    def clear():  # counts the model's own calls (leaving an autocast block clears it too)
+        if sys._getframe(1).f_code.co_filename.endswith("af3.py"):
+            calls.append(torch.is_grad_enabled())
+        real()
+
+    monkeypatch.setattr(torch, "clear_autocast_cache", clear)
+    torch.manual_seed(0)
+    model = AlphaFold3(tiny(bf16=True)).train()
+    perturb(model)  # zero-initialised layers would pass no gradient
+    batch = synthetic_batch(10, atoms_per_token=5, msa_rows=3, templates=1, seed=3)
+    model.training_loss(batch, n_cycles=1)
+    assert calls == []  # one cycle: nothing was cast without gradients
+    loss, _ = model.training_loss(batch, n_cycles=3)
+    assert len(calls) == 1
+    with torch.no_grad():
+        model.training_loss(batch, n_cycles=3)
+    assert len(calls) == 1  # no cycle takes gradients: the cached casts serve them all
+    loss.backward()
+    recycled = [model.recycle_pair.weight, model.recycle_single.weight]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in recycled)
