@@ -22,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
 def dtype_for(device) -> torch.dtype:
     """bf16 on a GPU; fp16 for a CPU smoke run (Triton's interpreter mishandles bf16 arithmetic)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
@@ -78,7 +80,7 @@ def graphed(step: Callable[[], object]) -> Callable[[], object]:
 
     Known problem: in kernels.py's EvoAttention runs, the capture of the process's first
     shape fails for every implementation (later shapes capture; benchmarks/NOTES.md,
-    session 11). A trivial capture before it did not help.
+    session 11), so kernels.py runs a small throwaway shape first under ``--graph``.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -130,16 +130,9 @@ def _h100_choices() -> dict:
     return _read_disk_cache(TUNED_DIR / "NVIDIA_H100_80GB_HBM3.json")
 
 
-# --defaults: every kernel at its op's default configuration (what a GPU with no shipped
-# choices runs with tuning off, e.g. an AMD GPU), not the H100's shipped choices.
-USE_DEFAULTS = False
-
-
 def _shipped(op: str, key_prefix: list) -> dict | None:
     """The H100's shipped choice for ``op`` whose key starts with ``key_prefix`` (the N = 768
     bucket, 2^20 rows, where the key has one)."""
-    if USE_DEFAULTS:
-        return None
     found = None
     for key, value in _h100_choices().items():
         if key.startswith("_"):  # the file's own fields (its GPU's capability)
@@ -159,9 +152,12 @@ def _narrow_case(ln, width: int, cfg: dict, note: str) -> tuple:
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=ln.block_size(width, 1 << 30), BLOCK_K=128), cfg)
 
 
-def cases() -> list[tuple]:
+def cases(defaults: bool = False) -> list[tuple]:
     """(name, kernel, constexprs, launch config[, argument types]) for each kernel at AF3's pair
-    widths, and EvoAttention's kernels at the triangle shape (H=4, D=32, N=768)."""
+    widths, and EvoAttention's kernels at the triangle shape (H=4, D=32, N=768). ``defaults``:
+    every kernel at its op's default configuration (what a GPU with no shipped choices runs with
+    tuning off, e.g. an AMD GPU), not the H100's shipped choices."""
+    shipped = (lambda op, key_prefix: None) if defaults else _shipped
     import importlib
 
     # the modules themselves (megafold.kernels re-exports functions of the same names)
@@ -171,13 +167,13 @@ def cases() -> list[tuple]:
     bf16 = "torch.bfloat16"
     out = []
     for width in (16, 128, 512, 640):
-        cfg = _shipped("layernorm_linear_fwd", [128, width, bf16, bf16, True]) or {
+        cfg = shipped("layernorm_linear_fwd", [128, width, bf16, bf16, True]) or {
             "BLOCK_M": 64, "BLOCK_N": ln.block_size(width, 128), "BLOCK_K": 128, "num_warps": 4}
         col_blocks = cfg.get("COL_BLOCKS") or ln._column_blocks(1 << 20, width, cfg["BLOCK_N"])
         out.append((f"layernorm_linear fwd 128->{width}", ln._layernorm_linear_forward_kernel,
                     dict(K=128, HAS_BIAS=True, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"],
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128, COL_BLOCKS=col_blocks), cfg))
-        cfg = _shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or (
+        cfg = shipped("layernorm_linear_bwd", [128, width, bf16, bf16, bf16, True, True, True]) or (
             ln.NARROW_DEFAULT if ln.block_size(width, 1 << 30) <= ln.NARROW_MAX_OUT else
             {"BLOCK_M": 64, "BLOCK_N": ln.block_size(width, 64), "num_warps": 4})
         out.append(_narrow_case(ln, width, cfg, "") if cfg.get("NARROW") else
@@ -187,7 +183,7 @@ def cases() -> list[tuple]:
     for width in (16, 32, 128):  # the narrow backward (dW in registers) at its default tiles
         out.append(_narrow_case(ln, width, ln.NARROW_DEFAULT, ", default tiles"))
     for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
-        cfg = _shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16]) or {
+        cfg = shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16]) or {
             "BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 4}
         extra = {"DY_MERGED": True} if direction == "bwd" else {}
         out.append((f"transition {direction}", kernel,
@@ -199,7 +195,7 @@ def cases() -> list[tuple]:
         ("out_fwd", tri._triangle_output_forward_kernel, {"CH": 128}),
         ("out_bwd", tri._triangle_output_backward_kernel, {"CH": 128, "D_MERGED": True}),
     ):
-        cfg = _shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16]) or (
+        cfg = shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16]) or (
             {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4} if "in_" in name else {"BLOCK_M": 64, "num_warps": 4})
         blocks = {"BLOCK_C": cfg["BLOCK_C"]} if "in_" in name else {"BLOCK_CH": 128}
         out.append((f"triangle {name}", kernel,
@@ -213,7 +209,7 @@ def cases() -> list[tuple]:
         ("dq", evo._evo_attention_dq_kernel, {"HAS_BIAS": True, "WRITE_DBIAS": False, "ROWS": 1}),
         ("dbias", evo._evo_attention_dbias_kernel, {}),
     ):
-        cfg = _shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True]) or evo._default_blocks(name, 768, 32)
+        cfg = shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True]) or evo._default_blocks(name, 768, 32)
         out.append((f"evo_attention {name} (triangle, N=768)", kernel,
                     dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32,
                          IEEE=False, WIDE=False, **extra), cfg, evo_types))
@@ -226,7 +222,7 @@ def cases() -> list[tuple]:
         for name, kernel in (("forward", opm._outer_product_mean_forward_kernel),
                              ("left_grad", opm._outer_product_mean_left_grad_kernel),
                              ("weight_grad", opm._outer_product_mean_weight_grad_kernel)):
-            cfg = _shipped(f"outer_product_mean_{name}", [32, 128, S, bf16]) or defaults[name]
+            cfg = shipped(f"outer_product_mean_{name}", [32, 128, S, bf16]) or defaults[name]
             constexprs = {k: cfg[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_C", "BLOCK_S")}
             constexprs |= dict(DOT_PRECISION=None, BLOCK_D=32, BLOCK_CZ=128)
             if name != "left_grad":
@@ -245,14 +241,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before the kernels are defined
-    global USE_DEFAULTS
-    USE_DEFAULTS = args.defaults
     target = args.hip or args.arch
     target_name = args.hip or f"sm_{args.arch}"
     env = environment() | {"device": f"{target_name}-offline"}
     print(f"triton {triton.__version__}, {target_name}")
     rows = []
-    for name, kernel, constexprs, cfg, *types in cases():
+    for name, kernel, constexprs, cfg, *types in cases(args.defaults):
         if args.only and args.only not in name:
             continue
         warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)

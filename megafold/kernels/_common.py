@@ -178,6 +178,12 @@ def autotune_cache_path() -> Path:
     return base / "autotune.json"
 
 
+def autotune_trials_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Every candidate's time for each tuned key, beside the cache (or in ``cache_dir``)."""
+    folder = Path(cache_dir) if cache_dir is not None else autotune_cache_path().parent
+    return folder / "autotune-trials.json"
+
+
 def _read_disk_cache(path: Path) -> dict[str, dict]:
     try:
         with open(path) as handle:
@@ -228,17 +234,18 @@ def pick_config(
     hit = _memory_cache.get(fast_key)
     if hit is not None:
         return hit
-    cache_key = json.dumps([op, list(key), device_name(device)])
+    name = device_name(device)
+    cache_key = json.dumps([op, list(key), name])
     with _cache_lock:
         if not _memory_cache and not autotune_forced():
             _memory_cache.update(packaged_choices(device))
             _memory_cache.update(_read_disk_cache(autotune_cache_path()))
         hit = _memory_cache.get(cache_key)
         if hit is None and legacy_key is not None and not tuning:
-            hit = _memory_cache.get(json.dumps([op, list(legacy_key), device_name(device)]))
+            hit = _memory_cache.get(json.dumps([op, list(legacy_key), name]))
     if hit is not None or not tuning:  # tuning off: a stored choice where there is one, else the default
         if hit is None:
-            _untuned.append({"op": op, "key": list(key), "device": device_name(device)})
+            _untuned.append({"op": op, "key": list(key), "device": name})
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
     best, best_ms = default, float("inf")
@@ -258,10 +265,9 @@ def pick_config(
         merged[cache_key] = best
         _write_disk_cache(autotune_cache_path(), merged)
         # Every candidate's time, beside the cache: what the choice was made from.
-        trials_path = autotune_cache_path().with_name("autotune-trials.json")
-        record = _read_disk_cache(trials_path)
+        record = _read_disk_cache(autotune_trials_path())
         record[cache_key] = trials
-        _write_disk_cache(trials_path, record)
+        _write_disk_cache(autotune_trials_path(), record)
     return best
 
 
@@ -297,8 +303,7 @@ def tuning_records(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     it out; fastest first, failures last), ``chosen`` (the fastest config) and ``ms`` (its time); records are sorted by op
     and key. An empty list where nothing was tuned; ValueError for a file that is not a record.
     """
-    path = Path(cache_dir) / "autotune-trials.json" if cache_dir is not None else \
-        autotune_cache_path().with_name("autotune-trials.json")
+    path = autotune_trials_path(cache_dir)
     if not path.is_file():
         return []
     try:
