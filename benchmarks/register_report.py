@@ -14,6 +14,18 @@ bucket where there is one, else the op's default.
   registers, spills and scratch, and the LDS it needs. AMD GPUs have 64 KiB of LDS per CU, so
   a kernel that compiles here but needs more than that cannot launch there.
 
+Each kernel is specialized as a real launch specializes it: the arguments of every kernel are
+captured from the ops themselves (their forward and backward run once on the CPU at N=64, with
+each kernel launch recorded instead of run), and, as Triton's launcher does, an integer argument
+equal to 1 becomes a constant and pointers and integers divisible by 16 are marked so. This
+matters: a unit stride known at compile time lets loads vectorize and lets Triton pipeline them
+(``num_stages``) through shared memory. Without it (the reports before session 13) the
+EvoAttention dBias kernel showed 255 registers a thread and no pipelining, where the launched
+kernel holds 109 and pipelines three stages (row field ``specialized``: false where no capture
+matched). Stages are the choice's, else what the op passes, else the backend's default (3 on
+NVIDIA, 2 on AMD), as at launch; ``fits_shared`` compares the shared memory with what one
+program may use on that compute capability (H100 227 KiB, A100 163, RTX 4090 / L40 99).
+
 A row with an error is a kernel that does not compile for that target with this Triton: the
 check that the kernels build on the oldest supported Triton (3.2) and on AMD GPUs, which no
 machine here has. Compare resources with what a GPU run measures; Triton's version matters
@@ -38,10 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
+from _harness import environment, print_table, write_json  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from _harness import environment, print_table, write_json  # noqa: E402
 from megafold.kernels._common import TUNED_DIR, _read_disk_cache  # noqa: E402
 
 FP32_NAMES = ("mean", "rstd", "part", "ln_", "norm_ptr", "inv_norm", "bias_ptr")
@@ -59,19 +71,79 @@ def _scalar_type(name: str) -> str:
     return "fp32" if name == "eps" or name.startswith("scale") else "i32"
 
 
-def _source(fn, constexprs: dict, types: dict | None) -> ASTSource:
+CAPTURE_N = 64  # the ops' size when their launches are captured (N^2 pair rows, S = N)
+
+
+def _capture_launches() -> dict:
+    """{kernel: {argument name: value}} of the first launch of every megafold kernel, with
+    launches recorded instead of run: each op's forward and backward once on the CPU at N =
+    ``CAPTURE_N``. Only the integer values and the pointers' alignment are used (what Triton
+    specializes on); N = 64 gives the same specialization as 384 or 768 (multiples of 16)."""
+    import _pair_ops
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    import megafold.kernels._common as common
+    from megafold.kernels import evo_attention
+
+    seen: dict = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        seen.setdefault(self, dict(zip(self.arg_names, args)) | kwargs)
+
+    run, active = JITFunction.run, common.interpreter_active
+    JITFunction.run = record  # record the launch; nothing is compiled or run
+    common.interpreter_active = lambda: True  # Triton kernels on CPU tensors, no autotuning
+    try:
+        n = CAPTURE_N
+        dtype = torch.float16
+        q, k, v, gate = (torch.randn(1, n, n, 4, 32, dtype=dtype, requires_grad=True) for _ in range(4))
+        bias = torch.randn(1, 4, n, n, dtype=dtype, requires_grad=True)
+        out = evo_attention(q, k, v, bias, torch.ones(1, n, n, dtype=torch.bool), gate, backend="triton")
+        out.backward(torch.ones_like(out))
+        for case in _pair_ops.cases(False, "cpu", [n]):
+            out = case.implementations["megafold"](case.make_inputs())
+            out.backward(torch.ones_like(out))
+    finally:
+        JITFunction.run, common.interpreter_active = run, active
+    return seen
+
+
+def _specialization(value) -> str | None:
+    """"D" (divisible by 16), "1" (a constant 1) or None, as Triton's launcher specializes an
+    integer argument; pointers (torch's allocations are 16-byte aligned) are "D"."""
+    if hasattr(value, "data_ptr"):
+        return "D" if value.data_ptr() % 16 == 0 else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return "1" if value == 1 else "D" if value % 16 == 0 else None
+
+
+def _source(fn, constexprs: dict, types: dict | None, values: dict | None = None) -> ASTSource:
     """The kernel with its argument types and constexpr values, in the form this Triton takes:
     3.3 and later list every argument in the signature (constexprs as "constexpr") and key
-    the values by argument index; 3.2 lists only the runtime arguments and keys the values
-    by name."""
+    the values and attributes by argument index; 3.2 lists only the runtime arguments, keys
+    the values by name and takes the attributes as an ``AttrsDescriptor``. ``values``: the
+    launch's argument values, specialized as the launcher does (``_specialization``)."""
     names = fn.arg_names
     runtime = {n: (types or {}).get(n) or (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n))
                for n in names if n not in constexprs}
+    special = {n: _specialization(v) for n, v in (values or {}).items() if n in runtime}
+    ones = [n for n, kind in special.items() if kind == "1" and runtime[n] == "i32"]
+    divisible = [n for n, kind in special.items() if kind == "D" and runtime[n] != "fp32"]
     if "constexprs" in inspect.signature(ASTSource).parameters:
-        signature = {n: runtime.get(n, "constexpr") for n in names}
+        constants = dict(constexprs) | {n: 1 for n in ones}
+        signature = {n: "constexpr" if n in constants else runtime[n] for n in names}
         return ASTSource(fn=fn, signature=signature,
-                         constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return ASTSource(fn=fn, signature=runtime, constants=dict(constexprs))
+                         constexprs={(names.index(k),): v for k, v in constants.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    from triton.backends.compiler import (
+        AttrsDescriptor,  # Triton 3.2: arguments by position
+    )
+
+    attrs = AttrsDescriptor.from_dict({"cls": "AttrsDescriptor", "arg_properties": {
+        "tt.divisibility": [names.index(n) for n in divisible], "tt.equal_to": [names.index(n) for n in ones]}})
+    return ASTSource(fn=fn, signature=runtime, constants=dict(constexprs) | {n: 1 for n in ones}, attrs=attrs)
 
 
 def _hip_report(kernel) -> dict:
@@ -92,14 +164,21 @@ def _hip_report(kernel) -> dict:
     }
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int | str,
-                   types: dict | None = None) -> dict:
+# Shared memory one program may use (KiB) on NVIDIA GPUs, by compute capability: A100 163,
+# consumer Ampere and Ada (RTX 30xx / 40xx, L4, L40) 99, H100 / H200 227.
+NVIDIA_SHARED_KIB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
+
+
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int | str,
+                   types: dict | None = None, values: dict | None = None) -> dict:
     """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> (an int) or an AMD GPU (a "gfx..."
     name) and read its resource report. ``types``: argument types that differ from the naming
     rules (``*bf16`` pointers, fp32 statistics and partials, ``*i1`` masks, fp32 ``eps`` and
-    ``scale``, i32 otherwise)."""
-    source = _source(fn, constexprs, types)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    ``scale``, i32 otherwise). ``values``: a launch's argument values, for the specialization
+    (``_capture_launches``); without them every argument is generic. ``num_stages`` None:
+    the backend's default (3 on NVIDIA, 2 on AMD), as a launch that does not name it gets."""
+    source = _source(fn, constexprs, types, values)
+    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages is not None else {})
     if isinstance(arch, str):
         return _hip_report(triton.compile(source, target=GPUTarget("hip", arch, 64), options=options))
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -109,7 +188,9 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: 
         ptx.write_text(kernel.asm["ptx"])
         report = ""
         for exe in ("ptxas", "ptxas-blackwell"):  # the first one whose PTX version fits
-            run = subprocess.run([str(bin_dir / exe), "-v", f"--gpu-name=sm_{arch}a", str(ptx),
+            # the "a" (architecture-specific) targets start at sm_90; older ones have none
+            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+            run = subprocess.run([str(bin_dir / exe), "-v", f"--gpu-name={gpu}", str(ptx),
                                   "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
             report = run.stderr
             if "Used" in report:
@@ -121,6 +202,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, arch: 
         "spill_stores": int(spills.group(1)) if spills else None,
         "spill_loads": int(spills.group(2)) if spills else None,
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
+        "fits_shared": kernel.metadata.shared <= NVIDIA_SHARED_KIB.get(arch, 99) * 1024,
         "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
     }
 
@@ -246,15 +328,26 @@ def main(argv=None) -> None:
     env = environment() | {"device": f"{target_name}-offline"}
     print(f"triton {triton.__version__}, {target_name}")
     rows = []
+    launches = _capture_launches()
+    from triton.compiler import make_backend
+
+    device_target = GPUTarget("hip", args.hip, 64) if args.hip else GPUTarget("cuda", args.arch, 32)
+    default_stages = make_backend(device_target).parse_options({}).num_stages
     for name, kernel, constexprs, cfg, *types in cases(args.defaults):
         if args.only and args.only not in name:
             continue
-        warps, stages = cfg.get("num_warps", 4), cfg.get("num_stages", 2)
-        if args.hip:  # as megafold launches on AMD GPUs (64 KiB of LDS): at most two stages
+        values = launches.get(kernel)
+        # As launched: the choice's warps and stages, else what the op passes (seen in the
+        # captured launch), else the backend's default (an op that names no stages).
+        warps = cfg.get("num_warps", (values or {}).get("num_warps", 4))
+        stages = cfg.get("num_stages", (values or {}).get("num_stages"))
+        if args.hip and stages is not None:  # as megafold launches on AMD GPUs (64 KiB of LDS)
             stages = min(stages, 2)
-        row = {"kernel": name, "config": {k: v for k, v in cfg.items()}, "num_warps": warps, "num_stages": stages}
+        row = {"kernel": name, "config": {k: v for k, v in cfg.items()}, "num_warps": warps,
+               "num_stages": stages if stages is not None else default_stages,
+               "specialized": values is not None}
         try:
-            row |= compile_report(kernel, constexprs, warps, stages, target, *types)
+            row |= compile_report(kernel, constexprs, warps, stages, target, types[0] if types else None, values)
         except Exception as error:  # one kernel that does not compile is a row, not a crash
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         rows.append(row)
@@ -264,12 +357,13 @@ def main(argv=None) -> None:
         print(f"  {name:36s} " + (f"{row['registers']} regs, {spills}, {row['shared_kib']} KiB shared"
                                    if "error" not in row else row["error"]), flush=True)
     name = f"register_report-triton{triton.__version__}" + ("-defaults" if args.defaults else "")
-    config = {"target": target_name, "triton": triton.__version__, "defaults": args.defaults}
+    config = {"target": target_name, "triton": triton.__version__, "defaults": args.defaults,
+              "specialization": f"as launched: arguments captured from the ops at N={CAPTURE_N}"}
     path = write_json(name, env, rows, config, args.out)
     print()
     spill_columns = ["vgpr_spills", "sgpr_spills", "scratch_b"] if args.hip else ["spill_stores", "spill_loads"]
-    columns = ["kernel", "num_warps", "num_stages", "registers", *spill_columns, "shared_kib"]
-    print_table(rows, columns + (["fits_lds"] if args.hip else []) + ["error"])
+    columns = ["kernel", "num_warps", "num_stages", "registers", *spill_columns, "shared_kib", "specialized"]
+    print_table(rows, columns + (["fits_lds"] if args.hip else ["fits_shared"]) + ["error"])
     print(f"\nwrote {path}")
 
 
