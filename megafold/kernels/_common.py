@@ -283,16 +283,36 @@ def run_tuned(
     """Launch with the tuned (or stored) configuration for this key (``rows``: see
     ``pick_config``).
 
-    A stored choice that does not fit this launch (a shared-memory overflow: the key missed
-    something that changes the kernel's footprint) falls back to the default, not a crash.
+    A configuration that does not fit this GPU's shared memory is not a crash:
+    - a stored choice that does not fit (the key missed something that changes the kernel's
+      footprint) falls back to the default;
+    - a default that does not fit (a GPU with less shared memory than the H100 the defaults
+      were sized on: an RTX 4090, L4 or L40 has 99 KiB a program, an H100 227) is launched with
+      one pipeline stage.
+    What fit is remembered per (op, key), so the failed attempts are paid once per process.
     """
     config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)), rows)
-    try:
-        return launch(config)
-    except Exception as error:
-        if config == default or "out of resource" not in str(error).lower():
-            raise
-        return launch(default)
+    if _fitted:
+        asked, fitted = _fitted.get((op, tuple(key)), (None, None))
+        if asked == config:
+            return launch(fitted)
+    attempts = [config] + ([default] if default != config else [])
+    if default.get("num_stages", 2) > 1:
+        attempts.append({**default, "num_stages": 1})
+    for attempt in attempts:
+        try:
+            result = launch(attempt)
+        except Exception as error:
+            if attempt is attempts[-1] or "out of resource" not in str(error).lower():
+                raise
+            continue
+        if attempt is not config:
+            _fitted[(op, tuple(key))] = (config, attempt)
+        return result
+
+
+# (op, key) -> (the configuration asked for, the one that fit this GPU): see run_tuned.
+_fitted: dict[tuple, tuple[dict, dict]] = {}
 
 
 def tuning_records(cache_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -35,6 +35,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
     monkeypatch.setattr(_common, "_memory_cache", {})
     monkeypatch.setattr(_common, "_untuned", [])
+    monkeypatch.setattr(_common, "_fitted", {})
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
     monkeypatch.setattr(_common, "device_capability", lambda device: None)
     return torch.device("cuda")
@@ -103,9 +104,38 @@ def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
     _common._memory_cache[json.dumps(["op", [7], "Fake GPU 80GB"])] = {"BLOCK": 128}
     assert run_tuned("op", (7,), fake_gpu, [{"BLOCK": 32}, {"BLOCK": 128}], {"BLOCK": 32}, launch) == 32
     assert launched == [128, 32]
+    launched.clear()  # remembered: the stored choice is not tried again
+    assert run_tuned("op", (7,), fake_gpu, [{"BLOCK": 32}, {"BLOCK": 128}], {"BLOCK": 32}, launch) == 32
+    assert launched == [32]
     with pytest.raises(RuntimeError, match="illegal memory"):
         run_tuned("op", (8,), fake_gpu, [], {"BLOCK": 32},
                   lambda config: (_ for _ in ()).throw(RuntimeError("illegal memory access")))
+
+
+def test_a_default_that_does_not_fit_runs_with_one_pipeline_stage(fake_gpu):
+    """A GPU with less shared memory than the defaults were sized on (an RTX 4090 or L40: 99 KiB
+    a program; the transition's default backward needs 104 KiB with two stages, 88 with one,
+    benchmarks/register_report.py --arch 89 --defaults) launches the default with one stage."""
+    from megafold.kernels._common import run_tuned
+
+    launched = []
+    default = {"BLOCK": 64, "num_stages": 2}
+
+    def launch(config):
+        launched.append(config["num_stages"])
+        if config["num_stages"] > 1:
+            raise RuntimeError("out of resource: shared memory, Required: 106496, Hardware limit: 101376")
+        return "ran"
+
+    assert run_tuned("op", (9,), fake_gpu, [], default, launch) == "ran"
+    assert launched == [2, 1]
+    launched.clear()
+    assert run_tuned("op", (9,), fake_gpu, [], default, launch) == "ran"
+    assert launched == [1]  # the fitting configuration is remembered
+    # nothing fits: the last attempt's error, not a silent skip
+    with pytest.raises(RuntimeError, match="out of resource"):
+        run_tuned("op", (10,), fake_gpu, [], default, lambda config: (_ for _ in ()).throw(
+            RuntimeError("out of resource: shared memory")))
 
 
 def test_a_gpu_without_its_own_file_borrows_one_of_the_same_architecture(fake_gpu, tmp_path, monkeypatch):
