@@ -119,18 +119,31 @@ def _specialization(value) -> str | None:
     return "1" if value == 1 else "D" if value % 16 == 0 else None
 
 
+def _runtime_types(fn, constexprs: dict, types: dict | None) -> dict:
+    """Type of each runtime (non-constexpr) argument: ``types``, else the naming rules."""
+    return {n: (types or {}).get(n) or (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n))
+            for n in fn.arg_names if n not in constexprs}
+
+
+def specialize(fn, constexprs: dict, types: dict | None, values: dict | None) -> tuple[list, list]:
+    """(arguments that become the constant 1, arguments marked divisible by 16) for a launch
+    with ``values``, as Triton's launcher decides them (``_specialization``)."""
+    runtime = _runtime_types(fn, constexprs, types)
+    special = {n: _specialization(v) for n, v in (values or {}).items() if n in runtime}
+    ones = [n for n, kind in special.items() if kind == "1" and runtime[n] == "i32"]
+    divisible = [n for n, kind in special.items() if kind == "D" and runtime[n] != "fp32"]
+    return ones, divisible
+
+
 def _source(fn, constexprs: dict, types: dict | None, values: dict | None = None) -> ASTSource:
     """The kernel with its argument types and constexpr values, in the form this Triton takes:
     3.3 and later list every argument in the signature (constexprs as "constexpr") and key
     the values and attributes by argument index; 3.2 lists only the runtime arguments, keys
     the values by name and takes the attributes as an ``AttrsDescriptor``. ``values``: the
-    launch's argument values, specialized as the launcher does (``_specialization``)."""
+    launch's argument values, specialized as the launcher does (``specialize``)."""
     names = fn.arg_names
-    runtime = {n: (types or {}).get(n) or (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n))
-               for n in names if n not in constexprs}
-    special = {n: _specialization(v) for n, v in (values or {}).items() if n in runtime}
-    ones = [n for n, kind in special.items() if kind == "1" and runtime[n] == "i32"]
-    divisible = [n for n, kind in special.items() if kind == "D" and runtime[n] != "fp32"]
+    runtime = _runtime_types(fn, constexprs, types)
+    ones, divisible = specialize(fn, constexprs, types, values)
     if "constexprs" in inspect.signature(ASTSource).parameters:
         constants = dict(constexprs) | {n: 1 for n in ones}
         signature = {n: "constexpr" if n in constants else runtime[n] for n in names}
@@ -144,6 +157,29 @@ def _source(fn, constexprs: dict, types: dict | None, values: dict | None = None
     attrs = AttrsDescriptor.from_dict({"cls": "AttrsDescriptor", "arg_properties": {
         "tt.divisibility": [names.index(n) for n in divisible], "tt.equal_to": [names.index(n) for n in ones]}})
     return ASTSource(fn=fn, signature=runtime, constants=dict(constexprs) | {n: 1 for n in ones}, attrs=attrs)
+
+
+def launcher_specialization(fn, values: dict) -> tuple[set, set]:
+    """(constants equal to 1, arguments divisible by 16) among ``fn``'s runtime arguments, as
+    Triton's own launcher derives them from ``values`` (every argument of one launch): the
+    reference that ``specialize`` is checked against (``--check``)."""
+    from triton.compiler import make_backend
+
+    names = fn.arg_names
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    args = [values[n] for n in names]
+    runtime = {p.name for p in fn.params if not p.is_constexpr}
+    if hasattr(backend, "get_attrs_descriptor"):  # Triton 3.2
+        props = backend.get_attrs_descriptor(fn.params, args).arg_properties
+        ones = {names[i] for i in props.get("tt.equal_to", [])}
+        return ones & runtime, {names[i] for i in props.get("tt.divisibility", [])} & runtime
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _bound, spec, _options = binder(*args)
+    ones = {n for n, (kind, _) in zip(names, spec) if kind == "constexpr"}
+    divisible = {n for n, (_, attr) in zip(names, spec) if attr == "D"}
+    return ones & runtime, divisible & runtime
 
 
 def _hip_report(kernel) -> dict:
@@ -313,6 +349,30 @@ def cases(defaults: bool = False) -> list[tuple]:
     return out
 
 
+def check_specialization(launches: dict, defaults: bool = False, only: str | None = None) -> int:
+    """Compare ``specialize`` with Triton's launcher for every case's captured launch: the
+    case's own constexprs over the captured values, so the comparison is of the launch the
+    report compiles. Prints one line a kernel; returns the number that differ or were not
+    captured."""
+    bad = 0
+    for name, kernel, constexprs, _cfg, *types in cases(defaults):
+        if only and only not in name:
+            continue
+        values = launches.get(kernel)
+        if values is None:
+            print(f"  {name:52s} not launched by the ops at N={CAPTURE_N}")
+            bad += 1
+            continue
+        values = {**values, **constexprs}
+        ones, divisible = specialize(kernel, constexprs, types[0] if types else None, values)
+        want_ones, want_divisible = launcher_specialization(kernel, values)
+        same = set(ones) == want_ones and set(divisible) == want_divisible
+        bad += not same
+        print(f"  {name:52s} {'same as the launcher' if same else 'DIFFERS'}: {len(ones)} constants, "
+              f"{len(divisible)} divisible" + ("" if same else f"; launcher {sorted(want_ones)}, {sorted(want_divisible)}"))
+    return bad
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
@@ -321,6 +381,9 @@ def main(argv=None) -> None:
                         help="each op's default configuration instead of the H100's shipped choices")
     parser.add_argument("--only", default=None, help="substring of the kernel names to compile")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--check", action="store_true",
+                        help="compile nothing: check that each kernel is specialized as Triton's own launcher "
+                             "specializes the captured arguments (exit 1 on a difference)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before the kernels are defined
     target = args.hip or args.arch
@@ -329,6 +392,8 @@ def main(argv=None) -> None:
     print(f"triton {triton.__version__}, {target_name}")
     rows = []
     launches = _capture_launches()
+    if args.check:
+        sys.exit(check_specialization(launches, args.defaults, args.only))
     from triton.compiler import make_backend
 
     device_target = GPUTarget("hip", args.hip, 64) if args.hip else GPUTarget("cuda", args.arch, 32)
