@@ -305,10 +305,13 @@ def _stages(cfg: dict) -> dict:
 
 def _input_candidates() -> list[dict]:
     """Tuning candidates of the two input-side kernels, whose loop over c_h in BLOCK_C slices
-    loads weight tiles: the pipeline depth is a choice too (Triton's default, 2 and 4)."""
+    loads weight tiles: the pipeline depth is a choice too (Triton's default, 1, 2 and 4). One
+    stage halves the shared memory, so two programs can share an SM where one fit before
+    (compiled as launched for sm_90: the input backward at 64 rows and 4 warps needs 64 KiB
+    with one stage, 132 with two; benchmarks/register_report.py)."""
     base = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw} for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)]
     # (16-channel slices, the fewest spills, lost to every shipped H100 choice in session 11.)
-    return base + [{**cfg, "num_stages": ns} for cfg in base for ns in (2, 4)]
+    return base + [{**cfg, "num_stages": ns} for cfg in base for ns in (1, 2, 4)]
 
 
 def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
