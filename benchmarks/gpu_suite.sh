@@ -29,6 +29,17 @@
 #   longest   the trunk's longest crop: triton from 1536, then with pair_offload from 2048
 #   curve     benchmarks/learning_curve.py (10 training minutes; pauses at the wall budget,
 #             then `curve-resume` continues it on the same machine)
+#   retune-evo       MEGAFOLD_AUTOTUNE=force over the triangle-shape EvoAttention keys at N=384,
+#             768 (every candidate's time in $OUT/autotune-trials.json), then their rows
+#   retune-triangle  the same for triangle multiplication (its one-stage input candidates)
+#   cueq-ops  first of two calls for the cuEquivariance rows: cuequivariance-ops-cu13 (45 MB,
+#             carry .whl2) into /tmp/cueq; the next call must find the machine still warm
+#   cueq-peers second call (carry .whl: cuequivariance, -torch, -ops-torch, trifast and
+#             platformdirs, which cuequivariance-ops imports): EvoAttention's triangle shape at N=256-1024
+#             against Flex, cuEquivariance and trifast, and
+#             triangle multiplication against torch.compile and cuEquivariance, one run each
+# Everything under $OUT ends packed in $OUT/results.tgz (the device tool returns few files
+# per call); PACK=0 leaves the files as they are (for all but the last stage of one call).
 set -uo pipefail
 stage=${1:?stage}
 OUT=${OUT:?set OUT}
@@ -117,8 +128,34 @@ curve-resume)
     step curve 420 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
     cp benchmarks/results/*/*learning_curve.json "$OUT"/ 2>/dev/null
     ;;
+retune-evo)
+    step retune_evo 560 env MEGAFOLD_AUTOTUNE=force $py benchmarks/kernels.py --ops evo_attention --shapes tri \
+        --ns 384,768 --graph --impls flex,megafold --out "$OUT"
+    ;;
+retune-triangle)
+    step retune_triangle 560 env MEGAFOLD_AUTOTUNE=force $py benchmarks/kernels.py --ops triangle_multiply \
+        --ns 384,768 --graph --impls megafold --out "$OUT"
+    ;;
+cueq-ops)
+    step cueq_ops 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/cueq .whl2/*.whl
+    ;;
+cueq-peers)
+    [ -d /tmp/cueq/cuequivariance_ops ] || { echo "no /tmp/cueq: run the cueq-ops stage first, same machine" >&2; exit 3; }
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cueq \
+        .whl/cuequivariance*.whl .whl/platformdirs*.whl .whl/trifast*.whl >/dev/null
+    export PYTHONPATH=$PYTHONPATH:/tmp/cueq
+    mkdir -p "$OUT/evo" "$OUT/triangle"
+    step evo_peers 330 $py benchmarks/kernels.py --ops evo_attention --shapes tri --ns 256,384,512,768,1024 \
+        --graph --impls flex,megafold,cueq,trifast --out "$OUT/evo"
+    step triangle_peers 220 $py benchmarks/kernels.py --ops triangle_multiply --ns 384,768 --graph \
+        --impls compile,cueq,megafold --out "$OUT/triangle"
+    ;;
 *)
     echo "unknown stage $stage" >&2
     exit 2
     ;;
 esac
+if [ "${PACK:-1}" != 0 ]; then  # one archive: the device tool returns only a few files per call
+    tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"
+fi
