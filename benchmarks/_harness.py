@@ -7,11 +7,13 @@ peak during one extra run above what was allocated before it (the inputs).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,26 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return float("nan")
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stop_gracefully():
+    """Stop the measurements inside the block on Ctrl-C or SIGTERM (what ``timeout`` sends),
+    not the whole process: the caller then writes the rows that finished. Yields a dict whose
+    "interrupted" says whether that happened (record it in the JSON's config)."""
+    state = {"interrupted": False}
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield state
+    except KeyboardInterrupt:
+        state["interrupted"] = True
+        print("\ninterrupted: writing the rows measured so far", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json(name: str, env: dict, rows: list[dict], config: dict, out_dir: Path | None = None) -> Path:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    dtype_for, environment, graph_time, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, row_summary, time_ms,
-    write_json,
+    dtype_for, environment, graph_time, is_oom, kernel_breakdown, peak_mib, print_table, rel_err, row_summary,
+    stop_gracefully, time_ms, write_json,
 )
 
 from megafold.kernels import evo_attention  # noqa: E402
@@ -256,23 +256,25 @@ def main(argv=None):
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:10]}")
     ops = args.ops.split(",")
     rows: list[dict] = []
-    if "evo_attention" in ops:
-        bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
-                  args.impls.split(",") if args.impls else None, graph=args.graph and device.type == "cuda")
-    if set(ops) - {"evo_attention"}:
-        try:
-            import _pair_ops
-        except ImportError as error:
-            print(f"pair ops skipped: {error}")
-        else:
-            pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
-            _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None,
-                          graph=args.graph and device.type == "cuda")
+    with stop_gracefully() as stopped:  # a `timeout` still leaves the rows that finished
+        if "evo_attention" in ops:
+            bench_evo(ns, args.shapes.split(","), device, rows, args.breakdown,
+                      args.impls.split(",") if args.impls else None, graph=args.graph and device.type == "cuda")
+        if set(ops) - {"evo_attention"}:
+            try:
+                import _pair_ops
+            except ImportError as error:
+                print(f"pair ops skipped: {error}")
+            else:
+                pair_ops = _pair_ops.OPS if "pair" in ops else [op for op in ops if op in _pair_ops.OPS]
+                _pair_ops.run(ns, device, rows, pair_ops, args.impls.split(",") if args.impls else None,
+                              graph=args.graph and device.type == "cuda")
     from megafold.kernels._common import autotune_cache_path
 
     tuned = json.loads(autotune_cache_path().read_text()) if autotune_cache_path().exists() else {}
-    path = write_json("kernels", env, rows, {"ns": ns, "ops": ops, "dtype": "bfloat16",
-                                             "mode": "forward+backward", "graph": args.graph, "tuned": tuned}, args.out)
+    path = write_json("kernels", env, rows, {"ns": ns, "ops": ops, "dtype": "bfloat16", "mode": "forward+backward",
+                                             "graph": args.graph, "tuned": tuned,
+                                             "interrupted": stopped["interrupted"]}, args.out)
     print()
     print_table(rows, ["op", "shape", "N", "impl", "ms", "graph_ms", "peak_mib", "rel_err", "error"])
     print(f"\nwrote {path}")

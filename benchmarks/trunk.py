@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import environment, is_oom, kernel_breakdown, print_table, write_json  # noqa: E402
+from _harness import environment, is_oom, kernel_breakdown, print_table, stop_gracefully, write_json  # noqa: E402
 
 from megafold.model import preset  # noqa: E402
 from megafold.model.pairformer import PairformerStack, TriangleAttention, TriangleMultiplication  # noqa: E402
@@ -180,6 +180,17 @@ def main(argv=None):
     rows: list[dict] = []
     stacks = args.stacks.split(",")
     ns = [int(n) for n in args.ns.split(",")]
+    with stop_gracefully() as stopped:  # a `timeout` still leaves the rows that finished
+        _measure_all(args, stacks, ns, device, rows)
+    path = write_json("trunk", env, rows, {"preset": "paper", "blocks": 48, "bf16": True, "checkpoint": True,
+                                           "ns": ns, "interrupted": stopped["interrupted"]}, args.out)
+    print()
+    print_table(rows, ["stack", "N", "step_s", "peak_gib", "device_s", "longest_N", "error"])
+    print(f"\nwrote {path}")
+
+
+def _measure_all(args, stacks: list[str], ns: list[int], device, rows: list[dict]) -> None:
+    """Every stack at every N (appending to ``rows`` as each finishes), then the longest crops."""
     for name in stacks:
         if name.startswith("cueq"):
             try:
@@ -217,11 +228,6 @@ def main(argv=None):
                     break
                 N += args.longest_step
             rows.append({"stack": name, "longest_N": longest, "max_tried": N})
-    path = write_json("trunk", env, rows, {"preset": "paper", "blocks": 48, "bf16": True,
-                                           "checkpoint": True, "ns": ns}, args.out)
-    print()
-    print_table(rows, ["stack", "N", "step_s", "peak_gib", "device_s", "longest_N", "error"])
-    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,24 @@ def test_evo_attention_rows_match_their_reference():
     assert len(rows) == 2 and all("error" not in row for row in rows), rows
     # fp16 inputs against the fp32 reference; a bf16 smoke run gave errors of ~1e10.
     assert max(row["rel_err"] for row in rows) < 1e-2, rows
+
+
+def test_a_stopped_benchmark_keeps_the_rows_that_finished():
+    """`timeout` sends SIGTERM: the benchmarks stop measuring, not the process, so the JSON still
+    gets every finished row and says it was interrupted (session 13 lost a run's rows this way)."""
+    import os
+    import signal
+
+    from _harness import stop_gracefully
+
+    rows = []
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_gracefully() as stopped:
+        rows.append({"N": 256})
+        os.kill(os.getpid(), signal.SIGTERM)
+        rows.append({"N": 384})  # never reached: the signal ends the block
+    assert stopped["interrupted"] is True and rows == [{"N": 256}]
+    assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back
+    with stop_gracefully() as stopped:
+        rows.append({"N": 512})
+    assert stopped["interrupted"] is False and len(rows) == 2
