@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ROOT, config_overrides, environment, is_oom, print_table, write_json  # noqa: E402
+from _harness import ROOT, config_overrides, environment, is_oom, print_table, stop_gracefully, write_json  # noqa: E402
 
 from megafold.model import AlphaFold3, preset  # noqa: E402
 from megafold.profile.profiler import _compile_blocks, longest_crop, variants  # noqa: E402
@@ -191,23 +191,24 @@ def main(argv=None):
     env = environment()
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}")
     rows = []
-    for kernels in args.kernels.split(","):
-        try:
-            row = run(kernels, args, device)
-        except Exception as error:
-            row = {"kernels": kernels, "crop": args.crop,
-                   "error": "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:300]}
-        if args.longest:
+    with stop_gracefully() as stopped:  # a `timeout` still leaves the rows that finished
+        for kernels in args.kernels.split(","):
             try:
-                row.update(longest(kernels, args, device))
+                row = run(kernels, args, device)
             except Exception as error:
-                row["longest_error"] = f"{type(error).__name__}: {error}"[:300]
-        rows.append(row)
-        print("  ", row, flush=True)
+                row = {"kernels": kernels, "crop": args.crop,
+                       "error": "OOM" if is_oom(error) else f"{type(error).__name__}: {error}"[:300]}
+            if args.longest:
+                try:
+                    row.update(longest(kernels, args, device))
+                except Exception as error:
+                    row["longest_error"] = f"{type(error).__name__}: {error}"[:300]
+            rows.append(row)
+            print("  ", row, flush=True)
     name = "train_step" if args.source == "store" and args.preset == "paper" else f"train_step-{args.preset}-{args.source}"
     name += f"-{args.tag}" if args.tag else ""
     path = write_json(name, env, rows, {"preset": args.preset, "crop": args.crop, "recycles": 1,
-                                        "overrides": args.overrides,
+                                        "overrides": args.overrides, "interrupted": stopped["interrupted"],
                                         "source": args.source, "workers": args.workers, "pad_multiple": args.pad_multiple,
                                         "command": " ".join(["python", "benchmarks/train_step.py", *(argv or sys.argv[1:])])},
                       args.out)
