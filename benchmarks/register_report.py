@@ -16,8 +16,9 @@ bucket where there is one, else the op's default.
 
 Each kernel is specialized as a real launch specializes it: the arguments of every kernel are
 captured from the ops themselves (their forward and backward run once on the CPU at N=64, with
-each kernel launch recorded instead of run), and, as Triton's launcher does, an integer argument
-equal to 1 becomes a constant and pointers and integers divisible by 16 are marked so. This
+each kernel launch recorded instead of run), and Triton's own launcher specializes them: an
+integer argument equal to 1 becomes a constant, pointers and integers divisible by 16 are
+marked so (and on AMD, buffers within 2 GB). This
 matters: a unit stride known at compile time lets loads vectorize and lets Triton pipeline them
 (``num_stages``) through shared memory. Without it (the reports before session 13) the
 EvoAttention dBias kernel showed 255 registers a thread and no pipelining, where the launched
@@ -109,77 +110,62 @@ def _capture_launches() -> dict:
     return seen
 
 
-def _specialization(value) -> str | None:
-    """"D" (divisible by 16), "1" (a constant 1) or None, as Triton's launcher specializes an
-    integer argument; pointers (torch's allocations are 16-byte aligned) are "D"."""
-    if hasattr(value, "data_ptr"):
-        return "D" if value.data_ptr() % 16 == 0 else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return "1" if value == 1 else "D" if value % 16 == 0 else None
-
-
 def _runtime_types(fn, constexprs: dict, types: dict | None) -> dict:
     """Type of each runtime (non-constexpr) argument: ``types``, else the naming rules."""
     return {n: (types or {}).get(n) or (_pointer_type(n) if n.endswith("_ptr") else _scalar_type(n))
             for n in fn.arg_names if n not in constexprs}
 
 
-def specialize(fn, constexprs: dict, types: dict | None, values: dict | None) -> tuple[list, list]:
-    """(arguments that become the constant 1, arguments marked divisible by 16) for a launch
-    with ``values``, as Triton's launcher decides them (``_specialization``)."""
-    runtime = _runtime_types(fn, constexprs, types)
-    special = {n: _specialization(v) for n, v in (values or {}).items() if n in runtime}
-    ones = [n for n, kind in special.items() if kind == "1" and runtime[n] == "i32"]
-    divisible = [n for n, kind in special.items() if kind == "D" and runtime[n] != "fp32"]
-    return ones, divisible
+def launcher_specialization(fn, values: dict, target: GPUTarget) -> tuple[set, dict]:
+    """What Triton's own launcher for ``target`` derives from one launch's arguments
+    (``values``: every argument by name): the runtime arguments it turns into the constant 1,
+    and {argument: attribute string} for the others it marks ("D": divisible by 16; AMD may
+    add "S": a buffer within 2 GB)."""
+    from triton.compiler import make_backend
+
+    names = fn.arg_names
+    backend = make_backend(target)
+    args = [values[n] for n in names]
+    runtime = {p.name for p in fn.params if not p.is_constexpr}
+    if hasattr(backend, "get_attrs_descriptor"):  # Triton 3.2
+        props = backend.get_attrs_descriptor(fn.params, args).arg_properties
+        ones = {names[i] for i in props.get("tt.equal_to", [])} & runtime
+        return ones, {names[i]: "D" for i in props.get("tt.divisibility", []) if names[i] in runtime}
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _bound, spec, _options = binder(*args)
+    ones = {n for n, (kind, _) in zip(names, spec) if kind == "constexpr"} & runtime
+    return ones, {n: attr for n, (_, attr) in zip(names, spec) if isinstance(attr, str) and attr and n in runtime}
 
 
-def _source(fn, constexprs: dict, types: dict | None, values: dict | None = None) -> ASTSource:
+def _source(fn, constexprs: dict, types: dict | None, values: dict | None, target: GPUTarget) -> ASTSource:
     """The kernel with its argument types and constexpr values, in the form this Triton takes:
     3.3 and later list every argument in the signature (constexprs as "constexpr") and key
     the values and attributes by argument index; 3.2 lists only the runtime arguments, keys
-    the values by name and takes the attributes as an ``AttrsDescriptor``. ``values``: the
-    launch's argument values, specialized as the launcher does (``specialize``)."""
+    the values by name and takes the attributes as an ``AttrsDescriptor``. ``values``: one
+    launch's arguments, specialized by Triton's own launcher (``launcher_specialization``);
+    without them every argument is generic."""
     names = fn.arg_names
     runtime = _runtime_types(fn, constexprs, types)
-    ones, divisible = specialize(fn, constexprs, types, values)
+    ones, marks = launcher_specialization(fn, {**values, **constexprs}, target) if values else (set(), {})
+    constants = dict(constexprs) | {n: 1 for n in ones}
     if "constexprs" in inspect.signature(ASTSource).parameters:
-        constants = dict(constexprs) | {n: 1 for n in ones}
+        from triton.compiler import make_backend
+
+        parse_attr = make_backend(target).parse_attr
         signature = {n: "constexpr" if n in constants else runtime[n] for n in names}
         return ASTSource(fn=fn, signature=signature,
                          constexprs={(names.index(k),): v for k, v in constants.items()},
-                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+                         attrs={(names.index(n),): parse_attr(desc) for n, desc in marks.items()})
     from triton.backends.compiler import (
         AttrsDescriptor,  # Triton 3.2: arguments by position
     )
 
     attrs = AttrsDescriptor.from_dict({"cls": "AttrsDescriptor", "arg_properties": {
-        "tt.divisibility": [names.index(n) for n in divisible], "tt.equal_to": [names.index(n) for n in ones]}})
-    return ASTSource(fn=fn, signature=runtime, constants=dict(constexprs) | {n: 1 for n in ones}, attrs=attrs)
-
-
-def launcher_specialization(fn, values: dict) -> tuple[set, set]:
-    """(constants equal to 1, arguments divisible by 16) among ``fn``'s runtime arguments, as
-    Triton's own launcher derives them from ``values`` (every argument of one launch): the
-    reference that ``specialize`` is checked against (``--check``)."""
-    from triton.compiler import make_backend
-
-    names = fn.arg_names
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    args = [values[n] for n in names]
-    runtime = {p.name for p in fn.params if not p.is_constexpr}
-    if hasattr(backend, "get_attrs_descriptor"):  # Triton 3.2
-        props = backend.get_attrs_descriptor(fn.params, args).arg_properties
-        ones = {names[i] for i in props.get("tt.equal_to", [])}
-        return ones & runtime, {names[i] for i in props.get("tt.divisibility", [])} & runtime
-    from triton.runtime.jit import create_function_from_signature
-
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    _bound, spec, _options = binder(*args)
-    ones = {n for n, (kind, _) in zip(names, spec) if kind == "constexpr"}
-    divisible = {n for n, (_, attr) in zip(names, spec) if attr == "D"}
-    return ones & runtime, divisible & runtime
+        "tt.divisibility": [names.index(n) for n, desc in marks.items() if "D" in desc],
+        "tt.equal_to": [names.index(n) for n in ones]}})
+    return ASTSource(fn=fn, signature=runtime, constants=constants, attrs=attrs)
 
 
 def _hip_report(kernel) -> dict:
@@ -210,14 +196,15 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None,
     """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> (an int) or an AMD GPU (a "gfx..."
     name) and read its resource report. ``types``: argument types that differ from the naming
     rules (``*bf16`` pointers, fp32 statistics and partials, ``*i1`` masks, fp32 ``eps`` and
-    ``scale``, i32 otherwise). ``values``: a launch's argument values, for the specialization
-    (``_capture_launches``); without them every argument is generic. ``num_stages`` None:
+    ``scale``, i32 otherwise). ``values``: a launch's arguments (``_capture_launches``), for
+    the launcher's specialization; without them every argument is generic. ``num_stages`` None:
     the backend's default (3 on NVIDIA, 2 on AMD), as a launch that does not name it gets."""
-    source = _source(fn, constexprs, types, values)
+    target = GPUTarget("hip", arch, 64) if isinstance(arch, str) else GPUTarget("cuda", arch, 32)
+    source = _source(fn, constexprs, types, values, target)
     options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages is not None else {})
     if isinstance(arch, str):
-        return _hip_report(triton.compile(source, target=GPUTarget("hip", arch, 64), options=options))
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        return _hip_report(triton.compile(source, target=target, options=options))
+    kernel = triton.compile(source, target=target, options=options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -349,28 +336,22 @@ def cases(defaults: bool = False) -> list[tuple]:
     return out
 
 
-def check_specialization(launches: dict, defaults: bool = False, only: str | None = None) -> int:
-    """Compare ``specialize`` with Triton's launcher for every case's captured launch: the
-    case's own constexprs over the captured values, so the comparison is of the launch the
-    report compiles. Prints one line a kernel; returns the number that differ or were not
-    captured."""
-    bad = 0
-    for name, kernel, constexprs, _cfg, *types in cases(defaults):
+def check_specialization(launches: dict, target: GPUTarget, defaults: bool = False, only: str | None = None) -> int:
+    """The specialization each case compiles with (``--check``, nothing compiled): the
+    launcher's constants and marked arguments for its captured launch. Prints one line a
+    kernel; returns the number of kernels the ops did not launch (those compile generically)."""
+    missing = 0
+    for name, kernel, constexprs, _cfg, *_types in cases(defaults):
         if only and only not in name:
             continue
         values = launches.get(kernel)
         if values is None:
             print(f"  {name:52s} not launched by the ops at N={CAPTURE_N}")
-            bad += 1
+            missing += 1
             continue
-        values = {**values, **constexprs}
-        ones, divisible = specialize(kernel, constexprs, types[0] if types else None, values)
-        want_ones, want_divisible = launcher_specialization(kernel, values)
-        same = set(ones) == want_ones and set(divisible) == want_divisible
-        bad += not same
-        print(f"  {name:52s} {'same as the launcher' if same else 'DIFFERS'}: {len(ones)} constants, "
-              f"{len(divisible)} divisible" + ("" if same else f"; launcher {sorted(want_ones)}, {sorted(want_divisible)}"))
-    return bad
+        ones, marks = launcher_specialization(kernel, {**values, **constexprs}, target)
+        print(f"  {name:52s} as launched: {len(ones)} constants, {len(marks)} marked")
+    return missing
 
 
 def main(argv=None) -> None:
@@ -382,8 +363,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=None, help="substring of the kernel names to compile")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--check", action="store_true",
-                        help="compile nothing: check that each kernel is specialized as Triton's own launcher "
-                             "specializes the captured arguments (exit 1 on a difference)")
+                        help="compile nothing: list the specialization each kernel compiles with (Triton's "
+                             "launcher over the captured arguments); exit 1 where a kernel was not captured")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before the kernels are defined
     target = args.hip or args.arch
@@ -392,11 +373,11 @@ def main(argv=None) -> None:
     print(f"triton {triton.__version__}, {target_name}")
     rows = []
     launches = _capture_launches()
+    device_target = GPUTarget("hip", args.hip, 64) if args.hip else GPUTarget("cuda", args.arch, 32)
     if args.check:
-        sys.exit(check_specialization(launches, args.defaults, args.only))
+        sys.exit(check_specialization(launches, device_target, args.defaults, args.only))
     from triton.compiler import make_backend
 
-    device_target = GPUTarget("hip", args.hip, 64) if args.hip else GPUTarget("cuda", args.arch, 32)
     default_stages = make_backend(device_target).parse_options({}).num_stages
     for name, kernel, constexprs, cfg, *types in cases(args.defaults):
         if args.only and args.only not in name:
