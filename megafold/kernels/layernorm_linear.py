@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import multiprocessors, next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, multiprocessors, next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
 
@@ -431,7 +431,7 @@ ALL_COLUMNS_MIN_ROWS = 1 << 16
 def _column_blocks(rows: int, out_features: int, block_n: int) -> int:
     """Output-column blocks per forward program: all of them for pair-sized inputs, else one
     (a single track's few hundred rows need the column blocks as parallelism)."""
-    return triton.cdiv(out_features, block_n) if rows >= ALL_COLUMNS_MIN_ROWS else 1
+    return cdiv(out_features, block_n) if rows >= ALL_COLUMNS_MIN_ROWS else 1
 
 
 def layernorm_linear_forward(
@@ -450,7 +450,7 @@ def layernorm_linear_forward(
 
     def launch(cfg: dict) -> None:
         col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
-        grid = (triton.cdiv(rows.per_batch, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
+        grid = (cdiv(rows.per_batch, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
         _layernorm_linear_forward_kernel[grid](
             x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
             rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
@@ -550,7 +550,7 @@ def layernorm_linear_backward(
 
     def launch_narrow(cfg):
         block_m = cfg["BLOCK_M"]
-        num_blocks = triton.cdiv(M, block_m)
+        num_blocks = cdiv(M, block_m)
         programs = min(num_blocks, cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
@@ -576,7 +576,7 @@ def layernorm_linear_backward(
         if cfg.get("NARROW"):
             return launch_narrow(cfg)
         block_m = cfg["BLOCK_M"]
-        num_blocks = triton.cdiv(M, block_m)
+        num_blocks = cdiv(M, block_m)
         ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
         dw = None
@@ -584,7 +584,7 @@ def layernorm_linear_backward(
         xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
         for start, end in chunks:
-            _layernorm_linear_backward_kernel[(triton.cdiv(end - start, block_m),)](
+            _layernorm_linear_backward_kernel[(cdiv(end - start, block_m),)](
                 x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
                 xn if need_weight else dummy, ln_w_part if need_input else dummy,
                 ln_b_part if need_input else dummy,

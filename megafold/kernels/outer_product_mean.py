@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, next_power_of_2, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
@@ -397,7 +397,7 @@ def _opm_forward(ab_t, inv_norm, weight, bias):
     block_d, block_cz = block_size(CH, 1 << 30), block_size(CZ, 1 << 30)
 
     def launch(cfg):
-        grid = (triton.cdiv(N, cfg["BLOCK_I"]) * triton.cdiv(N, cfg["BLOCK_J"]), B)
+        grid = (cdiv(N, cfg["BLOCK_I"]) * cdiv(N, cfg["BLOCK_J"]), B)
         _outer_product_mean_forward_kernel[grid](
             a_t, b_t, inv_norm, weight, bias, out, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH),
@@ -426,7 +426,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
 
     def left_grads(cfg):
         # Axis 2: (batch, s block) x side; side 0 makes da, side 1 db (the transposed problem).
-        grid = (triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(CH, cfg["BLOCK_C"]), B * triton.cdiv(S, cfg["BLOCK_S"]) * 2)
+        grid = (cdiv(N, cfg["BLOCK_I"]), cdiv(CH, cfg["BLOCK_C"]), B * cdiv(S, cfg["BLOCK_S"]) * 2)
         _outer_product_mean_left_grad_kernel[grid](
             ab_t, inv_norm, weight, dz, d_ab_t, N, S, CH, CZ,
             *ab_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH), *dz.stride(), *d_ab_t.stride(),
@@ -440,11 +440,11 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
 
     def weight_grad(cfg):
         nonlocal dw_parts, db_parts
-        num_j = triton.cdiv(N, cfg["BLOCK_J"])
-        groups = triton.cdiv(num_j, triton.cdiv(num_j, MAX_WEIGHT_GRAD_PARTIALS))  # equal j blocks per program
+        num_j = cdiv(N, cfg["BLOCK_J"])
+        groups = cdiv(num_j, cdiv(num_j, MAX_WEIGHT_GRAD_PARTIALS))  # equal j blocks per program
         dw_parts = torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
         db_parts = torch.empty(B * groups, CZ, device=ab_t.device, dtype=torch.float32)
-        grid = (groups, triton.cdiv(CH, cfg["BLOCK_C"]), B)
+        grid = (groups, cdiv(CH, cfg["BLOCK_C"]), B)
         _outer_product_mean_weight_grad_kernel[grid](
             a_t, b_t, inv_norm, dz, dw_parts, db_parts, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *dz.stride(),

@@ -136,6 +136,16 @@ def test_broadcast_bias_gets_summed_gradient():
     check_against_reference(inputs, torch.float32)
 
 
+def test_bias_and_mask_without_leading_dims_broadcast():
+    """bias ``[H, N, N]`` and mask ``[S, N]`` for q ``[2, S, N, H, D]``: both broadcast over the
+    batch (the op expands them only when their leading dims differ from q's)."""
+    lead, S, N, H, D = (2,), 3, 10, 2, 16
+    inputs = make_inputs(lead, S, N, H, D, torch.float32)
+    inputs["bias"] = torch.randn(H, N, N, requires_grad=True)
+    inputs["mask"] = torch.rand(S, N) > 0.3
+    check_against_reference(inputs, torch.float32)
+
+
 def test_bias_gradient_is_deterministic():
     inputs = make_inputs((1,), 5, 17, 1, 16, torch.float32)
     runs = []
