@@ -1,0 +1,134 @@
+"""Host time of one EvoAttention forward + backward at the pair-bias shape, next to SDPA's.
+
+    python benchmarks/host_overhead.py [--ns 384,1024] [--reps 400] [--profile]
+
+At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is the host's. kernels.py times
+each call alone after flushing L2 (``triton.testing.do_bench``), and on the H100 hosts those
+figures move by 2x between runs of the same shape. Here each implementation runs ``--reps``
+calls back to back with no synchronisation inside: the host's time per call is the loop's
+wall time over the reps, since the GPU, with less work per call, never holds the loop back
+(the JSON records the GPU's own time per call, from CUDA events around the loop, to show
+that). The rows are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of
+the rounds is reported, so a slow patch of the host hits every row alike.
+
+Rows: megafold (the op), sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and two
+floors: ``autograd`` (a torch.autograd.Function whose forward and backward only allocate the
+outputs: what any custom op pays) and ``triton_launch`` (one launch of an empty Triton
+kernel: what each of megafold's four launches pays in Triton's launcher). ``--profile`` adds
+cProfile's top functions of the megafold row to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import environment, write_json  # noqa: E402
+from kernels import evo_implementations, evo_inputs  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    if n < 0:  # never true: the launch is what is measured
+        tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+
+class _AllocOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, gate):
+        ctx.save_for_backward(q, k, v, bias, mask, gate)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, mask, gate = ctx.saved_tensors
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias), None,
+                torch.empty_like(gate))
+
+
+def host_us(fn, reps: int) -> tuple[float, float]:
+    """(host us per call, GPU us per call) over ``reps`` back-to-back calls."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) / reps * 1e6
+    end.record()
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) * 1e3 / reps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ns", default="384,1024")
+    parser.add_argument("--dims", default="24,64", help="head dims (H = 16, S = 1)")
+    parser.add_argument("--reps", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    env = environment()
+    rows = []
+    x = torch.empty(16, device=device)
+    launch = lambda: _empty_kernel[(1,)](x, 16, BLOCK=16)  # noqa: E731
+    for D in (int(d) for d in args.dims.split(",")):
+        for N in (int(n) for n in args.ns.split(",")):
+            inputs = evo_inputs(1, N, 16, D, device)
+            grad_out = torch.randn_like(inputs["q"])
+            leaves = tuple(inputs[k] for k in ("q", "k", "v", "bias", "gate"))
+            impls = evo_implementations(1, N, 16, D)
+            steps = {}
+            for name in ("megafold", "sdpa"):
+                prepare, run = impls[name]
+                x_in = prepare(inputs) if prepare else inputs
+                steps[name] = (lambda r=run, xi=x_in: torch.autograd.grad(r(xi), leaves, grad_out))
+            steps["autograd"] = lambda: torch.autograd.grad(
+                _AllocOnly.apply(*(inputs[k] for k in ("q", "k", "v", "bias", "mask", "gate"))), leaves, grad_out)
+            steps["triton_launch"] = launch
+            for step in steps.values():  # compile, tune (off by default), warm the allocator
+                for _ in range(20):
+                    step()
+            samples = {name: [] for name in steps}
+            for _ in range(args.rounds):
+                for name, step in steps.items():
+                    samples[name].append(host_us(step, args.reps))
+            for name, values in samples.items():
+                row = {"shape": f"pairbias{D}", "N": N, "S": 1, "H": 16, "D": D, "impl": name,
+                       "host_us": statistics.median(v[0] for v in values),
+                       "host_us_rounds": [round(v[0], 1) for v in values],
+                       "gpu_us": statistics.median(v[1] for v in values)}
+                rows.append(row)
+                print(f"  pairbias{D} N={N:5d} {name:14s} host {row['host_us']:8.1f} us/call   "
+                      f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(args.reps):
+                    steps["megafold"]()
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+                rows[-4]["cprofile"] = text.getvalue()
+                print(text.getvalue()[:4000])
+    config = {"ns": args.ns, "dims": args.dims, "reps": args.reps, "rounds": args.rounds}
+    name = "host_overhead" + (f"-{args.tag}" if args.tag else "")
+    print("wrote", write_json(name, env, rows, config, args.out))
+
+
+if __name__ == "__main__":
+    main()
