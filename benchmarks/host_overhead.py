@@ -6,9 +6,9 @@ At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is the host's. kern
 each call alone after flushing L2 (``triton.testing.do_bench``), and on the H100 hosts those
 figures move by 2x between runs of the same shape. Here each implementation runs ``--reps``
 calls back to back with no synchronisation inside: the host's time per call is the loop's
-wall time over the reps, since the GPU, with less work per call, never holds the loop back
-(the JSON records the GPU's own time per call, from CUDA events around the loop, to show
-that). The rows are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of
+wall time over the reps, while the GPU has less work per call than the host and never holds
+the loop back. (``gpu_us`` is the span of CUDA events around the loop, per call: equal to
+``host_us`` when the host is the bound, larger when the GPU is.) The rows are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of
 the rounds is reported, so a slow patch of the host hits every row alike.
 
 Rows: megafold (the op), sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and two

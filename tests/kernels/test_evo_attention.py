@@ -77,6 +77,7 @@ def check_against_reference(inputs, dtype, scale=None, backend="triton", grad_ou
         ((2,), 5, 13, 3, 24),   # odd N, D not a power of two
         ((1,), 1, 33, 4, 8),    # single row (pair-bias shape), N past one block
         ((2, 2), 2, 7, 1, 48),  # two leading dims, D = 48
+        ((), 2, 9, 2, 16),      # no leading dim: q [S, N, H, D]
     ],
 )
 def test_matches_reference(lead, S, N, H, D, dtype, poisoned_empty):
