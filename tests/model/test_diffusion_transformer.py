@@ -64,6 +64,9 @@ def test_batched_transformer_equals_per_block_reference(atoms):
         return transformer(a, None, inputs.biases, mask, windows, inputs.weights, inputs.modulations)
 
     expected, expected_grads = run(lambda: reference_forward(transformer, a, cond, pair, mask, windows))
+    # Float64 round-off, as an absolute floor, scales with the largest gradient: some gradients
+    # are zero up to round-off (norm ~1e-15), and an absolute 1e-14 failed on one CPU type.
+    atol = 1e-13 * max(g.norm() for g in expected_grads)
     forwards = [
         lambda weights=weights: transformer(a, cond, transformer.pair_biases(pair), mask, windows, weights)
         for weights in (None, transformer.weights(fuse_projections=False), transformer.weights())
@@ -72,7 +75,7 @@ def test_batched_transformer_equals_per_block_reference(atoms):
         got, grads = run(forward)
         assert (got - expected).norm() <= 1e-12 * expected.norm()
         for grad, want in zip(grads, expected_grads):
-            assert (grad - want).norm() <= 1e-12 * want.norm() + 1e-14
+            assert (grad - want).norm() <= 1e-12 * want.norm() + atol
 
 
 def _per_call_diffusion(monkeypatch) -> None:
