@@ -107,11 +107,13 @@ def main(argv=None) -> None:
             for _ in range(args.rounds):
                 for name, step in steps.items():
                     samples[name].append(host_us(step, args.reps))
+            shape_rows = {}
             for name, values in samples.items():
-                row = {"shape": f"pairbias{D}", "N": N, "S": 1, "H": 16, "D": D, "impl": name,
-                       "host_us": statistics.median(v[0] for v in values),
-                       "host_us_rounds": [round(v[0], 1) for v in values],
-                       "gpu_us": statistics.median(v[1] for v in values)}
+                row = shape_rows[name] = {
+                    "shape": f"pairbias{D}", "N": N, "S": 1, "H": 16, "D": D, "impl": name,
+                    "host_us": statistics.median(v[0] for v in values),
+                    "host_us_rounds": [round(v[0], 1) for v in values],
+                    "gpu_us": statistics.median(v[1] for v in values)}
                 rows.append(row)
                 print(f"  pairbias{D} N={N:5d} {name:14s} host {row['host_us']:8.1f} us/call   "
                       f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
                 profiler.disable()
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-                rows[-4]["cprofile"] = text.getvalue()
+                shape_rows["megafold"]["cprofile"] = text.getvalue()
                 print(text.getvalue()[:4000])
     config = {"ns": args.ns, "dims": args.dims, "reps": args.reps, "rounds": args.rounds}
     name = "host_overhead" + (f"-{args.tag}" if args.tag else "")

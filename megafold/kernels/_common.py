@@ -303,16 +303,7 @@ def run_tuned(
         asked, fitted = _fitted.get((op, tuple(key)), (None, None))
         if asked == config:
             return launch(fitted)
-    try:  # the common case, first: the choice fits
-        return launch(config)
-    except Exception as error:
-        if "out of resource" not in str(error).lower():
-            raise
-        failed = error
-    fallbacks = [default] if default != config else []
-    if default.get("num_stages", 2) > 1:
-        fallbacks.append({**default, "num_stages": 1})
-    for attempt in fallbacks:
+    for attempt in _attempts(config, default):
         try:
             result = launch(attempt)
         except Exception as error:
@@ -320,9 +311,20 @@ def run_tuned(
                 raise
             failed = error
             continue
-        _fitted[(op, tuple(key))] = (config, attempt)
+        if attempt is not config:
+            _fitted[(op, tuple(key))] = (config, attempt)
         return result
     raise failed
+
+
+def _attempts(config: dict, default: dict) -> Iterator[dict]:
+    """What ``run_tuned`` launches, in order, until one fits: the choice, the default, the
+    default with one pipeline stage. Lazily: the common case stops at the first."""
+    yield config
+    if default != config:
+        yield default
+    if default.get("num_stages", 2) > 1:
+        yield {**default, "num_stages": 1}
 
 
 # (op, key) -> (the configuration asked for, the one that fit this GPU): see run_tuned.

@@ -607,7 +607,7 @@ class _Inputs:
             self.bias = _flatten_batch(bias, 3, self.B)
         self.mask = None
         if mask is not None:
-            if mask.shape[:-2] != self.lead or mask.shape[-2] != self.S:
+            if mask.shape != (*self.lead, self.S, self.N):
                 mask = mask.expand(*self.lead, self.S, self.N)
             self.mask = _flatten_batch(mask, 2, self.B).view(torch.uint8)
 
@@ -792,8 +792,7 @@ class _EvoAttentionFunction(torch.autograd.Function):
         if dbias is not None:
             if dbias.shape != full_bias_shape:
                 dbias = dbias.view(full_bias_shape)
-            if dbias.shape != ctx.bias_shape:
-                dbias = _sum_to_shape(dbias, ctx.bias_shape)
+            dbias = _sum_to_shape(dbias, ctx.bias_shape)
             if dbias.dtype != ctx.bias_dtype:
                 dbias = dbias.to(ctx.bias_dtype)
         # Views only where the shapes differ (q with several leading dims or none): at the
