@@ -32,6 +32,9 @@
 #   retune-evo       MEGAFOLD_AUTOTUNE=force over the triangle-shape EvoAttention keys at N=384,
 #             768 (every candidate's time in $OUT/autotune-trials.json), then their rows
 #   retune-triangle  the same for triangle multiplication (its one-stage input candidates)
+#   launch    launch_kernel's direct launches against Triton's own path: host_overhead.py (plain
+#             pair-bias calls), then a "paper" training step (crop 384, triton) with
+#             MEGAFOLD_FAST_LAUNCH=0, =1, =0
 #   cueq-ops  first of two calls for the cuEquivariance rows: cuequivariance-ops-cu13 (45 MB,
 #             carry .whl2) into /tmp/cueq; the next call must find the machine still warm
 #   cueq-peers second call (carry .whl: cuequivariance, -torch, -ops-torch, trifast and
@@ -135,6 +138,13 @@ retune-evo)
 retune-triangle)
     step retune_triangle 560 env MEGAFOLD_AUTOTUNE=force $py benchmarks/kernels.py --ops triangle_multiply \
         --ns 384,768 --graph --impls megafold --out "$OUT"
+    ;;
+launch)
+    step host_overhead 200 $py benchmarks/host_overhead.py --out "$OUT"
+    for run in 0a 1 0b; do
+        step "step_fast$run" 170 env MEGAFOLD_FAST_LAUNCH=${run:0:1} $py benchmarks/train_step.py --source synthetic \
+            --kernels triton --steps 5 --tag "fast-launch-$run" --out "$OUT"
+    done
     ;;
 cueq-ops)
     step cueq_ops 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \

@@ -11,11 +11,13 @@ the loop back. (``gpu_us`` is the span of CUDA events around the loop, per call:
 ``host_us`` when the host is the bound, larger when the GPU is.) The rows are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of
 the rounds is reported, so a slow patch of the host hits every row alike.
 
-Rows: megafold (the op), sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and two
-floors: ``autograd`` (a torch.autograd.Function whose forward and backward only allocate the
-outputs: what any custom op pays) and ``triton_launch`` (one launch of an empty Triton
-kernel: what each of megafold's four launches pays in Triton's launcher). ``--profile`` adds
-cProfile's top functions of the megafold row to the JSON.
+Rows: megafold (the op), ``megafold_triton_path`` (the op with every launch through Triton's
+``kernel[grid](...)``, as before ``_common.launch_kernel`` launched compiled kernels directly),
+sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and three floors: ``autograd`` (a
+torch.autograd.Function whose forward and backward only allocate the outputs: what any custom
+op pays), ``triton_launch`` (one launch of an empty two-argument Triton kernel through
+Triton's path) and ``direct_launch`` (the same launch through ``launch_kernel``).
+``--profile`` adds cProfile's top functions of the megafold row to the JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, write_json  # noqa: E402
 from kernels import evo_implementations, evo_inputs  # noqa: E402
+
+from megafold.kernels import _common  # noqa: E402
 
 
 @triton.jit
@@ -86,6 +90,17 @@ def main(argv=None) -> None:
     rows = []
     x = torch.empty(16, device=device)
     launch = lambda: _empty_kernel[(1,)](x, 16, BLOCK=16)  # noqa: E731
+    direct = lambda: _common.launch_kernel(_empty_kernel, (1,), x, 16, BLOCK=16)  # noqa: E731
+
+    def through_triton(step):
+        def run():
+            saved = list(_common._fast)
+            _common._fast[:] = [None]  # launch_kernel takes Triton's path
+            try:
+                step()
+            finally:
+                _common._fast[:] = saved
+        return run
     for D in (int(d) for d in args.dims.split(",")):
         for N in (int(n) for n in args.ns.split(",")):
             inputs = evo_inputs(1, N, 16, D, device)
@@ -97,9 +112,12 @@ def main(argv=None) -> None:
                 prepare, run = impls[name]
                 x_in = prepare(inputs) if prepare else inputs
                 steps[name] = (lambda r=run, xi=x_in: torch.autograd.grad(r(xi), leaves, grad_out))
+                if name == "megafold":
+                    steps["megafold_triton_path"] = through_triton(steps[name])
             steps["autograd"] = lambda: torch.autograd.grad(
                 _AllocOnly.apply(*(inputs[k] for k in ("q", "k", "v", "bias", "mask", "gate"))), leaves, grad_out)
             steps["triton_launch"] = launch
+            steps["direct_launch"] = direct
             for step in steps.values():  # compile, tune (off by default), warm the allocator
                 for _ in range(20):
                     step()
@@ -115,7 +133,7 @@ def main(argv=None) -> None:
                     "host_us_rounds": [round(v[0], 1) for v in values],
                     "gpu_us": statistics.median(v[1] for v in values)}
                 rows.append(row)
-                print(f"  pairbias{D} N={N:5d} {name:14s} host {row['host_us']:8.1f} us/call   "
+                print(f"  pairbias{D} N={N:5d} {name:20s} host {row['host_us']:8.1f} us/call   "
                       f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
             if args.profile:
                 profiler = cProfile.Profile()

@@ -105,6 +105,109 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+# --------------------------------------------------------------------------- launches
+#
+# ``kernel[grid](*args, **meta)`` makes Triton work out, on every call, how each argument
+# specializes the kernel (each tensor's dtype and 16-byte alignment, each int's value being 1
+# or a multiple of 16), turn that and the options into its cache key and check the kernel's
+# globals before it calls the compiled launcher. On the H100 hosts that is ~2 us an argument:
+# ~70 us for one of EvoAttention's 33-argument launches, most of a small call's host time.
+# ``launch_kernel`` does it once for each (kernel, device, argument key, meta) and afterwards
+# calls the compiled kernel's launcher directly. The argument key is at least as fine as
+# Triton's own: ints by value, tensors by dtype and alignment (and, on ROCm, whether their
+# storage is within 2 GiB: the buffer-op specialization), floats by type. Triton's own path is
+# taken under the interpreter, on Triton 3.2 (its launchers take the non-constexpr arguments
+# only), while a launch hook is set (a profiler such as proton), while ``JITFunction.run`` is
+# patched (e.g. by ``precompile.record_launches``), and with ``MEGAFOLD_FAST_LAUNCH=0``.
+
+_launchers: dict[tuple, tuple] = {}
+_LAUNCHERS_MAX = 4096  # distinct (kernel, shape) entries kept before the table starts again
+_fast: list = []  # [None] (Triton's path only) or [(current_device, current_stream, hooks_set, jit_run, rocm)]
+
+
+def _fast_setup() -> tuple | None:
+    if interpreter_active() or os.environ.get("MEGAFOLD_FAST_LAUNCH", "1") == "0":
+        return None
+    try:
+        import triton
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        if version < (3, 3):
+            return None
+        active = driver.active
+        current_device, current_stream = active.get_current_device, active.get_current_stream
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:  # Triton 3.4+
+            runtime = knobs.runtime
+
+            def hooks_set() -> bool:
+                return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+        else:
+            from triton.compiler.compiler import CompiledKernel
+
+            def hooks_set() -> bool:
+                return CompiledKernel.launch_enter_hook is not None or CompiledKernel.launch_exit_hook is not None
+    except Exception:  # noqa: BLE001  an unexpected Triton layout: its own launch path
+        return None
+    return current_device, current_stream, hooks_set, JITFunction.run, torch.version.hip is not None
+
+
+def _argument_key(args: Sequence, rocm: bool) -> tuple:
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            ptr = a.data_ptr()
+            if rocm:
+                key.append((a.dtype, ptr % 16 == 0, a.untyped_storage().size() < 2**31))
+            else:
+                key.append((a.dtype, ptr % 16 == 0))
+        elif type(a) is int:
+            key.append(a)  # by value
+        elif type(a) is float:
+            key.append(float)
+        else:
+            key.append((type(a), a))  # a bool, None, a string (True == 1: the type tells them apart)
+    return tuple(key)
+
+
+def launch_kernel(kernel, grid: Sequence[int], *args, **meta) -> object:
+    """``kernel[grid](*args, **meta)``; from the second call with the same argument key on,
+    without Triton's per-call specialization (see above). ``grid``: a tuple of 1 to 3 ints."""
+    if not _fast:
+        _fast.append(_fast_setup())
+    fast = _fast[0]
+    if fast is None:
+        return kernel[grid](*args, **meta)
+    current_device, current_stream, hooks_set, jit_run, rocm = fast
+    if type(kernel).run is not jit_run or hooks_set():
+        return kernel[grid](*args, **meta)
+    device = current_device()
+    try:
+        key = (kernel, device, _argument_key(args, rocm), *meta.items())
+        entry = _launchers.get(key)
+    except TypeError:  # an unhashable argument: Triton's path
+        return kernel[grid](*args, **meta)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        run = getattr(compiled, "run", None)
+        if run is not None and not getattr(kernel, "pre_run_hooks", None):
+            # The launcher takes every parameter in order, constexprs included (it skips them).
+            tail = []
+            for param in kernel.params[len(args):]:
+                tail.append(meta[param.name] if param.name in meta else param.default)
+            if len(_launchers) >= _LAUNCHERS_MAX:
+                _launchers.clear()
+            _launchers[key] = (compiled, run, compiled.function, compiled.packed_metadata, tuple(tail))
+        return compiled
+    compiled, run, function, packed_metadata, tail = entry
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, current_stream(device),
+        function, packed_metadata, None, None, None, *args, *tail)
+    return compiled
+
+
 # --------------------------------------------------------------------------- autotuning
 #
 # Triton's own @autotune re-tunes in every process and cannot run under the interpreter.

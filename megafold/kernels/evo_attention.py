@@ -33,6 +33,7 @@ import triton.language as tl
 from megafold.kernels._common import (
     cdiv,
     interpreter_active,
+    launch_kernel,
     multiprocessors,
     next_power_of_2,
     resolve_backend,
@@ -658,7 +659,7 @@ def _forward(inp: _Inputs, scale: float):
 
     def launch(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
-        _evo_attention_forward_kernel[grid](
+        launch_kernel(_evo_attention_forward_kernel, grid,
             inp.q, inp.k, inp.v,
             inp.bias if inp.bias is not None else dummy,
             inp.mask if inp.mask is not None else dummy,
@@ -686,7 +687,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
     delta = torch.empty((B, S, H, N), device=inp.q.device, dtype=torch.float32)
     block_h, block_dp = next_power_of_2(H), next_power_of_2(D)
     prep_block_n = max(1, min(64, 4096 // (block_h * block_dp)))
-    _evo_attention_backward_prep_kernel[(cdiv(N, prep_block_n), S, B)](
+    launch_kernel(_evo_attention_backward_prep_kernel, (cdiv(N, prep_block_n), S, B),
         dout, inp.gate if inp.gate is not None else dout, att, datt,
         dgate if dgate is not None else datt, delta,
         *dout.stride(), *_strides(inp.gate, 5), S, N, H, D,
@@ -723,7 +724,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
             target = dbias if chunks == 1 else torch.empty((chunks, B, H, N, N), device=device,
                                                            dtype=torch.float32)
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
-            _evo_attention_dbias_kernel[grid](
+            launch_kernel(_evo_attention_dbias_kernel, grid,
                 inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
                 S, H, N, D, scale * LOG2E, B * H, rows_per_chunk,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -740,7 +741,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
 
     def launch_dkdv(cfg):
         grid = (cdiv(N, cfg["BLOCK_N"]), S, B * H)
-        _evo_attention_dkdv_kernel[grid](
+        launch_kernel(_evo_attention_dkdv_kernel, grid,
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
             S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
@@ -749,7 +750,7 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
 
     def launch_dq(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
-        _evo_attention_dq_kernel[grid](
+        launch_kernel(_evo_attention_dq_kernel, grid,
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
             S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,

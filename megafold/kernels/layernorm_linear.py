@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, multiprocessors, next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, launch_kernel, multiprocessors, next_power_of_2, resolve_backend, run_tuned
 
 MAX_GRID_Y = 65535
 
@@ -451,7 +451,7 @@ def layernorm_linear_forward(
     def launch(cfg: dict) -> None:
         col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
         grid = (cdiv(rows.per_batch, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
-        _layernorm_linear_forward_kernel[grid](
+        launch_kernel(_layernorm_linear_forward_kernel, grid,
             x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
             rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
             K=K, HAS_BIAS=bias is not None, X_MERGED=rows.merged[0],
@@ -557,7 +557,7 @@ def layernorm_linear_backward(
         dw_part = torch.empty(programs, O, K, device=x.device, dtype=torch.float32)
         db_part = torch.empty(programs, O, device=x.device, dtype=torch.float32) if need_bias else None
         dummy = mean
-        _layernorm_linear_backward_narrow_kernel[(programs,)](
+        launch_kernel(_layernorm_linear_backward_narrow_kernel, (programs,),
             x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
             ln_w_part if need_input else dummy, ln_b_part if need_input else dummy, dw_part,
             db_part if need_bias else dummy,
@@ -584,7 +584,7 @@ def layernorm_linear_backward(
         xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
         for start, end in chunks:
-            _layernorm_linear_backward_kernel[(cdiv(end - start, block_m),)](
+            launch_kernel(_layernorm_linear_backward_kernel, (cdiv(end - start, block_m),),
                 x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
                 xn if need_weight else dummy, ln_w_part if need_input else dummy,
                 ln_b_part if need_input else dummy,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, launch_kernel, next_power_of_2, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
@@ -398,7 +398,7 @@ def _opm_forward(ab_t, inv_norm, weight, bias):
 
     def launch(cfg):
         grid = (cdiv(N, cfg["BLOCK_I"]) * cdiv(N, cfg["BLOCK_J"]), B)
-        _outer_product_mean_forward_kernel[grid](
+        launch_kernel(_outer_product_mean_forward_kernel, grid,
             a_t, b_t, inv_norm, weight, bias, out, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=dot_precision(weight.dtype),
@@ -427,7 +427,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     def left_grads(cfg):
         # Axis 2: (batch, s block) x side; side 0 makes da, side 1 db (the transposed problem).
         grid = (cdiv(N, cfg["BLOCK_I"]), cdiv(CH, cfg["BLOCK_C"]), B * cdiv(S, cfg["BLOCK_S"]) * 2)
-        _outer_product_mean_left_grad_kernel[grid](
+        launch_kernel(_outer_product_mean_left_grad_kernel, grid,
             ab_t, inv_norm, weight, dz, d_ab_t, N, S, CH, CZ,
             *ab_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH), *dz.stride(), *d_ab_t.stride(),
             DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
@@ -445,7 +445,7 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
         dw_parts = torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
         db_parts = torch.empty(B * groups, CZ, device=ab_t.device, dtype=torch.float32)
         grid = (groups, cdiv(CH, cfg["BLOCK_C"]), B)
-        _outer_product_mean_weight_grad_kernel[grid](
+        launch_kernel(_outer_product_mean_weight_grad_kernel, grid,
             a_t, b_t, inv_norm, dz, dw_parts, db_parts, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *dz.stride(),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=precision,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
@@ -185,7 +185,7 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
     block_c, block_co, wide = _blocks(C, C_OUT)
 
     def launch(cfg):
-        _transition_forward_kernel[(cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0])](
+        launch_kernel(_transition_forward_kernel, (cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0]),
             x, ln_weight, ln_bias, w_in, w_out, out, mean, rstd,
             rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
             w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1), eps,
@@ -238,7 +238,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
-            _transition_backward_kernel[(cdiv(end - start, block_m),)](
+            launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
                 x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
                 start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
             )

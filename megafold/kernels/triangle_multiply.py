@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, resolve_backend, run_tuned
+from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
@@ -335,7 +335,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
 
     def launch_in(cfg):
-        _triangle_input_forward_kernel[(cdiv(NN, cfg["BLOCK_M"]), B)](
+        launch_kernel(_triangle_input_forward_kernel, (cdiv(NN, cfg["BLOCK_M"]), B),
             z, mask, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, ab, z_mean, z_rstd,
             N, CH, ab.stride(0), *sz, *sm, *w_p.stride(), *w_g.stride(), eps,
             CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec,
@@ -357,7 +357,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
 
     def launch_out(cfg):
-        _triangle_output_forward_kernel[(cdiv(NN, cfg["BLOCK_M"]), B)](
+        launch_kernel(_triangle_output_forward_kernel, (cdiv(NN, cfg["BLOCK_M"]), B),
             x, z, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
             p["norm_out_weight"], p["norm_out_bias"], w_o, out, x_mean, x_rstd,
             N, *sz, *w_og.stride(), *w_o.stride(), eps,
@@ -394,7 +394,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         d_update = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         xn = torch.empty(chunks[0][1], CH, device=dev, dtype=dtype)
         for start, end in chunks:
-            _triangle_output_backward_kernel[(cdiv(end - start, block_m),)](
+            launch_kernel(_triangle_output_backward_kernel, (cdiv(end - start, block_m),),
                 x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
                 p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, d_update, xn, ln_w_part, ln_b_part,
                 start, end, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
@@ -450,7 +450,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
         zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
         for start, end in chunks:
-            _triangle_input_backward_kernel[(cdiv(end - start, block_m),)](
+            launch_kernel(_triangle_input_backward_kernel, (cdiv(end - start, block_m),),
                 z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
                 dab, d_gate, dz, zn, d_pg, ln_w_part, ln_b_part, start, end, N, CH, dab.stride(0),
                 *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),

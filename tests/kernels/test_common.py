@@ -195,3 +195,138 @@ def test_every_shipped_choice_is_keyed_for_its_own_file_and_names_block_sizes():
             assert "".join(c if c.isalnum() or c in "._-" else "_" for c in device) + ".json" == path.name
             assert isinstance(op, str) and isinstance(shape, list)
             assert "num_warps" in choice and any(name.startswith("BLOCK_") for name in choice), (key, choice)
+
+
+# --------------------------------------------------------------------------- launch_kernel
+
+
+class _Param:
+    def __init__(self, name, default=None):
+        self.name, self.default = name, default
+
+
+class _FakeCompiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "function-handle", "packed-metadata"
+
+    def run(self, *launch_args):
+        self.log.append(("fast", launch_args))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: ``kernel[grid](...)`` logs a Triton launch."""
+
+    def __init__(self):
+        self.params = [_Param("x"), _Param("n"), _Param("scale"), _Param("BLOCK"), _Param("FLAG", True)]
+        self.pre_run_hooks, self.log = [], []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.log.append(("triton", grid, args, kwargs))
+        return _FakeCompiled(self.log)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+@pytest.fixture
+def fake_launcher(monkeypatch):
+    hooks = []
+    streams = []
+
+    def stream(device):
+        streams.append(device)
+        return 1234
+
+    monkeypatch.setattr(_common, "_fast", [(lambda: 0, stream, lambda: bool(hooks), _FakeKernel.run, False)])
+    monkeypatch.setattr(_common, "_launchers", {})
+    return hooks
+
+
+def test_launch_kernel_calls_the_compiled_launcher_with_every_parameter_in_order(fake_launcher):
+    kernel, x = _FakeKernel(), torch.zeros(64)
+    _common.launch_kernel(kernel, (3, 2), x, 48, 0.5, BLOCK=16, num_warps=4)
+    assert [entry[0] for entry in kernel.log] == ["triton"]
+    _common.launch_kernel(kernel, (5,), x, 48, 0.25, BLOCK=16, num_warps=4)  # a float is not specialized on
+    assert kernel.log[-1] == ("fast", (5, 1, 1, 1234, "function-handle", "packed-metadata", None, None, None,
+                                       x, 48, 0.25, 16, True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["int", "int one", "bool for int", "dtype", "alignment", "constexpr", "option", "hook", "patched run"],
+)
+def test_launch_kernel_goes_through_triton_when_the_specialization_may_differ(fake_launcher, monkeypatch, change):
+    kernel, x = _FakeKernel(), torch.zeros(64)
+    args, meta = [x, 1 if change == "bool for int" else 48, 0.5], {"BLOCK": 16, "num_warps": 4}
+    _common.launch_kernel(kernel, (1,), *args, **meta)
+    _common.launch_kernel(kernel, (1,), *args, **meta)
+    assert [entry[0] for entry in kernel.log] == ["triton", "fast"]
+    if change == "int":
+        args[1] = 49
+    elif change == "int one":
+        args[1] = 1
+    elif change == "bool for int":
+        args[1] = True  # == 1, but Triton types it as a bool
+    elif change == "dtype":
+        args[0] = x.half()
+    elif change == "alignment":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "constexpr":
+        meta["BLOCK"] = 32
+    elif change == "option":
+        meta["num_warps"] = 8
+    elif change == "hook":
+        fake_launcher.append("a profiler's launch hook")
+    else:
+        monkeypatch.setattr(_FakeKernel, "run", lambda self, *a, grid, warmup, **k: self.log.append(("patched",)))
+    _common.launch_kernel(kernel, (1,), *args, **meta)
+    assert kernel.log[-1][0] in ("triton", "patched")
+
+
+def test_launch_kernel_is_triton_own_path_under_the_interpreter():
+    assert _common.interpreter_active()
+    assert _common._fast_setup() is None
+
+
+@pytest.mark.gpu
+def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monkeypatch):
+    """On the GPU: EvoAttention's forward and backward (five kernels) give bitwise the same
+    output and gradients through Triton's launch path and the direct one, for aligned and
+    unaligned inputs and another scale."""
+    import triton
+
+    from megafold.kernels import evo_attention
+
+    torch.manual_seed(0)
+    B, S, N, H, D = 1, 2, 80, 4, 32
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q, k, v, gate = (torch.randn(B, S, N, H, D, device=dev, dtype=dt) for _ in range(4))
+    bias = torch.randn(B, H, N, N, device=dev, dtype=dt)
+    mask = torch.rand(B, S, N, device=dev) > 0.2
+
+    def unaligned(t):  # the same values, 2 bytes past a 16-byte boundary
+        flat = torch.empty(t.numel() + 1, device=dev, dtype=t.dtype)
+        flat[1:].copy_(t.flatten())
+        return flat[1:].view_as(t)
+
+    def run(inputs, scale=None):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = evo_attention(*leaves[:3], leaves[3], mask, leaves[4], scale=scale)
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        return [out, *grads]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    inputs = [q, k, v, bias, gate]
+    _common._launchers.clear()
+    reference = run(inputs)  # Triton's path: each kernel's launcher is recorded
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3):
+        assert len(_common._launchers) >= 4
+    assert same(run(inputs), reference)  # direct launches
+    misaligned = [unaligned(t) for t in inputs]
+    assert misaligned[0].data_ptr() % 16 != 0
+    assert same(run(misaligned), reference) and same(run(misaligned), reference)
+    other_scale = run(inputs, scale=0.3)
+    monkeypatch.setattr(_common, "_fast", [None])  # Triton's path only
+    assert same(run(inputs, scale=0.3), other_scale) and not same(other_scale, reference)
