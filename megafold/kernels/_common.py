@@ -143,15 +143,21 @@ def _fast_setup() -> tuple | None:
             runtime = knobs.runtime
 
             def hooks_set() -> bool:
-                return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+                return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
         else:
             from triton.compiler.compiler import CompiledKernel
 
             def hooks_set() -> bool:
-                return CompiledKernel.launch_enter_hook is not None or CompiledKernel.launch_exit_hook is not None
+                return _hook_active(CompiledKernel.launch_enter_hook) or _hook_active(CompiledKernel.launch_exit_hook)
     except Exception:  # noqa: BLE001  an unexpected Triton layout: its own launch path
         return None
     return current_device, current_stream, hooks_set, JITFunction.run, torch.version.hip is not None
+
+
+def _hook_active(hook) -> bool:
+    """Whether a launch hook is set: None (Triton 3.3-3.5) or a ``HookChain`` with no calls in
+    it (Triton 3.6+, where the hooks are never None) is not."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _argument_key(args: Sequence, rocm: bool) -> tuple:
@@ -181,7 +187,7 @@ def launch_kernel(kernel, grid: Sequence[int], *args, **meta) -> object:
     if fast is None:
         return kernel[grid](*args, **meta)
     current_device, current_stream, hooks_set, jit_run, rocm = fast
-    if type(kernel).run is not jit_run or hooks_set():
+    if getattr(type(kernel), "run", None) is not jit_run or hooks_set():  # a wrapper, a patch, a hook
         return kernel[grid](*args, **meta)
     device = current_device()
     try:

@@ -283,6 +283,15 @@ def test_launch_kernel_goes_through_triton_when_the_specialization_may_differ(fa
     assert kernel.log[-1][0] in ("triton", "patched")
 
 
+def test_launch_hooks_count_as_set_only_with_something_to_call():
+    class Chain:  # Triton 3.6's HookChain: the hook attributes are never None
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not _common._hook_active(None) and not _common._hook_active(Chain([]))
+    assert _common._hook_active(Chain([print])) and _common._hook_active(print)
+
+
 def test_launch_kernel_is_triton_own_path_under_the_interpreter():
     assert _common.interpreter_active()
     assert _common._fast_setup() is None
