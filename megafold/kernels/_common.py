@@ -117,8 +117,11 @@ def multiprocessors(device: torch.device) -> int:
 # Triton's own: ints by value, tensors by dtype and alignment (and, on ROCm, whether their
 # storage is within 2 GiB: the buffer-op specialization), floats by type. Triton's own path is
 # taken under the interpreter, on Triton 3.2 (its launchers take the non-constexpr arguments
-# only), while a launch hook is set (a profiler such as proton), while ``JITFunction.run`` is
-# patched (e.g. by ``precompile.record_launches``), and with ``MEGAFOLD_FAST_LAUNCH=0``.
+# only), while a launch hook or a kernel's pre-run hook is set (a profiler such as proton),
+# while ``JITFunction.run`` is patched (e.g. by ``precompile.record_launches``), and with
+# ``MEGAFOLD_FAST_LAUNCH=0``. Not checked again on the direct path: that the module globals a
+# kernel reads have not changed since it compiled (Triton raises then; ours are constants) and
+# Triton's debug and instrumentation knobs (set them before the first launch).
 
 _launchers: dict[tuple, tuple] = {}
 _LAUNCHERS_MAX = 4096  # distinct (kernel, shape) entries kept before the table starts again
@@ -136,6 +139,9 @@ def _fast_setup() -> tuple | None:
         version = tuple(int(part) for part in triton.__version__.split(".")[:2])
         if version < (3, 3):
             return None
+        run = JITFunction.run
+        if getattr(run, "__module__", None) != JITFunction.__module__:
+            return _NOT_YET  # patched for now (record_launches): the comparison needs the real one
         active = driver.active
         current_device, current_stream = active.get_current_device, active.get_current_stream
         knobs = getattr(triton, "knobs", None)
@@ -151,7 +157,10 @@ def _fast_setup() -> tuple | None:
                 return _hook_active(CompiledKernel.launch_enter_hook) or _hook_active(CompiledKernel.launch_exit_hook)
     except Exception:  # noqa: BLE001  an unexpected Triton layout: its own launch path
         return None
-    return current_device, current_stream, hooks_set, JITFunction.run, torch.version.hip is not None
+    return current_device, current_stream, hooks_set, run, torch.version.hip is not None
+
+
+_NOT_YET = "not yet"
 
 
 def _hook_active(hook) -> bool:
@@ -182,13 +191,16 @@ def launch_kernel(kernel, grid: Sequence[int], *args, **meta) -> object:
     """``kernel[grid](*args, **meta)``; from the second call with the same argument key on,
     without Triton's per-call specialization (see above). ``grid``: a tuple of 1 to 3 ints."""
     if not _fast:
-        _fast.append(_fast_setup())
+        setup = _fast_setup()
+        if setup is _NOT_YET:
+            return kernel[grid](*args, **meta)
+        _fast.append(setup)
     fast = _fast[0]
     if fast is None:
         return kernel[grid](*args, **meta)
     current_device, current_stream, hooks_set, jit_run, rocm = fast
-    if getattr(type(kernel), "run", None) is not jit_run or hooks_set():  # a wrapper, a patch, a hook
-        return kernel[grid](*args, **meta)
+    if getattr(type(kernel), "run", None) is not jit_run or hooks_set() or getattr(kernel, "pre_run_hooks", None):
+        return kernel[grid](*args, **meta)  # a wrapper, a patched JITFunction.run, a hook
     device = current_device()
     try:
         key = (kernel, device, _argument_key(args, rocm), *meta.items())
@@ -198,7 +210,7 @@ def launch_kernel(kernel, grid: Sequence[int], *args, **meta) -> object:
     if entry is None:
         compiled = kernel[grid](*args, **meta)
         run = getattr(compiled, "run", None)
-        if run is not None and not getattr(kernel, "pre_run_hooks", None):
+        if run is not None:
             # The launcher takes every parameter in order, constexprs included (it skips them).
             tail = []
             for param in kernel.params[len(args):]:

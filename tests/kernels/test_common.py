@@ -292,6 +292,22 @@ def test_launch_hooks_count_as_set_only_with_something_to_call():
     assert _common._hook_active(Chain([print])) and _common._hook_active(print)
 
 
+def test_launch_kernel_set_up_while_triton_run_is_patched_waits_for_the_real_one(monkeypatch):
+    from triton.runtime.jit import JITFunction
+
+    from megafold.kernels.precompile import record_launches
+
+    monkeypatch.setattr(_common, "interpreter_active", lambda: False)
+    monkeypatch.setattr(_common, "_fast", [])
+    kernel = _FakeKernel()
+    with record_launches([]):  # patches JITFunction.run
+        assert _common._fast_setup() is _common._NOT_YET
+        _common.launch_kernel(kernel, (1,), torch.zeros(4), 4, 0.5, BLOCK=16)
+        assert _common._fast == []  # nothing decided: the next launch sets up again
+        assert kernel.log[-1][0] == "triton"
+    assert JITFunction.run.__module__ == "triton.runtime.jit"
+
+
 def test_launch_kernel_is_triton_own_path_under_the_interpreter():
     assert _common.interpreter_active()
     assert _common._fast_setup() is None
