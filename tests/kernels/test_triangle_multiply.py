@@ -85,6 +85,42 @@ def test_narrow_channel_slices(dtype, monkeypatch, poisoned_empty):
     check(z, padded_mask(2, 7, 2), make_params(24, 40, dtype), True, dtype)
 
 
+def persistent_output_backward(monkeypatch, config):
+    """Run the output backward's persistent kernel with ``config``; returns the configs launched."""
+    used = []
+    real = module.run_tuned
+
+    def run_tuned(op, key, device, candidates, default, launch, rows=None):
+        if op != "triangle_multiply_out_bwd":
+            return real(op, key, device, candidates, default, launch, rows)
+        used.append(config)
+        return launch(config)
+
+    monkeypatch.setattr(module, "run_tuned", run_tuned)
+    return used
+
+
+@pytest.mark.parametrize("acc_wog", [False, True], ids=["w_o", "w_o-and-w_og"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_output_backward(acc_wog, dtype, monkeypatch, poisoned_empty):
+    # Weight gradients in registers: one program (one SM off a GPU, PERSISTENT=1) or two take
+    # all row blocks of both batches (2 x 13 x 13 pairs in blocks of 16, the last partial).
+    for per_sm in (1, 2):
+        monkeypatch.setattr(module, "PERSISTENT_OUT_GATE_GRAD", acc_wog)
+        used = persistent_output_backward(monkeypatch, {"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": per_sm})
+        z = (torch.randn(2, 13, 13, 24) + 1).to(dtype).requires_grad_()
+        check(z, padded_mask(2, 13, 3), make_params(24, 40, dtype), True, dtype)
+        assert used
+
+
+def test_persistent_output_backward_is_deterministic(monkeypatch):
+    persistent_output_backward(monkeypatch, {"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": 2})
+    z = torch.randn(1, 12, 12, 24).transpose(1, 2).requires_grad_()
+    params = make_params(24, 16, torch.float32)
+    out = triangle_multiply(z, padded_mask(1, 12, 2), params, backend="triton")
+    assert_backward_repeats(out, [z] + [params[n] for n in PARAM_NAMES])
+
+
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
 def test_fully_masked_row_and_column(outgoing):
     B, N = 1, 11
@@ -142,3 +178,16 @@ def test_bf16_real_size_on_gpu(N, outgoing):
     z = torch.randn(1, N, N, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
     mask = padded_mask(1, N, N // 16, device="cuda")
     check(z, mask, make_params(128, 128, torch.bfloat16, device="cuda"), outgoing, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc_wog", [False, True], ids=["w_o", "w_o-and-w_og"])
+@pytest.mark.parametrize("config", module._output_backward_candidates()[6:], ids=str)
+def test_bf16_persistent_output_backward_on_gpu(config, acc_wog, monkeypatch):
+    # Every persistent candidate at N = 384 (147k pairs: ~8-35 row blocks a program).
+    monkeypatch.setattr(module, "PERSISTENT_OUT_GATE_GRAD", acc_wog)
+    used = persistent_output_backward(monkeypatch, config)
+    z = torch.randn(1, 384, 384, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    mask = padded_mask(1, 384, 24, device="cuda")
+    check(z, mask, make_params(128, 128, torch.bfloat16, device="cuda"), True, torch.bfloat16)
+    assert used
