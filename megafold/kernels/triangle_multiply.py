@@ -36,10 +36,12 @@ from megafold.kernels.layernorm_linear import (
     row_chunks,
 )
 
-# The persistent output backward also accumulates out_gate_weight's gradient (d(gate)^T LN(z)),
-# which both its row passes have, so the input backward's second cuBLAS product is skipped. Not
-# a tuning choice: the tuner times the output backward alone and would see only its cost.
-PERSISTENT_OUT_GATE_GRAD = True
+# Whether the persistent output backward also accumulates out_gate_weight's gradient
+# (d(gate)^T LN(z): both operands are in its registers), sparing the input backward's second
+# cuBLAS product. Not a tuning choice: the tuner times the output backward alone and would see
+# only its cost. Off: on the H100 the op took 3.81 ms at N=768 with it and 3.78 without
+# (session 15), its accumulator spilling more.
+PERSISTENT_OUT_GATE_GRAD = False
 
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
 # half the common budget: at N = 384 the op's peak then stays under cuEquivariance's (one
@@ -218,23 +220,48 @@ def _triangle_output_backward_kernel(
     projection's weight gradient: the update's gradient ``[rows, c_z]`` and LN(x) ``[rows, c_h]``."""
     NN = N * N
     local, flat, row_ok, batch, ij = _chunk_rows(row_start, row_end, NN, BLOCK_M)
+    dtype = w_o_ptr.dtype.element_ty
     hs = tl.arange(0, BLOCK_CH)
     h_ok = hs < CH
     ks = tl.arange(0, BLOCK_CZ)
+    k_ok = ks < CZ
+
+    x_rows = batch.to(tl.int64) * CH * NN + ij
+    x_ptrs = x_rows[:, None] + hs[None, :].to(tl.int64) * NN
+    x_ok = row_ok[:, None] & h_ok[None, :]
+    x = tl.load(x_ptr + x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+    x_mean = tl.load(x_mean_ptr + flat, mask=row_ok, other=0.0)
+    x_rstd = tl.load(x_rstd_ptr + flat, mask=row_ok, other=0.0)
+    xhat = tl.where(x_ok, (x - x_mean[:, None]) * x_rstd[:, None], 0.0)
     gamma_out = tl.load(ln_out_w_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
     beta_out = tl.load(ln_out_b_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
+    tl.store(xn_ptr + local[:, None] * CH + hs[None, :], xn, mask=x_ok)
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
+    update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
+
+    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+    z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+    z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
+    gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+
+    d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
+    ok = row_ok[:, None] & k_ok[None, :]
+    dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0).to(tl.float32)
+    d_update = (dout * gate).to(dtype)
+    d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
+    tl.store(d_update_ptr + local[:, None] * CZ + ks[None, :], d_update, mask=ok)
+    tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
+
+    dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
+    dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
+    tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + tl.program_id(0)
-    xn, d_update, _, _ = _output_backward_rows(
-        x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr, ln_in_w_ptr, ln_in_b_ptr,
-        w_og, gamma_out, beta_out, w_o, dx_ptr, d_gate_ptr, dln_w_part_ptr, dln_b_part_ptr, part,
-        flat, row_ok, batch, ij, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c,
-        CZ, CH, Z_MERGED, D_MERGED, DOT_PRECISION, BLOCK_CZ, BLOCK_CH,
-    )
-    tl.store(xn_ptr + local[:, None] * CH + hs[None, :], xn, mask=row_ok[:, None] & h_ok[None, :])
-    tl.store(d_update_ptr + local[:, None] * CZ + ks[None, :], d_update, mask=row_ok[:, None] & (ks < CZ)[None, :])
+    tl.store(dln_w_part_ptr + part * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
+    tl.store(dln_b_part_ptr + part * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
 
 
 @triton.jit
