@@ -75,16 +75,21 @@ def _skip(reason: str) -> None:
 
 def _run_all_cells(page) -> list[str]:
     """Run > Run All Cells, retried until the first code cell has started (a click on a menu
-    that is still being built is sometimes lost). A JupyterLab dialog in the way (seen once on a
-    loaded 2-core CI machine) is closed with Escape; the texts of such dialogs are returned so
-    that a later failure can show them."""
+    that is still being built is sometimes lost). A JupyterLab dialog in the way (seen on
+    loaded 2-core CI machines: "Select Kernel", which Escape does not close) is accepted with
+    its default button (the notebook's own kernel), else closed with Escape; the texts of such
+    dialogs are returned so that a later failure can show them."""
     started = "document.querySelector('.jp-CodeCell .jp-InputPrompt').textContent.trim() !== '[ ]:'"
     dialogs = []
     for _ in range(5):
         dialog = page.locator(".jp-Dialog")
         if dialog.count():
             dialogs.append(dialog.first.inner_text())
-            page.keyboard.press("Escape")
+            accept = dialog.first.locator(".jp-mod-accept")
+            if accept.count():
+                accept.first.click()
+            else:
+                page.keyboard.press("Escape")
             page.wait_for_selector(".jp-Dialog", state="detached", timeout=10_000)
         page.click(".jp-Notebook")
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
