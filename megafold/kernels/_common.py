@@ -110,10 +110,11 @@ def multiprocessors(device: torch.device) -> int:
 # ``kernel[grid](*args, **meta)`` makes Triton work out, on every call, how each argument
 # specializes the kernel (each tensor's dtype and 16-byte alignment, each int's value being 1
 # or a multiple of 16), turn that and the options into its cache key and check the kernel's
-# globals before it calls the compiled launcher. On the H100 hosts that is ~2 us an argument:
-# ~70 us for one of EvoAttention's 33-argument launches, most of a small call's host time.
+# globals before it calls the compiled launcher: a large part of a small call's host time.
 # ``launch_kernel`` does it once for each (kernel, device, argument key, meta) and afterwards
-# calls the compiled kernel's launcher directly. The argument key is at least as fine as
+# calls the compiled kernel's launcher directly: on the H100 hosts 15-31% less host time for a
+# plain EvoAttention call at the pair-bias shape, 140-315 us for its five launches
+# (benchmarks/NOTES.md, session 15). The argument key is at least as fine as
 # Triton's own: ints by value, tensors by dtype and alignment (and, on ROCm, whether their
 # storage is within 2 GiB: the buffer-op specialization), floats by type. Triton's own path is
 # taken under the interpreter, on Triton 3.2 (its launchers take the non-constexpr arguments
