@@ -127,6 +127,7 @@ def multiprocessors(device: torch.device) -> int:
 _launchers: dict[tuple, tuple] = {}
 _LAUNCHERS_MAX = 4096  # distinct (kernel, shape) entries kept before the table starts again
 _fast: list = []  # [None] (Triton's path only) or [(current_device, current_stream, hooks_set, jit_run, rocm)]
+_NOT_YET = "not yet"  # _fast_setup while JITFunction.run is patched: decide at a later launch
 
 
 def _fast_setup() -> tuple | None:
@@ -159,9 +160,6 @@ def _fast_setup() -> tuple | None:
     except Exception:  # noqa: BLE001  an unexpected Triton layout: its own launch path
         return None
     return current_device, current_stream, hooks_set, run, torch.version.hip is not None
-
-
-_NOT_YET = "not yet"
 
 
 def _hook_active(hook) -> bool:

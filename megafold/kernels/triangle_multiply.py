@@ -36,13 +36,6 @@ from megafold.kernels.layernorm_linear import (
     row_chunks,
 )
 
-# Whether the persistent output backward also accumulates out_gate_weight's gradient
-# (d(gate)^T LN(z): both operands are in its registers), sparing the input backward's second
-# cuBLAS product. Not a tuning choice: the tuner times the output backward alone and would see
-# only its cost. Off: on the H100 the op took 3.81 ms at N=768 with it and 3.78 without
-# (session 15), its accumulator spilling more.
-PERSISTENT_OUT_GATE_GRAD = False
-
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
 # half the common budget: at N = 384 the op's peak then stays under cuEquivariance's (one
 # 189 MB chunk raised it from 421 to 473 MiB against cuEquivariance's 434).
@@ -154,57 +147,6 @@ def _triangle_output_forward_kernel(
 
 
 @triton.jit
-def _output_backward_rows(
-    x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr, ln_in_w_ptr, ln_in_b_ptr,
-    w_og, gamma_out, beta_out, w_o, dx_ptr, d_gate_ptr, dln_w_part_ptr, dln_b_part_ptr, part,
-    flat, row_ok, batch, ij, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c,
-    CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
-):
-    """One row block of the output backward: stores dx, the gate pre-activation's gradient and
-    the block's (index ``part``) output-LayerNorm partials; returns the operands of the weight
-    gradients: LN(x), d(update) (for out_proj_weight), LN(z) and d(gate) (out_gate_weight),
-    zero in rows outside the tensor (LN(z) there: beta, against a zero d(gate))."""
-    NN = N * N
-    dtype = w_o.dtype
-    hs = tl.arange(0, BLOCK_CH)
-    h_ok = hs < CH
-    ks = tl.arange(0, BLOCK_CZ)
-    k_ok = ks < CZ
-
-    x_rows = batch.to(tl.int64) * CH * NN + ij
-    x_ptrs = x_rows[:, None] + hs[None, :].to(tl.int64) * NN
-    x_ok = row_ok[:, None] & h_ok[None, :]
-    x = tl.load(x_ptr + x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
-    x_mean = tl.load(x_mean_ptr + flat, mask=row_ok, other=0.0)
-    x_rstd = tl.load(x_rstd_ptr + flat, mask=row_ok, other=0.0)
-    xhat = tl.where(x_ok, (x - x_mean[:, None]) * x_rstd[:, None], 0.0)
-    xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
-    update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
-
-    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
-    z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
-    z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
-    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
-    zn = zn.to(dtype)
-    gate = tl.sigmoid(tl.dot(zn, tl.trans(w_og), input_precision=DOT_PRECISION))
-
-    d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
-    ok = row_ok[:, None] & k_ok[None, :]
-    dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0).to(tl.float32)
-    d_update = (dout * gate).to(dtype)
-    d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
-    tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
-
-    dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
-    dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
-    tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
-    tl.store(dln_w_part_ptr + part * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
-    tl.store(dln_b_part_ptr + part * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
-    return xn, d_update, zn, d_gate
-
-
-@triton.jit
 def _triangle_output_backward_kernel(
     x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr,
     ln_in_w_ptr, ln_in_b_ptr, w_og_ptr, ln_out_w_ptr, ln_out_b_ptr, w_o_ptr,
@@ -268,20 +210,23 @@ def _triangle_output_backward_kernel(
 def _triangle_output_backward_persistent_kernel(
     x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr,
     ln_in_w_ptr, ln_in_b_ptr, w_og_ptr, ln_out_w_ptr, ln_out_b_ptr, w_o_ptr,
-    dx_ptr, d_gate_ptr, dw_o_part_ptr, dw_og_part_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    dx_ptr, d_gate_ptr, dw_o_part_ptr, dln_w_part_ptr, dln_b_part_ptr,
     M, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
     CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC_WOG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
     """The output backward over all ``M = B * N * N`` pairs, this program taking row blocks
-    pid, pid + P, ... (P programs): per block what the chunked kernel computes; over its
-    blocks, out_proj_weight's gradient ``d(update)^T LN(x)`` (and with ``ACC_WOG``
-    out_gate_weight's, ``d(gate)^T LN(z)``) in fp32 registers, stored as one partial per
-    program and summed in a fixed order. LN(x) and d(update) are never written to memory and
-    read back (1 KB a pair at c_z = c_h = 128)."""
+    pid, pid + P, ... (P programs): per block what the chunked kernel computes, except that
+    out_proj_weight's gradient ``d(update)^T LN(x)`` accumulates in fp32 registers over the
+    program's blocks, stored as one partial per program and summed in a fixed order. LN(x)
+    and d(update) are never written to memory and read back (1 KB a pair at c_z = c_h = 128).
+    The row work repeats the chunked kernel's on purpose: one helper shared by both kept LN(x)
+    and d(update) live through the chunked kernel's row work and slowed it by 8% at N = 768
+    (benchmarks/NOTES.md, session 15)."""
     pid = tl.program_id(0)
     NN = N * N
+    dtype = w_o_ptr.dtype.element_ty
     hs = tl.arange(0, BLOCK_CH)
     h_ok = hs < CH
     ks = tl.arange(0, BLOCK_CZ)
@@ -291,24 +236,42 @@ def _triangle_output_backward_persistent_kernel(
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
     dw_o = tl.zeros([BLOCK_CZ, BLOCK_CH], tl.float32)
-    dw_og = tl.zeros([BLOCK_CZ, BLOCK_CZ], tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = flat < M
-        xn, d_update, zn, d_gate = _output_backward_rows(
-            x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr, ln_in_w_ptr, ln_in_b_ptr,
-            w_og, gamma_out, beta_out, w_o, dx_ptr, d_gate_ptr, dln_w_part_ptr, dln_b_part_ptr, block,
-            flat, row_ok, flat // NN, flat % NN, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c,
-            CZ, CH, Z_MERGED, D_MERGED, DOT_PRECISION, BLOCK_CZ, BLOCK_CH,
-        )
+        batch, ij = flat // NN, flat % NN
+
+        x_ptrs = (batch * CH * NN + ij)[:, None] + hs[None, :].to(tl.int64) * NN
+        x_ok = row_ok[:, None] & h_ok[None, :]
+        x = tl.load(x_ptr + x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+        x_mean = tl.load(x_mean_ptr + flat, mask=row_ok, other=0.0)
+        x_rstd = tl.load(x_rstd_ptr + flat, mask=row_ok, other=0.0)
+        xhat = tl.where(x_ok, (x - x_mean[:, None]) * x_rstd[:, None], 0.0)
+        xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
+        update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
+
+        z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+        z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+        z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+        zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
+        gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+
+        d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
+        ok = row_ok[:, None] & k_ok[None, :]
+        dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0)
+        dout = dout.to(tl.float32)
+        d_update = (dout * gate).to(dtype)
+        d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
+        tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
+
+        dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
+        dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
+        tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
+        tl.store(dln_w_part_ptr + block * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
+        tl.store(dln_b_part_ptr + block * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
         dw_o = tl.dot(tl.trans(d_update), xn, dw_o, input_precision=DOT_PRECISION)
-        if ACC_WOG:
-            dw_og = tl.dot(tl.trans(d_gate), zn, dw_og, input_precision=DOT_PRECISION)
     part = pid.to(tl.int64)
     tl.store(dw_o_part_ptr + (part * CZ + ks[:, None]) * CH + hs[None, :], dw_o, mask=k_ok[:, None] & h_ok[None, :])
-    if ACC_WOG:
-        tl.store(dw_og_part_ptr + (part * CZ + ks[:, None]) * CZ + ks[None, :], dw_og,
-                 mask=k_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -477,9 +440,8 @@ def _triangle_forward(z, mask, p, outgoing, eps):
 
 
 def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
-    """dx ``[B, c_h, N, N]``, the gradient of the gate pre-activation ``[B, N, N, c_z]``, the
-    fp32 gradients of out_proj_weight and the output LayerNorm's parameters, and that of
-    out_gate_weight where the chosen kernel computed it (else None: the input pass does)."""
+    """dx ``[B, c_h, N, N]``, the gradient of the gate pre-activation ``[B, N, N, c_z]``, and
+    the fp32 gradients of out_proj_weight and the output LayerNorm's parameters."""
     B, N, _, CZ = z.shape
     CH = x.shape[1]
     M = B * N * N
@@ -498,17 +460,14 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         ln_w_part = torch.empty(blocks, CH, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
         dw_o_part = torch.empty(programs, CZ, CH, device=dev, dtype=torch.float32)
-        acc_wog = PERSISTENT_OUT_GATE_GRAD
-        dw_og_part = torch.empty(programs, CZ, CZ, device=dev, dtype=torch.float32) if acc_wog else dw_o_part
         launch_kernel(_triangle_output_backward_persistent_kernel, (programs,),
             x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
-            p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, dw_o_part, dw_og_part, ln_w_part, ln_b_part,
+            p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, dw_o_part, ln_w_part, ln_b_part,
             M, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
             CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
-            ACC_WOG=acc_wog, BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+            BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
         )
-        grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0),
-                     w_og=dw_og_part.sum(0) if acc_wog else None)
+        grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
 
     def launch(cfg):
         if cfg.get("PERSISTENT"):
@@ -529,13 +488,13 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
             )
             dw_o = add_weight_grad(dw_o, d_update[: end - start], xn[: end - start])
-        grads.update(w_o=dw_o, ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_og=None)
+        grads.update(w_o=dw_o, ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = _output_backward_candidates() if small else []
     run_tuned("triangle_multiply_out_bwd", key, dev, candidates, default, launch, rows=M)
-    return dx, d_gate, grads["w_o"], grads["ln_w"], grads["ln_b"], grads["w_og"]
+    return dx, d_gate, grads["w_o"], grads["ln_w"], grads["ln_b"]
 
 
 def _output_backward_candidates() -> list[dict]:
@@ -565,10 +524,9 @@ def _product_backward(dx, ab, outgoing):
     return dab
 
 
-def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, dw_og=None):
+def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     """dz through the input LayerNorm from the a, b and gate paths, and the fp32 gradients
-    of the input LayerNorm's parameters, ab_proj_weight, ab_gate_weight and out_gate_weight
-    (``dw_og``, where the output pass computed it, is returned as it is)."""
+    of the input LayerNorm's parameters, ab_proj_weight, ab_gate_weight and out_gate_weight."""
     B, N, _, CZ = z.shape
     CH = dab.shape[2]
     M = B * N * N
@@ -584,7 +542,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, dw_og=None):
         block_m = cfg["BLOCK_M"]
         ln_w_part = torch.empty(cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
-        dw_pg = dw_og_sum = None
+        dw_pg = dw_og = None
         chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m, INPUT_CHUNK_BUDGET_SCALE)
         zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
@@ -598,10 +556,8 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, dw_og=None):
                 **_stages(cfg),
             )
             dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
-            if dw_og is None:
-                dw_og_sum = add_weight_grad(dw_og_sum, d_gate_rows[start:end], zn[: end - start])
-        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=dw_pg[: 2 * CH], w_g=dw_pg[2 * CH:],
-                     w_og=dw_og if dw_og is not None else dw_og_sum)
+            dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
+        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=dw_pg[: 2 * CH], w_g=dw_pg[2 * CH:], w_og=dw_og)
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
@@ -615,13 +571,13 @@ def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean
     as its last reader has run, and the weight gradients' operands exist one bounded chunk of
     rows at a time: the peak stays near the forward's."""
     grads: dict[str, torch.Tensor] = {}
-    dx, d_gate, grads["out_proj_weight"], grads["norm_out_weight"], grads["norm_out_bias"], dw_og = _output_backward(
+    dx, d_gate, grads["out_proj_weight"], grads["norm_out_weight"], grads["norm_out_bias"] = _output_backward(
         dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd
     )
     dab = _product_backward(dx, ab, outgoing)
     del dx
     (dz, grads["norm_in_weight"], grads["norm_in_bias"], grads["ab_proj_weight"], grads["ab_gate_weight"],
-     grads["out_gate_weight"]) = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, dw_og)
+     grads["out_gate_weight"]) = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd)
     return dz, grads
 
 

@@ -100,13 +100,11 @@ def persistent_output_backward(monkeypatch, config):
     return used
 
 
-@pytest.mark.parametrize("acc_wog", [False, True], ids=["w_o", "w_o-and-w_og"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_persistent_output_backward(acc_wog, dtype, monkeypatch, poisoned_empty):
+def test_persistent_output_backward(dtype, monkeypatch, poisoned_empty):
     # Weight gradients in registers: one program (one SM off a GPU, PERSISTENT=1) or two take
     # all row blocks of both batches (2 x 13 x 13 pairs in blocks of 16, the last partial).
     for per_sm in (1, 2):
-        monkeypatch.setattr(module, "PERSISTENT_OUT_GATE_GRAD", acc_wog)
         used = persistent_output_backward(monkeypatch, {"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": per_sm})
         z = (torch.randn(2, 13, 13, 24) + 1).to(dtype).requires_grad_()
         check(z, padded_mask(2, 13, 3), make_params(24, 40, dtype), True, dtype)
@@ -181,11 +179,9 @@ def test_bf16_real_size_on_gpu(N, outgoing):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("acc_wog", [False, True], ids=["w_o", "w_o-and-w_og"])
 @pytest.mark.parametrize("config", module._output_backward_candidates()[6:], ids=str)
-def test_bf16_persistent_output_backward_on_gpu(config, acc_wog, monkeypatch):
+def test_bf16_persistent_output_backward_on_gpu(config, monkeypatch):
     # Every persistent candidate at N = 384 (147k pairs: ~8-35 row blocks a program).
-    monkeypatch.setattr(module, "PERSISTENT_OUT_GATE_GRAD", acc_wog)
     used = persistent_output_backward(monkeypatch, config)
     z = torch.randn(1, 384, 384, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
     mask = padded_mask(1, 384, 24, device="cuda")
