@@ -80,6 +80,8 @@ def _capture_launches() -> dict:
     launches recorded instead of run: each op's forward and backward once on the CPU at N =
     ``CAPTURE_N``. Only the integer values and the pointers' alignment are used (what Triton
     specializes on); N = 64 gives the same specialization as 384 or 768 (multiples of 16)."""
+    import importlib
+
     import _pair_ops
     import torch
     from triton.runtime.jit import JITFunction
@@ -105,6 +107,22 @@ def _capture_launches() -> dict:
         for case in _pair_ops.cases(False, "cpu", [n]):
             out = case.implementations["megafold"](case.make_inputs())
             out.backward(torch.ones_like(out))
+        # The triangle's persistent output backward, which only a tuned choice launches.
+        tri = importlib.import_module("megafold.kernels.triangle_multiply")
+        real = tri.run_tuned
+
+        def persistent(op, key, device, candidates, default, launch, rows=None):
+            if op == "triangle_multiply_out_bwd":
+                return launch({"BLOCK_M": 32, "num_warps": 8, "PERSISTENT": 1})
+            return real(op, key, device, candidates, default, launch, rows)
+
+        tri.run_tuned = persistent
+        try:
+            case = next(c for c in _pair_ops.cases(False, "cpu", [n]) if c.op == "triangle_multiply")
+            out = case.implementations["megafold"](case.make_inputs())
+            out.backward(torch.ones_like(out))
+        finally:
+            tri.run_tuned = real
     finally:
         JITFunction.run, common.interpreter_active = run, active
     return seen
@@ -302,6 +320,8 @@ def cases(defaults: bool = False) -> list[tuple]:
     ):
         cfg = shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16]) or (
             {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4} if "in_" in name else {"BLOCK_M": 64, "num_warps": 4})
+        if cfg.get("PERSISTENT"):  # the shipped choice is the persistent output backward
+            name, kernel = "out_bwd persistent", tri._triangle_output_backward_persistent_kernel
         blocks = {"BLOCK_C": cfg["BLOCK_C"]} if "in_" in name else {"BLOCK_CH": 128}
         out.append((f"triangle {name}", kernel,
                     dict(CZ=128, Z_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=128,

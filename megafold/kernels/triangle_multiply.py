@@ -27,6 +27,7 @@ from megafold.kernels.layernorm_linear import (
     _layernorm_backward_rows,
     _layernorm_chunk,
     _layernorm_tile,
+    WEIGHT_GRAD_CHUNK_BYTES,
     _row_offsets,
     add_weight_grad,
     autocast_dtype,
@@ -37,9 +38,20 @@ from megafold.kernels.layernorm_linear import (
 )
 
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
-# half the common budget: at N = 384 the op's peak then stays under cuEquivariance's (one
-# 189 MB chunk raised it from 421 to 473 MiB against cuEquivariance's 434).
-INPUT_CHUNK_BUDGET_SCALE = 0.5
+# at least half the common budget (128 MB) and at most the whole budget (256 MB): twice the
+# pair tensor's bytes in between. At N = 384 the op's peak then stays under cuEquivariance's
+# (one 189 MB chunk raised it from 421 to 473 MiB against cuEquivariance's 434). At N = 768
+# each chunk costs ~0.03-0.04 ms (its kernel's last wave, two more cuBLAS products and
+# additions): 3 chunks instead of 6 took 3.69 ms instead of 3.77, for 120 MiB more at the
+# peak (benchmarks/NOTES.md, session 16).
+INPUT_CHUNK_BUDGET_SCALE = (0.5, 1.0)
+
+
+def _input_chunk_scale(pair_bytes: int) -> float:
+    """The input backward's chunk budget, as a fraction of the common one, for a pair tensor
+    of ``pair_bytes``."""
+    low, high = INPUT_CHUNK_BUDGET_SCALE
+    return min(high, max(low, 2 * pair_bytes / WEIGHT_GRAD_CHUNK_BYTES))
 
 PARAM_NAMES = (
     "norm_in_weight",
@@ -219,8 +231,9 @@ def _triangle_output_backward_persistent_kernel(
     """The output backward over all ``M = B * N * N`` pairs, this program taking row blocks
     pid, pid + P, ... (P programs): per block what the chunked kernel computes, except that
     out_proj_weight's gradient ``d(update)^T LN(x)`` accumulates in fp32 registers over the
-    program's blocks, stored as one partial per program and summed in a fixed order. LN(x)
-    and d(update) are never written to memory and read back (1 KB a pair at c_z = c_h = 128).
+    program's blocks, stored as one partial per program and summed in a fixed order (the
+    output LayerNorm's parameter gradients too). LN(x) and d(update) are never written to
+    memory and read back (1 KB a pair at c_z = c_h = 128).
     The row work repeats the chunked kernel's on purpose: one helper shared by both kept LN(x)
     and d(update) live through the chunked kernel's row work and slowed it by 8% at N = 768
     (benchmarks/NOTES.md, session 15)."""
@@ -236,6 +249,8 @@ def _triangle_output_backward_persistent_kernel(
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
     dw_o = tl.zeros([BLOCK_CZ, BLOCK_CH], tl.float32)
+    dln_w = tl.zeros([BLOCK_CH], tl.float32)
+    dln_b = tl.zeros([BLOCK_CH], tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = flat < M
@@ -267,10 +282,12 @@ def _triangle_output_backward_persistent_kernel(
         dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
         dx = _layernorm_backward_rows(dxn, xhat, x_rstd, gamma_out, CH)
         tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=x_ok)
-        tl.store(dln_w_part_ptr + block * CH + hs, tl.sum(dxn * xhat, axis=0), mask=h_ok)
-        tl.store(dln_b_part_ptr + block * CH + hs, tl.sum(dxn, axis=0), mask=h_ok)
+        dln_w += tl.sum(dxn * xhat, axis=0)
+        dln_b += tl.sum(dxn, axis=0)
         dw_o = tl.dot(tl.trans(d_update), xn, dw_o, input_precision=DOT_PRECISION)
     part = pid.to(tl.int64)
+    tl.store(dln_w_part_ptr + part * CH + hs, dln_w, mask=h_ok)
+    tl.store(dln_b_part_ptr + part * CH + hs, dln_b, mask=h_ok)
     tl.store(dw_o_part_ptr + (part * CZ + ks[:, None]) * CH + hs[None, :], dw_o, mask=k_ok[:, None] & h_ok[None, :])
 
 
@@ -382,6 +399,13 @@ def _input_candidates() -> list[dict]:
     return base + [{**cfg, "num_stages": ns} for cfg in base for ns in (1, 2, 4)]
 
 
+def _output_forward_candidates() -> list[dict]:
+    """Tuning candidates of the output forward (one row block: LN(x), the output projection
+    and the gate from LN(z), no channel loop). 16 warps lost to these at N = 384 and 768
+    (benchmarks/NOTES.md, session 16)."""
+    return [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)]
+
+
 def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
     """Autotune key, and whether the shape is one the candidates are meant for (c_z <= 128)."""
     return (z.shape[-1], c_h, str(dtype), str(z.dtype)), block_size(z.shape[-1], 1 << 30) <= 128
@@ -434,7 +458,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
         )
 
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
-    candidates = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)] if small else []
+    candidates = _output_forward_candidates() if small else []
     run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out, rows=B * NN)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
 
@@ -457,7 +481,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         block_m = cfg["BLOCK_M"]
         blocks = cdiv(M, block_m)
         programs = min(blocks, cfg["PERSISTENT"] * multiprocessors(dev))
-        ln_w_part = torch.empty(blocks, CH, device=dev, dtype=torch.float32)
+        ln_w_part = torch.empty(programs, CH, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
         dw_o_part = torch.empty(programs, CZ, CH, device=dev, dtype=torch.float32)
         launch_kernel(_triangle_output_backward_persistent_kernel, (programs,),
@@ -465,7 +489,7 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
             p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, dw_o_part, ln_w_part, ln_b_part,
             M, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
             CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
-            BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+            BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"], **_stages(cfg),
         )
         grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
 
@@ -505,7 +529,10 @@ def _output_backward_candidates() -> list[dict]:
     (``benchmarks/NOTES.md``, session 15)."""
     chunked = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)]
     persistent = [{"BLOCK_M": bm, "num_warps": 8, "PERSISTENT": per_sm} for bm in (32, 64) for per_sm in (1, 2)]
-    return chunked + persistent
+    # At 32 rows, fewer pipeline stages than the default 3 spill less (Triton 3.6, sm_90: none
+    # at one stage, 20 / 12 B a thread at two, 16 / 8 at three; register_report.py).
+    staged = [{"BLOCK_M": 32, "num_warps": 8, "PERSISTENT": per_sm, "num_stages": ns} for per_sm in (1, 2) for ns in (1, 2)]
+    return chunked + persistent + staged
 
 
 def _product_backward(dx, ab, outgoing):
@@ -543,7 +570,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
         ln_w_part = torch.empty(cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
         ln_b_part = torch.empty_like(ln_w_part)
         dw_pg = dw_og = None
-        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m, INPUT_CHUNK_BUDGET_SCALE)
+        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m, _input_chunk_scale(M * CZ * dtype.itemsize))
         zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
         for start, end in chunks:
