@@ -377,10 +377,10 @@ def _layernorm_linear_backward_narrow_kernel(
     """The backward for outputs that fit one column block (O <= BLOCK_N) and rows that fit
     one tile (K <= BLOCK_K), with the weight gradient: this program takes row blocks
     pid, pid + P, ... of all M rows (P programs). Per row block, dx and the LayerNorm
-    partials as the chunked kernel makes them; over its row blocks, ``dW = dy^T LN(x)`` and
-    the bias gradient in fp32 registers, stored as one partial per program (summed in a
-    fixed order). Narrow outputs make LN(x) the widest operand of the weight product: here
-    it is never written to memory and read back.
+    partials as the chunked kernel makes them; over its row blocks, ``dW = dy^T LN(x)``, the
+    bias gradient and the LayerNorm parameters' gradients in fp32 registers, stored as one
+    partial per program (summed in a fixed order). Narrow outputs make LN(x) the widest
+    operand of the weight product: here it is never written to memory and read back.
     """
     pid = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -392,6 +392,8 @@ def _layernorm_linear_backward_narrow_kernel(
     w = tl.load(w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     dw = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
+    dln_w = tl.zeros([BLOCK_K], tl.float32)
+    dln_b = tl.zeros([BLOCK_K], tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = flat < M
@@ -408,12 +410,17 @@ def _layernorm_linear_backward_narrow_kernel(
             db += tl.sum(dy.to(tl.float32), axis=0)
         if NEED_DX:
             dxn = tl.dot(dy, w, input_precision=DOT_PRECISION)
-            _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, block,
-                                   dln_w_part_ptr, dln_b_part_ptr, K)
+            dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
+            tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            dln_w += tl.sum(dxn * xhat, axis=0)
+            dln_b += tl.sum(dxn, axis=0)
     part = pid.to(tl.int64) * O * K
     tl.store(dw_part_ptr + part + cols[:, None] * K + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
     if NEED_BIAS:
         tl.store(db_part_ptr + pid * O + cols, db, mask=col_ok)
+    if NEED_DX:
+        tl.store(dln_w_part_ptr + pid * K + ks, dln_w, mask=k_ok)
+        tl.store(dln_b_part_ptr + pid * K + ks, dln_b, mask=k_ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -552,7 +559,7 @@ def layernorm_linear_backward(
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
         programs = min(num_blocks, cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
-        ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
+        ln_w_part = torch.empty(programs, K, device=x.device, dtype=torch.float32) if need_input else None
         ln_b_part = torch.empty_like(ln_w_part) if need_input else None
         dw_part = torch.empty(programs, O, K, device=x.device, dtype=torch.float32)
         db_part = torch.empty(programs, O, device=x.device, dtype=torch.float32) if need_bias else None
