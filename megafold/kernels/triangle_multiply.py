@@ -23,11 +23,11 @@ import triton.language as tl
 
 from megafold.kernels._common import cdiv, launch_kernel, multiprocessors, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
+    WEIGHT_GRAD_CHUNK_BYTES,
     _chunk_rows,
     _layernorm_backward_rows,
     _layernorm_chunk,
     _layernorm_tile,
-    WEIGHT_GRAD_CHUNK_BYTES,
     _row_offsets,
     add_weight_grad,
     autocast_dtype,

@@ -187,3 +187,19 @@ def test_bf16_persistent_output_backward_on_gpu(config, monkeypatch):
     mask = padded_mask(1, 384, 24, device="cuda")
     check(z, mask, make_params(128, 128, torch.bfloat16, device="cuda"), True, torch.bfloat16)
     assert used
+
+
+@pytest.mark.parametrize("n, chunks", [(256, 1), (384, 2), (768, 3), (1024, 5), (1792, 16)])
+def test_input_backward_chunks_follow_the_pair_tensor(n, chunks):
+    # The input backward's weight-gradient operands (c_z + 4 c_h = 640 bf16 a row) come in
+    # chunks of twice the pair tensor's bytes, clamped to 128-256 MB: N = 384 keeps the two
+    # chunks that hold its peak under cuEquivariance's, N = 768 takes 3 instead of 6, and the
+    # longest crops never hold more than 256 MB of them.
+    rows, row_bytes, pair_bytes = n * n, 640 * 2, n * n * 128 * 2
+    scale = module._input_chunk_scale(pair_bytes)
+    got = module.row_chunks(rows, row_bytes, 128, scale)
+    assert len(got) == chunks
+    # (a chunk's rows are rounded up to whole 128-row blocks)
+    assert max(end - start for start, end in got) * row_bytes <= (256 << 20) + 128 * row_bytes
+    assert got[0][0] == 0 and got[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
