@@ -81,11 +81,18 @@ def test_fused_and_eager_losses_agree_in_bf16():
 @pytest.mark.parametrize("block_checkpoint", [True, False])
 def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch, block_checkpoint):
     """A "paper" step (triton, bf16) whose diffusion chunks replay CUDA graphs
-    (``diffusion_cuda_graph``) against the same step with checkpointed chunks: every loss term
-    within 1e-3 relative and the whole gradient within 1e-2 (the chunks' gradients add in
-    another order, in bf16), with no capture falling back: every chunk but the first replays,
-    forward and backward (48 samples in chunks of 4: 11 and 11). With and without a checkpoint
-    per diffusion-transformer block inside the chunks (their capture once failed on an H100)."""
+    (``diffusion_cuda_graph``) against the same step with checkpointed chunks: the diffusion,
+    distogram and total loss terms within 1e-3 relative and the whole gradient within 1e-2 (the
+    chunks' gradients add in another order, in bf16), with no capture falling back: every chunk
+    but the first replays, forward and backward (48 samples in chunks of 4: 11 and 11). With and
+    without a checkpoint per diffusion-transformer block inside the chunks (their capture once
+    failed on an H100).
+
+    The confidence terms get 1e-2. They come from the mini-rollout, which the setting does not
+    change, but which is not bitwise reproducible on a GPU (the atom-to-token means add with
+    atomics), and their targets are binned: a per-atom lDDT or a distance error crossing a bin
+    edge moves a cross-entropy in steps. On an H100 plddt differed by 1.4e-3 in both variants
+    (session 17), and by 1.08e-3 in one of them in session 16."""
     import warnings
 
     from megafold.model.diffusion import GraphedChunkDenoiser
@@ -117,8 +124,10 @@ def test_graphed_diffusion_chunks_match_the_checkpointed_ones(monkeypatch, block
     (plain, plain_grad), (replayed, replayed_grad) = results[False], results[True]
     chunks = -(-model.config.diffusion_samples // model.config.diffusion_chunk)
     assert chunks >= 3 and replays.count("forward") == replays.count("backward") == chunks - 1, replays
+    confidence = ("plddt", "pae", "pde", "resolved", "confidence")
     for name, value in plain.items():
-        assert replayed[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+        rel = 1e-2 if name in confidence else 1e-3
+        assert replayed[name] == pytest.approx(value, rel=rel, abs=1e-5), name
     assert (replayed_grad - plain_grad).norm() / plain_grad.norm() < 1e-2
 
 
