@@ -65,17 +65,37 @@ PARAM_NAMES = (
 )
 
 
+def interleaved_weights(w_p: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
+    """ab_proj_weight and ab_gate_weight ``[2 c_h, c_z]`` as one contiguous ``[4 c_h, c_z]``
+    matrix whose row ``2 (side c_h + c) + t`` is channel c's projection (t = 0) or gate (t = 1)
+    row of side a (0) or b (1): one product gives both pre-activations of a channel block."""
+    two_ch, cz = w_p.shape
+    return torch.stack((w_p.reshape(2, two_ch // 2, cz), w_g.reshape(2, two_ch // 2, cz)), dim=2).view(2 * two_ch, cz)
+
+
+def split_interleaved(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ab_proj_weight and ab_gate_weight from that of ``interleaved_weights``."""
+    four_ch, cz = grad.shape
+    pairs = grad.view(2, four_ch // 4, 2, cz)
+    return pairs[:, :, 0].reshape(four_ch // 2, cz), pairs[:, :, 1].reshape(four_ch // 2, cz)
+
+
 @triton.jit
-def _gated_projection(zn, w_p_ptr, w_g_ptr, w_rows, c_ok, sw_p0, sw_p1, sw_g0, sw_g1,
-                      CZ: tl.constexpr, BLOCK_CZ: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Projection and gate pre-activations (fp32) of the weight rows ``w_rows``, and the tiles."""
+def _gated_projection(zn, w_pg_ptr, side, c0, CH, CZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Projection and gate pre-activations (fp32, ``[BLOCK_M, BLOCK_C]`` each) of channels
+    ``c0 + [0, BLOCK_C)`` of one side from one product with their interleaved weight rows
+    (``interleaved_weights``: a channel's projection and gate side by side, so the two come
+    out of the accumulator as even and odd columns), the ``[2 BLOCK_C, c_z]`` tile and its
+    rows' validity."""
+    rs = tl.arange(0, 2 * BLOCK_C)
     ks = tl.arange(0, BLOCK_CZ)
-    ok = c_ok[:, None] & (ks < CZ)[None, :]
-    w_p = tl.load(w_p_ptr + w_rows[:, None] * sw_p0 + ks[None, :] * sw_p1, mask=ok, other=0.0)
-    w_g = tl.load(w_g_ptr + w_rows[:, None] * sw_g0 + ks[None, :] * sw_g1, mask=ok, other=0.0)
-    proj = tl.dot(zn, tl.trans(w_p), input_precision=DOT_PRECISION)
-    gate = tl.dot(zn, tl.trans(w_g), input_precision=DOT_PRECISION)
-    return proj, gate, w_p, w_g
+    r_ok = (2 * c0 + rs) < 2 * CH
+    w = tl.load(w_pg_ptr + (side * 2 * CH + 2 * c0 + rs)[:, None] * CZ + ks[None, :],
+                mask=r_ok[:, None] & (ks < CZ)[None, :], other=0.0)
+    pg = tl.dot(zn, tl.trans(w), input_precision=DOT_PRECISION)
+    proj, gate = tl.split(tl.reshape(pg, (BLOCK_M, BLOCK_C, 2)))
+    return proj, gate, w, r_ok
 
 
 @triton.jit
@@ -88,9 +108,8 @@ def _square_tile(w_ptr, s0, s1, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
 
 @triton.jit
 def _triangle_input_forward_kernel(
-    z_ptr, mask_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, ab_ptr, mean_ptr, rstd_ptr,
-    N, CH, side_stride,
-    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1, eps,
+    z_ptr, mask_ptr, ln_w_ptr, ln_b_ptr, w_pg_ptr, ab_ptr, mean_ptr, rstd_ptr,
+    N, CH, side_stride, sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, eps,
     CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -102,7 +121,7 @@ def _triangle_input_forward_kernel(
     row_ok = ij < NN
     z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
     zn, mean, rstd = _layernorm_tile(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, eps, CZ, BLOCK_CZ)
-    zn = zn.to(w_p_ptr.dtype.element_ty)
+    zn = zn.to(w_pg_ptr.dtype.element_ty)
     valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
     valid = valid.to(tl.float32)
 
@@ -111,8 +130,8 @@ def _triangle_input_forward_kernel(
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < CH
         for side in tl.static_range(2):
-            proj, gate, _, _ = _gated_projection(zn, w_p_ptr, w_g_ptr, side * CH + cs, c_ok,
-                                                 sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION)
+            proj, gate, _, _ = _gated_projection(zn, w_pg_ptr, side, c0, CH, CZ, BLOCK_M, BLOCK_CZ, BLOCK_C,
+                                                 DOT_PRECISION)
             value = tl.sigmoid(gate) * proj * valid[:, None]
             # Channel-major store: each channel's N x N plane is one matrix of the product.
             tl.store(ab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
@@ -292,36 +311,41 @@ def _triangle_output_backward_persistent_kernel(
 
 
 @triton.jit
-def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, cs, c_ok, side, side_stride, NN,
-                               w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1,
-                               CZ: tl.constexpr, BLOCK_CZ: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Gradients of the projection and gate pre-activations of one side and channel block;
-    ``ab_rows``: each row's offset ``batch * c_h * N * N + ij`` in the ``[B, c_h, N, N]`` planes."""
-    proj, gate, w_p, w_g = _gated_projection(zn, w_p_ptr, w_g_ptr, side * CH + cs, c_ok,
-                                             sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION)
+def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, side, c0, side_stride, NN, w_pg_ptr, CH,
+                               CZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr,
+                               BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Gradients of the projection and gate pre-activations of one side and channel block,
+    interleaved as the weight rows are (``[BLOCK_M, 2 BLOCK_C]``, fp32), the weight tile and
+    its rows' validity; ``ab_rows``: each row's offset ``batch * c_h * N * N + ij`` in the
+    ``[B, c_h, N, N]`` planes."""
+    proj, gate, w, r_ok = _gated_projection(zn, w_pg_ptr, side, c0, CH, CZ, BLOCK_M, BLOCK_CZ, BLOCK_C,
+                                            DOT_PRECISION)
+    cs = c0 + tl.arange(0, BLOCK_C)
     d_ab = tl.load(dab_ptr + side * side_stride + cs[None, :].to(tl.int64) * NN + ab_rows[:, None],
-                   mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                   mask=row_ok[:, None] & (cs < CH)[None, :], other=0.0).to(tl.float32)
     d_ab = d_ab * valid[:, None]
     sig = tl.sigmoid(gate)
-    return d_ab * sig, d_ab * proj * sig * (1.0 - sig), w_p, w_g
+    d_pg = tl.reshape(tl.join(d_ab * sig, d_ab * proj * sig * (1.0 - sig)), (BLOCK_M, 2 * BLOCK_C))
+    return d_pg, w, r_ok
 
 
 @triton.jit
 def _triangle_input_backward_kernel(
-    z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_p_ptr, w_g_ptr, w_og_ptr,
+    z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_pg_ptr, w_og_ptr,
     dab_ptr, d_gate_ptr, dz_ptr, zn_ptr, d_pg_ptr, dln_w_part_ptr, dln_b_part_ptr,
     row_start, row_end, N, CH, side_stride,
-    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_p0, sw_p1, sw_g0, sw_g1, sw_og0, sw_og1,
+    sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_og0, sw_og1,
     CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One row block of a chunk of pairs: dz through the input LayerNorm from the a, b and
     gate paths at once, partials of the LayerNorm's parameter gradients, and for the chunk
     the operands of the input weights' gradients: LN(z) ``[rows, c_z]`` and the gradients of
-    the projection and gate pre-activations ``[rows, 4 c_h]`` (projection a, b, gate a, b)."""
+    the projection and gate pre-activations ``[rows, 4 c_h]`` in the order of the interleaved
+    weight rows (``interleaved_weights``)."""
     NN = N * N
     local, flat, row_ok, batch, ij = _chunk_rows(row_start, row_end, NN, BLOCK_M)
-    dtype = w_p_ptr.dtype.element_ty
+    dtype = w_pg_ptr.dtype.element_ty
     ks = tl.arange(0, BLOCK_CZ)
     k_ok = ks < CZ
     ok = row_ok[:, None] & k_ok[None, :]
@@ -343,21 +367,16 @@ def _triangle_input_backward_kernel(
     dzn = tl.dot(d_gate, w_og, input_precision=DOT_PRECISION)
     ab_rows = batch.to(tl.int64) * CH * NN + ij
     d_pg_rows = d_pg_ptr + local[:, None].to(tl.int64) * (4 * CH)
+    rs = tl.arange(0, 2 * BLOCK_C)
     for c0 in range(0, CH, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cs < CH
-        c_store = row_ok[:, None] & c_ok[None, :]
         for side in tl.static_range(2):
-            d_proj, d_gate_ab, w_p, w_g = _gated_projection_backward(
-                zn, valid, dab_ptr, ab_rows, row_ok, cs, c_ok, side, side_stride, NN,
-                w_p_ptr, w_g_ptr, CH, sw_p0, sw_p1, sw_g0, sw_g1, CZ, BLOCK_CZ, DOT_PRECISION,
+            d_pg, w, r_ok = _gated_projection_backward(
+                zn, valid, dab_ptr, ab_rows, row_ok, side, c0, side_stride, NN, w_pg_ptr, CH,
+                CZ, BLOCK_M, BLOCK_CZ, BLOCK_C, DOT_PRECISION,
             )
-            d_proj = d_proj.to(dtype)
-            d_gate_ab = d_gate_ab.to(dtype)
-            tl.store(d_pg_rows + (side * CH + cs)[None, :], d_proj, mask=c_store)
-            tl.store(d_pg_rows + ((2 + side) * CH + cs)[None, :], d_gate_ab, mask=c_store)
-            dzn = tl.dot(d_proj, w_p, dzn, input_precision=DOT_PRECISION)
-            dzn = tl.dot(d_gate_ab, w_g, dzn, input_precision=DOT_PRECISION)
+            d_pg = d_pg.to(dtype)
+            tl.store(d_pg_rows + (side * 2 * CH + 2 * c0 + rs)[None, :], d_pg, mask=row_ok[:, None] & r_ok[None, :])
+            dzn = tl.dot(d_pg, w, dzn, input_precision=DOT_PRECISION)
 
     dz = _layernorm_backward_rows(dzn, zhat, rstd, gamma, CZ)
     tl.store(dz_ptr + flat[:, None] * CZ + ks[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
@@ -393,7 +412,7 @@ def _input_candidates() -> list[dict]:
     loads weight tiles: the pipeline depth is a choice too (Triton's default, 1, 2 and 4). One
     stage halves the shared memory, so two programs can share an SM where one fit before
     (compiled as launched for sm_90: the input backward at 64 rows and 4 warps needs 64 KiB
-    with one stage, 132 with two; benchmarks/register_report.py)."""
+    with one stage, 144 with two; benchmarks/register_report.py)."""
     base = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": nw} for bm in (32, 64, 128) for bc in (32, 64) for nw in (4, 8)]
     # (16-channel slices, the fewest spills, lost to every shipped H100 choice in session 11.)
     return base + [{**cfg, "num_stages": ns} for cfg in base for ns in (1, 2, 4)]
@@ -415,7 +434,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     B, N, _, CZ = z.shape
     CH = p["norm_out_weight"].shape[0]
     NN = N * N
-    dtype = p["ab_proj_weight"].dtype
+    dtype = p["ab_interleaved"].dtype
     dev = z.device
     (sz, z_merged), (sm, m_merged) = _pair_args(z), _mask_args(mask)
     block_cz, block_ch = block_size(CZ, 1 << 30), block_size(CH, 1 << 30)
@@ -424,12 +443,12 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     ab = torch.empty(2, B, CH, N, N, device=dev, dtype=dtype)
     z_mean = torch.empty(B * NN, device=dev, dtype=torch.float32)
     z_rstd = torch.empty_like(z_mean)
-    w_p, w_g = p["ab_proj_weight"], p["ab_gate_weight"]
+    w_pg = p["ab_interleaved"]
 
     def launch_in(cfg):
         launch_kernel(_triangle_input_forward_kernel, (cdiv(NN, cfg["BLOCK_M"]), B),
-            z, mask, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, ab, z_mean, z_rstd,
-            N, CH, ab.stride(0), *sz, *sm, *w_p.stride(), *w_g.stride(), eps,
+            z, mask, p["norm_in_weight"], p["norm_in_bias"], w_pg, ab, z_mean, z_rstd,
+            N, CH, ab.stride(0), *sz, *sm, eps,
             CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
             **_stages(cfg),
@@ -562,7 +581,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     block_cz = block_size(CZ, 1 << 30)
     dz = torch.empty(B, N, N, CZ, device=dev, dtype=z.dtype)
     d_gate_rows = d_gate.view(M, CZ)
-    w_p, w_g, w_og = p["ab_proj_weight"], p["ab_gate_weight"], p["out_gate_weight"]
+    w_pg, w_og = p["ab_interleaved"], p["out_gate_weight"]
     grads = {}
 
     def launch(cfg):
@@ -575,16 +594,17 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
         for start, end in chunks:
             launch_kernel(_triangle_input_backward_kernel, (cdiv(end - start, block_m),),
-                z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_p, w_g, w_og,
+                z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_pg, w_og,
                 dab, d_gate, dz, zn, d_pg, ln_w_part, ln_b_part, start, end, N, CH, dab.stride(0),
-                *sz, *sm, *w_p.stride(), *w_g.stride(), *w_og.stride(),
+                *sz, *sm, *w_og.stride(),
                 CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
                 **_stages(cfg),
             )
             dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
             dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
-        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=dw_pg[: 2 * CH], w_g=dw_pg[2 * CH:], w_og=dw_og)
+        w_p, w_g = split_interleaved(dw_pg)
+        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=w_p, w_g=w_g, w_og=dw_og)
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}
@@ -618,15 +638,17 @@ class TriangleMultiplyFunction(torch.autograd.Function):
         for name, value in zip(PARAM_NAMES, param_values):
             # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32.
             params[name] = value.to(compute_dtype) if value.dim() == 2 else value
+        params["ab_interleaved"] = interleaved_weights(params.pop("ab_proj_weight"), params.pop("ab_gate_weight"))
         out, ab, x, z_mean, z_rstd, x_mean, x_rstd = _triangle_forward(z, mask, params, outgoing, eps)
         ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *params.values())
+        ctx.param_names = tuple(params)
         ctx.outgoing = outgoing
         return out
 
     @staticmethod
     def backward(ctx, dout):
         z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *param_values = ctx.saved_tensors
-        params = dict(zip(PARAM_NAMES, param_values))
+        params = dict(zip(ctx.param_names, param_values))
         dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd)
         return (dz, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
 

@@ -160,6 +160,21 @@ def test_weight_gradient_chunks(one_block_chunks):
     assert_backward_repeats(out, [z] + [params[n] for n in PARAM_NAMES])
 
 
+def test_interleaved_weights_round_trip():
+    # The kernels read ab_proj_weight and ab_gate_weight as one matrix whose rows pair each
+    # channel's projection and gate, side a then side b; its gradient splits back exactly.
+    c_h, c_z = 6, 5
+    w_p, w_g = torch.randn(2 * c_h, c_z), torch.randn(2 * c_h, c_z)
+    both = module.interleaved_weights(w_p.t().contiguous().t(), w_g)  # any strides in
+    assert both.shape == (4 * c_h, c_z) and both.is_contiguous()
+    for side in range(2):
+        for c in (0, c_h - 1):
+            assert torch.equal(both[2 * (side * c_h + c)], w_p[side * c_h + c])
+            assert torch.equal(both[2 * (side * c_h + c) + 1], w_g[side * c_h + c])
+    back_p, back_g = module.split_interleaved(both)
+    assert torch.equal(back_p, w_p) and torch.equal(back_g, w_g)
+
+
 def test_bad_inputs_are_named():
     z = torch.randn(1, 5, 5, 8)
     params = make_params(8, 4, torch.float32)
