@@ -35,6 +35,11 @@
 #   launch    launch_kernel's direct launches against Triton's own path: host_overhead.py (plain
 #             pair-bias calls), then a "paper" training step (crop 384, triton) with
 #             MEGAFOLD_FAST_LAUNCH=0, =1, =0
+#   ncu       Nsight Compute (the H100 machine has ncu) over one fwd+bwd of OPS (default
+#             triangle_multiply) at NS (default 768): benchmarks/ncu_ops.py's summary of every
+#             launch (duration, registers, occupancy, spills, stall reasons) and the SASS hot
+#             spots of SASS_KERNEL (default _triangle_input_backward_kernel); KERNELS is ncu's
+#             kernel-name regex (default: megafold's kernels), LAUNCHES its launch count
 #   cueq-ops  first of two calls for the cuEquivariance rows: cuequivariance-ops-cu13 (45 MB,
 #             carry .whl2) into /tmp/cueq; the next call must find the machine still warm
 #   cueq-peers second call (carry .whl: cuequivariance, -torch, -ops-torch, trifast and
@@ -130,6 +135,13 @@ curve)
 curve-resume)
     step curve 420 $py benchmarks/learning_curve.py --minutes 10 --eval-every 2.5 --resume --out outputs/curve
     cp benchmarks/results/*/*learning_curve.json "$OUT"/ 2>/dev/null
+    ;;
+ncu)
+    report="$OUT/ncu-${NCU_TAG:-ops}"
+    step ncu_profile 400 ncu --kernel-name "regex:${KERNELS:-^_}" --launch-count "${LAUNCHES:-8}" --set full \
+        --import-source no -f -o "$report" $py benchmarks/ncu_ops.py run --ops "${OPS:-triangle_multiply}" --ns "${NS:-768}"
+    step ncu_summary 120 $py benchmarks/ncu_ops.py summarise "$report.ncu-rep" \
+        --sass "${SASS_KERNEL:-_triangle_input_backward_kernel}" --out "$OUT"
     ;;
 retune-evo)
     step retune_evo 560 env MEGAFOLD_AUTOTUNE=force $py benchmarks/kernels.py --ops evo_attention --shapes tri \
