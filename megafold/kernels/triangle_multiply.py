@@ -636,9 +636,12 @@ class TriangleMultiplyFunction(torch.autograd.Function):
     def forward(ctx, z, mask, outgoing, eps, compute_dtype, *param_values):
         params = {}
         for name, value in zip(PARAM_NAMES, param_values):
-            # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32.
-            params[name] = value.to(compute_dtype) if value.dim() == 2 else value
-        params["ab_interleaved"] = interleaved_weights(params.pop("ab_proj_weight"), params.pop("ab_gate_weight"))
+            if name not in ("ab_proj_weight", "ab_gate_weight"):
+                # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32.
+                params[name] = value.to(compute_dtype) if value.dim() == 2 else value
+        # Interleaved first, then cast: one copy kernel, and one cast where autocast needs it.
+        w_p, w_g = param_values[PARAM_NAMES.index("ab_proj_weight")], param_values[PARAM_NAMES.index("ab_gate_weight")]
+        params["ab_interleaved"] = interleaved_weights(w_p, w_g).to(compute_dtype)
         out, ab, x, z_mean, z_rstd, x_mean, x_rstd = _triangle_forward(z, mask, params, outgoing, eps)
         ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *params.values())
         ctx.param_names = tuple(params)
