@@ -39,8 +39,9 @@ from megafold.kernels.layernorm_linear import (
 
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
 # at least half the common budget (128 MB) and at most the whole budget (256 MB): twice the
-# pair tensor's bytes in the compute dtype (the operands' dtype) in between. At N = 384 the op's peak then stays under cuEquivariance's
-# (one 189 MB chunk raised it from 421 to 473 MiB against cuEquivariance's 434). At N = 768
+# pair tensor's bytes in the compute dtype (the operands' dtype) in between. At N = 384 the
+# op's peak then stays under cuEquivariance's (one 189 MB chunk raised it from 421 to 473
+# MiB against cuEquivariance's 434). At N = 768
 # each chunk costs ~0.03-0.04 ms (its kernel's last wave, two more cuBLAS products and
 # additions): 3 chunks instead of 6 took 3.69 ms instead of 3.77, for 120 MiB more at the
 # peak (benchmarks/NOTES.md, session 16).
@@ -63,6 +64,9 @@ PARAM_NAMES = (
     "norm_out_bias",
     "out_proj_weight",
 )
+# What the kernels read, in the order the autograd function saves it: the projection and gate
+# weights as one interleaved matrix (``interleaved_weights``) in place of the two.
+KERNEL_PARAM_NAMES = tuple(n for n in PARAM_NAMES if n not in ("ab_proj_weight", "ab_gate_weight")) + ("ab_interleaved",)
 
 
 def interleaved_weights(w_p: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
@@ -634,24 +638,22 @@ def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean
 class TriangleMultiplyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mask, outgoing, eps, compute_dtype, *param_values):
-        params = {}
-        for name, value in zip(PARAM_NAMES, param_values):
-            if name not in ("ab_proj_weight", "ab_gate_weight"):
-                # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32.
-                params[name] = value.to(compute_dtype) if value.dim() == 2 else value
-        # Interleaved first, then cast: one copy kernel, and one cast where autocast needs it.
-        w_p, w_g = param_values[PARAM_NAMES.index("ab_proj_weight")], param_values[PARAM_NAMES.index("ab_gate_weight")]
+        named = dict(zip(PARAM_NAMES, param_values))
+        w_p, w_g = named.pop("ab_proj_weight"), named.pop("ab_gate_weight")
+        # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32. The
+        # projection and gate weights are interleaved first, then cast: one copy, one cast.
+        params = {name: value.to(compute_dtype) if value.dim() == 2 else value for name, value in named.items()}
         params["ab_interleaved"] = interleaved_weights(w_p, w_g).to(compute_dtype)
         out, ab, x, z_mean, z_rstd, x_mean, x_rstd = _triangle_forward(z, mask, params, outgoing, eps)
-        ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *params.values())
-        ctx.param_names = tuple(params)
+        ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd,
+                              *(params[name] for name in KERNEL_PARAM_NAMES))
         ctx.outgoing = outgoing
         return out
 
     @staticmethod
     def backward(ctx, dout):
         z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *param_values = ctx.saved_tensors
-        params = dict(zip(ctx.param_names, param_values))
+        params = dict(zip(KERNEL_PARAM_NAMES, param_values))
         dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd)
         return (dz, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
 
