@@ -39,6 +39,8 @@ DETAIL_METRICS = {  # name in `ncu --page details` -> key in the summary
     "Compute (SM) Throughput": "sm_throughput_pct",
     "Issue Slots Busy": "issue_slots_busy_pct",
 }
+# A launch in the text pages: "  name (grid)x(block), Context c, Stream s, ...".
+LAUNCH_HEADER = re.compile(r"^  (\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context \d+, Stream \d+")
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio")
 
 
@@ -64,7 +66,7 @@ def parse_details(text: str) -> list[dict]:
     """One record per launch from ``ncu --page details --print-units base``."""
     launches: list[dict] = []
     for line in text.splitlines():
-        if line.startswith("  ") and not line.startswith("   ") and "(" in line:
+        if LAUNCH_HEADER.match(line):
             launches.append({"kernel": line.split()[0], "launch": line.strip()})
             continue
         if not launches:
@@ -77,15 +79,27 @@ def parse_details(text: str) -> list[dict]:
 
 
 def parse_stalls(text: str) -> list[dict[str, float]]:
-    """Per launch, in order, the stall reasons of ``ncu --page raw``, largest first."""
+    """Per launch, in order, the stall reasons of ``ncu --page raw``, largest first. Either
+    ``--csv`` (a header row naming "Kernel Name" and the metrics, a units row, one row a
+    launch) or the text page (a launch header line, then its metrics)."""
     per_launch: list[dict[str, float]] = []
-    for line in text.splitlines():
-        if line.startswith("  ") and not line.startswith("   ") and "(" in line:
-            per_launch.append({})
-            continue
-        match = STALL.search(line)
-        if match and per_launch:
-            per_launch[-1][match.group(1)] = _number(line.split()[-1])
+    if text.lstrip().startswith('"'):
+        rows = list(csv.reader(io.StringIO(text)))
+        header_at = next(i for i, row in enumerate(rows) if "Kernel Name" in row)
+        header = rows[header_at]
+        columns = [(i, m.group(1)) for i, name in enumerate(header) if (m := STALL.fullmatch(name))]
+        for row in rows[header_at + 1:]:
+            if not row or not row[0].strip().isdigit():  # the units row
+                continue
+            per_launch.append({reason: _number(row[i]) for i, reason in columns if i < len(row) and row[i]})
+    else:
+        for line in text.splitlines():
+            if LAUNCH_HEADER.match(line):
+                per_launch.append({})
+                continue
+            match = STALL.search(line)
+            if match and per_launch:
+                per_launch[-1][match.group(1)] = _number(line.split()[-1])
     return [dict(sorted(s.items(), key=lambda kv: -kv[1])) for s in per_launch]
 
 
@@ -96,7 +110,12 @@ def parse_sass(text: str, top: int = 20) -> dict:
     header = rows[header_at]
     src, samples, executed = (header.index(k) for k in
                               ("Source", "Warp Stall Sampling (All Samples)", "Instructions Executed"))
-    body = [row for row in rows[header_at + 1:] if len(row) > max(src, samples, executed)]
+    body = []
+    for row in rows[header_at + 1:]:  # the first launch's table: later launches repeat it
+        if "Kernel Name" in row or row == header:
+            break
+        if len(row) > max(src, samples, executed):
+            body.append(row)
     total = sum(_number(row[samples] or "0") for row in body) or 1.0
     by_op, count = Counter(), Counter()
     for row in body:
@@ -124,7 +143,7 @@ def summarise(report: Path, sass: str | None, out: Path | None) -> None:
     from _harness import environment, write_json
 
     launches = parse_details(_ncu(report, "--page", "details", "--print-units", "base"))
-    for launch, stalls in zip(launches, parse_stalls(_ncu(report, "--page", "raw", "--print-units", "base"))):
+    for launch, stalls in zip(launches, parse_stalls(_ncu(report, "--page", "raw", "--csv", "--print-units", "base"))):
         launch["stalls_per_issued_instruction"] = stalls
     for launch in launches:
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(launch.get("stalls_per_issued_instruction", {}).items())[:5])

@@ -70,3 +70,30 @@ def test_sass_hot_spots_by_opcode():
     assert by_op["BAR"]["stall_share"] == 0.6
     assert by_op["FMUL"]["stall_share"] == 0.32 and by_op["FMUL"]["executed"] == 1800  # predicated one counted
     assert summary["hottest"][0] == {"sass": "BAR.SYNC.DEFER_BLOCKING 0x0", "samples": 300}
+
+
+RAW_CSV = """\
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","launch__registers_per_thread"
+"","","","","","","","","","","","ratio","ratio","register/thread"
+"0","771","python3.12","127.0.0.1","_triangle_input_forward_kernel","1","7","(256, 1, 1)","(4608, 1, 1)","0","9.0","1.08","0.41","125"
+"1","771","python3.12","127.0.0.1","_triangle_output_forward_kernel (a name with spaces)","1","7","(256, 1, 1)","(9216, 1, 1)","0","9.0","0.50","0.82","254"
+"""
+
+
+def test_stalls_from_the_csv_page_one_row_a_launch():
+    forward, output = ncu_ops.parse_stalls(RAW_CSV)
+    assert forward == {"barrier": 1.08, "wait": 0.41}
+    assert list(output) == ["wait", "barrier"] and output["barrier"] == 0.5
+
+
+def test_text_pages_count_launch_headers_only():
+    # an indented line with parentheses that is not a launch (the session-18 misalignment)
+    noisy = "  [771] python3.12 (pid 771)\n" + RAW
+    assert len(ncu_ops.parse_stalls(noisy)) == 2
+    assert [r["kernel"] for r in ncu_ops.parse_details("  note (x)\n" + DETAILS)] == [
+        "_triangle_input_forward_kernel", "_triangle_input_backward_kernel"]
+
+
+def test_sass_of_several_launches_reads_the_first_table():
+    repeated = SASS + SASS  # one table a launch of the kernel (three chunks: three tables)
+    assert ncu_ops.parse_sass(repeated) == ncu_ops.parse_sass(SASS)
