@@ -183,9 +183,8 @@ def run(args) -> None:
             del ref_inputs
             row = {"op": args.op, "shape": case.shape, "N": N, "input_dtype": "float32" if fp32 else "bfloat16",
                    "autocast": True, "errors": {}, "peak_mib_above_inputs": {}, "graph_ms": {}}
-            # Every plain call (errors, peak) before the first capture of the row. The profiled
-            # breakdowns run last, after every replay: in session 18, graphs replayed after
-            # profiled plain calls (CUPTI) hit an illegal address.
+            # Every plain call (errors, peak) before the first capture of the row; the profiled
+            # breakdowns after every replay.
             for name, mod in variants.items():
                 fn = case.implementations["megafold"]
                 inputs = fresh(base, fp32)
@@ -202,7 +201,7 @@ def run(args) -> None:
                     row["peak_mib_above_inputs"][name] = peak_mib(step)
                 del inputs, step
             torch.cuda.synchronize()
-            replays = {}
+            replays, alive = {}, []
             for name, mod in variants.items():
                 fn = case.implementations["megafold"]
                 inputs = fresh(base, fp32)  # a graph's leaves are its own
@@ -212,10 +211,11 @@ def run(args) -> None:
 
                 with public_function(args.op, getattr(mod, args.op)):
                     replays[name] = graphed(step)
+                alive.append(inputs)  # a replay reads the captured leaves: they must outlive it
             for _ in range(args.rounds):
                 for name, replay in replays.items():
                     row["graph_ms"].setdefault(name, []).append(round(time_ms(replay), 4))
-            del replays, ref, ref_grads
+            del replays, alive, ref, ref_grads
             torch.cuda.empty_cache()
             rows.append(row)
             print(f"{args.op} N={N} {'fp32 in' if fp32 else 'bf16 in'}:")
