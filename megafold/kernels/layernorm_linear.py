@@ -502,26 +502,55 @@ def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: floa
     """``[start, end)`` row ranges whose temporaries of ``bytes_per_row`` stay within
     ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``: as few chunks as that allows, of equal size
     (a short last chunk would set no lower peak and still cost a launch). Every start is a
-    multiple of ``multiple`` (a row block)."""
+    multiple of ``multiple``: a row block, or a wave of them (``wave_rows``), so that every
+    chunk but the last fills its kernel's last wave. That may take the chunk up to one wave of
+    rows past the budget."""
     budget = max(1, int(budget_scale * WEIGHT_GRAD_CHUNK_BYTES))
     count = max(1, math.ceil(total * bytes_per_row / budget))
     step = max(multiple, math.ceil(math.ceil(total / count) / multiple) * multiple)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
+def wave_rows(block_m: int, device: torch.device) -> int:
+    """Rows of one wave of a row kernel that runs one program of ``block_m`` rows on each SM
+    (the chunked backwards at their tuned choices: 8 warps, 255 registers). Chunks of whole
+    waves leave no SM idle in the last wave of any chunk but the last: at N = 768 the triangle's
+    input backward ran 11.6 waves a chunk, the transition's backward 8.7, each ending in a
+    partly idle wave (~32 and ~66 us on an H100)."""
+    return block_m * multiprocessors(device)
+
+
 def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     """``acc + grad^T act`` into fp32 ``acc`` ``[G, A]`` (None: the first chunk, which becomes
     the accumulator), grad ``[R, G]``, act ``[R, A]``; returns the accumulator.
 
-    The product runs in the operands' dtype (cuBLAS, fp32 accumulation inside, the result
-    rounded once per chunk, as autocast's own weight gradients are), then adds in fp32. The
-    first chunk's product is only widened: no zero-filled buffer and no addition to launch.
+    On a GPU whose torch has widening products (``torch.mm(..., out_dtype=torch.float32)``,
+    CUDA, torch >= 2.8) each chunk is one cuBLAS call that writes fp32 and adds the running
+    sum itself (``addmm``): no cast and no addition to launch, and no rounding of a chunk's
+    product to 16 bits. Elsewhere the product runs in the operands' dtype (cuBLAS, fp32
+    accumulation inside, the result rounded once per chunk, as autocast's own weight
+    gradients are) and adds in fp32; the first chunk's product is only widened.
     """
+    if grad.dtype in (torch.float16, torch.bfloat16) and grad.device.type not in _NO_WIDENING_MM:
+        try:
+            if acc is None:
+                return torch.mm(grad.t(), act, out_dtype=torch.float32)
+            return torch.addmm(acc, grad.t(), act, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            # This torch or this device has no widening product (the CPU has none; torch
+            # < 2.8 takes no out_dtype): the rounded path from now on.
+            _NO_WIDENING_MM.add(grad.device.type)
     product = torch.mm(grad.t(), act)
     if acc is None:
         return product.float()
     acc += product
     return acc
+
+
+# Device types (``cuda``, ``cpu``) whose torch.mm took no ``out_dtype`` in this process.
+_NO_WIDENING_MM: set[str] = set()
 
 
 def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -559,8 +588,8 @@ def layernorm_linear_backward(
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
         programs = min(num_blocks, cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
-        ln_w_part = torch.empty(programs, K, device=x.device, dtype=torch.float32) if need_input else None
-        ln_b_part = torch.empty_like(ln_w_part) if need_input else None
+        ln_parts = torch.empty(2, programs, K, device=x.device, dtype=torch.float32) if need_input else None
+        ln_w_part, ln_b_part = ln_parts if need_input else (None, None)
         dw_part = torch.empty(programs, O, K, device=x.device, dtype=torch.float32)
         db_part = torch.empty(programs, O, device=x.device, dtype=torch.float32) if need_bias else None
         dummy = mean
@@ -574,8 +603,7 @@ def layernorm_linear_backward(
             NEED_DX=need_input, NEED_BIAS=need_bias, BLOCK_M=block_m, BLOCK_N=narrow_block_n,
             BLOCK_K=block_k, **_launch_kwargs(cfg),
         )
-        grads["ln_w"] = ln_w_part.sum(0) if need_input else None
-        grads["ln_b"] = ln_b_part.sum(0) if need_input else None
+        grads["ln_w"], grads["ln_b"] = ln_parts.sum(1) if need_input else (None, None)
         grads["w"] = dw_part.sum(0)
         grads["b"] = db_part.sum(0) if need_bias else None
 
@@ -584,10 +612,11 @@ def layernorm_linear_backward(
             return launch_narrow(cfg)
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
-        ln_w_part = torch.empty(num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
-        ln_b_part = torch.empty_like(ln_w_part) if need_input else None
+        ln_parts = torch.empty(2, num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
+        ln_w_part, ln_b_part = ln_parts if need_input else (None, None)
         dw = None
-        chunks = row_chunks(M, xn_width * dtype.itemsize, block_m) if need_weight else [(0, M)]
+        chunks = (row_chunks(M, xn_width * dtype.itemsize, wave_rows(block_m, x.device)) if need_weight
+                  else [(0, M)])
         xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
         for start, end in chunks:
@@ -603,8 +632,7 @@ def layernorm_linear_backward(
             )
             if need_weight:
                 dw = add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
-        grads["ln_w"] = ln_w_part.sum(0) if need_input else None
-        grads["ln_b"] = ln_b_part.sum(0) if need_input else None
+        grads["ln_w"], grads["ln_b"] = ln_parts.sum(1) if need_input else (None, None)
         grads["w"] = dw[:, :K].contiguous() if bias_in_product else dw
         # Not in the kernel's column loop: a store there (with the dot accumulating across
         # iterations) made Triton 3.6's pipeliner drop one column block's dot on an H200

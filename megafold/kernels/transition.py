@@ -29,6 +29,7 @@ from megafold.kernels.layernorm_linear import (
     expect_shape,
     row_chunks,
     rows_of,
+    wave_rows,
 )
 
 
@@ -224,10 +225,10 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
     def launch(cfg):
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
-        ln_w_part = torch.empty(num_blocks, C, device=x.device, dtype=torch.float32)
-        ln_b_part = torch.empty_like(ln_w_part)
+        ln_parts = torch.empty(2, num_blocks, C, device=x.device, dtype=torch.float32)  # one reduction
+        ln_w_part, ln_b_part = ln_parts
         dw_in = dw_out = None
-        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, block_m, CHUNK_BUDGET_SCALE)
+        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
@@ -244,7 +245,8 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
             )
             dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
             dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
-        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_in=dw_in, w_out=dw_out)
+        ln_w, ln_b = ln_parts.sum(1)
+        grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
 
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
     candidates = [

@@ -35,6 +35,7 @@ from megafold.kernels.layernorm_linear import (
     dot_precision,
     expect_shape,
     row_chunks,
+    wave_rows,
 )
 
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
@@ -504,8 +505,8 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         block_m = cfg["BLOCK_M"]
         blocks = cdiv(M, block_m)
         programs = min(blocks, cfg["PERSISTENT"] * multiprocessors(dev))
-        ln_w_part = torch.empty(programs, CH, device=dev, dtype=torch.float32)
-        ln_b_part = torch.empty_like(ln_w_part)
+        ln_parts = torch.empty(2, programs, CH, device=dev, dtype=torch.float32)  # one reduction for both
+        ln_w_part, ln_b_part = ln_parts
         dw_o_part = torch.empty(programs, CZ, CH, device=dev, dtype=torch.float32)
         launch_kernel(_triangle_output_backward_persistent_kernel, (programs,),
             x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
@@ -514,16 +515,17 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
             CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
             BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"], **_stages(cfg),
         )
-        grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
+        ln_w, ln_b = ln_parts.sum(1)
+        grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w, ln_b=ln_b)
 
     def launch(cfg):
         if cfg.get("PERSISTENT"):
             return launch_persistent(cfg)
         block_m = cfg["BLOCK_M"]
-        ln_w_part = torch.empty(cdiv(M, block_m), CH, device=dev, dtype=torch.float32)
-        ln_b_part = torch.empty_like(ln_w_part)
+        ln_parts = torch.empty(2, cdiv(M, block_m), CH, device=dev, dtype=torch.float32)
+        ln_w_part, ln_b_part = ln_parts
         dw_o = None
-        chunks = row_chunks(M, (CZ + CH) * dtype.itemsize, block_m)
+        chunks = row_chunks(M, (CZ + CH) * dtype.itemsize, wave_rows(block_m, dev))
         d_update = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         xn = torch.empty(chunks[0][1], CH, device=dev, dtype=dtype)
         for start, end in chunks:
@@ -535,7 +537,8 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
             )
             dw_o = add_weight_grad(dw_o, d_update[: end - start], xn[: end - start])
-        grads.update(w_o=dw_o, ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0))
+        ln_w, ln_b = ln_parts.sum(1)
+        grads.update(w_o=dw_o, ln_w=ln_w, ln_b=ln_b)
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
@@ -590,10 +593,11 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
 
     def launch(cfg):
         block_m = cfg["BLOCK_M"]
-        ln_w_part = torch.empty(cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
-        ln_b_part = torch.empty_like(ln_w_part)
+        ln_parts = torch.empty(2, cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
+        ln_w_part, ln_b_part = ln_parts
         dw_pg = dw_og = None
-        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, block_m, _input_chunk_scale(M * CZ * dtype.itemsize))
+        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, wave_rows(block_m, dev),
+                            _input_chunk_scale(M * CZ * dtype.itemsize))
         zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
         for start, end in chunks:
@@ -608,7 +612,8 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
             dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
             dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
         w_p, w_g = split_interleaved(dw_pg)
-        grads.update(ln_w=ln_w_part.sum(0), ln_b=ln_b_part.sum(0), w_p=w_p, w_g=w_g, w_og=dw_og)
+        ln_w, ln_b = ln_parts.sum(1)
+        grads.update(ln_w=ln_w, ln_b=ln_b, w_p=w_p, w_g=w_g, w_og=dw_og)
 
     key, small = _tuning_key(z, CH, dtype)
     default = {"BLOCK_M": _row_block(block_cz), "BLOCK_C": 32, "num_warps": 4}

@@ -252,3 +252,43 @@ def test_bad_shapes_are_named():
         layernorm_linear(**(inputs | {"weight": torch.randn(8, 19)}))
     with pytest.raises(ValueError, match="ln_bias"):
         layernorm_linear(**(inputs | {"ln_bias": torch.randn(21)}))
+
+
+def test_weight_gradient_chunks_add_up_in_fp32(monkeypatch):
+    # add_weight_grad: with widening products (a GPU, torch >= 2.8) one fp32 cuBLAS call a
+    # chunk; elsewhere (here: the CPU has no torch.mm(..., out_dtype)) the product in the
+    # operands' dtype, widened, then added. Both give the fp32 sum of the chunks' products.
+    lnl = importlib.import_module("megafold.kernels.layernorm_linear")
+    monkeypatch.setattr(lnl, "_NO_WIDENING_MM", set())
+    torch.manual_seed(0)
+    grad, act = torch.randn(96, 5, dtype=torch.bfloat16), torch.randn(96, 7, dtype=torch.bfloat16)
+    acc = None
+    for start in range(0, 96, 32):
+        acc = lnl.add_weight_grad(acc, grad[start:start + 32], act[start:start + 32])
+    assert acc.dtype == torch.float32 and acc.shape == (5, 7)
+    assert "cpu" in lnl._NO_WIDENING_MM  # tried once, then the fallback
+    expected = sum(torch.mm(grad[s:s + 32].t(), act[s:s + 32]).float() for s in range(0, 96, 32))
+    torch.testing.assert_close(acc, expected, rtol=0, atol=0)
+    exact = grad.double().t() @ act.double()
+    assert (acc.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_weight_gradient_chunks_widen_on_the_gpu(monkeypatch):
+    # torch >= 2.8 on CUDA: the widening product is taken (no fallback recorded) and its fp32
+    # sum is at least as close to float64 as the rounded chunks' sum.
+    lnl = importlib.import_module("megafold.kernels.layernorm_linear")
+    monkeypatch.setattr(lnl, "_NO_WIDENING_MM", set())
+    torch.manual_seed(0)
+    grad = torch.randn(3 * 4096, 64, device="cuda", dtype=torch.bfloat16)
+    act = torch.randn(3 * 4096, 128, device="cuda", dtype=torch.bfloat16)
+    acc = None
+    for start in range(0, grad.shape[0], 4096):
+        acc = lnl.add_weight_grad(acc, grad[start:start + 4096], act[start:start + 4096])
+    widened = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8) and torch.version.cuda
+    assert ("cuda" not in lnl._NO_WIDENING_MM) == bool(widened)
+    exact = grad.double().t() @ act.double()
+    rounded = sum(torch.mm(grad[s:s + 4096].t(), act[s:s + 4096]).float() for s in range(0, grad.shape[0], 4096))
+    assert acc.dtype == torch.float32
+    assert (acc.double() - exact).abs().max() <= (rounded.double() - exact).abs().max() + 1e-6

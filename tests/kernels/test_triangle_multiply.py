@@ -218,3 +218,21 @@ def test_input_backward_chunks_follow_the_pair_tensor(n, chunks):
     assert max(end - start for start, end in got) * row_bytes <= (256 << 20) + 128 * row_bytes
     assert got[0][0] == 0 and got[-1][1] == rows
     assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+
+
+@pytest.mark.parametrize("n, chunks", [(256, 1), (384, 2), (768, 3), (1024, 5), (1792, 16)])
+def test_input_backward_chunks_are_whole_waves(n, chunks):
+    # In rows of whole waves (128-row programs on 132 SMs) every chunk but the last ends in a
+    # full wave; the chunk count stays, and a chunk exceeds the budget by less than one wave.
+    rows, row_bytes, pair_bytes = n * n, 640 * 2, n * n * 128 * 2
+    scale = module._input_chunk_scale(pair_bytes)
+    wave = 128 * 132
+    got = module.row_chunks(rows, row_bytes, wave, scale)
+    assert len(got) == chunks
+    assert all(start % wave == 0 for start, _ in got)
+    assert all((end - start) % wave == 0 for start, end in got[:-1])
+    budget = scale * (256 << 20)
+    assert max(end - start for start, end in got) * row_bytes < budget + wave * row_bytes
+    assert got[0][0] == 0 and got[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    assert module.wave_rows(128, torch.device("cpu")) == 128  # one "SM" off a GPU
