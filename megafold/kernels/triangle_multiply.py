@@ -39,21 +39,23 @@ from megafold.kernels.layernorm_linear import (
 )
 
 # The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
-# at least half the common budget (128 MB) and at most the whole budget (256 MB): twice the
-# pair tensor's bytes in the compute dtype (the operands' dtype) in between. At N = 384 the
-# op's peak then stays under cuEquivariance's (one 189 MB chunk raised it from 421 to 473
-# MiB against cuEquivariance's 434). At N = 768
-# each chunk costs ~0.03-0.04 ms (its kernel's last wave, two more cuBLAS products and
-# additions): 3 chunks instead of 6 took 3.69 ms instead of 3.77, for 120 MiB more at the
-# peak (benchmarks/NOTES.md, session 16).
-INPUT_CHUNK_BUDGET_SCALE = (0.5, 1.0)
+# 2.5 times the pair tensor's bytes in the compute dtype (the operands' dtype), clamped to
+# half and one and a half times the common budget (128-384 MB). At N = 384 that keeps the two
+# chunks that hold the op's peak under cuEquivariance's (one 189 MB chunk raised it from 421 to
+# 473 MiB against cuEquivariance's 434); at N = 768 it gives 2 chunks. Each chunk costs ~0.03-0.04
+# ms at N = 768 (its kernel's last wave, another cuBLAS product): 3 chunks instead of 6 took 3.69
+# ms instead of 3.77 for 120 MiB more at the peak (session 16); 2 instead of 3, 3.48 instead of
+# 3.52 for 124 MiB more, 1546 MiB against cuEquivariance's 1736 (session 18, benchmarks/NOTES.md).
+INPUT_CHUNK_BUDGET_SCALE = (0.5, 1.5)
+INPUT_CHUNK_PAIR_FACTOR = 2.5
 
 
 def _input_chunk_scale(pair_bytes: int) -> float:
     """The input backward's chunk budget, as a fraction of the common one, for a pair tensor
     of ``pair_bytes`` in the compute dtype (bf16 under autocast, whatever z's own dtype)."""
     low, high = INPUT_CHUNK_BUDGET_SCALE
-    return min(high, max(low, 2 * pair_bytes / WEIGHT_GRAD_CHUNK_BYTES))
+    return min(high, max(low, INPUT_CHUNK_PAIR_FACTOR * pair_bytes / WEIGHT_GRAD_CHUNK_BYTES))
+
 
 PARAM_NAMES = (
     "norm_in_weight",
