@@ -24,13 +24,15 @@ variant: the graphed times of every round (ms), the peak memory of a plain call 
 inputs (MiB), and the largest error of the output and of every gradient against float64
 (``max|x - ref| / max|ref|``). ``--breakdown N`` adds device ms by kernel name at that N
 (plain calls, PyTorch profiler). ``--fp32-autocast`` adds rows with the pair input in fp32
-under autocast, as the model calls the op.
+under autocast, as the model calls the op. ``--peers cueq compile`` times the benchmark case's
+other implementations in the same rounds, with the same error check.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -166,9 +168,22 @@ def run(args) -> None:
                                             [warm_inputs[k] for k in leaves], allow_unused=True))()
     torch.cuda.synchronize()
 
+    def entries(case):
+        """(name, fn, context) of each variant (the case's megafold implementation with the
+        variant's public function swapped in), then of each peer (its own implementation)."""
+        for name, mod in variants.items():
+            yield name, case.implementations["megafold"], functools.partial(public_function, args.op,
+                                                                              getattr(mod, args.op))
+        for peer in args.peers:
+            if peer not in case.implementations:
+                raise SystemExit(f"--peers {peer}: not an implementation of {args.op} here "
+                                 f"(have {sorted(case.implementations)})")
+            yield peer, case.implementations[peer], contextlib.nullcontext
+
     rows, breakdowns = [], {}
     settings = [False, True] if args.fp32_autocast else [False]
     for N in args.ns:
+        torch._dynamo.reset()  # torch.compile's peer row: a fresh compile per shape, no recompile limit
         case = next(c for c in _pair_ops.cases(False, device, [N])
                     if c.op == args.op and (args.shape is None or c.shape == args.shape))
         for fp32 in settings:
@@ -185,10 +200,9 @@ def run(args) -> None:
                    "autocast": True, "errors": {}, "peak_mib_above_inputs": {}, "graph_ms": {}}
             # Every plain call (errors, peak) before the first capture of the row; the profiled
             # breakdowns after every replay.
-            for name, mod in variants.items():
-                fn = case.implementations["megafold"]
+            for name, fn, swap in entries(case):
                 inputs = fresh(base, fp32)
-                with public_function(args.op, getattr(mod, args.op)):
+                with swap():
                     out = fn(inputs)
                     grads = torch.autograd.grad(out, [inputs[k] for k in leaves], grad_out)
                     row["errors"][name] = {"out": rel_err(out, ref),
@@ -202,14 +216,13 @@ def run(args) -> None:
                 del inputs, step
             torch.cuda.synchronize()
             replays, alive = {}, []
-            for name, mod in variants.items():
-                fn = case.implementations["megafold"]
+            for name, fn, swap in entries(case):
                 inputs = fresh(base, fp32)  # a graph's leaves are its own
 
                 def step(fn=fn, inputs=inputs):
                     torch.autograd.grad(fn(inputs), [inputs[k] for k in leaves], grad_out)
 
-                with public_function(args.op, getattr(mod, args.op)):
+                with swap():
                     replays[name] = graphed(step)
                 alive.append(inputs)  # a replay reads the captured leaves: they must outlive it
             for _ in range(args.rounds):
@@ -219,7 +232,7 @@ def run(args) -> None:
             torch.cuda.empty_cache()
             rows.append(row)
             print(f"{args.op} N={N} {'fp32 in' if fp32 else 'bf16 in'}:")
-            for name in variants:
+            for name in row["graph_ms"]:
                 worst = max(row["errors"][name].values())
                 print(f"  {name:12s} graphed ms {' '.join(f'{t:7.3f}' for t in row['graph_ms'][name])}"
                       f"  peak {row['peak_mib_above_inputs'][name]:8.1f} MiB  max err {worst:.2e}", flush=True)
@@ -244,7 +257,7 @@ def run(args) -> None:
         for kernel, ms in list(table.items())[:14]:
             print(f"  {ms:7.4f}  {kernel}")
     path = write_json(args.name, environment(), rows,
-                      {"op": args.op, "variants": files, "pins": pins, "rounds": args.rounds,
+                      {"op": args.op, "variants": files, "peers": args.peers, "pins": pins, "rounds": args.rounds,
                        "breakdowns": breakdowns, "note": args.note},
                       Path(args.out) if args.out else None)
     print(f"wrote {path}")
@@ -263,6 +276,9 @@ def main(argv=None) -> None:
     r.add_argument("--ns", type=int, nargs="+", default=[384, 768])
     r.add_argument("--variant", action="append", default=[], help="NAME=PATH of a kernel module copy")
     r.add_argument("--pin", action="append", default=[], help="VARIANT:OP=JSON config for every key of OP")
+    r.add_argument("--peers", nargs="*", default=[],
+                   help="other implementations of the benchmark case to time in the same rounds "
+                        "(e.g. cueq compile; their own code, errors checked the same way)")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--breakdown", type=int, nargs="*", default=[])
     r.add_argument("--fp32-autocast", action="store_true")
