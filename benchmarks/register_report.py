@@ -313,7 +313,7 @@ def cases(defaults: bool = False) -> list[tuple]:
                     dict(C=128, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=128,
                          BLOCK_CO=128, BLOCK_H=cfg["BLOCK_H"], **extra), cfg))
     for name, kernel, extra in (
-        ("in_fwd", tri._triangle_input_forward_kernel, {"M_MERGED": True}),
+        ("in_fwd", tri._triangle_input_forward_kernel, {"M_MERGED": True, "STORE_ZN": True}),
         ("in_bwd", tri._triangle_input_backward_kernel, {"M_MERGED": True}),
         ("out_fwd", tri._triangle_output_forward_kernel, {"CH": 128}),
         ("out_bwd", tri._triangle_output_backward_kernel, {"CH": 128, "D_MERGED": True}),

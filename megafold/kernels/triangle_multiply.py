@@ -38,14 +38,13 @@ from megafold.kernels.layernorm_linear import (
     wave_rows,
 )
 
-# The input side's weight-gradient operands ([rows, c_z + 4 c_h], 1.3 KB a row) in chunks of
-# 2.5 times the pair tensor's bytes in the compute dtype (the operands' dtype), clamped to
-# half and one and a half times the common budget (128-384 MB). At N = 384 that keeps the two
-# chunks that hold the op's peak under cuEquivariance's (one 189 MB chunk raised it from 421 to
-# 473 MiB against cuEquivariance's 434); at N = 768 it gives 2 chunks. Each chunk costs ~0.03-0.04
-# ms at N = 768 (its kernel's last wave, another cuBLAS product): 3 chunks instead of 6 took 3.69
-# ms instead of 3.77 for 120 MiB more at the peak (session 16); 2 instead of 3, 3.48 instead of
-# 3.52 for 124 MiB more, 1546 MiB against cuEquivariance's 1736 (session 18, benchmarks/NOTES.md).
+# The input backward's gradients of the projection and gate pre-activations ([rows, 4 c_h], 1 KB
+# a row: with LN(z), which the input forward saves, the operands of the input weights'
+# gradients) in chunks of 2.5 times the pair tensor's bytes in the compute dtype, clamped to half
+# and one and a half times the common budget (128-384 MB): 2 chunks at N = 384 and 768. Each
+# chunk costs ~0.03-0.04 ms at N = 768 (its kernel's last wave, more cuBLAS products): 2 chunks
+# instead of 3 took 3.48 instead of 3.52 ms (benchmarks/NOTES.md, session 18). At N = 384 one
+# chunk would raise the op's peak above cuEquivariance's (session 16).
 INPUT_CHUNK_BUDGET_SCALE = (0.5, 1.5)
 INPUT_CHUNK_PAIR_FACTOR = 2.5
 
@@ -115,12 +114,13 @@ def _square_tile(w_ptr, s0, s1, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
 
 @triton.jit
 def _triangle_input_forward_kernel(
-    z_ptr, mask_ptr, ln_w_ptr, ln_b_ptr, w_pg_ptr, ab_ptr, mean_ptr, rstd_ptr,
+    z_ptr, mask_ptr, ln_w_ptr, ln_b_ptr, w_pg_ptr, ab_ptr, mean_ptr, rstd_ptr, zn_ptr,
     N, CH, side_stride, sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, eps,
     CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
+    STORE_ZN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """a, b = sigmoid(LN(z) W_g^T) * (LN(z) W_p^T) * mask, stored as ``[2, B, c_h, N, N]``."""
+    """a, b = sigmoid(LN(z) W_g^T) * (LN(z) W_p^T) * mask, stored as ``[2, B, c_h, N, N]``; with
+    STORE_ZN also LN(z) ``[B * N * N, c_z]``, for the backward's weight gradients."""
     pid = tl.program_id(0)
     batch = tl.program_id(1)
     NN = N * N
@@ -129,6 +129,10 @@ def _triangle_input_forward_kernel(
     z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
     zn, mean, rstd = _layernorm_tile(z_ptr, z_rows, row_ok, sz_c, ln_w_ptr, ln_b_ptr, eps, CZ, BLOCK_CZ)
     zn = zn.to(w_pg_ptr.dtype.element_ty)
+    flat = batch.to(tl.int64) * NN + ij
+    if STORE_ZN:  # LN(z) ``[B * N * N, c_z]``, the operand of the backward's weight gradients
+        ks = tl.arange(0, BLOCK_CZ)
+        tl.store(zn_ptr + flat[:, None] * CZ + ks[None, :], zn, mask=row_ok[:, None] & (ks < CZ)[None, :])
     valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
     valid = valid.to(tl.float32)
 
@@ -143,7 +147,6 @@ def _triangle_input_forward_kernel(
             # Channel-major store: each channel's N x N plane is one matrix of the product.
             tl.store(ab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
                      value.to(ab_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-    flat = batch.to(tl.int64) * NN + ij
     tl.store(mean_ptr + flat, mean, mask=row_ok)
     tl.store(rstd_ptr + flat, rstd, mask=row_ok)
 
@@ -339,7 +342,7 @@ def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, side, c0, si
 @triton.jit
 def _triangle_input_backward_kernel(
     z_ptr, mask_ptr, z_mean_ptr, z_rstd_ptr, ln_w_ptr, ln_b_ptr, w_pg_ptr, w_og_ptr,
-    dab_ptr, d_gate_ptr, dz_ptr, zn_ptr, d_pg_ptr, dln_w_part_ptr, dln_b_part_ptr,
+    dab_ptr, d_gate_ptr, dz_ptr, d_pg_ptr, dln_w_part_ptr, dln_b_part_ptr,
     row_start, row_end, N, CH, side_stride,
     sz_b, sz_i, sz_j, sz_c, sm_b, sm_i, sm_j, sw_og0, sw_og1,
     CZ: tl.constexpr, Z_MERGED: tl.constexpr, M_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -347,9 +350,9 @@ def _triangle_input_backward_kernel(
 ):
     """One row block of a chunk of pairs: dz through the input LayerNorm from the a, b and
     gate paths at once, partials of the LayerNorm's parameter gradients, and for the chunk
-    the operands of the input weights' gradients: LN(z) ``[rows, c_z]`` and the gradients of
-    the projection and gate pre-activations ``[rows, 4 c_h]`` in the order of the interleaved
-    weight rows (``interleaved_weights``)."""
+    the gradients of the projection and gate pre-activations ``[rows, 4 c_h]`` in the order of
+    the interleaved weight rows (``interleaved_weights``): with the forward's LN(z), the
+    operands of the input weights' gradients."""
     NN = N * N
     local, flat, row_ok, batch, ij = _chunk_rows(row_start, row_end, NN, BLOCK_M)
     dtype = w_pg_ptr.dtype.element_ty
@@ -365,7 +368,6 @@ def _triangle_input_backward_kernel(
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     zn = tl.where(ok, zhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
-    tl.store(zn_ptr + local[:, None] * CZ + ks[None, :], zn, mask=ok)
     valid = tl.load(mask_ptr + _row_offsets(batch, ij, N, sm_b, sm_i, sm_j, M_MERGED), mask=row_ok, other=0)
     valid = valid.to(tl.float32)
 
@@ -437,7 +439,7 @@ def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, b
     return (z.shape[-1], c_h, str(dtype), str(z.dtype)), block_size(z.shape[-1], 1 << 30) <= 128
 
 
-def _triangle_forward(z, mask, p, outgoing, eps):
+def _triangle_forward(z, mask, p, outgoing, eps, keep_zn=True):
     B, N, _, CZ = z.shape
     CH = p["norm_out_weight"].shape[0]
     NN = N * N
@@ -450,13 +452,14 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     ab = torch.empty(2, B, CH, N, N, device=dev, dtype=dtype)
     z_mean = torch.empty(B * NN, device=dev, dtype=torch.float32)
     z_rstd = torch.empty_like(z_mean)
+    zn = torch.empty(B * NN, CZ, device=dev, dtype=dtype) if keep_zn else None
     w_pg = p["ab_interleaved"]
 
     def launch_in(cfg):
         launch_kernel(_triangle_input_forward_kernel, (cdiv(NN, cfg["BLOCK_M"]), B),
-            z, mask, p["norm_in_weight"], p["norm_in_bias"], w_pg, ab, z_mean, z_rstd,
+            z, mask, p["norm_in_weight"], p["norm_in_bias"], w_pg, ab, z_mean, z_rstd, zn if keep_zn else z_mean,
             N, CH, ab.stride(0), *sz, *sm, eps,
-            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec,
+            CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=prec, STORE_ZN=keep_zn,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
             **_stages(cfg),
         )
@@ -486,7 +489,7 @@ def _triangle_forward(z, mask, p, outgoing, eps):
     default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
     candidates = _output_forward_candidates() if small else []
     run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out, rows=B * NN)
-    return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd
+    return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd, zn
 
 
 def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
@@ -579,9 +582,11 @@ def _product_backward(dx, ab, outgoing):
     return dab
 
 
-def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
+def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, zn):
     """dz through the input LayerNorm from the a, b and gate paths, and the fp32 gradients
-    of the input LayerNorm's parameters, ab_proj_weight, ab_gate_weight and out_gate_weight."""
+    of the input LayerNorm's parameters, ab_proj_weight, ab_gate_weight and out_gate_weight
+    (their LN(z) operand ``zn`` ``[B * N * N, c_z]`` saved by the input forward: storing it
+    there instead of in this kernel took 0.05 ms off the op at N = 768, session 18)."""
     B, N, _, CZ = z.shape
     CH = dab.shape[2]
     M = B * N * N
@@ -598,21 +603,20 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
         ln_parts = torch.empty(2, cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
         ln_w_part, ln_b_part = ln_parts
         dw_pg = dw_og = None
-        chunks = row_chunks(M, (CZ + 4 * CH) * dtype.itemsize, wave_rows(block_m, dev),
+        chunks = row_chunks(M, 4 * CH * dtype.itemsize, wave_rows(block_m, dev),
                             _input_chunk_scale(M * CZ * dtype.itemsize))
-        zn = torch.empty(chunks[0][1], CZ, device=dev, dtype=dtype)
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
         for start, end in chunks:
             launch_kernel(_triangle_input_backward_kernel, (cdiv(end - start, block_m),),
                 z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_pg, w_og,
-                dab, d_gate, dz, zn, d_pg, ln_w_part, ln_b_part, start, end, N, CH, dab.stride(0),
+                dab, d_gate, dz, d_pg, ln_w_part, ln_b_part, start, end, N, CH, dab.stride(0),
                 *sz, *sm, *w_og.stride(),
                 CZ=CZ, Z_MERGED=z_merged, M_MERGED=m_merged, DOT_PRECISION=dot_precision(dtype),
                 BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
                 **_stages(cfg),
             )
-            dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[: end - start])
-            dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[: end - start])
+            dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[start:end])
+            dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[start:end])
         w_p, w_g = split_interleaved(dw_pg)
         ln_w, ln_b = ln_parts.sum(1)
         grads.update(ln_w=ln_w, ln_b=ln_b, w_p=w_p, w_g=w_g, w_og=dw_og)
@@ -624,7 +628,7 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd):
     return dz, grads["ln_w"], grads["ln_b"], grads["w_p"], grads["w_g"], grads["w_og"]
 
 
-def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd):
+def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn):
     """dz and the fp32 gradient of every parameter. Each pair-sized buffer is dropped as soon
     as its last reader has run, and the weight gradients' operands exist one bounded chunk of
     rows at a time: the peak stays near the forward's."""
@@ -635,7 +639,7 @@ def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean
     dab = _product_backward(dx, ab, outgoing)
     del dx
     (dz, grads["norm_in_weight"], grads["norm_in_bias"], grads["ab_proj_weight"], grads["ab_gate_weight"],
-     grads["out_gate_weight"]) = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd)
+     grads["out_gate_weight"]) = _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, zn)
     return dz, grads
 
 
@@ -651,17 +655,19 @@ class TriangleMultiplyFunction(torch.autograd.Function):
         # projection and gate weights are interleaved first, then cast: one copy, one cast.
         params = {name: value.to(compute_dtype) if value.dim() == 2 else value for name, value in named.items()}
         params["ab_interleaved"] = interleaved_weights(w_p, w_g).to(compute_dtype)
-        out, ab, x, z_mean, z_rstd, x_mean, x_rstd = _triangle_forward(z, mask, params, outgoing, eps)
-        ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd,
+        out, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn = _triangle_forward(
+            z, mask, params, outgoing, eps, keep_zn=any(ctx.needs_input_grad))
+        ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn,
                               *(params[name] for name in KERNEL_PARAM_NAMES))
         ctx.outgoing = outgoing
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, *param_values = ctx.saved_tensors
+        z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn, *param_values = ctx.saved_tensors
         params = dict(zip(KERNEL_PARAM_NAMES, param_values))
-        dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd)
+        dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd,
+                                       zn)
         return (dz, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
 
 
