@@ -367,7 +367,7 @@ def _layernorm_linear_backward_kernel(
 @triton.jit
 def _layernorm_linear_backward_narrow_kernel(
     x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
-    dln_w_part_ptr, dln_b_part_ptr, dw_part_ptr, db_part_ptr,
+    dln_w_part_ptr, dln_b_part_ptr, dw_part_ptr, db_part_ptr, part_width,
     M, rows_per_batch, inner, O,
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
@@ -381,6 +381,9 @@ def _layernorm_linear_backward_narrow_kernel(
     bias gradient and the LayerNorm parameters' gradients in fp32 registers, stored as one
     partial per program (summed in a fixed order). Narrow outputs make LN(x) the widest
     operand of the weight product: here it is never written to memory and read back.
+    The partials of a program are one row of ``part_width`` floats of one buffer (one
+    reduction for all): dW ``[O, K]``, then the bias gradient's O and the LayerNorm
+    gradients' 2 K where asked (the four pointers point into that row's parts).
     """
     pid = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -414,13 +417,13 @@ def _layernorm_linear_backward_narrow_kernel(
             tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
             dln_w += tl.sum(dxn * xhat, axis=0)
             dln_b += tl.sum(dxn, axis=0)
-    part = pid.to(tl.int64) * O * K
+    part = pid.to(tl.int64) * part_width
     tl.store(dw_part_ptr + part + cols[:, None] * K + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
     if NEED_BIAS:
-        tl.store(db_part_ptr + pid * O + cols, db, mask=col_ok)
+        tl.store(db_part_ptr + part + cols, db, mask=col_ok)
     if NEED_DX:
-        tl.store(dln_w_part_ptr + pid * K + ks, dln_w, mask=k_ok)
-        tl.store(dln_b_part_ptr + pid * K + ks, dln_b, mask=k_ok)
+        tl.store(dln_w_part_ptr + part + ks, dln_w, mask=k_ok)
+        tl.store(dln_b_part_ptr + part + ks, dln_b, mask=k_ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -588,24 +591,29 @@ def layernorm_linear_backward(
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
         programs = min(num_blocks, cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
-        ln_parts = torch.empty(2, programs, K, device=x.device, dtype=torch.float32) if need_input else None
-        ln_w_part, ln_b_part = ln_parts if need_input else (None, None)
-        dw_part = torch.empty(programs, O, K, device=x.device, dtype=torch.float32)
-        db_part = torch.empty(programs, O, device=x.device, dtype=torch.float32) if need_bias else None
+        # Every program's partials in one row of one buffer, summed by one reduction:
+        # dW [O, K], then the bias gradient [O] and the LayerNorm gradients [2, K] where asked.
+        width = O * K + (O if need_bias else 0) + (2 * K if need_input else 0)
+        parts = torch.empty(programs, width, device=x.device, dtype=torch.float32)
+        offset = O * K
+        db_part = parts[:, offset:] if need_bias else None
+        offset += O if need_bias else 0
+        ln_w_part, ln_b_part = (parts[:, offset:], parts[:, offset + K:]) if need_input else (None, None)
         dummy = mean
         launch_kernel(_layernorm_linear_backward_narrow_kernel, (programs,),
             x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
-            ln_w_part if need_input else dummy, ln_b_part if need_input else dummy, dw_part,
-            db_part if need_bias else dummy,
+            ln_w_part if need_input else dummy, ln_b_part if need_input else dummy, parts,
+            db_part if need_bias else dummy, width,
             M, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
             weight.stride(0), weight.stride(1),
             K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
             NEED_DX=need_input, NEED_BIAS=need_bias, BLOCK_M=block_m, BLOCK_N=narrow_block_n,
             BLOCK_K=block_k, **_launch_kwargs(cfg),
         )
-        grads["ln_w"], grads["ln_b"] = ln_parts.sum(1) if need_input else (None, None)
-        grads["w"] = dw_part.sum(0)
-        grads["b"] = db_part.sum(0) if need_bias else None
+        total = parts.sum(0)
+        grads["w"] = total[: O * K].view(O, K)
+        grads["b"] = total[O * K : O * K + O] if need_bias else None
+        grads["ln_w"], grads["ln_b"] = (total[offset : offset + K], total[offset + K :]) if need_input else (None, None)
 
     def launch(cfg):
         if cfg.get("NARROW"):

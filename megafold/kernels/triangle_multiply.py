@@ -252,7 +252,7 @@ def _triangle_output_backward_persistent_kernel(
     x_ptr, z_ptr, dout_ptr, z_mean_ptr, z_rstd_ptr, x_mean_ptr, x_rstd_ptr,
     ln_in_w_ptr, ln_in_b_ptr, w_og_ptr, ln_out_w_ptr, ln_out_b_ptr, w_o_ptr,
     dx_ptr, d_gate_ptr, dw_o_part_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    M, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
+    part_rows, M, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
     CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
@@ -314,10 +314,13 @@ def _triangle_output_backward_persistent_kernel(
         dln_w += tl.sum(dxn * xhat, axis=0)
         dln_b += tl.sum(dxn, axis=0)
         dw_o = tl.dot(tl.trans(d_update), xn, dw_o, input_precision=DOT_PRECISION)
+    # One partial buffer [P, part_rows = c_z + 2, c_h] (one reduction): dW_o's rows, then the
+    # output LayerNorm's weight and bias gradients (dln_w_part_ptr, dln_b_part_ptr: its rows c_z, c_z + 1).
     part = pid.to(tl.int64)
-    tl.store(dln_w_part_ptr + part * CH + hs, dln_w, mask=h_ok)
-    tl.store(dln_b_part_ptr + part * CH + hs, dln_b, mask=h_ok)
-    tl.store(dw_o_part_ptr + (part * CZ + ks[:, None]) * CH + hs[None, :], dw_o, mask=k_ok[:, None] & h_ok[None, :])
+    tl.store(dln_w_part_ptr + part * part_rows * CH + hs, dln_w, mask=h_ok)
+    tl.store(dln_b_part_ptr + part * part_rows * CH + hs, dln_b, mask=h_ok)
+    tl.store(dw_o_part_ptr + (part * part_rows + ks[:, None]) * CH + hs[None, :], dw_o,
+             mask=k_ok[:, None] & h_ok[None, :])
 
 
 @triton.jit
@@ -510,18 +513,17 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
         block_m = cfg["BLOCK_M"]
         blocks = cdiv(M, block_m)
         programs = min(blocks, cfg["PERSISTENT"] * multiprocessors(dev))
-        ln_parts = torch.empty(2, programs, CH, device=dev, dtype=torch.float32)  # one reduction for both
-        ln_w_part, ln_b_part = ln_parts
-        dw_o_part = torch.empty(programs, CZ, CH, device=dev, dtype=torch.float32)
+        parts = torch.empty(programs, CZ + 2, CH, device=dev, dtype=torch.float32)  # one reduction
+        dw_o_part, ln_w_part, ln_b_part = parts, parts[:, CZ], parts[:, CZ + 1]
         launch_kernel(_triangle_output_backward_persistent_kernel, (programs,),
             x, z, dout, z_mean, z_rstd, x_mean, x_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
             p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, dw_o_part, ln_w_part, ln_b_part,
-            M, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
+            CZ + 2, M, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
             CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
             BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"], **_stages(cfg),
         )
-        ln_w, ln_b = ln_parts.sum(1)
-        grads.update(w_o=dw_o_part.sum(0), ln_w=ln_w, ln_b=ln_b)
+        total = parts.sum(0)
+        grads.update(w_o=total[:CZ], ln_w=total[CZ], ln_b=total[CZ + 1])
 
     def launch(cfg):
         if cfg.get("PERSISTENT"):
