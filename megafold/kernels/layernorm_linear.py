@@ -660,8 +660,10 @@ def layernorm_linear_backward(
         for nw in (4, 8)
     ] if block_k <= 128 else []
     if need_weight and block_k <= 128 and narrow_block_n <= 128:
-        candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p}
-                       for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8)]
+        # The pipeline depth of its row loop too: at 128 -> 16, N = 768, three stages took
+        # 0.357 ms against 0.377 for two (benchmarks/NOTES.md, session 18; 16-row blocks lost).
+        candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p, "num_stages": ns}
+                       for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8) for ns in (2, 3, 4)]
         if narrow_block_n <= NARROW_MAX_OUT:
             default = NARROW_DEFAULT
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
