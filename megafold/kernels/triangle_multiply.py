@@ -650,7 +650,7 @@ def _triangle_backward(dout, z, mask, p, outgoing, ab, x, z_mean, z_rstd, x_mean
 
 class TriangleMultiplyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, mask, outgoing, eps, compute_dtype, *param_values):
+    def forward(ctx, z, mask, outgoing, eps, compute_dtype, for_backward, *param_values):
         named = dict(zip(PARAM_NAMES, param_values))
         w_p, w_g = named.pop("ab_proj_weight"), named.pop("ab_gate_weight")
         # Matrix weights in the compute dtype; LayerNorm parameters are read in fp32. The
@@ -658,7 +658,7 @@ class TriangleMultiplyFunction(torch.autograd.Function):
         params = {name: value.to(compute_dtype) if value.dim() == 2 else value for name, value in named.items()}
         params["ab_interleaved"] = interleaved_weights(w_p, w_g).to(compute_dtype)
         out, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn = _triangle_forward(
-            z, mask, params, outgoing, eps, keep_zn=any(ctx.needs_input_grad))
+            z, mask, params, outgoing, eps, keep_zn=for_backward)
         ctx.save_for_backward(z, mask, ab, x, z_mean, z_rstd, x_mean, x_rstd, zn,
                               *(params[name] for name in KERNEL_PARAM_NAMES))
         ctx.outgoing = outgoing
@@ -670,7 +670,7 @@ class TriangleMultiplyFunction(torch.autograd.Function):
         params = dict(zip(KERNEL_PARAM_NAMES, param_values))
         dz, grads = _triangle_backward(dout, z, mask, params, ctx.outgoing, ab, x, z_mean, z_rstd, x_mean, x_rstd,
                                        zn)
-        return (dz, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
+        return (dz, None, None, None, None, None, *(grads[name] for name in PARAM_NAMES))
 
 
 def triangle_multiply_reference(
@@ -738,4 +738,6 @@ def triangle_multiply(
 
 @torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
 def _triangle_multiply_triton(z, mask, outgoing, values):
-    return TriangleMultiplyFunction.apply(z, mask, outgoing, 1e-5, autocast_dtype(z), *values)
+    # Whether a backward can follow: only then does the input forward keep LN(z) for it.
+    for_backward = torch.is_grad_enabled() and (z.requires_grad or any(v.requires_grad for v in values))
+    return TriangleMultiplyFunction.apply(z, mask, outgoing, 1e-5, autocast_dtype(z), for_backward, *values)

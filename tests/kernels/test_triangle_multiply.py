@@ -160,6 +160,34 @@ def test_weight_gradient_chunks(one_block_chunks):
     assert_backward_repeats(out, [z] + [params[n] for n in PARAM_NAMES])
 
 
+def test_normalised_input_is_kept_only_for_a_backward(monkeypatch):
+    # The input forward stores LN(z) for the weight gradients (STORE_ZN) only when some input
+    # needs a gradient; without one (inference, no_grad) nothing is stored, and the output is
+    # the same either way.
+    stored = []
+    real = module.launch_kernel
+
+    def spy(kernel, grid, *args, **meta):
+        if kernel is module._triangle_input_forward_kernel:
+            stored.append(meta["STORE_ZN"])
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(module, "launch_kernel", spy)
+    torch.manual_seed(5)
+    z = torch.randn(1, 7, 7, 16)
+    mask = padded_mask(1, 7, 1)
+    params = make_params(16, 8, torch.float32)
+    with torch.no_grad():
+        plain = triangle_multiply(z, mask, params, backend="triton")
+    assert stored == [False]
+    with_grad = triangle_multiply(z, mask, params, backend="triton")
+    assert stored == [False, True]
+    torch.testing.assert_close(plain, with_grad.detach(), rtol=0, atol=0)
+    frozen = {name: t.detach() for name, t in params.items()}
+    triangle_multiply(z, mask, frozen, backend="triton")  # nothing requires a gradient
+    assert stored == [False, True, False]
+
+
 def test_interleaved_weights_round_trip():
     # The kernels read ab_proj_weight and ab_gate_weight as one matrix whose rows pair each
     # channel's projection and gate, side a then side b; its gradient splits back exactly.
