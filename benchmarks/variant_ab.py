@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pair_ops  # noqa: E402
 from _harness import ROOT, environment, graphed, kernel_breakdown, peak_mib, rel_err, time_ms, write_json  # noqa: E402
 
-MODULE_OF = {"triangle_multiply": "triangle_multiply", "transition": "transition",
-             "layernorm_linear": "layernorm_linear", "outer_product_mean": "outer_product_mean"}
+# Each pair op's kernel module bears the op's name: megafold/kernels/<op>.py.
+OPS = _pair_ops.OPS
 
 
 def export(rev: str, module: str, to: Path) -> Path:
@@ -131,6 +131,19 @@ def op_breakdown(fn, steps: int = 3) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def find_case(device, op: str, shape: str | None, N: int):
+    """The benchmark case of ``op`` at ``N`` (its first shape, or ``shape``)."""
+    return next(c for c in _pair_ops.cases(False, device, [N]) if c.op == op and (shape is None or c.shape == shape))
+
+
+def grad_step(fn, inputs: dict, leaves: list[str], grad_out: torch.Tensor):
+    """One forward + backward of ``fn`` on ``inputs`` (the gradients of ``leaves``)."""
+    def step():
+        torch.autograd.grad(fn(inputs), [inputs[k] for k in leaves], grad_out)
+
+    return step
+
+
 def parse_pins(items: list[str]) -> dict[str, dict[str, dict]]:
     pins: dict[str, dict[str, dict]] = {}
     for item in items:
@@ -146,9 +159,8 @@ def run(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("variant_ab.py times CUDA graphs: it needs a GPU")
     device = torch.device("cuda")
-    module = MODULE_OF[args.op]
-    variants = {"head": importlib.import_module(f"megafold.kernels.{module}")}
-    files = {"head": f"megafold/kernels/{module}.py"}
+    variants = {"head": importlib.import_module(f"megafold.kernels.{args.op}")}
+    files = {"head": f"megafold/kernels/{args.op}.py"}
     for item in args.variant:
         name, _, path = item.partition("=")
         if not path or name in variants:
@@ -160,7 +172,7 @@ def run(args) -> None:
         pin_configs(variants[name], op_pins)
 
     # A throwaway capture: a process's first capture has failed where later ones did not.
-    warm = next(c for c in _pair_ops.cases(False, device, [64]) if c.op == args.op)
+    warm = find_case(device, args.op, None, 64)
     warm_inputs = warm.make_inputs()
     leaves = [k for k, v in warm_inputs.items() if v.requires_grad]
     with contextlib.suppress(Exception):
@@ -184,8 +196,7 @@ def run(args) -> None:
     settings = [False, True] if args.fp32_autocast else [False]
     for N in args.ns:
         torch._dynamo.reset()  # torch.compile's peer row: a fresh compile per shape, no recompile limit
-        case = next(c for c in _pair_ops.cases(False, device, [N])
-                    if c.op == args.op and (args.shape is None or c.shape == args.shape))
+        case = find_case(device, args.op, args.shape, N)
         for fp32 in settings:
             torch.manual_seed(0)
             base = case.make_inputs()
@@ -208,22 +219,14 @@ def run(args) -> None:
                     row["errors"][name] = {"out": rel_err(out, ref),
                                            **{k: rel_err(g, r) for k, g, r in zip(leaves, grads, ref_grads)}}
                     del out, grads
-
-                    def step(fn=fn, inputs=inputs):
-                        torch.autograd.grad(fn(inputs), [inputs[k] for k in leaves], grad_out)
-
-                    row["peak_mib_above_inputs"][name] = peak_mib(step)
-                del inputs, step
+                    row["peak_mib_above_inputs"][name] = peak_mib(grad_step(fn, inputs, leaves, grad_out))
+                del inputs
             torch.cuda.synchronize()
             replays, alive = {}, []
             for name, fn, swap in entries(case):
                 inputs = fresh(base, fp32)  # a graph's leaves are its own
-
-                def step(fn=fn, inputs=inputs):
-                    torch.autograd.grad(fn(inputs), [inputs[k] for k in leaves], grad_out)
-
                 with swap():
-                    replays[name] = graphed(step)
+                    replays[name] = graphed(grad_step(fn, inputs, leaves, grad_out))
                 alive.append(inputs)  # a replay reads the captured leaves: they must outlive it
             for _ in range(args.rounds):
                 for name, replay in replays.items():
@@ -237,18 +240,15 @@ def run(args) -> None:
                 print(f"  {name:12s} graphed ms {' '.join(f'{t:7.3f}' for t in row['graph_ms'][name])}"
                       f"  peak {row['peak_mib_above_inputs'][name]:8.1f} MiB  max err {worst:.2e}", flush=True)
     for N in args.breakdown:
-        case = next(c for c in _pair_ops.cases(False, device, [N])
-                    if c.op == args.op and (args.shape is None or c.shape == args.shape))
+        case = find_case(device, args.op, args.shape, N)
         torch.manual_seed(0)
         base = case.make_inputs()
         leaves = [k for k, v in base.items() if v.requires_grad]
-        grad_out = torch.randn(case.implementations["megafold"](base).shape, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():  # the output's shape only: nothing saved for a backward
+            shape = case.implementations["megafold"](base).shape
+        grad_out = torch.randn(shape, device=device, dtype=torch.bfloat16)
         for name, mod in variants.items():
-            inputs = fresh(base, False)
-
-            def step(fn=case.implementations["megafold"], inputs=inputs):
-                torch.autograd.grad(fn(inputs), [inputs[k] for k in leaves], grad_out)
-
+            step = grad_step(case.implementations["megafold"], fresh(base, False), leaves, grad_out)
             with public_function(args.op, getattr(mod, args.op)):
                 breakdowns[f"{name}@{N}"] = kernel_breakdown(step)
                 breakdowns[f"{name}@{N} aten ops"] = op_breakdown(step)
@@ -268,10 +268,10 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="a kernel module at a git revision, as a variant file")
     ex.add_argument("rev")
-    ex.add_argument("--module", default="triangle_multiply", choices=sorted(set(MODULE_OF.values())))
+    ex.add_argument("--module", default="triangle_multiply", choices=sorted(OPS))
     ex.add_argument("--to", default="scratch/variants")
     r = sub.add_parser("run", help="time the variants (GPU)")
-    r.add_argument("--op", required=True, choices=sorted(MODULE_OF))
+    r.add_argument("--op", required=True, choices=sorted(OPS))
     r.add_argument("--shape", default=None, help="the case's shape name (layernorm_linear: e.g. 128->16)")
     r.add_argument("--ns", type=int, nargs="+", default=[384, 768])
     r.add_argument("--variant", action="append", default=[], help="NAME=PATH of a kernel module copy")

@@ -541,7 +541,7 @@ def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Ten
             return torch.addmm(acc, grad.t(), act, out_dtype=torch.float32)
         except torch.OutOfMemoryError:
             raise
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, RuntimeError):  # NotImplementedError is a RuntimeError
             # This torch or this device has no widening product (the CPU has none; torch
             # < 2.8 takes no out_dtype): the rounded path from now on.
             _NO_WIDENING_MM.add(grad.device.type)
