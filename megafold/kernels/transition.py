@@ -39,18 +39,40 @@ from megafold.kernels.layernorm_linear import (
 CHUNK_BUDGET_SCALE = 2
 
 
+def interleaved_w_in(w_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_in ``[2h, c]`` (rows: a then b) as one contiguous ``[2h, c]`` matrix in ``dtype``
+    whose row ``2 j + t`` is hidden unit j's row of a (t = 0) or b (t = 1): one product gives
+    a chunk's a and b side by side, as even and odd columns. One copy (cast included)."""
+    two_h, c = w_in.shape
+    out = torch.empty(two_h // 2, 2, c, device=w_in.device, dtype=dtype)
+    out.copy_(w_in.reshape(2, two_h // 2, c).transpose(0, 1))
+    return out.view(two_h, c)
+
+
+def doubled_w_out(w_out: torch.Tensor) -> torch.Tensor:
+    """w_out ``[c_out, h]`` as a contiguous ``[c_out, 2h]`` whose columns ``2 j`` and ``2 j + 1``
+    are both w_out's column j (for the backward's gradient of the hidden)."""
+    return w_out.repeat_interleave(2, dim=1)
+
+
+def split_interleaved(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of w_in (rows: a then b) from that of ``interleaved_w_in(w_in)``."""
+    two_h, c = grad.shape
+    return grad.view(two_h // 2, 2, c).transpose(0, 1).reshape(two_h, c)
+
+
 @triton.jit
-def _swiglu_chunk(xn, w_in_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) and the ``w_in`` tiles they came from."""
-    hs = h0 + tl.arange(0, BLOCK_H)
+def _swiglu_chunk(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) from one product with their
+    interleaved w_in rows (``interleaved_w_in``), and that ``[2 BLOCK_H, C]`` tile."""
+    rs = tl.arange(0, 2 * BLOCK_H)
     cs = tl.arange(0, BLOCK_C)
-    ok = (hs < H)[:, None] & (cs < C)[None, :]
-    w_a = tl.load(w_in_ptr + hs[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
-    w_b = tl.load(w_in_ptr + (hs + H)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
-    a = tl.dot(xn, tl.trans(w_a), input_precision=DOT_PRECISION)
-    b = tl.dot(xn, tl.trans(w_b), input_precision=DOT_PRECISION)
-    return a, b, w_a, w_b
+    ok = ((2 * h0 + rs) < 2 * H)[:, None] & (cs < C)[None, :]
+    w = tl.load(w_ab_ptr + (2 * h0 + rs)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    ab = tl.dot(xn, tl.trans(w), input_precision=DOT_PRECISION)
+    a, b = tl.split(tl.reshape(ab, (BLOCK_M, BLOCK_H, 2)))
+    return a, b, w
 
 
 @triton.jit
@@ -72,7 +94,7 @@ def _transition_forward_kernel(
     cos = tl.arange(0, BLOCK_CO)
     acc = tl.zeros([BLOCK_M, BLOCK_CO], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+        a, b, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
         # silu(a) * b in fp32; only this BLOCK_H-wide slice of the hidden ever exists.
         hidden = a * tl.sigmoid(a) * b
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -91,22 +113,27 @@ def _transition_forward_kernel(
 
 @triton.jit
 def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-                           C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
-    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
-    hs = h0 + tl.arange(0, BLOCK_H)
+    """Recompute one hidden chunk; return d(a, b) interleaved as the w_in tile's rows
+    (``[BLOCK_M, 2 BLOCK_H]``, fp32), silu(a) * b and that tile."""
+    a, b, w = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+    # w_out2 (``doubled_w_out``) has each hidden unit's w_out column twice, side by side as a
+    # and b are in the product above: the gradient of the hidden comes out of this product in
+    # the layout a and b have after the split (no layout conversion), at twice its FLOPs.
+    rs = 2 * h0 + tl.arange(0, 2 * BLOCK_H)
     cos = tl.arange(0, BLOCK_CO)
-    w_out = tl.load(
-        w_out_ptr + cos[:, None] * sw_out_c + hs[None, :] * sw_out_h,
-        mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
+    w_out2 = tl.load(
+        w_out_ptr + cos[:, None] * sw_out_c + rs[None, :] * sw_out_h,
+        mask=(cos < C_OUT)[:, None] & (rs < 2 * H)[None, :], other=0.0,
     )
-    d_hidden = tl.dot(dy, w_out, input_precision=DOT_PRECISION)
+    d_hidden, _ = tl.split(tl.reshape(tl.dot(dy, w_out2, input_precision=DOT_PRECISION), (BLOCK_M, BLOCK_H, 2)))
     sig = tl.sigmoid(a)
     silu = a * sig
     da = d_hidden * b * sig * (1.0 + a * (1.0 - sig))
     db = d_hidden * silu
-    return da, db, silu * b, w_a, w_b
+    dab = tl.reshape(tl.join(da, db), (BLOCK_M, 2 * BLOCK_H))
+    return dab, silu * b, w
 
 
 @triton.jit
@@ -120,7 +147,8 @@ def _transition_backward_kernel(
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
     LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
-    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
+    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` (columns interleaved as w_ab's rows) and
+    silu(a) * b ``[rows, H]``."""
     pid = tl.program_id(0)
     local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
     dtype = w_in_ptr.dtype.element_ty
@@ -141,19 +169,16 @@ def _transition_backward_kernel(
     hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
     dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        da, db, hidden, w_a, w_b = _swiglu_backward_chunk(
+        dab, hidden, w = _swiglu_backward_chunk(
             xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
+            C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_CO, BLOCK_H,
         )
         hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = row_ok[:, None] & (hs < H)[None, :]
-        da = da.to(dtype)
-        db = db.to(dtype)
-        tl.store(dab_rows + hs[None, :], da, mask=h_ok)
-        tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
-        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
-        dxn = tl.dot(da, w_a, dxn, input_precision=DOT_PRECISION)
-        dxn = tl.dot(db, w_b, dxn, input_precision=DOT_PRECISION)
+        rs = 2 * h0 + tl.arange(0, 2 * BLOCK_H)
+        dab = dab.to(dtype)
+        tl.store(dab_rows + rs[None, :], dab, mask=row_ok[:, None] & (rs < 2 * H)[None, :])
+        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=row_ok[:, None] & (hs < H)[None, :])
+        dxn = tl.dot(dab, w, dxn, input_precision=DOT_PRECISION)
 
     x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -176,21 +201,22 @@ def _blocks(C: int, C_OUT: int) -> tuple[int, int, int]:
     return block_c, block_co, max(block_c, block_co)
 
 
-def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
-    """Output ``[*, C_OUT]`` in w_in's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``."""
+def transition_forward(x, ln_weight, ln_bias, w_ab, w_out, eps):
+    """Output ``[*, C_OUT]`` in w_ab's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``.
+    w_ab: ``interleaved_w_in(w_in, dtype)``."""
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
     rows, (x,) = rows_of(x)
-    out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_in.dtype)
+    out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_ab.dtype)
     mean = torch.empty(rows.count, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_c, block_co, wide = _blocks(C, C_OUT)
 
     def launch(cfg):
         launch_kernel(_transition_forward_kernel, (cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0]),
-            x, ln_weight, ln_bias, w_in, w_out, out, mean, rstd,
+            x, ln_weight, ln_bias, w_ab, w_out, out, mean, rstd,
             rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
-            w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1), eps,
-            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_in.dtype),
+            w_ab.stride(0), w_ab.stride(1), w_out.stride(0), w_out.stride(1), eps,
+            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_ab.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
         )
@@ -201,25 +227,29 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
     ] if wide <= 128 else []
-    key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype))
+    key = (C, H, C_OUT, str(w_ab.dtype), str(x.dtype))
     run_tuned("transition_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
 
 
-def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_dtype):
-    """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out.
+def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_dtype):
+    """dx and the fp32 gradients of ln_weight, ln_bias, w_in (rows: a then b) and w_out;
+    w_ab: ``interleaved_w_in(w_in, dtype)``, as the forward took it.
 
     One row-parallel kernel per chunk of rows recomputes the hidden, chunk by chunk of it,
     for dx and writes the operands of the weight gradients, which cuBLAS then multiplies:
-    ``dw_in += d(a, b)^T LN(x)`` and ``dw_out += dy^T (silu(a) * b)``.
+    ``dw_ab += d(a, b)^T LN(x)`` (interleaved columns: w_ab's gradient, split into w_in's
+    order at the end) and ``dw_out += dy^T (silu(a) * b)``. The kernel takes w_out as
+    ``doubled_w_out(w_out)``.
     """
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
-    dtype = w_in.dtype
+    dtype = w_ab.dtype
     rows, (x, dy) = rows_of(x, dy)
     M = rows.count
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
     dy_rows = as_row_matrix(dy, dtype)
     block_c, block_co, wide = _blocks(C, C_OUT)
+    w_out2 = doubled_w_out(w_out)
     grads = {}
 
     def launch(cfg):
@@ -227,26 +257,26 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         num_blocks = cdiv(M, block_m)
         ln_parts = torch.empty(2, num_blocks, C, device=x.device, dtype=torch.float32)  # one reduction
         ln_w_part, ln_b_part = ln_parts
-        dw_in = dw_out = None
+        dw_ab = dw_out = None
         chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
         strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                   w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
+                   w_ab.stride(0), w_ab.stride(1), w_out2.stride(0), w_out2.stride(1))
         meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
             launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
-                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
+                x, dy, ln_weight, ln_bias, w_ab, w_out2, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
                 start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
             )
-            dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
+            dw_ab = add_weight_grad(dw_ab, dab[: end - start], xn[: end - start])
             dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
         ln_w, ln_b = ln_parts.sum(1)
-        grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
+        grads.update(ln_w=ln_w, ln_b=ln_b, w_in=split_interleaved(dw_ab), w_out=dw_out)
 
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
     candidates = [
@@ -264,15 +294,15 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
 class TransitionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, w_in, w_out, eps, compute_dtype):
-        w_in_c, w_out_c = w_in.to(compute_dtype), w_out.to(compute_dtype)
-        out, mean, rstd = transition_forward(x, ln_weight, ln_bias, w_in_c, w_out_c, eps)
-        ctx.save_for_backward(x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd)
+        w_ab, w_out_c = interleaved_w_in(w_in, compute_dtype), w_out.to(compute_dtype)
+        out, mean, rstd = transition_forward(x, ln_weight, ln_bias, w_ab, w_out_c, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd = ctx.saved_tensors
-        grads = transition_backward(x, dout, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd, x.dtype)
+        x, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd = ctx.saved_tensors
+        grads = transition_backward(x, dout, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd, x.dtype)
         return (*grads, None, None)
 
 
