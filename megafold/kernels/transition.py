@@ -49,18 +49,6 @@ def interleaved_w_in(w_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.view(two_h, c)
 
 
-def doubled_w_out(w_out: torch.Tensor) -> torch.Tensor:
-    """w_out ``[c_out, h]`` as a contiguous ``[c_out, 2h]`` whose columns ``2 j`` and ``2 j + 1``
-    are both w_out's column j (for the backward's gradient of the hidden)."""
-    return w_out.repeat_interleave(2, dim=1)
-
-
-def split_interleaved(grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of w_in (rows: a then b) from that of ``interleaved_w_in(w_in)``."""
-    two_h, c = grad.shape
-    return grad.view(two_h // 2, 2, c).transpose(0, 1).reshape(two_h, c)
-
-
 @triton.jit
 def _swiglu_chunk(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -73,6 +61,24 @@ def _swiglu_chunk(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISIO
     ab = tl.dot(xn, tl.trans(w), input_precision=DOT_PRECISION)
     a, b = tl.split(tl.reshape(ab, (BLOCK_M, BLOCK_H, 2)))
     return a, b, w
+
+
+@triton.jit
+def _swiglu_pair(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) from two products, and the
+    w_in tiles they came from (rows ``2 j`` and ``2 j + 1`` of w_ab, ``interleaved_w_in``).
+    The backward's form: the split of one product (``_swiglu_chunk``) leaves a and b in a
+    layout that the gradient of the hidden does not share (measured: 2.36-2.48 ms against
+    2.24 for this at N=768, benchmarks/NOTES.md, session 19)."""
+    hs = h0 + tl.arange(0, BLOCK_H)
+    cs = tl.arange(0, BLOCK_C)
+    ok = (hs < H)[:, None] & (cs < C)[None, :]
+    w_a = tl.load(w_ab_ptr + (2 * hs)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    w_b = tl.load(w_ab_ptr + (2 * hs + 1)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    a = tl.dot(xn, tl.trans(w_a), input_precision=DOT_PRECISION)
+    b = tl.dot(xn, tl.trans(w_b), input_precision=DOT_PRECISION)
+    return a, b, w_a, w_b
 
 
 @triton.jit
@@ -113,27 +119,22 @@ def _transition_forward_kernel(
 
 @triton.jit
 def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-                           C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Recompute one hidden chunk; return d(a, b) interleaved as the w_in tile's rows
-    (``[BLOCK_M, 2 BLOCK_H]``, fp32), silu(a) * b and that tile."""
-    a, b, w = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
-    # w_out2 (``doubled_w_out``) has each hidden unit's w_out column twice, side by side as a
-    # and b are in the product above: the gradient of the hidden comes out of this product in
-    # the layout a and b have after the split (no layout conversion), at twice its FLOPs.
-    rs = 2 * h0 + tl.arange(0, 2 * BLOCK_H)
+    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
+    a, b, w_a, w_b = _swiglu_pair(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+    hs = h0 + tl.arange(0, BLOCK_H)
     cos = tl.arange(0, BLOCK_CO)
-    w_out2 = tl.load(
-        w_out_ptr + cos[:, None] * sw_out_c + rs[None, :] * sw_out_h,
-        mask=(cos < C_OUT)[:, None] & (rs < 2 * H)[None, :], other=0.0,
+    w_out = tl.load(
+        w_out_ptr + cos[:, None] * sw_out_c + hs[None, :] * sw_out_h,
+        mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
     )
-    d_hidden, _ = tl.split(tl.reshape(tl.dot(dy, w_out2, input_precision=DOT_PRECISION), (BLOCK_M, BLOCK_H, 2)))
+    d_hidden = tl.dot(dy, w_out, input_precision=DOT_PRECISION)
     sig = tl.sigmoid(a)
     silu = a * sig
     da = d_hidden * b * sig * (1.0 + a * (1.0 - sig))
     db = d_hidden * silu
-    dab = tl.reshape(tl.join(da, db), (BLOCK_M, 2 * BLOCK_H))
-    return dab, silu * b, w
+    return da, db, silu * b, w_a, w_b
 
 
 @triton.jit
@@ -147,8 +148,7 @@ def _transition_backward_kernel(
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
     LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
-    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` (columns interleaved as w_ab's rows) and
-    silu(a) * b ``[rows, H]``."""
+    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
     pid = tl.program_id(0)
     local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
     dtype = w_in_ptr.dtype.element_ty
@@ -169,16 +169,19 @@ def _transition_backward_kernel(
     hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
     dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        dab, hidden, w = _swiglu_backward_chunk(
+        da, db, hidden, w_a, w_b = _swiglu_backward_chunk(
             xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_CO, BLOCK_H,
+            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
         )
         hs = h0 + tl.arange(0, BLOCK_H)
-        rs = 2 * h0 + tl.arange(0, 2 * BLOCK_H)
-        dab = dab.to(dtype)
-        tl.store(dab_rows + rs[None, :], dab, mask=row_ok[:, None] & (rs < 2 * H)[None, :])
-        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=row_ok[:, None] & (hs < H)[None, :])
-        dxn = tl.dot(dab, w, dxn, input_precision=DOT_PRECISION)
+        h_ok = row_ok[:, None] & (hs < H)[None, :]
+        da = da.to(dtype)
+        db = db.to(dtype)
+        tl.store(dab_rows + hs[None, :], da, mask=h_ok)
+        tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
+        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
+        dxn = tl.dot(da, w_a, dxn, input_precision=DOT_PRECISION)
+        dxn = tl.dot(db, w_b, dxn, input_precision=DOT_PRECISION)
 
     x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -238,9 +241,8 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_d
 
     One row-parallel kernel per chunk of rows recomputes the hidden, chunk by chunk of it,
     for dx and writes the operands of the weight gradients, which cuBLAS then multiplies:
-    ``dw_ab += d(a, b)^T LN(x)`` (interleaved columns: w_ab's gradient, split into w_in's
-    order at the end) and ``dw_out += dy^T (silu(a) * b)``. The kernel takes w_out as
-    ``doubled_w_out(w_out)``.
+    ``dw_in += d(a, b)^T LN(x)`` (d(a, b) in w_in's row order: a then b) and
+    ``dw_out += dy^T (silu(a) * b)``.
     """
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
     dtype = w_ab.dtype
@@ -249,7 +251,6 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_d
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
     dy_rows = as_row_matrix(dy, dtype)
     block_c, block_co, wide = _blocks(C, C_OUT)
-    w_out2 = doubled_w_out(w_out)
     grads = {}
 
     def launch(cfg):
@@ -257,26 +258,26 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_d
         num_blocks = cdiv(M, block_m)
         ln_parts = torch.empty(2, num_blocks, C, device=x.device, dtype=torch.float32)  # one reduction
         ln_w_part, ln_b_part = ln_parts
-        dw_ab = dw_out = None
+        dw_in = dw_out = None
         chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
         strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                   w_ab.stride(0), w_ab.stride(1), w_out2.stride(0), w_out2.stride(1))
+                   w_ab.stride(0), w_ab.stride(1), w_out.stride(0), w_out.stride(1))
         meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
             launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
-                x, dy, ln_weight, ln_bias, w_ab, w_out2, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
+                x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
                 start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
             )
-            dw_ab = add_weight_grad(dw_ab, dab[: end - start], xn[: end - start])
+            dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
             dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
         ln_w, ln_b = ln_parts.sum(1)
-        grads.update(ln_w=ln_w, ln_b=ln_b, w_in=split_interleaved(dw_ab), w_out=dw_out)
+        grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
 
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
     candidates = [
