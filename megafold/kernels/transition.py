@@ -39,43 +39,15 @@ from megafold.kernels.layernorm_linear import (
 CHUNK_BUDGET_SCALE = 2
 
 
-def interleaved_w_in(w_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w_in ``[2h, c]`` (rows: a then b) as one contiguous ``[2h, c]`` matrix in ``dtype``
-    whose row ``2 j + t`` is hidden unit j's row of a (t = 0) or b (t = 1): one product gives
-    a chunk's a and b side by side, as even and odd columns. One copy (cast included)."""
-    two_h, c = w_in.shape
-    out = torch.empty(two_h // 2, 2, c, device=w_in.device, dtype=dtype)
-    out.copy_(w_in.reshape(2, two_h // 2, c).transpose(0, 1))
-    return out.view(two_h, c)
-
-
 @triton.jit
-def _swiglu_chunk(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) from one product with their
-    interleaved w_in rows (``interleaved_w_in``), and that ``[2 BLOCK_H, C]`` tile."""
-    rs = tl.arange(0, 2 * BLOCK_H)
-    cs = tl.arange(0, BLOCK_C)
-    ok = ((2 * h0 + rs) < 2 * H)[:, None] & (cs < C)[None, :]
-    w = tl.load(w_ab_ptr + (2 * h0 + rs)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
-    ab = tl.dot(xn, tl.trans(w), input_precision=DOT_PRECISION)
-    a, b = tl.split(tl.reshape(ab, (BLOCK_M, BLOCK_H, 2)))
-    return a, b, w
-
-
-@triton.jit
-def _swiglu_pair(xn, w_ab_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) from two products, and the
-    w_in tiles they came from (rows ``2 j`` and ``2 j + 1`` of w_ab, ``interleaved_w_in``).
-    The backward's form: the split of one product (``_swiglu_chunk``) leaves a and b in a
-    layout that the gradient of the hidden does not share (measured: 2.36-2.48 ms against
-    2.24 for this at N=768, benchmarks/NOTES.md, session 19)."""
+def _swiglu_chunk(xn, w_in_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) and the ``w_in`` tiles they came from."""
     hs = h0 + tl.arange(0, BLOCK_H)
     cs = tl.arange(0, BLOCK_C)
     ok = (hs < H)[:, None] & (cs < C)[None, :]
-    w_a = tl.load(w_ab_ptr + (2 * hs)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
-    w_b = tl.load(w_ab_ptr + (2 * hs + 1)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    w_a = tl.load(w_in_ptr + hs[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+    w_b = tl.load(w_in_ptr + (hs + H)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
     a = tl.dot(xn, tl.trans(w_a), input_precision=DOT_PRECISION)
     b = tl.dot(xn, tl.trans(w_b), input_precision=DOT_PRECISION)
     return a, b, w_a, w_b
@@ -100,7 +72,7 @@ def _transition_forward_kernel(
     cos = tl.arange(0, BLOCK_CO)
     acc = tl.zeros([BLOCK_M, BLOCK_CO], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        a, b, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+        a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
         # silu(a) * b in fp32; only this BLOCK_H-wide slice of the hidden ever exists.
         hidden = a * tl.sigmoid(a) * b
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -122,7 +94,7 @@ def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, s
                            C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
     """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
-    a, b, w_a, w_b = _swiglu_pair(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
     hs = h0 + tl.arange(0, BLOCK_H)
     cos = tl.arange(0, BLOCK_CO)
     w_out = tl.load(
@@ -204,22 +176,21 @@ def _blocks(C: int, C_OUT: int) -> tuple[int, int, int]:
     return block_c, block_co, max(block_c, block_co)
 
 
-def transition_forward(x, ln_weight, ln_bias, w_ab, w_out, eps):
-    """Output ``[*, C_OUT]`` in w_ab's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``.
-    w_ab: ``interleaved_w_in(w_in, dtype)``."""
+def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
+    """Output ``[*, C_OUT]`` in w_in's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``."""
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
     rows, (x,) = rows_of(x)
-    out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_ab.dtype)
+    out = torch.empty(*x.shape[:-1], C_OUT, device=x.device, dtype=w_in.dtype)
     mean = torch.empty(rows.count, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_c, block_co, wide = _blocks(C, C_OUT)
 
     def launch(cfg):
         launch_kernel(_transition_forward_kernel, (cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0]),
-            x, ln_weight, ln_bias, w_ab, w_out, out, mean, rstd,
+            x, ln_weight, ln_bias, w_in, w_out, out, mean, rstd,
             rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
-            w_ab.stride(0), w_ab.stride(1), w_out.stride(0), w_out.stride(1), eps,
-            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_ab.dtype),
+            w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1), eps,
+            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_in.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
         )
@@ -230,22 +201,20 @@ def transition_forward(x, ln_weight, ln_bias, w_ab, w_out, eps):
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
     ] if wide <= 128 else []
-    key = (C, H, C_OUT, str(w_ab.dtype), str(x.dtype))
+    key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype))
     run_tuned("transition_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
 
 
-def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_dtype):
-    """dx and the fp32 gradients of ln_weight, ln_bias, w_in (rows: a then b) and w_out;
-    w_ab: ``interleaved_w_in(w_in, dtype)``, as the forward took it.
+def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_dtype):
+    """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out.
 
     One row-parallel kernel per chunk of rows recomputes the hidden, chunk by chunk of it,
     for dx and writes the operands of the weight gradients, which cuBLAS then multiplies:
-    ``dw_in += d(a, b)^T LN(x)`` (d(a, b) in w_in's row order: a then b) and
-    ``dw_out += dy^T (silu(a) * b)``.
+    ``dw_in += d(a, b)^T LN(x)`` and ``dw_out += dy^T (silu(a) * b)``.
     """
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
-    dtype = w_ab.dtype
+    dtype = w_in.dtype
     rows, (x, dy) = rows_of(x, dy)
     M = rows.count
     dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
@@ -265,13 +234,13 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_d
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
         strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                   w_ab.stride(0), w_ab.stride(1), w_out.stride(0), w_out.stride(1))
+                   w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
         meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
             launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
-                x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
+                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
                 start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
             )
             dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
@@ -295,15 +264,15 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_ab, w_out, mean, rstd, dx_d
 class TransitionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, w_in, w_out, eps, compute_dtype):
-        w_ab, w_out_c = interleaved_w_in(w_in, compute_dtype), w_out.to(compute_dtype)
-        out, mean, rstd = transition_forward(x, ln_weight, ln_bias, w_ab, w_out_c, eps)
-        ctx.save_for_backward(x, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd)
+        w_in_c, w_out_c = w_in.to(compute_dtype), w_out.to(compute_dtype)
+        out, mean, rstd = transition_forward(x, ln_weight, ln_bias, w_in_c, w_out_c, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd = ctx.saved_tensors
-        grads = transition_backward(x, dout, ln_weight, ln_bias, w_ab, w_out_c, mean, rstd, x.dtype)
+        x, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd = ctx.saved_tensors
+        grads = transition_backward(x, dout, ln_weight, ln_bias, w_in_c, w_out_c, mean, rstd, x.dtype)
         return (*grads, None, None)
 
 
