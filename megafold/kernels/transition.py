@@ -2,9 +2,10 @@
 
 The hidden activation is ``n`` times wider than the input (n = 4 in AF3). The fused path
 never stores it whole: the forward walks the hidden dimension in chunks, each chunk going
-straight into the output product; the backward recomputes them in a row-parallel kernel for
-dx, which also writes the weight gradients' operands for a bounded chunk of rows at a time
-(cuBLAS multiplies those).
+straight into the output product; the backward recomputes them in a row-parallel kernel that
+writes, for a bounded chunk of rows at a time, the operands of the products that follow
+(cuBLAS: the gradient of LN(x) and the weight gradients), and a second kernel takes the
+gradient of LN(x) through the LayerNorm backward.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from megafold.kernels.layernorm_linear import (
 )
 
 
-# The weight gradients' operands are 13 times as wide as a row of x ([rows, c + 3h]): twice
-# the common chunk budget halves the launches (each ends in a partly filled last wave) while
-# the peak stays well under half of eager's (which stores the whole hidden).
+# A chunk's temporaries are 15 times as wide as a row of x (LN(x), d(a, b) and silu(a) * b,
+# [rows, c + 3h], and the fp32 gradient of LN(x)): twice the common chunk budget halves the
+# launches (each ends in a partly filled last wave) while the peak stays well under half of
+# eager's (which stores the whole hidden).
 CHUNK_BUDGET_SCALE = 2
 
 # Rows per program of the LayerNorm backward (a [rows, c] fp32 tile of d(LN(x)), one of x).
@@ -274,6 +276,10 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
 
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
+    # The pipeline depth matters here: at N=768, 64 rows, 32 hidden units and 4 warps took 1.15
+    # ms with 3 stages and 1.76 with 2 (benchmarks/NOTES.md, session 19). One stage is not a
+    # candidate: with 128 rows, 32 units and 8 warps, Triton 3.6 compiled it to a kernel that
+    # faulted (illegal memory access) on an H100.
     candidates = [
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8) for ns in (2, 3)
