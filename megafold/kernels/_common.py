@@ -415,7 +415,7 @@ def run_tuned(
       footprint) falls back to the default;
     - a default that does not fit (a GPU with less shared memory than the H100 the defaults
       were sized on: an RTX 4090, L4 or L40 has 99 KiB a program, an H100 227) is launched with
-      one pipeline stage.
+      one pipeline stage fewer at a time, down to one.
     What fit is remembered per (op, key), so the failed attempts are paid once per process.
     """
     config = pick_config(op, key, device, candidates, default, lambda cfg: bench_ms(lambda: launch(cfg)), rows)
@@ -438,13 +438,14 @@ def run_tuned(
 
 
 def _attempts(config: dict, default: dict) -> Iterator[dict]:
-    """What ``run_tuned`` launches, in order, until one fits: the choice, the default, the
-    default with one pipeline stage. Lazily: the common case stops at the first."""
+    """What ``run_tuned`` launches, in order, until one fits: the choice, the default, then the
+    default with one pipeline stage fewer at a time, down to one. Lazily: the common case
+    stops at the first."""
     yield config
     if default != config:
         yield default
-    if default.get("num_stages", 2) > 1:
-        yield {**default, "num_stages": 1}
+    for stages in range(default.get("num_stages", 2) - 1, 0, -1):
+        yield {**default, "num_stages": stages}
 
 
 # (op, key) -> (the configuration asked for, the one that fit this GPU): see run_tuned.

@@ -136,6 +136,17 @@ def test_a_default_that_does_not_fit_runs_with_one_pipeline_stage(fake_gpu):
     with pytest.raises(RuntimeError, match="out of resource"):
         run_tuned("op", (10,), fake_gpu, [], default, lambda config: (_ for _ in ()).throw(
             RuntimeError("out of resource: shared memory")))
+    # a deeper default steps down one stage at a time (3 does not fit, 2 does)
+    launched.clear()
+
+    def launch_two(config):
+        launched.append(config["num_stages"])
+        if config["num_stages"] > 2:
+            raise RuntimeError("out of resource: shared memory, Required: 110592, Hardware limit: 101376")
+        return "ran"
+
+    assert run_tuned("op", (11,), fake_gpu, [], {"BLOCK": 64, "num_stages": 3}, launch_two) == "ran"
+    assert launched == [3, 2]
 
 
 def test_a_gpu_without_its_own_file_borrows_one_of_the_same_architecture(fake_gpu, tmp_path, monkeypatch):
