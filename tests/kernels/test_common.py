@@ -114,8 +114,8 @@ def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
 
 def test_a_default_that_does_not_fit_runs_with_one_pipeline_stage(fake_gpu):
     """A GPU with less shared memory than the defaults were sized on (an RTX 4090 or L40: 99 KiB
-    a program; the transition's default backward needs 104 KiB with two stages, 88 with one,
-    benchmarks/register_report.py --arch 89 --defaults) launches the default with one stage."""
+    a program; the outer product mean's default left gradient needs 144 KiB there,
+    benchmarks/register_report.py --arch 89 --defaults) launches the default with fewer stages."""
     from megafold.kernels._common import run_tuned
 
     launched = []
