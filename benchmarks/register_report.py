@@ -314,8 +314,6 @@ def cases(defaults: bool = False) -> list[tuple]:
         out.append((f"transition {direction}", kernel,
                     dict(C=128, X_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=128,
                          BLOCK_CO=128, BLOCK_H=cfg["BLOCK_H"], **extra), cfg))
-    out.append(("transition ln_bwd", tr._transition_layernorm_backward_kernel,
-                dict(C=128, X_MERGED=True, BLOCK_M=tr.LN_BACKWARD_BLOCK_M, BLOCK_C=128), {"num_warps": 4}))
     for name, kernel, extra in (
         ("in_fwd", tri._triangle_input_forward_kernel, {"M_MERGED": True, "STORE_ZN": True}),
         ("in_bwd", tri._triangle_input_backward_kernel, {"M_MERGED": True}),

@@ -556,20 +556,6 @@ def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Ten
 _NO_WIDENING_MM: set[str] = set()
 
 
-def widening_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b``, fp32 out of 16-bit operands where torch has widening products (as in
-    ``add_weight_grad``), else in the operands' dtype (fp32 accumulation inside cuBLAS, the
-    result rounded once)."""
-    if a.dtype in (torch.float16, torch.bfloat16) and a.device.type not in _NO_WIDENING_MM:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):
-            _NO_WIDENING_MM.add(a.device.type)
-    return torch.mm(a, b)
-
-
 def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` ``[*, C]`` as ``[rows, C]`` in ``dtype``: a view when its layout allows, else a copy."""
     return t.reshape(-1, t.shape[-1]).to(dtype)

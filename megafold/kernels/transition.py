@@ -2,10 +2,9 @@
 
 The hidden activation is ``n`` times wider than the input (n = 4 in AF3). The fused path
 never stores it whole: the forward walks the hidden dimension in chunks, each chunk going
-straight into the output product; the backward recomputes them in a row-parallel kernel that
-writes, for a bounded chunk of rows at a time, the operands of the products that follow
-(cuBLAS: the gradient of LN(x) and the weight gradients), and a second kernel takes the
-gradient of LN(x) through the LayerNorm backward.
+straight into the output product; the backward recomputes them in a row-parallel kernel for
+dx, which also writes the weight gradients' operands for a bounded chunk of rows at a time
+(cuBLAS multiplies those).
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ import triton.language as tl
 from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
+    _layernorm_backward_rows,
     _layernorm_chunk,
     _layernorm_tile,
-    _normalised_rows,
     _row_offsets,
-    _store_layernorm_grads,
     add_weight_grad,
     as_row_matrix,
     autocast_dtype,
@@ -32,18 +30,13 @@ from megafold.kernels.layernorm_linear import (
     row_chunks,
     rows_of,
     wave_rows,
-    widening_mm,
 )
 
 
-# A chunk's temporaries are 15 times as wide as a row of x (LN(x), d(a, b) and silu(a) * b,
-# [rows, c + 3h], and the fp32 gradient of LN(x)): twice the common chunk budget halves the
-# launches (each ends in a partly filled last wave) while the peak stays well under half of
-# eager's (which stores the whole hidden).
+# The weight gradients' operands are 13 times as wide as a row of x ([rows, c + 3h]): twice
+# the common chunk budget halves the launches (each ends in a partly filled last wave) while
+# the peak stays well under half of eager's (which stores the whole hidden).
 CHUNK_BUDGET_SCALE = 2
-
-# Rows per program of the LayerNorm backward (a [rows, c] fp32 tile of d(LN(x)), one of x).
-LN_BACKWARD_BLOCK_M = 64
 
 
 @triton.jit
@@ -100,8 +93,8 @@ def _transition_forward_kernel(
 def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
                            C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Recompute one hidden chunk; return d(a), d(b) (fp32) and silu(a) * b."""
-    a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
+    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
     hs = h0 + tl.arange(0, BLOCK_H)
     cos = tl.arange(0, BLOCK_CO)
     w_out = tl.load(
@@ -113,30 +106,30 @@ def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, s
     silu = a * sig
     da = d_hidden * b * sig * (1.0 + a * (1.0 - sig))
     db = d_hidden * silu
-    return da, db, silu * b
+    return da, db, silu * b, w_a, w_b
 
 
 @triton.jit
 def _transition_backward_kernel(
     x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_in_ptr, w_out_ptr, mean_ptr, rstd_ptr,
-    xn_ptr, dab_ptr, hidden_ptr,
+    dx_ptr, xn_ptr, dab_ptr, hidden_ptr, dln_w_part_ptr, dln_b_part_ptr,
     row_start, row_end, rows_per_batch, inner, H, C_OUT,
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
     C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One row block of the chunk ``[row_start, row_end)``: the hidden recomputed chunk by chunk
-    of it, and the chunk's operands of the products that follow (cuBLAS): LN(x) ``[rows, C]``,
-    d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``. d(LN(x)) = d(a, b) w_in is one of
-    those products: with it here, a [BLOCK_M, C] fp32 accumulator stayed live across the
-    hidden loop, and the kernel ran at ~170 TFLOP/s with one 8-warp program an SM."""
+    """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
+    LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
+    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
+    pid = tl.program_id(0)
     local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
     dtype = w_in_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     cs = tl.arange(0, BLOCK_C)
-    ok = row_ok[:, None] & (cs < C)[None, :]
+    c_ok = cs < C
+    ok = row_ok[:, None] & c_ok[None, :]
     xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C).to(dtype)
     tl.store(xn_ptr + local[:, None] * C + cs[None, :], xn, mask=ok)
     dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
@@ -146,38 +139,31 @@ def _transition_backward_kernel(
 
     dab_rows = dab_ptr + local[:, None].to(tl.int64) * (2 * H)
     hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
+    dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        da, db, hidden = _swiglu_backward_chunk(
+        da, db, hidden, w_a, w_b = _swiglu_backward_chunk(
             xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
             C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
         )
         hs = h0 + tl.arange(0, BLOCK_H)
         h_ok = row_ok[:, None] & (hs < H)[None, :]
-        tl.store(dab_rows + hs[None, :], da.to(dtype), mask=h_ok)
-        tl.store(dab_rows + (H + hs)[None, :], db.to(dtype), mask=h_ok)
+        da = da.to(dtype)
+        db = db.to(dtype)
+        tl.store(dab_rows + hs[None, :], da, mask=h_ok)
+        tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
         tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
+        dxn = tl.dot(da, w_a, dxn, input_precision=DOT_PRECISION)
+        dxn = tl.dot(db, w_b, dxn, input_precision=DOT_PRECISION)
 
-
-@triton.jit
-def _transition_layernorm_backward_kernel(
-    x_ptr, dxn_ptr, ln_w_ptr, mean_ptr, rstd_ptr, dx_ptr, dln_w_part_ptr, dln_b_part_ptr,
-    row_start, row_end, rows_per_batch, inner, sx_b, sx_o, sx_i, sx_c,
-    C: tl.constexpr, X_MERGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dx of one row block of the chunk from d(LN(x)) ``[rows, C]`` (the chunk's rows, any
-    float dtype), and the block's partials of the LayerNorm parameters' gradients."""
-    local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
-    cs = tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    ok = row_ok[:, None] & c_ok[None, :]
-    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, cs, ok)
-    dxn = tl.load(dxn_ptr + local[:, None].to(tl.int64) * C + cs[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
+    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+    dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, C)
+    tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
-    part = row_start // BLOCK_M + tl.program_id(0)
-    _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, cs, ok, c_ok, part,
-                           dln_w_part_ptr, dln_b_part_ptr, C)
+    part = row_start // BLOCK_M + pid
+    tl.store(dln_w_part_ptr + part * C + cs, tl.sum(dxn * xhat, axis=0), mask=c_ok)
+    tl.store(dln_b_part_ptr + part * C + cs, tl.sum(dxn, axis=0), mask=c_ok)
 
 
 # --------------------------------------------------------------------------- launches
@@ -223,11 +209,9 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
 def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_dtype):
     """dx and the fp32 gradients of ln_weight, ln_bias, w_in, w_out.
 
-    Per chunk of rows: a row-parallel kernel recomputes the hidden, chunk by chunk of it, and
-    writes the operands of the products that follow; cuBLAS multiplies them:
-    ``d(LN(x)) = d(a, b) w_in`` (fp32 where torch has widening products), ``dw_in += d(a, b)^T
-    LN(x)`` and ``dw_out += dy^T (silu(a) * b)``; a second kernel takes d(LN(x)) through the
-    LayerNorm backward to dx.
+    One row-parallel kernel per chunk of rows recomputes the hidden, chunk by chunk of it,
+    for dx and writes the operands of the weight gradients, which cuBLAS then multiplies:
+    ``dw_in += d(a, b)^T LN(x)`` and ``dw_out += dy^T (silu(a) * b)``.
     """
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
     dtype = w_in.dtype
@@ -240,15 +224,11 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
 
     def launch(cfg):
         block_m = cfg["BLOCK_M"]
-        # The LayerNorm backward's row blocks divide the main kernel's, so that every chunk
-        # (a multiple of the latter) starts on one of them.
-        ln_block_m = min(LN_BACKWARD_BLOCK_M, block_m)
-        ln_parts = torch.empty(2, cdiv(M, ln_block_m), C, device=x.device, dtype=torch.float32)  # one reduction
+        num_blocks = cdiv(M, block_m)
+        ln_parts = torch.empty(2, num_blocks, C, device=x.device, dtype=torch.float32)  # one reduction
         ln_w_part, ln_b_part = ln_parts
         dw_in = dw_out = None
-        # Per row: LN(x), d(a, b), silu(a) * b in the compute dtype and d(LN(x)) in fp32.
-        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize + 4 * C, wave_rows(block_m, x.device),
-                            CHUNK_BUDGET_SCALE)
+        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
@@ -259,31 +239,23 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
         for start, end in chunks:
-            count = end - start
-            launch_kernel(_transition_backward_kernel, (cdiv(count, block_m),),
-                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, xn, dab, hidden,
+            launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
+                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
                 start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
             )
-            dxn = widening_mm(dab[:count], w_in)
-            launch_kernel(_transition_layernorm_backward_kernel, (cdiv(count, ln_block_m),),
-                x, dxn, ln_weight, mean, rstd, dx, ln_w_part, ln_b_part,
-                start, end, rows.per_batch, rows.sizes[2], *rows.args(0), x.stride(-1),
-                C=C, X_MERGED=rows.merged[0], BLOCK_M=ln_block_m, BLOCK_C=block_c, num_warps=4,
-            )
-            dw_in = add_weight_grad(dw_in, dab[:count], xn[:count])
-            dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[:count])
+            dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
+            dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
         ln_w, ln_b = ln_parts.sum(1)
         grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
 
-    # The default (GPUs with no shipped choice, tuning off) is the H100's choice at c = 128:
-    # there, the former default (64 hidden units, 2 stages) took 2.25 ms in this kernel at
-    # N=768 against 1.15. AMD GPUs (64 KiB of LDS) start from 2 stages.
+    # The default (GPUs with no shipped choice, tuning off) is the H100's choice at c = 128; AMD
+    # GPUs (64 KiB of LDS) start from 2 stages.
     default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(32, 4096 // wide)),
                "num_warps": 4, "num_stages": 2 if torch.version.hip else 3}
-    # The pipeline depth matters here: at N=768, 64 rows, 32 hidden units and 4 warps took 1.15
-    # ms with 3 stages and 1.76 with 2 (benchmarks/NOTES.md, session 19). One stage is not a
-    # candidate: with 128 rows, 32 units and 8 warps, Triton 3.6 compiled it to a kernel that
-    # faulted (illegal memory access) on an H100.
+    # The pipeline depth matters: at N=768 and c = 128, 64 rows, 32 hidden units, 4 warps and
+    # 3 stages took 3.41 ms for the whole op against 3.81 for the best 2-stage choice
+    # (benchmarks/NOTES.md, session 19). One stage is not a candidate: a variant of this kernel
+    # compiled by Triton 3.6 with one stage faulted (illegal memory access) on an H100.
     candidates = [
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8) for ns in (2, 3)

@@ -273,23 +273,6 @@ def test_weight_gradient_chunks_add_up_in_fp32(monkeypatch):
     assert (acc.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
 
 
-def test_widening_mm_falls_back_to_the_operands_dtype(monkeypatch):
-    # widening_mm (the transition's d(LN(x)) product): fp32 out where torch.mm takes an
-    # out_dtype, else the product in the operands' dtype; the first failure is remembered.
-    lnl = importlib.import_module("megafold.kernels.layernorm_linear")
-    monkeypatch.setattr(lnl, "_NO_WIDENING_MM", set())
-    torch.manual_seed(0)
-    a, b = torch.randn(33, 40, dtype=torch.bfloat16), torch.randn(40, 9, dtype=torch.bfloat16)
-    out = lnl.widening_mm(a, b)
-    if "cpu" in lnl._NO_WIDENING_MM:
-        torch.testing.assert_close(out, torch.mm(a, b), rtol=0, atol=0)
-    else:
-        assert out.dtype == torch.float32
-    exact = a.double() @ b.double()
-    assert (out.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
-    assert lnl.widening_mm(a.float(), b.float()).dtype == torch.float32  # fp32 operands: plain mm
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_weight_gradient_chunks_widen_on_the_gpu(monkeypatch):
