@@ -305,9 +305,7 @@ def cases(defaults: bool = False) -> list[tuple]:
                          XN_WIDTH=136, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128), cfg))
     for width in (16, 32, 128):  # the narrow backward (dW in registers) at its default tiles
         out.append(_narrow_case(ln, width, ln.NARROW_DEFAULT, ", default tiles"))
-    # transition.py's defaults at c = 128
-    tr_defaults = {"fwd": {"BLOCK_M": 64, "BLOCK_H": 64, "num_warps": 4},
-                   "bwd": {"BLOCK_M": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 3}}
+    tr_defaults = tr.default_configs(128, 128)
     for direction, kernel in (("fwd", tr._transition_forward_kernel), ("bwd", tr._transition_backward_kernel)):
         cfg = shipped(f"transition_{direction}", [128, 512, 128, bf16, bf16]) or tr_defaults[direction]
         extra = {"DY_MERGED": True} if direction == "bwd" else {}

@@ -176,6 +176,19 @@ def _blocks(C: int, C_OUT: int) -> tuple[int, int, int]:
     return block_c, block_co, max(block_c, block_co)
 
 
+def default_configs(C: int, C_OUT: int) -> dict[str, dict]:
+    """Each kernel's configuration where no choice is shipped or tuned ("fwd", "bwd").
+
+    Register budget: the [BLOCK_M, C] row tile and the [BLOCK_M, C_OUT] accumulator. The
+    backward's is the H100's tuned choice at c = 128 (3 stages): a GPU whose shared memory
+    does not hold them gets fewer from ``run_tuned`` (an AMD GPU's 64 KiB of LDS, an RTX 4090's
+    99 KiB)."""
+    wide = _blocks(C, C_OUT)[2]
+    rows = max(16, min(64, 8192 // wide))
+    return {"fwd": {"BLOCK_M": rows, "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4},
+            "bwd": {"BLOCK_M": rows, "BLOCK_H": max(16, min(32, 4096 // wide)), "num_warps": 4, "num_stages": 3}}
+
+
 def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
     """Output ``[*, C_OUT]`` in w_in's dtype and x's fp32 row statistics ``mean, rstd`` ``[M]``."""
     C, H, C_OUT = x.shape[-1], w_out.shape[1], w_out.shape[0]
@@ -195,8 +208,7 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
         )
 
-    # Register budget: the [BLOCK_M, C] row tile and the [BLOCK_M, C_OUT] accumulator.
-    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(64, 8192 // wide)), "num_warps": 4}
+    default = default_configs(C, C_OUT)["fwd"]
     candidates = [
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
@@ -248,10 +260,7 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         ln_w, ln_b = ln_parts.sum(1)
         grads.update(ln_w=ln_w, ln_b=ln_b, w_in=dw_in, w_out=dw_out)
 
-    # The default (GPUs with no shipped choice, tuning off) is the H100's choice at c = 128; AMD
-    # GPUs (64 KiB of LDS) start from 2 stages.
-    default = {"BLOCK_M": max(16, min(64, 8192 // wide)), "BLOCK_H": max(16, min(32, 4096 // wide)),
-               "num_warps": 4, "num_stages": 2 if torch.version.hip else 3}
+    default = default_configs(C, C_OUT)["bwd"]
     # The pipeline depth matters: at N=768 and c = 128, 64 rows, 32 hidden units, 4 warps and
     # 3 stages took 3.41 ms for the whole op against 3.81 for the best 2-stage choice
     # (benchmarks/NOTES.md, session 19). One stage is not a candidate: a variant of this kernel
