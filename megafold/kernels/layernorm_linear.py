@@ -233,21 +233,6 @@ def _layernorm_backward_rows(dxn, xhat, rstd, gamma, K: tl.constexpr):
     return (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
 
 
-@triton.jit
-def _dxn_rows(dy_ptr, dy_rows, row_ok, sdy_c, w_ptr, sw_o, sw_k, O, ks, k_ok,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d(LN(x)) = dy W of whole rows (fp32), over the output columns BLOCK_N at a time."""
-    dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for n0 in range(0, O, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < O
-        dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
-    return dxn
-
-
 # --------------------------------------------------------------------------- kernels
 
 
@@ -359,83 +344,24 @@ def _layernorm_linear_backward_kernel(
                      tl.broadcast_to(ones[None, :], [BLOCK_M, XN_WIDTH - K]).to(xn_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
 
+    dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for n0 in range(0, O, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < O
+        dy = tl.load(
+            dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        if NEED_DX:
+            w = tl.load(
+                w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
+                mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+            )
+            dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
+
     if NEED_DX:
-        dxn = _dxn_rows(dy_ptr, dy_rows, row_ok, sdy_c, w_ptr, sw_o, sw_k, O, ks, k_ok,
-                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
                                dln_w_part_ptr, dln_b_part_ptr, K)
-
-
-@triton.jit
-def _layernorm_linear_backward_interleaved_kernel(
-    x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
-    dln_w_part_ptr, dln_b_part_ptr, dw_part_ptr, db_part_ptr, part_width,
-    M, rows_per_batch, inner, O, group_rows,
-    sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
-    K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEED_BIAS: tl.constexpr, DX_PROGRAMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_MW: tl.constexpr, BLOCK_NW: tl.constexpr,
-):
-    """dx and the weight gradients in one launch of two kinds of program, interleaved by
-    groups of ``group_rows`` rows: per group, DX_PROGRAMS programs of BLOCK_M rows each make
-    dx and the LayerNorm partials as the chunked kernel does (0 programs: no dx asked), then
-    one program per BLOCK_NW output columns sums ``dy^T LN(x)`` (and the bias gradient) over
-    the group's rows into one fp32 partial per group (row ``group`` of ``part_width`` floats:
-    dW ``[O, K]``, then the bias gradient's O; summed in a fixed order afterwards).
-
-    GPUs start programs in the order of their index, so a group's weight-gradient programs
-    run next to its dx programs and read the same dy and x while these are still in L2: dy
-    comes from memory once, where the chunked path reads it again for cuBLAS, and LN(x) is
-    never written.
-    """
-    pid = tl.program_id(0)
-    per_group = DX_PROGRAMS + tl.cdiv(O, BLOCK_NW)
-    group = pid // per_group
-    local = pid % per_group
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-    if local < DX_PROGRAMS:
-        block = group * DX_PROGRAMS + local
-        flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = flat < M
-        batch, rows = flat // rows_per_batch, flat % rows_per_batch
-        ok = row_ok[:, None] & k_ok[None, :]
-        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
-        dxn = _dxn_rows(dy_ptr, dy_rows, row_ok, sdy_c, w_ptr, sw_o, sw_k, O, ks, k_ok,
-                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, block,
-                               dln_w_part_ptr, dln_b_part_ptr, K)
-    else:
-        dtype = w_ptr.dtype.element_ty
-        beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        cols = (local - DX_PROGRAMS) * BLOCK_NW + tl.arange(0, BLOCK_NW)
-        col_ok = cols < O
-        dw = tl.zeros([BLOCK_NW, BLOCK_K], tl.float32)
-        db = tl.zeros([BLOCK_NW], tl.float32)
-        start = group.to(tl.int64) * group_rows
-        end = tl.minimum(start + group_rows, M)
-        for r0 in range(start, end, BLOCK_MW):
-            flat = r0 + tl.arange(0, BLOCK_MW)
-            row_ok = flat < end
-            batch, rows = flat // rows_per_batch, flat % rows_per_batch
-            ok = row_ok[:, None] & k_ok[None, :]
-            x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-            dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-            xhat, _ = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
-            xn = tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
-            dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
-            dw = tl.dot(tl.trans(dy), xn, dw, input_precision=DOT_PRECISION)
-            if NEED_BIAS:
-                db += tl.sum(dy.to(tl.float32), axis=0)
-        part = group.to(tl.int64) * part_width
-        tl.store(dw_part_ptr + part + cols[:, None] * K + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
-        if NEED_BIAS:
-            tl.store(db_part_ptr + part + cols, db, mask=col_ok)
 
 
 @triton.jit
@@ -689,40 +615,9 @@ def layernorm_linear_backward(
         grads["b"] = total[O * K : O * K + O] if need_bias else None
         grads["ln_w"], grads["ln_b"] = (total[offset : offset + K], total[offset + K :]) if need_input else (None, None)
 
-    def launch_interleaved(cfg):
-        block_m = cfg["BLOCK_M"]
-        group_rows = cfg["GROUP_ROWS"]
-        # One fp32 [O, K] partial per group: wider groups where that would pass the budget.
-        while cdiv(M, group_rows) * O * K * 4 > WEIGHT_GRAD_CHUNK_BYTES and group_rows < M:
-            group_rows *= 2
-        groups = cdiv(M, group_rows)
-        dx_programs = group_rows // block_m if need_input else 0
-        width = O * K + (O if need_bias else 0)
-        parts = torch.empty(groups, width, device=x.device, dtype=torch.float32)
-        ln_parts = (torch.empty(2, groups * dx_programs, K, device=x.device, dtype=torch.float32)
-                    if need_input else None)
-        dummy = mean
-        launch_kernel(_layernorm_linear_backward_interleaved_kernel,
-            (groups * (dx_programs + cdiv(O, cfg["BLOCK_NW"])),),
-            x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
-            ln_parts[0] if need_input else dummy, ln_parts[1] if need_input else dummy,
-            parts, parts[:, O * K:] if need_bias else dummy, width,
-            M, rows.per_batch, D2, O, group_rows, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-            weight.stride(0), weight.stride(1),
-            K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
-            NEED_BIAS=need_bias, DX_PROGRAMS=dx_programs, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=block_k, BLOCK_MW=cfg["BLOCK_MW"], BLOCK_NW=cfg["BLOCK_NW"], **_launch_kwargs(cfg),
-        )
-        total = parts.sum(0)
-        grads["w"] = total[: O * K].view(O, K)
-        grads["b"] = total[O * K:] if need_bias else None
-        grads["ln_w"], grads["ln_b"] = ln_parts.sum(1) if need_input else (None, None)
-
     def launch(cfg):
         if cfg.get("NARROW"):
             return launch_narrow(cfg)
-        if cfg.get("GROUP_ROWS") and need_weight:
-            return launch_interleaved(cfg)
         block_m = cfg["BLOCK_M"]
         num_blocks = cdiv(M, block_m)
         ln_parts = torch.empty(2, num_blocks, K, device=x.device, dtype=torch.float32) if need_input else None
@@ -771,11 +666,6 @@ def layernorm_linear_backward(
                        for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8) for ns in (2, 3, 4)]
         if narrow_block_n <= NARROW_MAX_OUT:
             default = NARROW_DEFAULT
-    if need_weight and block_k <= 128:
-        candidates += [{"BLOCK_M": bm, "BLOCK_N": block_size(O, 128), "num_warps": nw, "GROUP_ROWS": g,
-                        "BLOCK_MW": 64, "BLOCK_NW": bnw, "num_stages": ns}
-                       for bm in (64, 128) for nw in (4, 8) for g in (1024, 2048, 4096)
-                       for bnw in sorted({block_size(O, 64), block_size(O, 128)}) for ns in (2, 3)]
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)
     run_tuned("layernorm_linear_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w"], grads["b"]

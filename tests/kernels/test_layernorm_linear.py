@@ -132,67 +132,6 @@ def test_narrow_output_takes_the_narrow_backward_by_default(narrow, monkeypatch)
     assert len(narrow) == 1  # 40 columns: the chunked kernel and the cuBLAS product
 
 
-@pytest.fixture
-def interleaved(monkeypatch):
-    """The backward launches the interleaved kernel (dx programs and weight-gradient programs
-    by groups of rows) at small tiles: 3 dx programs of 16 rows and weight-gradient programs
-    of 16 columns per group of 48 rows (a partial last group at most sizes here)."""
-    config = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "GROUP_ROWS": 48, "BLOCK_MW": 16, "BLOCK_NW": 16}
-    tuned = module.run_tuned
-    monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
-                        launch(config) if op == "layernorm_linear_bwd"
-                        else tuned(op, key, device, candidates, default, launch, rows))
-    launches = []
-    kernel = module._layernorm_linear_backward_interleaved_kernel
-    monkeypatch.setattr(module, "_layernorm_linear_backward_interleaved_kernel", _Recorder(kernel, launches))
-    return launches
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape, out_features, bias", [((2, 7, 7, 24), 40, True), ((13, 33), 16, False),
-                                                        ((2, 6, 8, 20), 24, True)])
-def test_interleaved_backward_matches_float64_reference(shape, out_features, bias, dtype, interleaved,
-                                                        poisoned_empty):
-    # 98, 13 and 96 rows: a partial last group, one partial group, groups that end flush.
-    check(make_inputs(shape, out_features, dtype, bias=bias), dtype)
-    assert len(interleaved) == 1
-
-
-def test_interleaved_backward_of_strided_views(interleaved):
-    inputs = make_inputs((2, 9, 9, 48), 24, torch.float32)
-    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
-    check(inputs, torch.float32, torch.randn(2, 9, 9, 24).transpose(1, 2))
-    assert interleaved
-
-
-@pytest.mark.parametrize("frozen", [("x",), ("bias",), ("x", "ln_weight", "ln_bias")])
-def test_interleaved_backward_of_a_subset(frozen, interleaved):
-    # Without dx the launch is weight-gradient programs only.
-    check_subset(frozen)
-    assert interleaved
-
-
-def test_interleaved_backward_without_weight_gradient_takes_the_chunked_kernel(interleaved):
-    check_subset(("weight", "bias"))
-    assert not interleaved
-
-
-def test_interleaved_groups_widen_past_the_partials_budget(interleaved, monkeypatch):
-    # A budget of 3 partials (one [O, K] fp32 each) for 243 rows: groups of 48 rows would
-    # need 6, so the groups widen to 96 rows (3 groups of 6 dx programs and 3 column programs).
-    monkeypatch.setattr(module, "WEIGHT_GRAD_CHUNK_BYTES", 3 * 40 * 24 * 4)
-    inputs = make_inputs((3, 9, 9, 24), 40, torch.float32)
-    check(inputs, torch.float32)
-    (grid,) = interleaved
-    assert grid[0] == 3 * (96 // 16 + 40 // 16 + 1)
-
-
-def test_interleaved_backward_is_deterministic(interleaved):
-    inputs = make_inputs((3, 11, 11, 24), 40, torch.float32)
-    assert_backward_repeats(layernorm_linear(**inputs, backend="triton"), list(inputs.values()))
-    assert interleaved
-
-
 def test_bias_gradient_rides_on_the_weight_product():
     # The bias gradient is column K of dy^T [LN(x), 1]: exact for a dy with one nonzero
     # column, and absent (plain sum) when the weight is frozen.
@@ -286,21 +225,6 @@ def test_bf16_narrow_backward_on_gpu(N, out_features, narrow, monkeypatch):
                         else tuned(op, key, device, candidates, default, launch, rows))
     check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
     assert narrow
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N", [257, 384])
-@pytest.mark.parametrize("out_features", [128, 640])
-@pytest.mark.parametrize("config", [
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "GROUP_ROWS": 1024, "BLOCK_MW": 64, "BLOCK_NW": 128, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "GROUP_ROWS": 4096, "BLOCK_MW": 64, "BLOCK_NW": 64, "num_stages": 2},
-])
-def test_bf16_interleaved_backward_on_gpu(N, out_features, config, monkeypatch):
-    tuned = module.run_tuned
-    monkeypatch.setattr(module, "run_tuned", lambda op, key, device, candidates, default, launch, rows=None:
-                        launch(config) if op == "layernorm_linear_bwd"
-                        else tuned(op, key, device, candidates, default, launch, rows))
-    check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
 
 
 @pytest.mark.gpu
