@@ -474,9 +474,12 @@ def layernorm_linear_forward(
     block_n = block_size(O, 128)
     default = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
     # COL_BLOCKS 0: the row-count rule of _column_blocks; 1: one column block per program.
+    # The pipeline depth too: at 128 -> 512, N=768, 3 stages took 1.117 ms for the op against
+    # 1.143 with the best 2-stage choice (benchmarks/NOTES.md, session 20).
     candidates = [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw, "COL_BLOCKS": cb}
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw, "COL_BLOCKS": cb, "num_stages": ns}
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8) for cb in (0, 1)
+        for ns in (2, 3)
     ]
     key = (K, O, str(weight.dtype), str(x.dtype), bias is not None)
     run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
