@@ -23,7 +23,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from _harness import dtype_for
-from megafold.kernels import layernorm_linear, outer_product_mean, transition, triangle_multiply
+from megafold.kernels import evo_attention, layernorm_linear, outer_product_mean, transition, triangle_multiply
+from megafold.kernels.evo_attention import evo_attention_reference
 from megafold.kernels.layernorm_linear import layernorm_linear_reference
 from megafold.kernels.outer_product_mean import NORM_EPS, outer_product_mean_reference
 from megafold.kernels.transition import transition_reference
@@ -221,6 +222,41 @@ def cases(quick: bool, device, ns=None) -> list[Case]:
 
 
 OPS = ("layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
+
+# EvoAttention's shapes for benchmarks/variant_ab.py (benchmarks/kernels.py times EvoAttention
+# against its peers with cases of its own): rows S, heads H, head dim D at N tokens.
+EVO_SHAPES = {"tri": lambda N: (N, 4, 32), "diffusion": lambda N: (48, 16, 48)}
+# Logits of one row chunk of the float64 reference (2^26: 0.5 GB, and as much again per
+# gradient).
+EVO_REFERENCE_LOGITS = 2**26
+
+
+def evo_case(N: int, device, shape: str = "tri") -> Case:
+    """EvoAttention as kernels.py's rows run it: bf16 q, k, v, gate ``[1, S, N, H, D]`` and
+    bias ``[1, H, N, N]``, a key mask whose last 5% of tokens are padding. The float64
+    reference runs row chunk by row chunk under checkpointing (at N=768 the whole
+    ``[S, H, N, N]`` logits would take 14 GB)."""
+    S, H, D = EVO_SHAPES[shape](N)
+
+    def make_inputs():
+        dtype = dtype_for(device)
+        mask = torch.ones(1, S, N, dtype=torch.bool, device=device)
+        mask[..., N - max(1, N // 20):] = False
+        inputs = {name: _leaf(1, S, N, H, D, device=device, dtype=dtype) for name in ("q", "k", "v")}
+        return {**inputs, "bias": _leaf(1, H, N, N, device=device, dtype=dtype), "mask": mask,
+                "gate": _leaf(1, S, N, H, D, device=device, dtype=dtype)}
+
+    def reference(inputs):
+        x = _float64(inputs)
+        chunk = max(1, EVO_REFERENCE_LOGITS // (H * N * N))
+        outs = [checkpoint(evo_attention_reference, *(x[n][:, rows] for n in ("q", "k", "v")), x["bias"],
+                           x["mask"][:, rows], x["gate"][:, rows], use_reentrant=False)
+                for rows in (slice(start, start + chunk) for start in range(0, S, chunk))]
+        return torch.cat(outs, 1)
+
+    impls = {"eager": _autocast(lambda x: evo_attention_reference(**x)),
+             "megafold": _autocast(lambda x: evo_attention(**x, backend="triton"))}
+    return Case("evo_attention", shape, N, make_inputs, impls, reference, {"S": S, "H": H, "D": D})
 
 
 def run(ns, device, rows: list[dict], ops=OPS, impls=None, graph: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""A/B of kernel-module variants of one pair op, in one process: graphed fwd+bwd, round-robin.
+"""A/B of kernel-module variants of one op, in one process: graphed fwd+bwd, round-robin.
 
 Kernel changes that move an op by a few percent cannot be judged across machines (these H100s
 differ by ~3% from one session to the next) or across processes (a process's first shape, the
@@ -16,7 +16,9 @@ A variant is a copy of ``megafold/kernels/<module>.py`` from another commit or w
         --variant old=scratch/variants/triangle_multiply@6f88277.py --rounds 3 --breakdown 768 \
         [--fp32-autocast] [--pin old:triangle_multiply_in_bwd='{"BLOCK_M": 128, ...}'] --name NAME
 
-``head`` (the package's own module) is always the first variant. Each variant is loaded as a
+The ops: the four pair ops of benchmarks/_pair_ops.py and ``evo_attention`` (``--shape tri`` or
+``diffusion``, with a crop's padding in the key mask). ``head`` (the package's own module) is
+always the first variant. Each variant is loaded as a
 module of its own (``megafold.kernels._variant_<name>``) and called through its public
 function; its tuned choices are the shipped ones for the same op names, unless pinned
 (``--pin VARIANT:OP=JSON`` launches that config for every key of OP). Each row has per
@@ -47,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pair_ops  # noqa: E402
 from _harness import ROOT, environment, graphed, kernel_breakdown, peak_mib, rel_err, time_ms, write_json  # noqa: E402
 
-# Each pair op's kernel module bears the op's name: megafold/kernels/<op>.py.
-OPS = _pair_ops.OPS
+# Each op's kernel module bears the op's name: megafold/kernels/<op>.py.
+OPS = (*_pair_ops.OPS, "evo_attention")
 
 
 def export(rev: str, module: str, to: Path) -> Path:
@@ -132,7 +134,10 @@ def op_breakdown(fn, steps: int = 3) -> dict[str, float]:
 
 
 def find_case(device, op: str, shape: str | None, N: int):
-    """The benchmark case of ``op`` at ``N`` (its first shape, or ``shape``)."""
+    """The benchmark case of ``op`` at ``N`` (its first shape, or ``shape``; EvoAttention's
+    shapes: ``tri``, ``diffusion``)."""
+    if op == "evo_attention":
+        return _pair_ops.evo_case(N, device, shape or "tri")
     return next(c for c in _pair_ops.cases(False, device, [N]) if c.op == op and (shape is None or c.shape == shape))
 
 

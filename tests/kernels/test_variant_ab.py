@@ -73,3 +73,36 @@ def test_bad_arguments_are_clear():
         if torch.cuda.is_available():
             raise SystemExit("needs a GPU")  # the GPU path is covered by the benchmark runs
         variant_ab.main(["run", "--op", "triangle_multiply", "--name", "x"])
+
+
+def test_evo_attention_variant_and_case(tmp_path, monkeypatch):
+    # EvoAttention's module exports and loads like a pair op's; its case's chunked float64
+    # reference (under checkpointing, three row chunks here) matches the plain reference, and
+    # the exported module's op matches the package's on the case's inputs.
+    import _pair_ops
+
+    monkeypatch.setattr(_pair_ops, "EVO_REFERENCE_LOGITS", 4 * 20 * 20 * 7)  # 7 rows a chunk
+
+    from megafold.kernels import evo_attention
+    from megafold.kernels.evo_attention import evo_attention_reference
+
+    module = variant_ab.load_variant("e1", variant_ab.export("HEAD", "evo_attention", tmp_path))
+    assert "evo_attention" in variant_ab.OPS
+    case = variant_ab.find_case(torch.device("cpu"), "evo_attention", None, 20)
+    assert (case.op, case.shape, case.extra) == ("evo_attention", "tri", {"S": 20, "H": 4, "D": 32})
+    assert variant_ab.find_case(torch.device("cpu"), "evo_attention", "diffusion", 20).extra["S"] == 48
+    torch.manual_seed(5)
+    inputs = case.make_inputs()
+    assert not inputs["mask"][..., -1].any() and inputs["mask"][..., 0].all()
+    x = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in inputs.items()}
+    ref = case.reference(x)
+    plain = evo_attention_reference(**{k: v.detach() for k, v in x.items()})
+    torch.testing.assert_close(ref, plain, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(ref.square().sum(), [x["q"], x["bias"]])
+    assert all(torch.isfinite(g).all() for g in grads)
+    small = {k: (v.detach()[:, :3] if k in ("q", "k", "v", "gate", "mask") else v.detach())
+             for k, v in inputs.items()}
+    small = {k: (v.float() if v.is_floating_point() else v) for k, v in small.items()}
+    with variant_ab.public_function("evo_attention", module.evo_attention):
+        ours = _pair_ops.evo_attention(**small, backend="triton")
+    torch.testing.assert_close(ours, evo_attention(**small, backend="triton"), rtol=0, atol=0)
