@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every megafold kernel, compiled for a GPU without one.
 
-    python benchmarks/register_report.py [--arch 90 | --hip gfx942] [--only NAME] [--out DIR]
+    python benchmarks/register_report.py [--arch 90 | --hip gfx942] [--only NAME] [--loops] [--out DIR]
 
 Each kernel is compiled ahead of time (Triton's own compiler, no GPU, no driver) with the
 configuration megafold launches at AF3's pair widths (c_z = c = 128, c_h = 128 for the
@@ -26,6 +26,11 @@ kernel holds 109 and pipelines three stages (row field ``specialized``: false wh
 matched). Stages are the choice's, else what the op passes, else the backend's default (3 on
 NVIDIA, 2 on AMD), as at launch; ``fits_shared`` compares the shared memory with what one
 program may use on that compute capability (H100 227 KiB, A100 163, RTX 4090 / L40 99).
+
+With ``--loops`` (NVIDIA), each loop of the kernel's SASS (``nvdisasm`` of the cubin: a
+backward branch and its target) with the instructions a thread executes in one iteration, by
+opcode: where a kernel is bound by instruction issue (EvoAttention, benchmarks/NOTES.md,
+session 20), what an iteration costs and what a change removes from it.
 
 A row with an error is a kernel that does not compile for that target with this Triton: the
 check that the kernels build on the oldest supported Triton (3.2) and on AMD GPUs, which no
@@ -209,8 +214,42 @@ def _hip_report(kernel) -> dict:
 NVIDIA_SHARED_KIB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
 
 
+_SASS_LABEL = re.compile(r"\.(L_x_\d+):")
+_SASS_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
+
+
+def sass_loops(sass: str, top: int = 12) -> list[dict]:
+    """The loops of ``nvdisasm -c`` output: each backward branch to a label before it. Per
+    loop: its first and last address, the instructions in between (one iteration of its body,
+    inner loops included) and the most frequent opcodes (without modifiers: FADD, not FADD.FTZ)."""
+    labels, pending, instructions = {}, [], []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            pending.append(label.group(1))
+            continue
+        match = _SASS_INSTRUCTION.match(line)
+        if match:
+            address = int(match.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            instructions.append((address, match.group(2).split(".")[0], match.group(3)))
+    loops = []
+    for address, opcode, rest in instructions:
+        target = re.search(r"\(\.(L_x_\d+)\)", rest) if opcode == "BRA" else None
+        if target and labels.get(target.group(1), address) < address:
+            start = labels[target.group(1)]
+            body = [op for at, op, _ in instructions if start <= at <= address]
+            counts: dict[str, int] = {}
+            for op in body:
+                counts[op] = counts.get(op, 0) + 1
+            loops.append({"start": hex(start), "end": hex(address), "instructions": len(body),
+                          "opcodes": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])})
+    return loops
+
+
 def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int | str,
-                   types: dict | None = None, values: dict | None = None) -> dict:
+                   types: dict | None = None, values: dict | None = None, loops: bool = False) -> dict:
     """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> (an int) or an AMD GPU (a "gfx..."
     name) and read its resource report. ``types``: argument types that differ from the naming
     rules (``*bf16`` pointers, fp32 statistics and partials, ``*i1`` masks, fp32 ``eps`` and
@@ -236,6 +275,10 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None,
             report = run.stderr
             if "Used" in report:
                 break
+        sass = ""
+        if loops:
+            sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", str(Path(tmp) / "kernel.cubin")],
+                                  capture_output=True, text=True).stdout
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return {
@@ -245,6 +288,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None,
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
         "fits_shared": kernel.metadata.shared <= NVIDIA_SHARED_KIB.get(arch, 99) * 1024,
         "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
+        **({"loops": sass_loops(sass)} if loops else {}),
     }
 
 
@@ -382,6 +426,8 @@ def main(argv=None) -> None:
                         help="each op's default configuration instead of the H100's shipped choices")
     parser.add_argument("--only", default=None, help="substring of the kernel names to compile")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--loops", action="store_true",
+                        help="NVIDIA: each loop's instructions per iteration, by opcode (nvdisasm)")
     parser.add_argument("--check", action="store_true",
                         help="compile nothing: list the specialization each kernel compiles with (Triton's "
                              "launcher over the captured arguments); exit 1 where a kernel was not captured")
@@ -413,7 +459,8 @@ def main(argv=None) -> None:
                "num_stages": stages if stages is not None else default_stages,
                "specialized": values is not None}
         try:
-            row |= compile_report(kernel, constexprs, warps, stages, target, types[0] if types else None, values)
+            row |= compile_report(kernel, constexprs, warps, stages, target, types[0] if types else None, values,
+                                  loops=args.loops and not args.hip)
         except Exception as error:  # one kernel that does not compile is a row, not a crash
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         rows.append(row)
@@ -422,6 +469,9 @@ def main(argv=None) -> None:
                   f"spills {row.get('spill_stores')} / {row.get('spill_loads')} B")
         print(f"  {name:36s} " + (f"{row['registers']} regs, {spills}, {row['shared_kib']} KiB shared"
                                    if "error" not in row else row["error"]), flush=True)
+        for loop in row.get("loops", []):
+            print(f"      loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions; "
+                  + ", ".join(f"{op} {n}" for op, n in loop["opcodes"].items()), flush=True)
     name = f"register_report-triton{triton.__version__}" + ("-defaults" if args.defaults else "")
     config = {"target": target_name, "triton": triton.__version__, "defaults": args.defaults,
               "specialization": f"as launched: arguments captured from the ops at N={CAPTURE_N}"}

@@ -32,6 +32,43 @@ def test_offline_compile_reports_registers_and_spills(tmp_path):
     assert row["shared_kib"] > 0 and row["wgmma"] > 0, row
 
 
+def test_sass_loops_are_backward_branches_with_their_bodies():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import register_report
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FADD.FTZ R2, R2, R3 ;
+        /*0020*/              @!P0 LDG.E R4, desc[UR4][R6.64] ;
+.L_x_1:
+        /*0030*/                   FADD R2, R2, R4 ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/                   MUFU.EX2 R5, R2 ;
+        /*0060*/              @!P2 BRA `(.L_x_0) ;
+        /*0070*/                   BRA `(.L_x_2);
+.L_x_2:
+        /*0080*/                   EXIT ;
+"""
+    inner, outer = register_report.sass_loops(sass)
+    assert (inner["start"], inner["end"], inner["instructions"]) == ("0x30", "0x40", 2)
+    assert inner["opcodes"] == {"FADD": 1, "BRA": 1}
+    assert (outer["start"], outer["end"], outer["instructions"]) == ("0x10", "0x60", 6)
+    assert outer["opcodes"] == {"FADD": 2, "BRA": 2, "LDG": 1, "MUFU": 1}
+
+
+def test_offline_compile_reports_each_loops_instructions(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "register_report.py"),
+                          "--only", "evo_attention fwd", "--loops", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (report,) = tmp_path.glob("sm_90-offline/*-register_report-triton*.json")
+    (row,) = json.loads(report.read_text())["rows"]
+    (loop,) = row["loops"]  # the key-block loop
+    assert loop["instructions"] > 100 and loop["opcodes"].get("MUFU", 0) > 0, loop  # exp2
+
+
 def test_offline_compile_for_an_amd_gpu_reports_registers_and_lds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "register_report.py"), "--hip", "gfx942",
