@@ -223,28 +223,24 @@ def cases(quick: bool, device, ns=None) -> list[Case]:
 
 OPS = ("layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
 
-# EvoAttention's shapes for benchmarks/variant_ab.py (benchmarks/kernels.py times EvoAttention
-# against its peers with cases of its own): rows S, heads H, head dim D at N tokens.
-EVO_SHAPES = {"tri": lambda N: (N, 4, 32), "diffusion": lambda N: (48, 16, 48)}
-# Logits of one row chunk of the float64 reference (2^26: 0.5 GB, and as much again per
-# gradient).
+# Logits of one row chunk of EvoAttention's float64 reference in ``evo_case`` (2^26: 0.5 GB,
+# and as much again per gradient).
 EVO_REFERENCE_LOGITS = 2**26
 
 
 def evo_case(N: int, device, shape: str = "tri") -> Case:
-    """EvoAttention as kernels.py's rows run it: bf16 q, k, v, gate ``[1, S, N, H, D]`` and
-    bias ``[1, H, N, N]``, a key mask whose last 5% of tokens are padding. The float64
-    reference runs row chunk by row chunk under checkpointing (at N=768 the whole
-    ``[S, H, N, N]`` logits would take 14 GB)."""
-    S, H, D = EVO_SHAPES[shape](N)
+    """EvoAttention for benchmarks/variant_ab.py, with the shapes and inputs of
+    benchmarks/kernels.py's own rows (``EVO_SHAPES``, ``evo_inputs``: bf16, a key mask whose
+    last 5% of tokens are padding). The float64 reference runs row chunk by row chunk under
+    checkpointing (at N=768 the whole ``[S, H, N, N]`` logits would take 14 GB)."""
+    import kernels  # benchmarks/kernels.py imports this module only inside its main
+
+    dims = kernels.EVO_SHAPES[shape](N)
+    S, H, D = dims["S"], dims["H"], dims["D"]
 
     def make_inputs():
-        dtype = dtype_for(device)
-        mask = torch.ones(1, S, N, dtype=torch.bool, device=device)
-        mask[..., N - max(1, N // 20):] = False
-        inputs = {name: _leaf(1, S, N, H, D, device=device, dtype=dtype) for name in ("q", "k", "v")}
-        return {**inputs, "bias": _leaf(1, H, N, N, device=device, dtype=dtype), "mask": mask,
-                "gate": _leaf(1, S, N, H, D, device=device, dtype=dtype)}
+        return kernels.evo_inputs(S, N, H, D, device, dtype=dtype_for(device), width=dims.get("width"),
+                                  ending=dims.get("ending", False))
 
     def reference(inputs):
         x = _float64(inputs)

@@ -50,6 +50,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -239,12 +240,9 @@ def sass_loops(sass: str, top: int = 12) -> list[dict]:
         target = re.search(r"\(\.(L_x_\d+)\)", rest) if opcode == "BRA" else None
         if target and labels.get(target.group(1), address) < address:
             start = labels[target.group(1)]
-            body = [op for at, op, _ in instructions if start <= at <= address]
-            counts: dict[str, int] = {}
-            for op in body:
-                counts[op] = counts.get(op, 0) + 1
-            loops.append({"start": hex(start), "end": hex(address), "instructions": len(body),
-                          "opcodes": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])})
+            body = Counter(op for at, op, _ in instructions if start <= at <= address)
+            loops.append({"start": hex(start), "end": hex(address), "instructions": sum(body.values()),
+                          "opcodes": dict(body.most_common(top))})
     return loops
 
 

@@ -16,8 +16,8 @@ A variant is a copy of ``megafold/kernels/<module>.py`` from another commit or w
         --variant old=scratch/variants/triangle_multiply@6f88277.py --rounds 3 --breakdown 768 \
         [--fp32-autocast] [--pin old:triangle_multiply_in_bwd='{"BLOCK_M": 128, ...}'] --name NAME
 
-The ops: the four pair ops of benchmarks/_pair_ops.py and ``evo_attention`` (``--shape tri`` or
-``diffusion``, with a crop's padding in the key mask). ``head`` (the package's own module) is
+The ops: the four pair ops of benchmarks/_pair_ops.py and ``evo_attention`` (``--shape``: one
+of benchmarks/kernels.py's EvoAttention shapes, default ``tri``). ``head`` (the package's own module) is
 always the first variant. Each variant is loaded as a
 module of its own (``megafold.kernels._variant_<name>``) and called through its public
 function; its tuned choices are the shipped ones for the same op names, unless pinned
@@ -135,7 +135,7 @@ def op_breakdown(fn, steps: int = 3) -> dict[str, float]:
 
 def find_case(device, op: str, shape: str | None, N: int):
     """The benchmark case of ``op`` at ``N`` (its first shape, or ``shape``; EvoAttention's
-    shapes: ``tri``, ``diffusion``)."""
+    default: ``tri``)."""
     if op == "evo_attention":
         return _pair_ops.evo_case(N, device, shape or "tri")
     return next(c for c in _pair_ops.cases(False, device, [N]) if c.op == op and (shape is None or c.shape == shape))
