@@ -369,17 +369,22 @@ def cases(defaults: bool = False) -> list[tuple]:
                     dict(CZ=128, Z_MERGED=True, DOT_PRECISION=None, BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=128,
                          **blocks, **extra), cfg))
     evo = importlib.import_module("megafold.kernels.evo_attention")
-    evo_types = {"bias_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32"}
+    evo_types = {"bias_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32",
+                 "first_ptr": "*i32"}
     for name, kernel, extra in (
-        ("fwd", evo._evo_attention_forward_kernel, {"HAS_BIAS": True, "HAS_GATE": True, "ROWS": 1}),
+        ("fwd", evo._evo_attention_forward_kernel, {"HAS_BIAS": True, "HAS_GATE": True, "ROWS": 2, "PREFIX": True}),
         ("dkdv", evo._evo_attention_dkdv_kernel, {"HAS_BIAS": True}),
-        ("dq", evo._evo_attention_dq_kernel, {"HAS_BIAS": True, "WRITE_DBIAS": False, "ROWS": 1}),
-        ("dbias", evo._evo_attention_dbias_kernel, {}),
+        ("dq", evo._evo_attention_dq_kernel, {"HAS_BIAS": True, "WRITE_DBIAS": False, "ROWS": 2, "PREFIX": True}),
+        ("dbias", evo._evo_attention_dbias_kernel, {"PREFIX": True}),
     ):
         cfg = shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True]) or evo._default_blocks(name, 768, 32)
         out.append((f"evo_attention {name} (triangle, N=768)", kernel,
                     dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32,
                          IEEE=False, WIDE=False, **extra), cfg, evo_types))
+    # The rows' first masked keys, as _forward launches it before the forward kernel.
+    out.append(("evo_attention first masked key", evo._first_masked_key_kernel,
+                dict(BLOCK_S=evo._FIRST_ROWS, BLOCK_N=evo._FIRST_KEYS, WIDE=False),
+                {"num_warps": 4, "num_stages": 3}, {"mask_ptr": "*u8", "first_ptr": "*i32"}))
     # The backward's prologue (gate gradient, ungated dO, delta), as _backward launches it.
     out.append(("evo_attention prep (triangle, N=768)", evo._evo_attention_backward_prep_kernel,
                 dict(H=4, D=32, HAS_GATE=True, BLOCK_N=32, BLOCK_H=4, BLOCK_D=32, WIDE=False),

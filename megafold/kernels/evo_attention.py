@@ -68,6 +68,8 @@ def evo_attention_reference(q, k, v, bias=None, mask=None, gate=None, scale=None
 # The kernels keep logits in base 2: log2(e) is folded into the scale and the bias.
 LOG2E = math.log2(math.e)
 _LOG2E = tl.constexpr(LOG2E)
+# The rows of a chunk whose first masked keys the dBias pass reduces at a time.
+_CHUNK_ROWS = tl.constexpr(64)
 
 
 @triton.jit
@@ -108,7 +110,7 @@ def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, 
 
 @triton.jit
 def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
-                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key block of one row's online softmax; returns the new (m_i, l_i, acc).
 
     Logits are kept in base 2 (log2(e) folded into the scale and the bias): exp2 is the
@@ -122,7 +124,8 @@ def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
         logits = tl.dot(q, tl.trans(k)) * scale_log2
     if HAS_BIAS:
         logits += bias
-    logits = tl.where(key_ok[None, :], logits, float("-inf"))
+    if MASKED:  # else every key of the block is attended and inside N
+        logits = tl.where(key_ok[None, :], logits, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     # A row with no attended key so far keeps m = -inf; shift by 0 instead to avoid inf - inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,6 +161,79 @@ def _store_row(m_i, l_i, acc, out_ptr, att_ptr, lse_ptr, gate_row, bh_row, h, of
 
 
 @triton.jit
+def _forward_keys(start, end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+                  row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
+                  stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
+                  stride_ms, stride_mn,
+                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """The online softmax of the program's rows over the key blocks starting in [start, end).
+    MASKED: the keys' mask and N apply; else every key of these blocks is attended and inside
+    N (the blocks before the rows' first masked key, `_full_keys_end`): no mask load and no
+    select."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        if not MASKED:
+            n_valid = offs_n >= 0  # all true: the loads need no key bound
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                           mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32) * _LOG2E
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+        m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, MASKED, IEEE)
+        if ROWS == 2:
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, MASKED,
+                                         IEEE)
+    return m0, l0, acc0, m1, l1, acc1
+
+
+@triton.jit
+def _first_masked_key_kernel(mask_ptr, first_ptr, S, N, stride_mb, stride_ms, stride_mn,
+                             BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    """Each row's first masked key: int32 ``[B, S]``, N where no key is masked, -1 where every
+    key is. One pass over the mask before the forward; the forward, dQ and dBias passes take
+    the whole key blocks before it without the mask (`_full_keys_end`)."""
+    rows = _widen(tl.program_id(0), WIDE) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = _widen(tl.program_id(1), WIDE)
+    row_ptrs = mask_ptr + b * stride_mb + rows[:, None] * stride_ms
+    first = tl.full([BLOCK_S, BLOCK_N], 2**31 - 1, tl.int32)
+    seen = tl.zeros([BLOCK_S, BLOCK_N], tl.int32)
+    for start in range(0, N, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = (rows[:, None] < S) & (offs[None, :] < N)
+        attended = tl.load(row_ptrs + offs[None, :] * stride_mn, mask=valid, other=0) != 0
+        first = tl.minimum(first, tl.where(attended | (offs[None, :] >= N), 2**31 - 1, offs[None, :]))
+        seen = tl.maximum(seen, attended.to(tl.int32))
+    first = tl.minimum(tl.min(first, axis=1), N)
+    tl.store(first_ptr + b * S + rows, tl.where(tl.max(seen, axis=1) != 0, first, -1), mask=rows < S)
+
+
+@triton.jit
+def _full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK: tl.constexpr, PREFIX: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the program's rows stop having whole key blocks attended and inside N: the key
+    loop runs unmasked up to here and masked after. Without a mask, the blocks inside N; with
+    a mask (PREFIX), the blocks before the rows' first masked key (`_first_masked_key_kernel`;
+    0 for a row that attends no key); else 0 (every block masked)."""
+    if not HAS_MASK:
+        end = N // BLOCK_N * BLOCK_N
+    elif PREFIX:
+        first = tl.load(first_ptr + b * S + row0)
+        if ROWS == 2:
+            first = tl.minimum(first, tl.load(first_ptr + b * S + row1))
+        end = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+    else:
+        end = 0
+    return end
+
+
+@triton.jit
 def _evo_attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, gate_ptr, out_ptr, att_ptr, lse_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -166,10 +242,10 @@ def _evo_attention_forward_kernel(
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
-    S, H, N, D: tl.constexpr, scale_log2,
+    S, H, N, D: tl.constexpr, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     # Query blocks vary fastest: the programs of the same rows run together and share their
     # K/V in L2. A program serves ROWS (1 or 2) rows for one query block: each bias tile it
@@ -196,30 +272,25 @@ def _evo_attention_forward_kernel(
     m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l0 = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q1, m1, l1, acc1 = q0, m0, l0, acc0  # one row: placeholders the key loops pass through
     if ROWS == 2:
         q1 = tl.load(q_head + row1 * stride_qs + q_offs, mask=qd_mask, other=0.0)
         m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(
-                bias_ptr + b * stride_bb + h * stride_bh
-                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                mask=m_valid[:, None] & n_valid[None, :], other=0.0,
-            ).to(tl.float32) * _LOG2E
-        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
-        m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, IEEE)
-        if ROWS == 2:
-            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
-            m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, IEEE)
+    bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    full_end = _full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N)
+    # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
+    m0, l0, acc0, m1, l1, acc1 = _forward_keys(
+        0, full_end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+        row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
+        stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, False, ROWS, BLOCK_N, IEEE, WIDE)
+    m0, l0, acc0, m1, l1, acc1 = _forward_keys(
+        full_end, N, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+        row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
+        stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, True, ROWS, BLOCK_N, IEEE, WIDE)
 
     gate_head = gate_ptr + b * stride_gb + h * stride_gh
     _store_row(m0, l0, acc0, out_ptr, att_ptr, lse_ptr, gate_head + row0 * stride_gs,
@@ -273,7 +344,7 @@ def _evo_attention_backward_prep_kernel(
 @triton.jit
 def _recompute_ds(
     q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2,
-    IEEE: tl.constexpr,
+    MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Probabilities and logit gradient of one (query block, key block) tile.
 
@@ -286,7 +357,8 @@ def _recompute_ds(
     else:
         logits = tl.dot(q, tl.trans(k)) * scale_log2
     logits += bias_tile
-    logits = tl.where(key_ok[None, :], logits, float("-inf"))
+    if MASKED:  # else every key of the block is attended and inside N
+        logits = tl.where(key_ok[None, :], logits, float("-inf"))
     p = tl.exp2(logits - lse[:, None])
     if IEEE:
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -341,7 +413,7 @@ def _evo_attention_dkdv_kernel(
             bias_tile = bias_tile.to(tl.float32) * _LOG2E
         # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
         # transposes below but, compiled for sm_90, needs more registers and spills more.
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, True, IEEE)
         if IEEE:
             dv += tl.dot(tl.trans(p), do, input_precision="ieee")
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
@@ -355,6 +427,50 @@ def _evo_attention_dkdv_kernel(
 
 
 @triton.jit
+def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
+             bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid, offs_d, d_valid,
+             N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
+             stride_ms, stride_mn,
+             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+             WIDE: tl.constexpr):
+    """dQ of the program's rows from the key blocks starting in [start, end) (MASKED: as in
+    `_forward_keys`); with WRITE_DBIAS (one row) also the bias gradient's tiles."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        if not MASKED:
+            n_valid = offs_n >= 0  # all true: the loads need no key bound
+        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_BIAS:
+            bias_tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+        p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, MASKED, IEEE)
+        if WRITE_DBIAS:
+            # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
+            tl.store(dbias_tile + offs_n[None, :], ds.to(dbias_tile.dtype.element_ty),
+                     mask=m_valid[:, None] & n_valid[None, :])
+        if IEEE:
+            dq0 += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq0 += tl.dot(ds.to(k.dtype), k)
+        if ROWS == 2:
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, MASKED, IEEE)
+            if IEEE:
+                dq1 += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq1 += tl.dot(ds.to(k.dtype), k)
+    return dq0, dq1
+
+
+@triton.jit
 def _evo_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -362,10 +478,10 @@ def _evo_attention_dq_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale, scale_log2,
+    S, H, N, D: tl.constexpr, scale, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     # As in the forward, a program serves ROWS (1 or 2) rows of one query block and each bias
     # tile serves all of them; with an odd S the last row is done twice (same values stored).
@@ -390,6 +506,7 @@ def _evo_attention_dq_kernel(
                                           h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lse_min = tl.min(lse0, axis=0)
+    q1, do1, lse1, delta1, dq1 = q0, do0, lse0, delta0, dq0  # one row: placeholders for the key loops
     if ROWS == 2:
         q1, do1, lse1, delta1 = _load_queries(q_head + row1 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row1,
                                               h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd,
@@ -401,37 +518,21 @@ def _evo_attention_dq_kernel(
         # Query rows whose keys are all masked (lse = +inf) have zero gradients: skip the keys
         # (unless this pass also writes the bias gradient, which needs its zeros stored).
         n_end = tl.where(lse_min < float("inf"), N, 0)
-    for start_n in range(0, n_end, BLOCK_N):
-        offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N
-        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_BIAS:
-            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
-                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
-            bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
-        p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, IEEE)
-        if WRITE_DBIAS:
-            # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
-            tl.store(dbias_ptr + (batch_head * N + offs_m[:, None]) * N + offs_n[None, :],
-                     ds.to(dbias_ptr.dtype.element_ty),
-                     mask=m_valid[:, None] & n_valid[None, :])
-        if IEEE:
-            dq0 += tl.dot(ds, k, input_precision="ieee")
-        else:
-            dq0 += tl.dot(ds.to(k.dtype), k)
-        if ROWS == 2:
-            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
-            p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, IEEE)
-            if IEEE:
-                dq1 += tl.dot(ds, k, input_precision="ieee")
-            else:
-                dq1 += tl.dot(ds.to(k.dtype), k)
+    # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
+    full_end = tl.minimum(_full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N),
+                          n_end)
+    bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    dbias_tile = dbias_ptr + (batch_head * N + offs_m[:, None]) * N
+    dq0, dq1 = _dq_keys(0, full_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
+                        bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
+                        offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
+                        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
+                        HAS_BIAS, HAS_MASK, False, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
+    dq0, dq1 = _dq_keys(full_end, n_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
+                        bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
+                        offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
+                        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
+                        HAS_BIAS, HAS_MASK, True, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
     qd_mask = m_valid[:, None] & d_valid[None, :]
     dq_offs = offs_m[:, None] * (H * D) + h * D + offs_d[None, :]
     tl.store(dq_ptr + (bh_row0 // H * N) * (H * D) + dq_offs, (dq0 * scale).to(dq_ptr.dtype.element_ty),
@@ -442,6 +543,29 @@ def _evo_attention_dq_kernel(
 
 
 @triton.jit
+def _dbias_rows(start, end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, bias_tile,
+                b, h, S, H, N, D: tl.constexpr, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
+                stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
+                stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
+                stride_mb, stride_ms, stride_mn,
+                HAS_MASK: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """dbias plus the dS tiles of rows [start, end) (MASKED: as in `_forward_keys`)."""
+    for row_index in range(start, end):
+        row = _widen(row_index, WIDE)
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
+                                          offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
+                                  v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
+                                  mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d,
+                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                  HAS_MASK and MASKED)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, MASKED, IEEE)
+        dbias += ds
+    return dbias
+
+
+@triton.jit
 def _evo_attention_dbias_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dbias_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -449,10 +573,10 @@ def _evo_attention_dbias_kernel(
     stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
     stride_bb, stride_bh, stride_bi, stride_bj,
     stride_mb, stride_ms, stride_mn,
-    S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK,
+    S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK, first_ptr,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     block_n = _widen(tl.program_id(0), WIDE)
     block_m = _widen(tl.program_id(1), WIDE)
@@ -475,18 +599,32 @@ def _evo_attention_dbias_kernel(
                         mask=tile_mask, other=0.0).to(tl.float32) * _LOG2E
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_start = chunk * ROWS_PER_CHUNK
-    for row_index in range(row_start, tl.minimum(row_start + ROWS_PER_CHUNK, S)):
-        row = _widen(row_index, WIDE)
-        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
-                                          do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
-                                          offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
-        k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
-                                  v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
-                                  mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d,
-                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                  HAS_MASK)
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, IEEE)
-        dbias += ds
+    row_end = tl.minimum(row_start + ROWS_PER_CHUNK, S)
+    # The chunk's rows unmasked where this key block is whole (every key attended and inside
+    # N) in each of them that attends any key (a row that attends none has p = 0 without its
+    # mask), from the rows' first masked keys (`_first_masked_key_kernel`); else every row
+    # with the mask.
+    split = row_start
+    if not HAS_MASK:
+        split = tl.where((block_n + 1) * BLOCK_N <= N, row_end, row_start)
+    elif PREFIX:
+        lowest = tl.zeros([_CHUNK_ROWS], tl.int32) + N
+        for chunk_row in range(row_start, row_end, _CHUNK_ROWS):
+            rows = chunk_row + tl.arange(0, _CHUNK_ROWS)
+            first = tl.load(first_ptr + b * S + rows, mask=rows < row_end, other=-1)
+            lowest = tl.minimum(lowest, tl.where(first < 0, N, first))
+        whole_end = tl.min(lowest, axis=0)
+        split = tl.where((block_n + 1) * BLOCK_N <= whole_end, row_end, row_start)
+    dbias = _dbias_rows(row_start, split, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
+                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
+                        stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
+                        stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, False, IEEE, WIDE)
+    dbias = _dbias_rows(split, row_end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
+                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
+                        stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
+                        stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, True, IEEE, WIDE)
     # dbias is written contiguous [chunks, B, H, N, N], rounded once from the fp32 sum.
     tl.store(dbias_ptr + ((chunk * BH + batch_head) * N + offs_m[:, None]) * N + offs_n[None, :],
              dbias.to(dbias_ptr.dtype.element_ty), mask=tile_mask)
@@ -505,6 +643,14 @@ def _flatten_batch(t: torch.Tensor, trailing: int, batch: int) -> torch.Tensor:
         return t.view(batch, *t.shape[t.dim() - trailing:])
     except RuntimeError:
         return t.reshape(batch, *t.shape[t.dim() - trailing:])
+
+
+# Rows (S) from which the kernels take the mask's whole key blocks unmasked (`_Inputs.prefix`).
+# Fewer rows (the pair-bias shape): a call's time is the host's, and the launch that finds the
+# rows' first masked keys would add to it.
+PREFIX_MIN_ROWS = 8
+# Rows and keys of one program of `_first_masked_key_kernel`.
+_FIRST_ROWS, _FIRST_KEYS = 8, 128
 
 
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -615,6 +761,12 @@ class _Inputs:
     def tensors(self):
         return self.q, self.k, self.v, self.bias, self.mask, self.gate
 
+    @property
+    def prefix(self) -> bool:
+        """Whether the kernels take each row's leading whole key blocks without the mask: with
+        a mask and from ``PREFIX_MIN_ROWS`` rows."""
+        return self.mask is not None and self.S >= PREFIX_MIN_ROWS
+
     @functools.cached_property
     def wide(self) -> bool:
         """Whether a kernel offset can pass int32: in any input's storage or in an output
@@ -648,11 +800,18 @@ class _Inputs:
 
 
 def _forward(inp: _Inputs, scale: float):
+    """out, the ungated output (``out`` without a gate), lse, and each row's first masked key
+    (`_first_masked_key_kernel`, kept for the backward; None unless ``inp.prefix``)."""
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     dtype = inp.q.dtype
     out = torch.empty((B, S, N, H, D), device=inp.q.device, dtype=dtype)
     att = torch.empty_like(out) if inp.gate is not None else out
     lse = torch.empty((B, S, H, N), device=inp.q.device, dtype=torch.float32)
+    first = None
+    if inp.prefix:
+        first = torch.empty((B, S), device=inp.q.device, dtype=torch.int32)
+        launch_kernel(_first_masked_key_kernel, (cdiv(S, _FIRST_ROWS), B), inp.mask, first, S, N,
+                      *inp.mask.stride(), BLOCK_S=_FIRST_ROWS, BLOCK_N=_FIRST_KEYS, WIDE=inp.wide, num_warps=4)
     block_d = max(16, next_power_of_2(D))
     ieee = dtype == torch.float32
     dummy = inp.q
@@ -665,19 +824,21 @@ def _forward(inp: _Inputs, scale: float):
             inp.mask if inp.mask is not None else dummy,
             inp.gate if inp.gate is not None else dummy,
             out, att, lse, *inp.args(), *_strides(inp.gate, 5),
-            S, H, N, D, scale * LOG2E,
+            S, H, N, D, scale * LOG2E, first if first is not None else dummy,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide,
+            PREFIX=inp.prefix,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     _run("fwd", launch, inp.q.device, S, N, D, H, dtype, inp.bias is not None)
-    return out, att, lse
+    return out, att, lse, first
 
 
-def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dtype | None):
-    """Gradients of q, k, v, gate and (if ``dbias_dtype`` is given, in that dtype) the bias."""
+def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: torch.dtype | None):
+    """Gradients of q, k, v, gate and (if ``dbias_dtype`` is given, in that dtype) the bias.
+    ``first``: the forward's first masked keys (with ``inp.prefix``)."""
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     dtype = inp.q.dtype
     if dout.shape != (B, S, N, H, D):  # (a view costs ~10 us of host time on the H100 hosts)
@@ -726,8 +887,8 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
             launch_kernel(_evo_attention_dbias_kernel, grid,
                 inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
-                S, H, N, D, scale * LOG2E, B * H, rows_per_chunk,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                S, H, N, D, scale * LOG2E, B * H, rows_per_chunk, first if inp.prefix else dummy,
+                PREFIX=inp.prefix, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 **{**common, "WIDE": inp.wide or target.numel() >= 2**31},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
@@ -753,8 +914,8 @@ def _backward(inp: _Inputs, att, lse, dout, scale: float, dbias_dtype: torch.dty
         launch_kernel(_evo_attention_dq_kernel, grid,
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
-            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq,
-            ROWS=rows,
+            S, H, N, D, scale, scale * LOG2E, first if inp.prefix else dummy,
+            HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq, ROWS=rows, PREFIX=inp.prefix,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -769,18 +930,18 @@ class _EvoAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, gate, scale):
         inp = _Inputs(q, k, v, bias, mask, gate)
-        out, att, lse = _forward(inp, scale)
+        out, att, lse, first = _forward(inp, scale)
         ctx.lead = inp.lead
         ctx.wide = inp.wide
         ctx.scale = scale
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(*inp.tensors(), att, lse)
+        ctx.save_for_backward(*inp.tensors(), att, lse, first)
         return out if len(inp.lead) == 1 else out.view(*inp.lead, inp.S, inp.N, inp.H, inp.D)
 
     @staticmethod
     def backward(ctx, dout):
-        *tensors, att, lse = ctx.saved_tensors
+        *tensors, att, lse, first = ctx.saved_tensors
         inp = _Inputs.restore(ctx.lead, tensors, ctx.wide)
         shape = (*inp.lead, inp.S, inp.N, inp.H, inp.D)
         full_bias_shape = (*inp.lead, inp.H, inp.N, inp.N)
@@ -789,7 +950,7 @@ class _EvoAttentionFunction(torch.autograd.Function):
             # A bias broadcast over batch dims gets the sum of their gradients, reduced in fp32;
             # an unbroadcast one is written in its own dtype (no cast pass, no fp32 copy).
             dbias_dtype = ctx.bias_dtype if tuple(ctx.bias_shape) == full_bias_shape else torch.float32
-        dq, dk, dv, dbias, dgate = _backward(inp, att, lse, dout, ctx.scale, dbias_dtype)
+        dq, dk, dv, dbias, dgate = _backward(inp, att, lse, first, dout, ctx.scale, dbias_dtype)
         if dbias is not None:
             if dbias.shape != full_bias_shape:
                 dbias = dbias.view(full_bias_shape)

@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 import torch
+import triton.language as triton_language
 
 from megafold.kernels import evo_attention, use_kernels
 from megafold.kernels.evo_attention import evo_attention_reference
@@ -172,11 +173,48 @@ def test_many_rows_paths(monkeypatch):
     assert torch.equal(again, grads[leaves.index("bias")])
 
 
+@pytest.mark.parametrize("dtype, two_rows", [(torch.float32, False), (torch.float16, True)])
+def test_whole_key_blocks_path(dtype, two_rows, monkeypatch, poisoned_empty):
+    """The kernels' unmasked pass over whole key blocks, as a GPU runs it from 8 rows: a
+    crop's padding (whole blocks, then a masked one, then one past N), one row with a random
+    mask, a fully masked row; one and two rows a program, and the dBias pass in row chunks.
+    Each row's first masked key is found once before the forward and kept for the backward (N
+    where none is masked, -1 for a row that attends no key); that scan and the dBias pass's
+    reduction over a chunk's rows loop here over small tiles.
+    """
+    monkeypatch.setattr(evo_module, "PREFIX_MIN_ROWS", 1)
+    monkeypatch.setattr(evo_module, "_FIRST_ROWS", 4)
+    monkeypatch.setattr(evo_module, "_FIRST_KEYS", 16)
+    monkeypatch.setattr(evo_module, "_CHUNK_ROWS", triton_language.constexpr(4))
+    if two_rows:
+        monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
+        monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 3)
+    stored = []
+    forward = evo_module._forward
+    monkeypatch.setattr(evo_module, "_forward", lambda *a: (lambda r: stored.append(r[3]) or r)(forward(*a)))
+    inputs = make_inputs((1,), 6, 37, 1, 24, dtype)
+    keys = torch.ones(1, 6, 37, dtype=torch.bool)
+    keys[..., 33:] = False  # padding
+    keys[0, 2] = torch.rand(37) > 0.3  # a random mask
+    keys[0, 2, 5] = False
+    keys[0, 4] = False  # attends no key
+    keys[0, 5] = True  # attends every key
+    if two_rows:  # as the ending node's attention hands it: a transposed view
+        keys = keys.transpose(-1, -2).contiguous().transpose(-1, -2)
+    inputs["mask"] = keys
+    out, grads = check_against_reference(inputs, dtype)
+    assert torch.all(out[:, 4] == 0)
+    first_random = int((~keys[0, 2]).nonzero()[0])
+    assert stored and stored[0].dtype == torch.int32
+    assert stored[0].tolist() == [[33, 33, first_random, 33, -1, 37]]
+
+
 def test_int64_offsets_path(monkeypatch):
     """The kernels' int64 addressing (what views of more than 2**31 elements get on a GPU),
     forced at a CPU size, on the transposed views of the ending-node attention and with the
     two-row and dBias-chunk paths."""
     monkeypatch.setattr(evo_module._Inputs, "wide", property(lambda self: True))
+    monkeypatch.setattr(evo_module, "PREFIX_MIN_ROWS", 1)  # the prefix's offsets too
     monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
     monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 2)
     inputs = make_inputs((1,), 5, 5, 2, 16, torch.float32, masked_rows=(1,))
