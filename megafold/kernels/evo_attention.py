@@ -369,38 +369,6 @@ def _recompute_ds(
 
 
 @triton.jit
-def _dkdv_queries(m_end, dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr,
-                  b, h, row, bh_row, offs_n, offs_d, n_valid, d_valid, H, N, D: tl.constexpr, scale_log2,
-                  stride_qb, stride_qs, stride_qn, stride_qh, stride_qd, stride_bb, stride_bh, stride_bi, stride_bj,
-                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
-                  WIDE: tl.constexpr):
-    """dK and dV of one key block over the query blocks starting below ``m_end`` (MASKED: the
-    keys' mask applies; else every key of the block is attended and inside N)."""
-    for start_m in range(0, m_end, BLOCK_M):
-        offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < N
-        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
-                                          do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
-                                          m_valid, d_valid, stride_qn, stride_qd, H, N, D)
-        bias_tile = tl.zeros([BLOCK_M, offs_n.shape[0]], tl.float32)
-        if HAS_BIAS:
-            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
-                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
-            bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
-        # transposes below but, compiled for sm_90, needs more registers and spills more.
-        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, MASKED, IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    return dk, dv
-
-
-@triton.jit
 def _evo_attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
@@ -429,21 +397,29 @@ def _evo_attention_dkdv_kernel(
     bh_row = (b * S + row) * H + h
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # A key block that is all padding gets zero gradients without a pass over the queries; one
-    # whose keys are all attended and inside N takes the query loop without the mask's select.
-    attended = key_ok.to(tl.int32)
-    m_end = tl.where(tl.max(attended, axis=0) > 0, N, 0)
-    whole = tl.min(attended, axis=0) > 0
-    if whole:
-        dk, dv = _dkdv_queries(m_end, dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                               bias_ptr, b, h, row, bh_row, offs_n, offs_d, n_valid, d_valid, H, N, D, scale_log2,
-                               stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
-                               stride_bb, stride_bh, stride_bi, stride_bj, HAS_BIAS, False, BLOCK_M, IEEE, WIDE)
-    else:
-        dk, dv = _dkdv_queries(m_end, dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                               bias_ptr, b, h, row, bh_row, offs_n, offs_d, n_valid, d_valid, H, N, D, scale_log2,
-                               stride_qb, stride_qs, stride_qn, stride_qh, stride_qd,
-                               stride_bb, stride_bh, stride_bi, stride_bj, HAS_BIAS, True, BLOCK_M, IEEE, WIDE)
+    # A key block that is all padding gets zero gradients without a pass over the queries.
+    m_end = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, N, 0)
+    for start_m in range(0, m_end, BLOCK_M):
+        offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
+                                          m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_BIAS:
+            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
+                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+        # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
+        # transposes below but, compiled for sm_90, needs more registers and spills more.
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, True, IEEE)
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
     kv_mask = n_valid[:, None] & d_valid[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
