@@ -58,3 +58,14 @@ def test_a_stopped_benchmark_keeps_the_rows_that_finished():
     with stop_gracefully() as stopped:
         rows.append({"N": 512})
     assert stopped["interrupted"] is False and len(rows) == 2
+
+
+def test_a_table_of_no_rows_prints_its_header(capsys):
+    """A run stopped before its first row finished (session 21: `timeout` during tuning) still
+    prints its table and writes its JSON; the table printer once raised on no rows."""
+    from _harness import print_table
+
+    print_table([], ["op", "ms"])
+    assert capsys.readouterr().out.split() == ["op", "ms"]
+    print_table([{"op": "evo_attention", "ms": 1.5}], ["op", "ms"])
+    assert capsys.readouterr().out.split() == ["op", "ms", "evo_attention", "1.50"]
