@@ -838,7 +838,8 @@ def _forward(inp: _Inputs, scale: float):
 
 def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: torch.dtype | None):
     """Gradients of q, k, v, gate and (if ``dbias_dtype`` is given, in that dtype) the bias.
-    ``first``: the forward's first masked keys (with ``inp.prefix``)."""
+    ``first``: the forward's first masked keys, or None where the forward took every key
+    block with the mask (the backward follows the forward's choice)."""
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     dtype = inp.q.dtype
     if dout.shape != (B, S, N, H, D):  # (a view costs ~10 us of host time on the H100 hosts)
@@ -861,6 +862,7 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
     bias = inp.bias if inp.bias is not None else dummy
     mask = inp.mask if inp.mask is not None else dummy
     common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide)
+    first_arg, prefix = (first, True) if first is not None else (dummy, False)
     strides = inp.args()
 
     need_dbias = dbias_dtype is not None
@@ -887,8 +889,8 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
             launch_kernel(_evo_attention_dbias_kernel, grid,
                 inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
-                S, H, N, D, scale * LOG2E, B * H, rows_per_chunk, first if inp.prefix else dummy,
-                PREFIX=inp.prefix, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                S, H, N, D, scale * LOG2E, B * H, rows_per_chunk, first_arg,
+                PREFIX=prefix, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 **{**common, "WIDE": inp.wide or target.numel() >= 2**31},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
@@ -914,8 +916,8 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
         launch_kernel(_evo_attention_dq_kernel, grid,
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
-            S, H, N, D, scale, scale * LOG2E, first if inp.prefix else dummy,
-            HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq, ROWS=rows, PREFIX=inp.prefix,
+            S, H, N, D, scale, scale * LOG2E, first_arg,
+            HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq, ROWS=rows, PREFIX=prefix,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
