@@ -274,29 +274,32 @@ def device_capability(device: torch.device) -> list[int] | None:
 def packaged_choices(device: torch.device) -> dict[str, dict]:
     """The shipped choices for this GPU, keyed as ``pick_config`` keys them.
 
-    A GPU with no file of its own borrows those of a shipped GPU of the same architecture
-    (same compute capability: an H100 uses the H200's, which has the same SMs and shared
-    memory), re-keyed to this device's name. The file's ``_capability`` entry says which.
+    A GPU's own file comes first. A key it lacks (or every key, where it has no file) is
+    borrowed from a shipped GPU of the same architecture (same compute capability: an H100
+    and an H200 have the same SMs, registers and shared memory), re-keyed to this device's
+    name; where several such files hold the key, the first by file name serves. The files'
+    ``_capability`` entries say which they are.
     """
-    own = _read_disk_cache(packaged_tuning_path(device))
-    if own:
-        return {k: v for k, v in own.items() if not k.startswith("_")}
+    own_path = packaged_tuning_path(device)
+    own = {k: v for k, v in _read_disk_cache(own_path).items() if not k.startswith("_")}
     capability = device_capability(device)
     if capability is None:
-        return {}
+        return own
     name = device_name(device)
+    choices: dict[str, dict] = {}
     for path in sorted(TUNED_DIR.glob("*.json")):
+        if path.name == own_path.name:
+            continue
         data = _read_disk_cache(path)
         if data.get("_capability") != capability:
             continue
-        borrowed = {}
         for key, value in data.items():
             if key.startswith("_"):
                 continue
             op, shape, _other = json.loads(key)
-            borrowed[json.dumps([op, shape, name])] = value
-        return borrowed
-    return {}
+            choices.setdefault(json.dumps([op, shape, name]), value)
+    choices.update(own)
+    return choices
 
 
 def autotune_cache_path() -> Path:

@@ -169,6 +169,36 @@ def test_a_gpu_without_its_own_file_borrows_one_of_the_same_architecture(fake_gp
     _common._memory_cache.clear()
 
 
+def test_a_gpu_with_its_own_file_borrows_only_the_keys_it_lacks(fake_gpu, tmp_path, monkeypatch):
+    """Its own choices win; a key missing from its file comes from a same-architecture file."""
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(_common, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(_common, "device_capability", lambda device: [9, 0])
+    other = {
+        "_capability": [9, 0],
+        json.dumps(["op", [5], "Other GPU 141GB"]): {"BLOCK": 64},
+        json.dumps(["op", [6], "Other GPU 141GB"]): {"BLOCK": 64},
+    }
+    older = {"_capability": [8, 0], json.dumps(["op", [7], "Older GPU"]): {"BLOCK": 128}}
+    own = {"_capability": [9, 0], json.dumps(["op", [5], "Fake GPU 80GB"]): {"BLOCK": 16}}
+    (tmp_path / "Other_GPU_141GB.json").write_text(json.dumps(other))
+    (tmp_path / "Older_GPU.json").write_text(json.dumps(older))
+    (tmp_path / "Fake_GPU_80GB.json").write_text(json.dumps(own))
+    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "Fake_GPU_80GB.json")
+
+    def bench(config):
+        raise AssertionError("no tuning when it is off")
+
+    candidates = [{"BLOCK": 16}, {"BLOCK": 32}, {"BLOCK": 64}, {"BLOCK": 128}]
+    _common._memory_cache.clear()
+    try:
+        assert pick_config("op", (5,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 16}
+        assert pick_config("op", (6,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+        assert pick_config("op", (7,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    finally:
+        _common._memory_cache.clear()
+
+
 def test_a_key_with_a_row_bucket_falls_back_to_its_legacy_choice_only_when_tuning_is_off(fake_gpu, monkeypatch):
     """Choices shipped before a key grew its row-count bucket keep serving with tuning off;
     tuning tunes (and stores) the bucketed key instead of reusing the legacy choice."""
