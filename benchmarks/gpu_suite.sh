@@ -39,7 +39,9 @@
 #             triangle_multiply) at NS (default 768): benchmarks/ncu_ops.py's summary of every
 #             launch (duration, registers, occupancy, spills, stall reasons) and the SASS hot
 #             spots of SASS_KERNEL (default _triangle_input_backward_kernel); KERNELS is ncu's
-#             kernel-name regex (default: megafold's kernels), LAUNCHES its launch count
+#             kernel-name regex (default: megafold's kernels), LAUNCHES its launch count;
+#             OPS=evo_attention with NCU_SHAPE (default tri), NCU_VARIANT a module exported by
+#             variant_ab.py, run in place of its op (e.g. the dK/dV of a branch)
 #   cueq-ops  first of two calls for the cuEquivariance rows: cuequivariance-ops-cu13 (45 MB,
 #             carry .whl2) into /tmp/cueq; the next call must find the machine still warm
 #   cueq-peers second call (carry .whl: cuequivariance, -torch, -ops-torch, trifast and
@@ -139,7 +141,8 @@ curve-resume)
 ncu)
     report="$OUT/ncu-${NCU_TAG:-ops}"
     step ncu_profile 400 ncu --kernel-name "regex:${KERNELS:-^_}" --launch-count "${LAUNCHES:-8}" --set full \
-        --import-source no -f -o "$report" $py benchmarks/ncu_ops.py run --ops "${OPS:-triangle_multiply}" --ns "${NS:-768}"
+        --import-source no -f -o "$report" $py benchmarks/ncu_ops.py run --ops "${OPS:-triangle_multiply}" --ns "${NS:-768}" \
+        ${NCU_SHAPE:+--shape "$NCU_SHAPE"} ${NCU_VARIANT:+--variant "$NCU_VARIANT"}
     step ncu_summary 120 $py benchmarks/ncu_ops.py summarise "$report.ncu-rep" \
         --sass "${SASS_KERNEL:-_triangle_input_backward_kernel}" --out "$OUT"
     ;;

@@ -2,6 +2,9 @@
 
     ncu --kernel-name regex:'_triangle|_transition' --set full -o REPORT \\
         python benchmarks/ncu_ops.py run --ops triangle_multiply --ns 768
+    ncu --kernel-name regex:_evo_attention_dkdv --set full -o REPORT \\
+        python benchmarks/ncu_ops.py run --ops evo_attention --shape tri --ns 768 \\
+        [--variant scratch/v/evo_attention@<commit>.py]
     python benchmarks/ncu_ops.py summarise REPORT.ncu-rep [--sass KERNEL] [--out DIR]
 
 ``run`` calls each named case of benchmarks/_pair_ops.py (the shapes kernels.py times; ``--shape``
@@ -44,18 +47,47 @@ LAUNCH_HEADER = re.compile(r"^  (\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Conte
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio")
 
 
-def run(ops: list[str], ns: list[int], shape: str | None) -> None:
+def run(ops: list[str], ns: list[int], shape: str | None, variant: Path | None = None,
+        device: str = "cuda") -> list[str]:
+    """One fwd+bwd of each selected case; ``evo_attention`` among ``ops`` adds EvoAttention's
+    case (``shape``: one of kernels.py's EVO_SHAPES, default ``tri``). ``variant``: a kernel
+    module exported by ``variant_ab.py export`` (``<op>@<commit>.py``), run in place of the
+    package's op, so that ncu profiles the variant's kernels. Returns what was run."""
+    import contextlib
+
     import torch
 
     import _pair_ops
 
-    for case in _pair_ops.cases(False, "cuda", ns):
-        if case.op not in ops or (shape and case.shape != shape):
-            continue
-        out = case.implementations["megafold"](case.make_inputs())
-        out.backward(torch.randn_like(out) * 0.1)
-        torch.cuda.synchronize()
-        print(f"{case.op} {case.shape} N={case.N}: one fwd+bwd", flush=True)
+    cases = [case for case in _pair_ops.cases(False, device, ns)
+             if case.op in ops and (not shape or case.shape == shape)]
+    if "evo_attention" in ops:
+        import kernels
+
+        if (shape or "tri") not in kernels.EVO_SHAPES:
+            raise SystemExit(f"--shape {shape}: not an EvoAttention shape (one of {', '.join(kernels.EVO_SHAPES)})")
+        cases += [_pair_ops.evo_case(n, torch.device(device), shape or "tri") for n in ns]
+    if not cases:
+        raise SystemExit(f"no case of {ops} with shape {shape!r} at N={ns}")
+    swap = contextlib.nullcontext()
+    if variant is not None:
+        import variant_ab
+
+        op = Path(variant).stem.split("@")[0]
+        if op not in ops:
+            raise SystemExit(f"--variant {variant}: a module of {op}, which --ops {','.join(ops)} does not run")
+        module = variant_ab.load_variant("ncu", Path(variant))
+        swap = variant_ab.public_function(op, getattr(module, op))
+    done = []
+    with swap:
+        for case in cases:
+            out = case.implementations["megafold"](case.make_inputs())
+            out.backward(torch.randn_like(out) * 0.1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            done.append(f"{case.op} {case.shape} N={case.N}")
+            print(f"{done[-1]}: one fwd+bwd" + (f" ({variant})" if variant else ""), flush=True)
+    return done
 
 
 def _number(text: str) -> float:
@@ -166,14 +198,16 @@ def main(argv=None) -> None:
     run_p = sub.add_parser("run", help="one fwd+bwd of each op (under ncu)")
     run_p.add_argument("--ops", default="triangle_multiply")
     run_p.add_argument("--ns", default="768")
-    run_p.add_argument("--shape", default=None, help="one of the op's shapes, e.g. 128->128")
+    run_p.add_argument("--shape", default=None, help="one of the op's shapes, e.g. 128->128 or tri")
+    run_p.add_argument("--variant", type=Path, default=None,
+                       help="a module from variant_ab.py export, run in place of its op")
     sum_p = sub.add_parser("summarise", help="stall reasons and SASS hot spots of a report")
     sum_p.add_argument("report", type=Path)
     sum_p.add_argument("--sass", default=None, help="kernel name for the SASS hot spots")
     sum_p.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.ops.split(","), [int(n) for n in args.ns.split(",")], args.shape)
+        run(args.ops.split(","), [int(n) for n in args.ns.split(",")], args.shape, args.variant)
     else:
         summarise(args.report, args.sass, args.out)
 

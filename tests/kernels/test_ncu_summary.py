@@ -5,6 +5,8 @@ Excerpts in the layout of ncu 2025 (the H100 machine's), shortened."""
 from __future__ import annotations
 
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -97,3 +99,25 @@ def test_text_pages_count_launch_headers_only():
 def test_sass_of_several_launches_reads_the_first_table():
     repeated = SASS + SASS  # one table a launch of the kernel (three chunks: three tables)
     assert ncu_ops.parse_sass(repeated) == ncu_ops.parse_sass(SASS)
+
+
+def test_run_profiles_evo_attention_and_a_variant_in_place_of_the_op(tmp_path):
+    # `run --ops evo_attention --variant <op>@<commit>.py`: the case's fwd+bwd goes through the
+    # variant's function (here a wrapper that counts its calls), so ncu sees its kernels.
+    variant = tmp_path / "evo_attention@fake.py"
+    variant.write_text(
+        "from megafold.kernels import evo_attention as _real\n"
+        "CALLS = []\n"
+        "def evo_attention(*args, **kwargs):\n"
+        "    CALLS.append(kwargs.get('backend'))\n"
+        "    return _real(*args, **kwargs)\n"
+    )
+    done = ncu_ops.run(["evo_attention"], [12], "tri", variant, device="cpu")
+    assert done == ["evo_attention tri N=12"]
+    assert sys.modules["megafold.kernels._variant_ncu"].CALLS == ["triton"]
+    with pytest.raises(SystemExit, match="does not run"):
+        ncu_ops.run(["triangle_multiply"], [12], None, variant, device="cpu")
+    with pytest.raises(SystemExit, match="not an EvoAttention shape"):
+        ncu_ops.run(["evo_attention"], [12], "no-such-shape", None, device="cpu")
+    with pytest.raises(SystemExit, match="no case"):
+        ncu_ops.run(["transition"], [12], "no-such-shape", None, device="cpu")
