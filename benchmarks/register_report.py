@@ -246,6 +246,13 @@ def sass_loops(sass: str, top: int = 12) -> list[dict]:
     return loops
 
 
+def wgmma_serialized(ptxas_report: str) -> str | None:
+    """Why ptxas serialized the kernel's wgmma instructions (its C7515 note), else None."""
+    match = re.search(r"\(C7515\) Potential Performance Loss: wgmma\.mma_async instructions are serialized "
+                      r"due to (.*?) in the function", ptxas_report)
+    return match.group(1) if match else None
+
+
 def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int | str,
                    types: dict | None = None, values: dict | None = None, loops: bool = False) -> dict:
     """Compile ``fn`` (a @triton.jit kernel) for sm_<arch> (an int) or an AMD GPU (a "gfx..."
@@ -286,6 +293,10 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int | None,
         "shared_kib": round(kernel.metadata.shared / 1024, 1),
         "fits_shared": kernel.metadata.shared <= NVIDIA_SHARED_KIB.get(arch, 99) * 1024,
         "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
+        # ptxas C7515: it made every wgmma wait for the one before (no overlap of the tensor
+        # cores with the other instructions). Session 22 found it behind a dK/dV variant that
+        # had fewer instructions and ran 12% slower (benchmarks/NOTES.md).
+        "wgmma_serialized": wgmma_serialized(report),
         **({"loops": sass_loops(sass)} if loops else {}),
     }
 
@@ -482,7 +493,7 @@ def main(argv=None) -> None:
     print()
     spill_columns = ["vgpr_spills", "sgpr_spills", "scratch_b"] if args.hip else ["spill_stores", "spill_loads"]
     columns = ["kernel", "num_warps", "num_stages", "registers", *spill_columns, "shared_kib", "specialized"]
-    print_table(rows, columns + (["fits_lds"] if args.hip else ["fits_shared"]) + ["error"])
+    print_table(rows, columns + (["fits_lds"] if args.hip else ["fits_shared", "wgmma_serialized"]) + ["error"])
     print(f"\nwrote {path}")
 
 
