@@ -90,7 +90,10 @@ def _run_all_cells(page) -> list[str]:
                 accept.first.click()
             else:
                 page.keyboard.press("Escape")
-            page.wait_for_selector(".jp-Dialog", state="detached", timeout=10_000)
+            try:
+                page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
+            except Exception:  # still open on a loaded machine: the next round accepts or closes it again
+                continue
         page.click(".jp-Notebook")
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
