@@ -828,7 +828,7 @@ def _forward(inp: _Inputs, scale: float):
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide,
-            PREFIX=inp.prefix,
+            PREFIX=first is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
