@@ -504,15 +504,17 @@ NARROW_DEFAULT = {"NARROW": True, "BLOCK_M": 32, "num_warps": 8, "PROGRAMS_PER_S
 WEIGHT_GRAD_CHUNK_BYTES = 256 << 20
 
 
-def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: float = 1) -> list[tuple[int, int]]:
+def row_chunks(total: int, bytes_per_row: int, multiple: int, budget_scale: float = 1,
+               min_count: int = 1) -> list[tuple[int, int]]:
     """``[start, end)`` row ranges whose temporaries of ``bytes_per_row`` stay within
-    ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``: as few chunks as that allows, of equal size
+    ``budget_scale * WEIGHT_GRAD_CHUNK_BYTES``: as few chunks as that allows, and at least
+    ``min_count`` where ``total`` has that many multiples of ``multiple``, of equal size
     (a short last chunk would set no lower peak and still cost a launch). Every start is a
     multiple of ``multiple``: a row block, or a wave of them (``wave_rows``), so that every
     chunk but the last fills its kernel's last wave. That may take the chunk up to one wave of
     rows past the budget."""
     budget = max(1, int(budget_scale * WEIGHT_GRAD_CHUNK_BYTES))
-    count = max(1, math.ceil(total * bytes_per_row / budget))
+    count = max(1, min_count, math.ceil(total * bytes_per_row / budget))
     step = max(multiple, math.ceil(math.ceil(total / count) / multiple) * multiple)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 

@@ -34,9 +34,15 @@ from megafold.kernels.layernorm_linear import (
 
 
 # The weight gradients' operands are 13 times as wide as a row of x ([rows, c + 3h]): twice
-# the common chunk budget halves the launches (each ends in a partly filled last wave) while
-# the peak stays well under half of eager's (which stores the whole hidden).
+# the common chunk budget halves the launches at N = 768 (each ends in a partly filled last
+# wave). Below ~N = 400 that budget held every row in one chunk: the backward then held the
+# whole hidden and its gradient, and the op's peak was 0.54x eager's at N = 384 (546 against
+# 1010 MiB, benchmarks/NOTES.md, session 22). At least MIN_CHUNKS chunks keep each of them
+# to about half the rows (expected ~346 MiB, 0.34x eager's peak at 384: 268 MiB of chunk
+# temporaries at 128-row blocks on 132 SMs instead of 468), for one more launch and three more
+# cuBLAS products.
 CHUNK_BUDGET_SCALE = 2
+MIN_CHUNKS = 2
 
 
 @triton.jit
@@ -240,7 +246,8 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         ln_parts = torch.empty(2, num_blocks, C, device=x.device, dtype=torch.float32)  # one reduction
         ln_w_part, ln_b_part = ln_parts
         dw_in = dw_out = None
-        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE)
+        chunks = row_chunks(M, (C + 3 * H) * dtype.itemsize, wave_rows(block_m, x.device), CHUNK_BUDGET_SCALE,
+                            MIN_CHUNKS)
         chunk = chunks[0][1]
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)

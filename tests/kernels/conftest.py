@@ -30,5 +30,5 @@ def one_block_chunks(request, monkeypatch):
     op_module = request.module.module
     monkeypatch.setattr(importlib.import_module("megafold.kernels.layernorm_linear"), "WEIGHT_GRAD_CHUNK_BYTES", 1)
     used, real = [], op_module.row_chunks
-    monkeypatch.setattr(op_module, "row_chunks", lambda *args: used.append(real(*args)) or used[-1])
+    monkeypatch.setattr(op_module, "row_chunks", lambda *args, **kw: used.append(real(*args, **kw)) or used[-1])
     yield used

@@ -116,3 +116,27 @@ def test_bad_shapes_are_named():
     inputs = make_inputs((4, 16), 4, torch.float32)
     with pytest.raises(ValueError, match="w_in"):
         transition(**(inputs | {"w_in": torch.randn(64, 16)}))
+
+
+def test_the_backward_never_holds_the_whole_hidden(monkeypatch):
+    # With the default chunk budget (which all 242 rows fit), the backward still splits the
+    # rows: the hidden and its gradient never exist for every row at once.
+    module = importlib.import_module("megafold.kernels.transition")
+
+    used, real = [], module.row_chunks
+    monkeypatch.setattr(module, "row_chunks", lambda *args, **kw: used.append(real(*args, **kw)) or used[-1])
+    inputs = make_inputs((2, 11, 11, 16), 4, torch.float32)
+    check(inputs, torch.float32)
+    rows = 2 * 11 * 11
+    assert used and all(len(chunks) >= module.MIN_CHUNKS for chunks in used)
+    assert all(max(end - start for start, end in chunks) < rows for chunks in used)
+    assert all(chunks[0][0] == 0 and chunks[-1][1] == rows for chunks in used)
+
+
+def test_row_chunks_keep_a_minimum_count_where_the_rows_allow():
+    from megafold.kernels.layernorm_linear import row_chunks
+
+    assert row_chunks(1000, 1, 16) == [(0, 1000)]
+    assert row_chunks(1000, 1, 16, min_count=2) == [(0, 512), (512, 1000)]
+    assert row_chunks(1000, 1, 16, min_count=3) == [(0, 336), (336, 672), (672, 1000)]
+    assert row_chunks(10, 1, 16, min_count=2) == [(0, 10)]  # fewer rows than one block
