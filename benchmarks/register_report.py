@@ -400,7 +400,6 @@ def cases(defaults: bool = False) -> list[tuple]:
     out.append(("evo_attention prep (triangle, N=768)", evo._evo_attention_backward_prep_kernel,
                 dict(H=4, D=32, HAS_GATE=True, BLOCK_N=32, BLOCK_H=4, BLOCK_D=32, WIDE=False),
                 {"num_warps": 4, "num_stages": 3}, {"delta_ptr": "*fp32"}))
-    opm_types = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "inv_norm_ptr": "*fp32"}
     for S in (128, 64):
         defaults = opm.default_configs(32, 128, S)
         for name, kernel in (("forward", opm._outer_product_mean_forward_kernel),
@@ -411,15 +410,7 @@ def cases(defaults: bool = False) -> list[tuple]:
             constexprs |= dict(DOT_PRECISION=None, BLOCK_D=32, BLOCK_CZ=128)
             if name != "left_grad":
                 constexprs["ONE_S_BLOCK"] = S <= cfg["BLOCK_S"]
-            else:
-                constexprs["WEIGHT_GRAD"] = bool(cfg.get("WEIGHT_GRAD")) and S <= cfg["BLOCK_S"]
-            out.append((f"outer_product_mean {name} S={S}", kernel, constexprs, cfg, opm_types))
-        # The left-gradient choices that also make dW (the tuner's WEIGHT_GRAD candidates).
-        for number, cfg in enumerate(opm._fused_candidates(32, 128, S)):
-            constexprs = {k: cfg[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_C", "BLOCK_S")}
-            constexprs |= dict(DOT_PRECISION=None, BLOCK_D=32, BLOCK_CZ=128, WEIGHT_GRAD=True)
-            out.append((f"outer_product_mean left_grad+dW S={S} #{number}", opm._outer_product_mean_left_grad_kernel,
-                        constexprs, cfg, opm_types))
+            out.append((f"outer_product_mean {name} S={S}", kernel, constexprs, cfg))
     return out
 
 

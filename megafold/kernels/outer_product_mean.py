@@ -36,15 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import (
-    bench_ms,
-    cdiv,
-    launch_kernel,
-    next_power_of_2,
-    pick_config,
-    resolve_backend,
-    run_tuned,
-)
+from megafold.kernels._common import cdiv, launch_kernel, next_power_of_2, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     autocast_dtype,
     block_size,
@@ -118,6 +110,15 @@ def _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_
 
 
 @triton.jit
+def _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CZ: tl.constexpr):
+    """``g = dz_ij / norm_ij`` as ``[BLOCK_I * BLOCK_J, BLOCK_CZ]`` (fp32), rows as in _pair_rows."""
+    dz, inv_norm = _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_i, sn_j, sz_b, sz_i, sz_j, sz_e,
+                              BLOCK_I, BLOCK_J, BLOCK_CZ)
+    return dz * inv_norm[:, None]
+
+
+@triton.jit
 def _outer_tile(a_ptr, b_ptr, right, batch, i0, j0, c0, N, S, CH, st_b, st_n, st_c, st_s,
                 ONE_S_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -182,45 +183,12 @@ def _outer_product_mean_forward_kernel(
 
 
 @triton.jit
-def _left_grad_loop(ab_ptr, right_ptr, inv_norm_ptr, w_ptr, dz_ptr, w, batch, i0, c0, ss, s_ok, N, CH, CZ,
-                    st_b, st_n, st_c, st_s, sn_b, sn_row, sn_col, sz_b, sz_row, sz_col, sz_e,
-                    WITH_WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr):
-    """The left gradient's loop over j blocks: ``acc[(i, c), s] += dP[(i, c), (j, d)] r[(j, d), s]``.
-    WITH_WEIGHT_GRAD (side 0, every s in one block): the same iterations also make
-    ``P[(i, j), (c, d)] = sum_s a[s, i, c] b[s, j, d]`` from the a tile of this program's own
-    rows and the b tile already loaded for the product above, and add ``g^T P`` to this
-    program's share of dW and ``sum_(i, j) dz`` to the bias gradient's."""
-    dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_I * BLOCK_C, BLOCK_S], tl.float32)
-    w_acc = tl.zeros([BLOCK_CZ, BLOCK_C * BLOCK_D], tl.float32)
-    bias_acc = tl.zeros([BLOCK_CZ], tl.float32)
-    if WITH_WEIGHT_GRAD:
-        left = _channel_rows(ab_ptr, batch, i0, c0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_I, BLOCK_C)
-    for j0 in range(0, N, BLOCK_J):
-        dz, inv_norm = _grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_row, sn_col,
-                                  sz_b, sz_row, sz_col, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
-        g = (dz * inv_norm[:, None]).to(dtype)
-        d_outer = tl.dot(g, w, input_precision=DOT_PRECISION).to(dtype)
-        d_outer = _swap_middle_axes(d_outer, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_D)
-        right = _channel_rows(right_ptr, batch, j0, 0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
-        acc = tl.dot(d_outer, right, acc, input_precision=DOT_PRECISION)
-        if WITH_WEIGHT_GRAD:
-            outer = tl.dot(left, tl.trans(right), input_precision=DOT_PRECISION).to(dtype)
-            outer = _swap_middle_axes(outer, BLOCK_I, BLOCK_C, BLOCK_J, BLOCK_D)
-            w_acc = tl.dot(tl.trans(g), outer, w_acc, input_precision=DOT_PRECISION)
-            bias_acc += tl.sum(dz, axis=0)
-    return acc, w_acc, bias_acc
-
-
-@triton.jit
 def _outer_product_mean_left_grad_kernel(
-    ab_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_ab_ptr, dw_part_ptr, db_part_ptr,
+    ab_ptr, inv_norm_ptr, w_ptr, dz_ptr, d_ab_ptr,
     N, S, CH, CZ,
     st_b, st_n, st_c, st_s, sn_b, sn_i, sn_j, sw_e, sw_c, sw_d, sz_b, sz_i, sz_j, sz_e,
     sd_b, sd_n, sd_c, sd_s,
-    WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
@@ -231,12 +199,6 @@ def _outer_product_mean_left_grad_kernel(
     and the norm, a as the other operand, W's channel axes swapped). Both sides share one
     launch, so together they fill the GPU (one side alone leaves a partial last wave at
     N = 384). Each dP element is made once per s block and side.
-
-    WEIGHT_GRAD (one s block only): side 0's programs also make dW and the bias gradient
-    (``_left_grad_loop``), one fp32 partial per (batch, i block) summed on the host in a fixed
-    order, so the weight-gradient kernel, which would load dz, a and b once more and make
-    the outer products again, is not launched. Side 0 is launched first (program_id(2)
-    even), so its longer programs start before side 1's.
     """
     side = tl.program_id(2) % 2
     num_s = tl.cdiv(S, BLOCK_S)
@@ -245,6 +207,7 @@ def _outer_product_mean_left_grad_kernel(
     i0 = tl.program_id(0) * BLOCK_I
     c0 = tl.program_id(1) * BLOCK_C
     s_ok = ss < S
+    dtype = w_ptr.dtype.element_ty
     right_ptr = ab_ptr + (1 - side) * CH * st_c
     d_left_ptr = d_ab_ptr + side * CH * sd_c
     sn_row, sn_col = sn_i + side * (sn_j - sn_i), sn_j + side * (sn_i - sn_j)
@@ -252,31 +215,14 @@ def _outer_product_mean_left_grad_kernel(
     sw_left, sw_right = sw_c + side * (sw_d - sw_c), sw_d + side * (sw_c - sw_d)
 
     w = _weight_tile(w_ptr, c0, CH, CZ, sw_e, sw_left, sw_right, BLOCK_C, BLOCK_D, BLOCK_CZ)
-    if WEIGHT_GRAD:
-        if side == 0:
-            acc, w_acc, bias_acc = _left_grad_loop(
-                ab_ptr, right_ptr, inv_norm_ptr, w_ptr, dz_ptr, w, batch, i0, c0, ss, s_ok, N, CH, CZ,
-                st_b, st_n, st_c, st_s, sn_b, sn_row, sn_col, sz_b, sz_row, sz_col, sz_e,
-                True, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D, BLOCK_CZ)
-            es = tl.arange(0, BLOCK_CZ)
-            cols = tl.arange(0, BLOCK_C * BLOCK_D)
-            cs_w = c0 + cols // BLOCK_D
-            ds = cols % BLOCK_D
-            part = (batch * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
-            tl.store(dw_part_ptr + part * CZ * CH * CH + es[:, None] * CH * CH + (cs_w * CH + ds)[None, :], w_acc,
-                     mask=(es < CZ)[:, None] & ((cs_w < CH) & (ds < CH))[None, :])
-            if c0 == 0:
-                tl.store(db_part_ptr + part * CZ + es, bias_acc, mask=es < CZ)
-        else:
-            acc, w_acc, bias_acc = _left_grad_loop(
-                ab_ptr, right_ptr, inv_norm_ptr, w_ptr, dz_ptr, w, batch, i0, c0, ss, s_ok, N, CH, CZ,
-                st_b, st_n, st_c, st_s, sn_b, sn_row, sn_col, sz_b, sz_row, sz_col, sz_e,
-                False, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D, BLOCK_CZ)
-    else:
-        acc, w_acc, bias_acc = _left_grad_loop(
-            ab_ptr, right_ptr, inv_norm_ptr, w_ptr, dz_ptr, w, batch, i0, c0, ss, s_ok, N, CH, CZ,
-            st_b, st_n, st_c, st_s, sn_b, sn_row, sn_col, sz_b, sz_row, sz_col, sz_e,
-            False, DOT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_S, BLOCK_D, BLOCK_CZ)
+    acc = tl.zeros([BLOCK_I * BLOCK_C, BLOCK_S], tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        g = _scaled_grad_tile(dz_ptr, inv_norm_ptr, batch, i0, j0, N, CZ, sn_b, sn_row, sn_col,
+                              sz_b, sz_row, sz_col, sz_e, BLOCK_I, BLOCK_J, BLOCK_CZ)
+        d_outer = tl.dot(g.to(dtype), w, input_precision=DOT_PRECISION).to(dtype)
+        d_outer = _swap_middle_axes(d_outer, BLOCK_I, BLOCK_J, BLOCK_C, BLOCK_D)
+        right = _channel_rows(right_ptr, batch, j0, 0, ss, s_ok, N, CH, st_b, st_n, st_c, st_s, BLOCK_J, BLOCK_D)
+        acc = tl.dot(d_outer, right, acc, input_precision=DOT_PRECISION)
 
     rows = tl.arange(0, BLOCK_I * BLOCK_C)
     is_ = i0 + rows // BLOCK_C
@@ -467,10 +413,6 @@ def _opm_forward(ab_t, inv_norm, weight, bias):
 
 
 def _opm_backward(dz, ab_t, inv_norm, weight):
-    """da, db, dW and the bias gradient. The left-gradient launch is the tuned unit: a choice
-    with ``WEIGHT_GRAD`` (one s block) makes dW and the bias gradient in the same launch; any
-    other is followed by the weight-gradient kernel at its own tuned choice, and is timed
-    together with it, so the tuner compares whole backwards."""
     B, N, two_ch, S = ab_t.shape
     CH = two_ch // 2
     CZ = weight.shape[0]
@@ -481,77 +423,38 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
     key = _tuning_key(CH, CZ, S, weight.dtype)
     fit_key = (CH, CZ, S, str(weight.dtype), str(ab_t.device))
     d_ab_t = torch.empty_like(ab_t)
-    parts = {}  # dW and bias partials of the last launch, and whether the left kernel made them
 
     def left_grads(cfg):
-        fused = bool(cfg.get("WEIGHT_GRAD")) and S <= cfg["BLOCK_S"]
-        if fused:
-            count = B * cdiv(N, cfg["BLOCK_I"])
-            parts.update(dw=torch.empty(count, CZ, CH * CH, device=ab_t.device, dtype=torch.float32),
-                         db=torch.empty(count, CZ, device=ab_t.device, dtype=torch.float32))
         # Axis 2: (batch, s block) x side; side 0 makes da, side 1 db (the transposed problem).
         grid = (cdiv(N, cfg["BLOCK_I"]), cdiv(CH, cfg["BLOCK_C"]), B * cdiv(S, cfg["BLOCK_S"]) * 2)
         launch_kernel(_outer_product_mean_left_grad_kernel, grid,
-            ab_t, inv_norm, weight, dz, d_ab_t, parts["dw"] if fused else d_ab_t, parts["db"] if fused else d_ab_t,
-            N, S, CH, CZ,
+            ab_t, inv_norm, weight, dz, d_ab_t, N, S, CH, CZ,
             *ab_t.stride(), *inv_norm.stride(), *_w_strides(weight, CH), *dz.stride(), *d_ab_t.stride(),
-            WEIGHT_GRAD=fused, DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz,
-            **_launch_settings(cfg),
+            DOT_PRECISION=precision, BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
         )
-        parts["fused"] = fused
+
+    run_tuned("outer_product_mean_left_grad", key, ab_t.device, _candidates(configs["left_grad"], CH, CZ, S),
+              configs["left_grad"], _fitting(("left_grad", *fit_key), left_grads))
+
+    dw_parts = db_parts = None
 
     def weight_grad(cfg):
+        nonlocal dw_parts, db_parts
         num_j = cdiv(N, cfg["BLOCK_J"])
         groups = cdiv(num_j, cdiv(num_j, MAX_WEIGHT_GRAD_PARTIALS))  # equal j blocks per program
-        parts.update(dw=torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32),
-                     db=torch.empty(B * groups, CZ, device=ab_t.device, dtype=torch.float32))
+        dw_parts = torch.empty(B * groups, CZ, CH * CH, device=ab_t.device, dtype=torch.float32)
+        db_parts = torch.empty(B * groups, CZ, device=ab_t.device, dtype=torch.float32)
         grid = (groups, cdiv(CH, cfg["BLOCK_C"]), B)
         launch_kernel(_outer_product_mean_weight_grad_kernel, grid,
-            a_t, b_t, inv_norm, dz, parts["dw"], parts["db"], N, S, CH, CZ,
+            a_t, b_t, inv_norm, dz, dw_parts, db_parts, N, S, CH, CZ,
             *a_t.stride(), *inv_norm.stride(), *dz.stride(),
             ONE_S_BLOCK=S <= cfg["BLOCK_S"], DOT_PRECISION=precision,
             BLOCK_D=block_d, BLOCK_CZ=block_cz, **_launch_settings(cfg),
         )
 
-    fitted_left = _fitting(("left_grad", *fit_key), left_grads)
-    fitted_weight = _fitting(("weight_grad", *fit_key), weight_grad)
-    weight_cfg = pick_config("outer_product_mean_weight_grad", key, ab_t.device,
-                             _candidates(configs["weight_grad"], CH, CZ), configs["weight_grad"],
-                             lambda cfg: bench_ms(lambda: fitted_weight(cfg)))
-
-    def backward(cfg):
-        fitted_left(cfg)  # what fit may be a config without WEIGHT_GRAD: parts["fused"] says
-        if not parts["fused"]:
-            fitted_weight(weight_cfg)
-
-    run_tuned("outer_product_mean_left_grad", key, ab_t.device,
-              _candidates(configs["left_grad"], CH, CZ, S) + _fused_candidates(CH, CZ, S),
-              configs["left_grad"], backward)
-    return d_ab_t.permute(0, 3, 1, 2), parts["dw"].sum(0), parts["db"].sum(0)
-
-
-def _fused_candidates(CH: int, CZ: int, S: int) -> list[dict]:
-    """Left-gradient choices that also make dW (``WEIGHT_GRAD``): every s in one block
-    (S <= 128), a dW share of ``c_z x BLOCK_C c_h`` fp32 per program (at most 128 columns),
-    ``BLOCK_I * BLOCK_C = 64`` rows of da; c_h <= 32 and c_z <= 128 only, as for the others."""
-    block_d = block_size(CH, 1 << 30)
-    if block_d > 32 or block_size(CZ, 1 << 30) > 128 or S > 128:
-        return []
-    block_c = min(next_power_of_2(CH), max(1, 128 // block_d))
-    base = {"BLOCK_I": max(1, 64 // block_c), "BLOCK_J": max(1, 128 // block_d), "BLOCK_C": block_c,
-            "BLOCK_S": block_size(S, 128), "WEIGHT_GRAD": True, "num_warps": 8, "num_stages": 1}
-    half_c = {"BLOCK_C": block_c // 2, "BLOCK_I": 2 * base["BLOCK_I"]} if block_c > 1 else {}
-    # Narrower j blocks keep the dP and P tiles small: at c_h = 32, S = 128 the base choice
-    # spills 656 B a thread with Triton 3.6 (sm_90), with half its j block none.
-    changes = [{}, {"num_stages": 2}, half_c]
-    if base["BLOCK_J"] > 1:
-        narrow = {"BLOCK_J": base["BLOCK_J"] // 2}
-        changes += [narrow, narrow | {"num_stages": 2}, half_c | narrow, half_c | narrow | {"num_stages": 2}]
-    variants = []
-    for change in changes:
-        if base | change not in variants and (base | change)["BLOCK_I"] * (base | change)["BLOCK_J"] >= 16:
-            variants.append(base | change)
-    return variants
+    run_tuned("outer_product_mean_weight_grad", key, ab_t.device, _candidates(configs["weight_grad"], CH, CZ),
+              configs["weight_grad"], _fitting(("weight_grad", *fit_key), weight_grad))
+    return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0), db_parts.sum(0)
 
 
 # --------------------------------------------------------------------------- autograd

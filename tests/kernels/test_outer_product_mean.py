@@ -165,100 +165,11 @@ def test_every_gradient_is_deterministic():
     assert_deterministic(m, mask, make_params(16, 8, 24, torch.float32))
 
 
-def _name(kernel) -> str:
-    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
-
-
-def _use_fused_left_grad(monkeypatch, which=0):
-    """The left-gradient default replaced by one of its dW-making (WEIGHT_GRAD) candidates,
-    and a count of the weight-gradient kernel's launches."""
-    real = opm_module.default_configs
-
-    def fused(CH, CZ, S):
-        configs = real(CH, CZ, S)
-        configs["left_grad"] = opm_module._fused_candidates(CH, CZ, min(S, 128))[which]  # S > 128: a choice stored at 128
-        return configs
-
-    launches = []
-    real_launch = opm_module.launch_kernel
-
-    def counting(kernel, *args, **kwargs):
-        launches.append(kernel)
-        return real_launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(opm_module, "default_configs", fused)
-    monkeypatch.setattr(opm_module, "launch_kernel", counting)
-    return launches
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("which", [0, 2, 3])  # the base choice; half the channels, twice the rows; half the j block
-def test_left_gradient_that_makes_the_weight_gradient(monkeypatch, dtype, which):
-    # B = 2 (partials per batch element), N = 13 over 8-row i blocks (two, the last one part
-    # padding), c_h = 12 padded to 16 and cut into channel chunks, a masked row and residue.
-    launches = _use_fused_left_grad(monkeypatch, which)
-    assert opm_module._fused_candidates(12, 24, 9)[which]["WEIGHT_GRAD"]
-    m, mask = make_msa(2, 9, 13, 16, dtype)
-    mask[0, :, 4] = False
-    mask[1, 3, :] = False
-    check(m, mask, make_params(16, 12, 24, dtype), dtype)
-    names = [_name(kernel) for kernel in launches]
-    assert not any("weight_grad" in name for name in names), names
-
-
-def test_fused_left_gradient_is_deterministic(monkeypatch):
-    _use_fused_left_grad(monkeypatch)
-    m, mask = make_msa(1, 11, 12, 16, torch.float32)
-    assert_deterministic(m, mask, make_params(16, 8, 24, torch.float32))
-
-
-def test_fused_choice_over_several_s_blocks_runs_the_weight_gradient(monkeypatch):
-    # A stored WEIGHT_GRAD choice met by a deeper MSA (S = 133 > its 128-row s block, same
-    # tuning key): the left kernel walks the s blocks without dW, the dW kernel runs after.
-    launches = _use_fused_left_grad(monkeypatch)
-    m, mask = make_msa(1, 133, 6, 8, torch.float32)
-    check(m, mask, make_params(8, 8, 16, torch.float32), torch.float32)
-    assert any("weight_grad" in _name(kernel) for kernel in launches)
-
-
-def test_fused_choice_that_does_not_fit_falls_back_to_both_kernels(monkeypatch):
-    # Out of shared memory at the fused choice and at one stage: the smallest tiles (no
-    # WEIGHT_GRAD) run, and so must the dW kernel.
-    launches = _use_fused_left_grad(monkeypatch)
-    real_launch = opm_module.launch_kernel
-
-    def no_room_for_fused(kernel, grid, *args, **kwargs):
-        if kwargs.get("WEIGHT_GRAD"):
-            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
-        return real_launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(opm_module, "launch_kernel", no_room_for_fused)
-    m, mask = make_msa(1, 7, 9, 16, torch.float32)
-    check(m, mask, make_params(16, 8, 16, torch.float32), torch.float32)
-    assert any("weight_grad" in _name(kernel) for kernel in launches)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("N, S", [(256, 128), (384, 128), (320, 200)])  # S = 200: s blocks in every kernel
 def test_bf16_real_size_on_gpu(N, S):
     m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
     check(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"), torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("which", [0, 3])
-@pytest.mark.parametrize("N, S", [(384, 128), (200, 64)])
-def test_bf16_fused_left_gradient_on_gpu(monkeypatch, which, N, S):
-    # The dW-making left gradient at real sizes, whatever this GPU's stored choices are: every
-    # op of the test launches its default, and the left gradient's default is a fused choice.
-    _use_fused_left_grad(monkeypatch, which)
-    monkeypatch.setattr(opm_module, "run_tuned",
-                        lambda op, key, device, candidates, default, launch, rows=None: launch(default))
-    m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
-    mask[:, :, 5] = False
-    check(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"), torch.bfloat16)
-    m, mask = make_msa(1, S, N, 64, torch.bfloat16, device="cuda")
-    assert_deterministic(m, mask, make_params(64, 32, 128, torch.bfloat16, device="cuda"))
 
 
 @pytest.mark.gpu
