@@ -348,6 +348,12 @@ def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[d
     # stall on global loads (long scoreboard ~2.8 cycles an instruction) at 10-12% occupancy.
     changes += [{"num_warps": 4, "num_stages": ns} for ns in (2, 3)]
     changes += [half_c | {"num_warps": 4, "num_stages": ns} for ns in (1, 2, 3)]
+    # ... and narrower channel chunks at 4 warps (the weight gradient's accumulator is
+    # c_z x BLOCK_C c_h: half the chunk was its best choice on the H200).
+    changes += [half_c | {"num_warps": 4, "BLOCK_J": bj} for bj in (2 * default["BLOCK_J"], default["BLOCK_J"] // 2)
+                if bj >= 1 and bj * half_c["BLOCK_I"] >= 16]
+    if default["BLOCK_C"] >= 4:
+        changes.append({"BLOCK_C": default["BLOCK_C"] // 4, "BLOCK_I": 4 * default["BLOCK_I"], "num_warps": 4})
     if S is not None and block_size(S, 128) > default["BLOCK_S"]:
         whole = {"BLOCK_S": block_size(S, 128)}
         changes += [whole | {"num_stages": ns} for ns in (1, 2)]

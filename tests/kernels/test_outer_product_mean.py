@@ -95,6 +95,21 @@ def test_left_gradient_with_one_s_block(monkeypatch):
     check(m, mask, make_params(16, 12, 24, torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize("number", range(-5, 0))
+def test_narrow_channel_chunk_candidates(monkeypatch, number):
+    # The tuner's 4-warp candidates with half or a quarter of the channel chunk (and wider or
+    # narrower j blocks), as the weight-gradient kernel's default, at AF3's c_h = 32.
+    real = opm_module.default_configs
+    candidate = opm_module._candidates(real(32, 24, 6)["weight_grad"], 32, 24)[number]
+
+    def with_candidate(CH, CZ, S):
+        return real(CH, CZ, S) | {"weight_grad": candidate}
+
+    monkeypatch.setattr(opm_module, "default_configs", with_candidate)
+    m, mask = make_msa(1, 6, 11, 16, torch.float32)
+    check(m, mask, make_params(16, 32, 24, torch.float32), torch.float32)
+
+
 def test_fully_masked_residue_and_sequence():
     # Residue 3 has no valid row (count 0: the output is the bias, gradients finite); row 2 is empty.
     m, mask = make_msa(1, 6, 9, 16, torch.float32)
