@@ -362,6 +362,10 @@ def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[d
         changes += [whole | half_c | {"num_warps": 4, "num_stages": ns} for ns in (1, 2)]
         changes += [whole | half_c | {"BLOCK_J": default["BLOCK_J"] // 2, "num_stages": ns} for ns in (1, 2)
                     if default["BLOCK_J"] // 2 * half_c["BLOCK_I"] >= 16]
+        # The same half-height dP tiles at 4 warps: the left gradient is latency-bound at one
+        # 8-warp program an SM (Nsight Compute, N=384, session 23).
+        changes += [whole | half_c | {"BLOCK_J": default["BLOCK_J"] // 2, "num_warps": 4, "num_stages": ns}
+                    for ns in (1, 2) if default["BLOCK_J"] // 2 * half_c["BLOCK_I"] >= 16]
     for change in changes:
         if default | change not in variants:
             variants.append(default | change)
