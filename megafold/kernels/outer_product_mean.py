@@ -342,10 +342,10 @@ def _candidates(default: dict, CH: int, CZ: int, S: int | None = None) -> list[d
         for block_j in (2 * default["BLOCK_J"], default["BLOCK_J"] // 2):
             if block_j >= 1 and block_j * (base or default)["BLOCK_I"] >= 16:
                 changes.append(base | {"BLOCK_J": block_j})
-    # Four warps with two or three stages: the changes above move one setting at a time from an
-    # 8-warp default, and the 4-warp choices (the H100's for the forward and the weight
-    # gradient) ran unpipelined. Nsight Compute at N=384 (session 23): both backward kernels
-    # stall on global loads (long scoreboard ~2.8 cycles an instruction) at 10-12% occupancy.
+    # Four warps with more stages: the changes above move one setting at a time from an 8-warp
+    # default, so 4 warps were only ever timed at the default's stages. Nsight Compute at
+    # N=384 (session 23): both backward kernels stall on global loads (long scoreboard ~2.8
+    # cycles an instruction) at 10-12% occupancy.
     changes += [{"num_warps": 4, "num_stages": ns} for ns in (2, 3)]
     changes += [half_c | {"num_warps": 4, "num_stages": ns} for ns in (1, 2, 3)]
     # ... and narrower channel chunks at 4 warps (the weight gradient's accumulator is

@@ -38,9 +38,8 @@ from megafold.kernels.layernorm_linear import (
 # wave). Below ~N = 400 that budget held every row in one chunk: the backward then held the
 # whole hidden and its gradient, and the op's peak was 0.54x eager's at N = 384 (546 against
 # 1010 MiB, benchmarks/NOTES.md, session 22). At least MIN_CHUNKS chunks keep each of them
-# to about half the rows (expected ~346 MiB, 0.34x eager's peak at 384: 268 MiB of chunk
-# temporaries at 128-row blocks on 132 SMs instead of 468), for one more launch and three more
-# cuBLAS products.
+# to about half the rows: 347 MiB, 0.34x eager's peak at 384 on the H200 (session 23), for one
+# more launch and three more cuBLAS products (+3% time at 384).
 CHUNK_BUDGET_SCALE = 2
 MIN_CHUNKS = 2
 

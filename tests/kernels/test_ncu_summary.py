@@ -5,9 +5,9 @@ Excerpts in the layout of ncu 2025 (the H100 machine's), shortened."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
