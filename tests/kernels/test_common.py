@@ -92,6 +92,31 @@ def test_tuning_ranks_the_fastest_few_by_their_median_time(fake_gpu, tmp_path):
     assert tuning_records(tmp_path)[0]["chosen"] == {"BLOCK": 8}
 
 
+def test_graph_timing_is_opt_in_and_falls_back_to_plain_calls(monkeypatch):
+    graphed, plain = [], []
+    monkeypatch.setattr(_common, "bench_graph_ms", lambda fn: graphed.append(fn) or 0.5)
+    monkeypatch.setattr(_common, "bench_ms", lambda fn: plain.append(fn) or 2.0)
+    launch = lambda cfg: None  # noqa: E731
+    monkeypatch.delenv("MEGAFOLD_TUNE_GRAPHS", raising=False)
+    assert _common._bench_launch(launch, {}) == 2.0 and not graphed  # off by default
+    monkeypatch.setenv("MEGAFOLD_TUNE_GRAPHS", "1")
+    assert _common._bench_launch(launch, {}) == 0.5 and len(plain) == 1
+
+    def uncapturable(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_common, "bench_graph_ms", uncapturable)
+    assert _common._bench_launch(launch, {}) == 2.0 and len(plain) == 2  # plain calls instead
+
+    def too_big(fn):
+        raise RuntimeError("out of resource: shared memory, Required: 262144")
+
+    monkeypatch.setattr(_common, "bench_graph_ms", too_big)
+    with pytest.raises(RuntimeError, match="out of resource"):  # not a candidate: no plain try
+        _common._bench_launch(launch, {})
+    assert len(plain) == 2
+
+
 def test_tuning_off_uses_a_stored_choice_or_the_default(fake_gpu, tmp_path, monkeypatch):
     monkeypatch.setattr(_common, "autotune_enabled", lambda: False)
 
@@ -424,3 +449,24 @@ def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monk
     other_scale = run(inputs, scale=0.3)
     monkeypatch.setattr(_common, "_fast", [None])  # Triton's path only
     assert same(run(inputs, scale=0.3), other_scale) and not same(other_scale, reference)
+
+
+@pytest.mark.gpu
+def test_graph_timing_of_a_real_op_and_of_one_that_syncs():
+    """On the GPU: a LayerNorm+Linear forward + backward times from a graph (a positive time
+    below its plain calls' at this small size, where the host's launches dominate); a function
+    with a host sync inside cannot be captured and raises."""
+    from megafold.kernels import layernorm_linear
+
+    x = torch.randn(4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ln_w = torch.ones(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ln_b = torch.zeros(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        torch.autograd.grad(layernorm_linear(x, ln_w, ln_b, w).sum(), [x, w, ln_w, ln_b])
+
+    graphed, plain = _common.bench_graph_ms(step), _common.bench_ms(step)
+    assert 0 < graphed < plain
+    with pytest.raises(Exception):
+        _common.bench_graph_ms(lambda: x.sum().item())
