@@ -565,32 +565,31 @@ def bench_graph_ms(fn: Callable[[], object], reps: int = 20, rounds: int = 3) ->
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def replays():
         for _ in range(reps):
             graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    del graph  # its memory pool goes back to the allocator
+
+    times = [_event_ms(replays) / reps for _ in range(rounds)]
+    del graph, replays  # the graph's memory pool goes back to the allocator
     return statistics.median(times)
+
+
+def _event_ms(fn: Callable[[], object]) -> float:
+    """``fn``'s time in ms between two CUDA events on the current stream."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def bench_ms(fn: Callable[[], object], reps: int = 10) -> float:
     """Median time of ``fn`` in ms on the current CUDA stream (used by the tuner)."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [_event_ms(fn) for _ in range(reps)]
     times.sort()
     return times[len(times) // 2]
