@@ -528,9 +528,14 @@ def wave_rows(block_m: int, device: torch.device) -> int:
     return block_m * multiprocessors(device)
 
 
-def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Tensor, *,
+                    swapped: bool = False) -> torch.Tensor:
     """``acc + grad^T act`` into fp32 ``acc`` ``[G, A]`` (None: the first chunk, which becomes
     the accumulator), grad ``[R, G]``, act ``[R, A]``; returns the accumulator.
+
+    ``swapped``: on the widening path, compute ``(act^T grad)^T`` instead, the same sum with the
+    operands in the other order, which cuBLAS serves with other kernels; the accumulator is
+    then a transposed view (strides ``(1, G)``). Pass the same value for every chunk.
 
     On a GPU whose torch has widening products (``torch.mm(..., out_dtype=torch.float32)``,
     CUDA, torch >= 2.8) each chunk is one cuBLAS call that writes fp32 and adds the running
@@ -541,6 +546,10 @@ def add_weight_grad(acc: torch.Tensor | None, grad: torch.Tensor, act: torch.Ten
     """
     if grad.dtype in (torch.float16, torch.bfloat16) and grad.device.type not in _NO_WIDENING_MM:
         try:
+            if swapped:
+                if acc is None:
+                    return torch.mm(act.t(), grad, out_dtype=torch.float32).t()
+                return torch.addmm(acc.t(), act.t(), grad, out_dtype=torch.float32).t()
             if acc is None:
                 return torch.mm(grad.t(), act, out_dtype=torch.float32)
             return torch.addmm(acc, grad.t(), act, out_dtype=torch.float32)

@@ -262,9 +262,11 @@ def test_weight_gradient_chunks_add_up_in_fp32(monkeypatch):
     monkeypatch.setattr(lnl, "_NO_WIDENING_MM", set())
     torch.manual_seed(0)
     grad, act = torch.randn(96, 5, dtype=torch.bfloat16), torch.randn(96, 7, dtype=torch.bfloat16)
-    acc = None
+    acc = swapped = None
     for start in range(0, 96, 32):
         acc = lnl.add_weight_grad(acc, grad[start:start + 32], act[start:start + 32])
+        swapped = lnl.add_weight_grad(swapped, grad[start:start + 32], act[start:start + 32], swapped=True)
+    torch.testing.assert_close(swapped, acc, rtol=0, atol=0)  # the fallback ignores the order
     assert acc.dtype == torch.float32 and acc.shape == (5, 7)
     assert "cpu" in lnl._NO_WIDENING_MM  # tried once, then the fallback
     expected = sum(torch.mm(grad[s:s + 32].t(), act[s:s + 32]).float() for s in range(0, 96, 32))
@@ -283,9 +285,12 @@ def test_weight_gradient_chunks_widen_on_the_gpu(monkeypatch):
     torch.manual_seed(0)
     grad = torch.randn(3 * 4096, 64, device="cuda", dtype=torch.bfloat16)
     act = torch.randn(3 * 4096, 128, device="cuda", dtype=torch.bfloat16)
-    acc = None
+    acc = swapped = None
     for start in range(0, grad.shape[0], 4096):
         acc = lnl.add_weight_grad(acc, grad[start:start + 4096], act[start:start + 4096])
+        swapped = lnl.add_weight_grad(swapped, grad[start:start + 4096], act[start:start + 4096], swapped=True)
+    assert swapped.shape == acc.shape and swapped.dtype == torch.float32
+    torch.testing.assert_close(swapped, acc, rtol=1e-5, atol=1e-3)
     widened = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8) and torch.version.cuda
     assert ("cuda" not in lnl._NO_WIDENING_MM) == bool(widened)
     exact = grad.double().t() @ act.double()
