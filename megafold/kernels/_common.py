@@ -561,8 +561,19 @@ def bench_graph_ms(fn: Callable[[], object], reps: int = 20, rounds: int = 3) ->
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    # A capture that fails ends inside CUDAGraph.capture_end, before torch resets the default
+    # generator's capture flag and restores the caller's stream: the process's next CUDA random
+    # draw then raises "Offset increment outside graph capture" (seen on the H200, session 24).
+    # So keep a clone of the generator's state and the stream, and put both back on failure.
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    saved_state, stream = generator.clone_state(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except BaseException:
+        generator.graphsafe_set_state(saved_state)
+        torch.cuda.set_stream(stream)
+        raise
     graph.replay()
     torch.cuda.synchronize()
 

@@ -468,5 +468,11 @@ def test_graph_timing_of_a_real_op_and_of_one_that_syncs():
 
     graphed, plain = _common.bench_graph_ms(step), _common.bench_ms(step)
     assert 0 < graphed < plain
+    stream = torch.cuda.current_stream()
     with pytest.raises(Exception):
         _common.bench_graph_ms(lambda: x.sum().item())
+    # The failed capture leaves the process as it was: the caller's stream, and CUDA random
+    # draws work (they raised "Offset increment outside graph capture" before the fix).
+    assert torch.cuda.current_stream() == stream
+    assert torch.randn(1000, device="cuda").std() > 0.5
+    assert torch.cuda.is_current_stream_capturing() is False
