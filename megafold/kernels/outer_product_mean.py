@@ -282,10 +282,24 @@ def _outer_product_mean_weight_grad_kernel(
 # --------------------------------------------------------------------------- launches
 
 
-def _msa_operands(ab: torch.Tensor) -> torch.Tensor:
-    """``[B, S, N, 2 c_h]`` -> ``[B, N, 2 c_h, S]``: a residue's channels are rows and the MSA
-    axis is contiguous, so both the ``[(i, c), s]`` and ``[(j, d), s]`` tiles load coalesced."""
-    return ab.permute(0, 2, 3, 1).contiguous()
+def _msa_operands(ab: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``ab * mask`` ``[B, S, N, 2 c_h]`` -> ``[B, N, 2 c_h, S]`` in ``dtype``, in one pass:
+    a residue's channels are rows and the MSA axis is contiguous, so both the ``[(i, c), s]``
+    and ``[(j, d), s]`` tiles load coalesced. (A multiply, then a copy into this layout,
+    made two passes over ab and, in the backward, two over its gradient.)"""
+    B, S, N, C = ab.shape
+    ab_t = torch.empty(B, N, C, S, device=ab.device, dtype=dtype)
+    torch.mul(ab.permute(0, 2, 3, 1), mask.permute(0, 2, 1)[:, :, None, :], out=ab_t)
+    return ab_t
+
+
+def _masked_rows_grad(d_ab_t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of ``ab`` ``[B, S, N, 2 c_h]`` (contiguous, as the LayerNorm+Linear
+    backward reads it) from that of ``_msa_operands``' output, in one pass."""
+    B, N, C, S = d_ab_t.shape
+    d_ab = torch.empty(B, S, N, C, device=d_ab_t.device, dtype=dtype)
+    torch.mul(d_ab_t.permute(0, 3, 1, 2), mask[..., None], out=d_ab)
+    return d_ab
 
 
 def _w_strides(weight: torch.Tensor, CH: int) -> tuple[int, int, int]:
@@ -471,28 +485,30 @@ def _opm_backward(dz, ab_t, inv_norm, weight):
 
     run_tuned("outer_product_mean_weight_grad", key, ab_t.device, _candidates(configs["weight_grad"], CH, CZ),
               configs["weight_grad"], _fitting(("weight_grad", *fit_key), weight_grad))
-    return d_ab_t.permute(0, 3, 1, 2), dw_parts.sum(0), db_parts.sum(0)
+    return d_ab_t, dw_parts.sum(0), db_parts.sum(0)
 
 
 # --------------------------------------------------------------------------- autograd
 
 
 class OuterProductMeanFunction(torch.autograd.Function):
-    """The contraction part: masked, projected ``ab`` ``[B, S, N, 2 c_h]`` -> ``[B, N, N, c_z]``."""
+    """The contraction part: projected ``ab`` ``[B, S, N, 2 c_h]`` and its bool row mask
+    ``[B, S, N]`` -> ``[B, N, N, c_z]`` (masked rows contribute nothing)."""
 
     @staticmethod
-    def forward(ctx, ab, inv_norm, out_weight, out_bias, compute_dtype):
-        ab_t = _msa_operands(ab.to(compute_dtype))
+    def forward(ctx, ab, mask, inv_norm, out_weight, out_bias, compute_dtype):
+        ab_t = _msa_operands(ab, mask, compute_dtype)
         weight = out_weight.to(compute_dtype)
         out = _opm_forward(ab_t, inv_norm, weight, out_bias)
-        ctx.save_for_backward(ab_t, inv_norm, weight)
+        ctx.save_for_backward(ab_t, mask, inv_norm, weight)
+        ctx.ab_dtype = ab.dtype
         return out
 
     @staticmethod
     def backward(ctx, dz):
-        ab_t, inv_norm, weight = ctx.saved_tensors
-        d_ab, dw, d_bias = _opm_backward(dz, ab_t, inv_norm, weight)
-        return d_ab, None, dw, d_bias, None
+        ab_t, mask, inv_norm, weight = ctx.saved_tensors
+        d_ab_t, dw, d_bias = _opm_backward(dz, ab_t, inv_norm, weight)
+        return _masked_rows_grad(d_ab_t, mask, ctx.ab_dtype), None, None, dw, d_bias, None
 
 
 def outer_product_mean_reference(
@@ -530,18 +546,16 @@ def outer_product_mean(
     if resolve_backend(backend, m, *values) == "torch" or m.numel() == 0:
         return outer_product_mean_reference(m, mask, params)
     p = params
-    row_mask = mask[..., None]
     ab = layernorm_linear(m, p["norm_weight"], p["norm_bias"], p["proj_weight"], backend=backend)
-    ab = ab * row_mask.to(ab.dtype)
     with torch.autocast(m.device.type, enabled=False):  # counts up to S must stay exact
         valid = mask.to(torch.float32)
         inv_norm = 1.0 / (NORM_EPS + torch.einsum("bsi,bsj->bij", valid, valid))
-    return _outer_product_triton(ab, inv_norm, p["out_weight"], p["out_bias"], autocast_dtype(m))
+    return _outer_product_triton(ab, mask, inv_norm, p["out_weight"], p["out_bias"], autocast_dtype(m))
 
 
 @torch.compiler.disable  # a compiled caller breaks its graph here instead of tracing the launcher
-def _outer_product_triton(ab, inv_norm, out_weight, out_bias, compute_dtype):
-    return OuterProductMeanFunction.apply(ab, inv_norm, out_weight, out_bias, compute_dtype)
+def _outer_product_triton(ab, mask, inv_norm, out_weight, out_bias, compute_dtype):
+    return OuterProductMeanFunction.apply(ab, mask, inv_norm, out_weight, out_bias, compute_dtype)
 
 
 def _check_shapes(m: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torch.Tensor]) -> None:
