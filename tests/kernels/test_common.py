@@ -92,15 +92,15 @@ def test_tuning_ranks_the_fastest_few_by_their_median_time(fake_gpu, tmp_path):
     assert tuning_records(tmp_path)[0]["chosen"] == {"BLOCK": 8}
 
 
-def test_graph_timing_is_opt_in_and_falls_back_to_plain_calls(monkeypatch):
+def test_graph_timing_is_the_default_and_falls_back_to_plain_calls(monkeypatch):
     graphed, plain = [], []
     monkeypatch.setattr(_common, "bench_graph_ms", lambda fn: graphed.append(fn) or 0.5)
     monkeypatch.setattr(_common, "bench_ms", lambda fn: plain.append(fn) or 2.0)
     launch = lambda cfg: None  # noqa: E731
+    monkeypatch.setenv("MEGAFOLD_TUNE_GRAPHS", "0")
+    assert _common._bench_launch(launch, {}) == 2.0 and not graphed  # switched off
     monkeypatch.delenv("MEGAFOLD_TUNE_GRAPHS", raising=False)
-    assert _common._bench_launch(launch, {}) == 2.0 and not graphed  # off by default
-    monkeypatch.setenv("MEGAFOLD_TUNE_GRAPHS", "1")
-    assert _common._bench_launch(launch, {}) == 0.5 and len(plain) == 1
+    assert _common._bench_launch(launch, {}) == 0.5 and len(plain) == 1  # on by default
 
     def uncapturable(fn):
         raise RuntimeError("operation not permitted when stream is capturing")
