@@ -571,7 +571,10 @@ def bench_graph_ms(fn: Callable[[], object], reps: int = 20, rounds: int = 3) ->
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     saved_state, stream = generator.clone_state(), torch.cuda.current_stream()
     try:
-        with torch.cuda.graph(graph):
+        # thread_local: tuning runs inside a training step while the loader's copy thread
+        # (megafold.precache.loader) may allocate and copy; a global-mode capture would make
+        # that thread's allocations fail (as in the diffusion sampler's graphs).
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             fn()
     except BaseException:
         generator.graphsafe_set_state(saved_state)

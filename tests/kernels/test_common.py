@@ -452,6 +452,32 @@ def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monk
 
 
 @pytest.mark.gpu
+def test_graph_timing_leaves_the_loaders_copy_thread_alone():
+    """The tuner captures inside a training step while the loader's prefetch thread pins host
+    memory, allocates on the GPU and copies on its own stream. A global-mode capture forbids
+    that thread's allocations; the tuner's thread-local capture must leave them alone."""
+    from megafold.precache.loader import _CudaPrefetcher
+
+    def batches():  # growing sizes: each batch makes the allocators ask the driver again
+        for i in range(1, 49):
+            yield {"x": torch.ones(i << 18).pin_memory()}  # i MiB of fp32
+
+    x = torch.randn(1 << 20, device="cuda")
+    prefetcher = _CudaPrefetcher(batches(), torch.device("cuda", torch.cuda.current_device()))
+    seen = 0
+    try:
+        for batch in iter(prefetcher.__next__, None):
+            assert batch["x"].sum().item() == batch["x"].numel()
+            assert _common.bench_graph_ms(lambda: (x * 2).sum()) > 0
+            seen += 1
+    except StopIteration:
+        pass
+    finally:
+        prefetcher.close()
+    assert seen == 48
+
+
+@pytest.mark.gpu
 def test_graph_timing_of_a_real_op_and_of_one_that_syncs():
     """On the GPU: a LayerNorm+Linear forward + backward times from a graph (a positive time
     below its plain calls' at this small size, where the host's launches dominate); a function
