@@ -21,7 +21,9 @@ of benchmarks/kernels.py's EvoAttention shapes, default ``tri``). ``head`` (the 
 always the first variant. Each variant is loaded as a
 module of its own (``megafold.kernels._variant_<name>``) and called through its public
 function; its tuned choices are the shipped ones for the same op names, unless pinned
-(``--pin VARIANT:OP=JSON`` launches that config for every key of OP). Each row has per
+(``--pin VARIANT:OP=JSON`` launches that config for every key of OP; ``--choices
+VARIANT=autotune.json`` launches that file's choice for each shape key it has, as a forced
+re-tune stored them: its picks against the shipped ones, every N in one run). Each row has per
 variant: the graphed times of every round (ms), the peak memory of a plain call above its
 inputs (MiB), and the largest error of the output and of every gradient against float64
 (``max|x - ref| / max|ref|``). ``--breakdown N`` adds device ms by kernel name at that N
@@ -48,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pair_ops  # noqa: E402
 from _harness import ROOT, environment, graphed, kernel_breakdown, peak_mib, rel_err, time_ms, write_json  # noqa: E402
+
+from megafold.kernels._common import rows_bucket  # noqa: E402
 
 # Each op's kernel module bears the op's name: megafold/kernels/<op>.py.
 OPS = (*_pair_ops.OPS, "evo_attention")
@@ -87,6 +91,52 @@ def pin_configs(module, pins: dict[str, dict]) -> None:
         return original(op, key, device, candidates, default, launch, rows)
 
     module.run_tuned = run_tuned
+
+
+def load_choices(path: Path) -> dict[tuple[str, str], dict]:
+    """The choices of an ``autotune.json`` (a forced re-tune's ``MEGAFOLD_CACHE_DIR``, or a
+    file of ``megafold/kernels/tuned/``) by (op, JSON of the full shape key); the GPU named in
+    each key is not compared."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--choices {path}: not a readable autotune JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--choices {path}: expected a JSON object of tuned choices")
+    choices = {}
+    for name, config in data.items():
+        if name.startswith("_"):
+            continue
+        try:
+            op, key, _device = json.loads(name)
+        except (ValueError, TypeError):
+            raise SystemExit(f"--choices {path}: {name[:80]!r} is not an [op, key, device] entry") from None
+        choices[(op, json.dumps(key))] = config
+    return choices
+
+
+def choose_configs(module, choices: dict[tuple[str, str], dict]) -> dict[str, list]:
+    """Make ``module``'s ``run_tuned`` launch, for each (op, shape key) found in ``choices``,
+    the configuration stored there; other keys run as before. Unlike ``--pin`` (one config for
+    every key of an op) this follows the tuner's keys, row bucket included, so a re-tune's
+    picks can be A/B'd against the shipped ones at every N of one run. Returns a record that
+    fills as launches happen: ``{"used": [...], "missing": [...]}``, (op, key) each once."""
+    record: dict[str, list] = {"used": [], "missing": []}
+    original = module.run_tuned
+
+    def run_tuned(op, key, device, candidates, default, launch, rows=None):
+        full = [*key, rows_bucket(rows)] if rows is not None else list(key)
+        config = choices.get((op, json.dumps(full)))
+        entry = [op, full]
+        seen = record["used"] if config is not None else record["missing"]
+        if entry not in seen:
+            seen.append(entry)
+        if config is not None:
+            return launch(config)
+        return original(op, key, device, candidates, default, launch, rows)
+
+    module.run_tuned = run_tuned
+    return record
 
 
 @contextlib.contextmanager
@@ -175,6 +225,12 @@ def run(args) -> None:
     pins = parse_pins(args.pin)
     for name, op_pins in pins.items():
         pin_configs(variants[name], op_pins)
+    chosen = {}
+    for item in args.choices:
+        name, _, path = item.partition("=")
+        if not path or name not in variants or name == "head":
+            raise SystemExit(f"--choices {item!r}: expected VARIANT=PATH for a --variant (not head)")
+        chosen[name] = {"file": path, **choose_configs(variants[name], load_choices(Path(path)))}
 
     # A throwaway capture: a process's first capture has failed where later ones did not.
     warm = find_case(device, args.op, None, 64)
@@ -262,9 +318,13 @@ def run(args) -> None:
         for kernel, ms in list(table.items())[:14]:
             print(f"  {ms:7.4f}  {kernel}")
     path = write_json(args.name, environment(), rows,
-                      {"op": args.op, "variants": files, "peers": args.peers, "pins": pins, "rounds": args.rounds,
+                      {"op": args.op, "variants": files, "peers": args.peers, "pins": pins, "choices": chosen,
+                       "rounds": args.rounds,
                        "breakdowns": breakdowns, "note": args.note},
                       Path(args.out) if args.out else None)
+    for name, record in chosen.items():
+        print(f"--choices {name}: {len(record['used'])} keys from {record['file']}, "
+              f"{len(record['missing'])} not in it (ran the shipped choice)")
     print(f"wrote {path}")
 
 
@@ -281,6 +341,9 @@ def main(argv=None) -> None:
     r.add_argument("--ns", type=int, nargs="+", default=[384, 768])
     r.add_argument("--variant", action="append", default=[], help="NAME=PATH of a kernel module copy")
     r.add_argument("--pin", action="append", default=[], help="VARIANT:OP=JSON config for every key of OP")
+    r.add_argument("--choices", action="append", default=[],
+                   help="VARIANT=PATH of an autotune.json: that variant launches the file's choice "
+                        "for each shape key the file has (e.g. a forced re-tune's picks)")
     r.add_argument("--peers", nargs="*", default=[],
                    help="other implementations of the benchmark case to time in the same rounds "
                         "(e.g. cueq compile; their own code, errors checked the same way)")

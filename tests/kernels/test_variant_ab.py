@@ -64,6 +64,53 @@ def test_pins_reach_the_launch(tmp_path):
     assert any(name == "_triangle_output_forward_kernel" and bm != 16 for name, bm, _ in launched)
 
 
+def test_choices_follow_the_tuners_keys(tmp_path):
+    # --choices: an autotune.json's choice reaches the launch of the key it names (row bucket
+    # included); a key the file lacks runs as before; both are recorded once.
+    import json
+
+    module = variant_ab.load_variant("t3", variant_ab.export("HEAD", "triangle_multiply", tmp_path))
+    asked = []
+    real_tuned = module.run_tuned
+
+    def watch(op, key, device, candidates, default, launch, rows=None):
+        asked.append((op, list(key), rows))
+        return real_tuned(op, key, device, candidates, default, launch, rows)
+
+    module.run_tuned = watch
+    z, mask, params = _triangle_inputs()
+    module.triangle_multiply(z, mask, params, backend="triton")
+    op, key, rows = next(a for a in asked if a[0] == "triangle_multiply_in_fwd")
+    full = [*key, variant_ab.rows_bucket(rows)] if rows is not None else key
+    path = tmp_path / "autotune.json"
+    path.write_text(json.dumps({"_capability": [9, 0],
+                                json.dumps([op, full, "Some GPU"]): {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 2},
+                                json.dumps([op, [*full[:-1], 12345], "Some GPU"]): {"BLOCK_M": 32}}))
+    launched = []
+    real = module.launch_kernel
+
+    def spy(kernel, grid, *args, **meta):
+        launched.append((kernel.fn.__name__, meta.get("BLOCK_M"), meta.get("num_warps")))
+        return real(kernel, grid, *args, **meta)
+
+    module.launch_kernel = spy
+    record = variant_ab.choose_configs(module, variant_ab.load_choices(path))
+    out = module.triangle_multiply(z, mask, params, backend="triton")
+    module.triangle_multiply(z, mask, params, backend="triton")
+    assert ("_triangle_input_forward_kernel", 16, 2) in launched
+    assert record["used"] == [[op, full]]
+    assert record["missing"] and [op, full] not in record["missing"]  # the other ops' keys
+    assert len({json.dumps(entry) for entry in record["missing"]}) == len(record["missing"])  # once each
+    from megafold.kernels import triangle_multiply
+
+    torch.testing.assert_close(out, triangle_multiply(z, mask, params, backend="triton"))
+    with pytest.raises(SystemExit, match="not a readable autotune JSON"):
+        variant_ab.load_choices(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"op": {"BLOCK_M": 1}}))
+    with pytest.raises(SystemExit, match="not an \\[op, key, device\\] entry"):
+        variant_ab.load_choices(tmp_path / "bad.json")
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(SystemExit, match="VARIANT:OP=JSON"):
         variant_ab.parse_pins(["old=1"])
