@@ -27,6 +27,19 @@ def _triangle_inputs(N=6, c_z=8, c_h=4):
     return z, mask, params
 
 
+def _record_launches(module) -> list[tuple]:
+    """Each kernel launch of ``module`` from now on, as (kernel name, BLOCK_M, num_warps)."""
+    launched = []
+    real = module.launch_kernel
+
+    def spy(kernel, grid, *args, **meta):
+        launched.append((kernel.fn.__name__, meta.get("BLOCK_M"), meta.get("num_warps")))
+        return real(kernel, grid, *args, **meta)
+
+    module.launch_kernel = spy
+    return launched
+
+
 def test_exported_module_runs_as_its_own_module(tmp_path):
     path = variant_ab.export("HEAD", "triangle_multiply", tmp_path)
     assert path.name == "triangle_multiply@HEAD.py"
@@ -47,14 +60,7 @@ def test_exported_module_runs_as_its_own_module(tmp_path):
 
 def test_pins_reach_the_launch(tmp_path):
     module = variant_ab.load_variant("t2", variant_ab.export("HEAD", "triangle_multiply", tmp_path))
-    launched = []
-    real = module.launch_kernel
-
-    def spy(kernel, grid, *args, **meta):
-        launched.append((kernel.fn.__name__, meta.get("BLOCK_M"), meta.get("num_warps")))
-        return real(kernel, grid, *args, **meta)
-
-    module.launch_kernel = spy
+    launched = _record_launches(module)
     pins = variant_ab.parse_pins(['t2:triangle_multiply_in_fwd={"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 2}'])
     variant_ab.pin_configs(module, pins["t2"])
     z, mask, params = _triangle_inputs()
@@ -86,14 +92,7 @@ def test_choices_follow_the_tuners_keys(tmp_path):
     path.write_text(json.dumps({"_capability": [9, 0],
                                 json.dumps([op, full, "Some GPU"]): {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 2},
                                 json.dumps([op, [*full[:-1], 12345], "Some GPU"]): {"BLOCK_M": 32}}))
-    launched = []
-    real = module.launch_kernel
-
-    def spy(kernel, grid, *args, **meta):
-        launched.append((kernel.fn.__name__, meta.get("BLOCK_M"), meta.get("num_warps")))
-        return real(kernel, grid, *args, **meta)
-
-    module.launch_kernel = spy
+    launched = _record_launches(module)
     record = variant_ab.choose_configs(module, variant_ab.load_choices(path))
     out = module.triangle_multiply(z, mask, params, backend="triton")
     module.triangle_multiply(z, mask, params, backend="triton")
