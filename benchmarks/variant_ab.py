@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pair_ops  # noqa: E402
 from _harness import ROOT, environment, graphed, kernel_breakdown, peak_mib, rel_err, time_ms, write_json  # noqa: E402
 
-from megafold.kernels._common import rows_bucket  # noqa: E402
+from megafold.kernels._common import tuned_key  # noqa: E402
 
 # Each op's kernel module bears the op's name: megafold/kernels/<op>.py.
 OPS = (*_pair_ops.OPS, "evo_attention")
@@ -79,18 +79,24 @@ def load_variant(name: str, path: Path):
     return module
 
 
-def pin_configs(module, pins: dict[str, dict]) -> None:
-    """Make ``module``'s ``run_tuned`` launch ``pins[op]`` for every key of a pinned op."""
-    if not pins:
-        return
+def override_choices(module, lookup) -> None:
+    """Make ``module``'s ``run_tuned`` launch ``lookup(op, key, rows)`` where that gives a
+    config; other launches run as before (``--pin``, ``--choices``)."""
     original = module.run_tuned
 
     def run_tuned(op, key, device, candidates, default, launch, rows=None):
-        if op in pins:
-            return launch(pins[op])
+        config = lookup(op, key, rows)
+        if config is not None:
+            return launch(config)
         return original(op, key, device, candidates, default, launch, rows)
 
     module.run_tuned = run_tuned
+
+
+def pin_configs(module, pins: dict[str, dict]) -> None:
+    """Make ``module``'s ``run_tuned`` launch ``pins[op]`` for every key of a pinned op."""
+    if pins:
+        override_choices(module, lambda op, key, rows: pins.get(op))
 
 
 def load_choices(path: Path) -> dict[tuple[str, str], dict]:
@@ -122,20 +128,16 @@ def choose_configs(module, choices: dict[tuple[str, str], dict]) -> dict[str, li
     picks can be A/B'd against the shipped ones at every N of one run. Returns a record that
     fills as launches happen: ``{"used": [...], "missing": [...]}``, (op, key) each once."""
     record: dict[str, list] = {"used": [], "missing": []}
-    original = module.run_tuned
 
-    def run_tuned(op, key, device, candidates, default, launch, rows=None):
-        full = [*key, rows_bucket(rows)] if rows is not None else list(key)
+    def lookup(op, key, rows):
+        full = list(tuned_key(key, rows))
         config = choices.get((op, json.dumps(full)))
-        entry = [op, full]
         seen = record["used"] if config is not None else record["missing"]
-        if entry not in seen:
-            seen.append(entry)
-        if config is not None:
-            return launch(config)
-        return original(op, key, device, candidates, default, launch, rows)
+        if [op, full] not in seen:
+            seen.append([op, full])
+        return config
 
-    module.run_tuned = run_tuned
+    override_choices(module, lookup)
     return record
 
 

@@ -25,6 +25,7 @@ against a float64 product (``max|x - ref| / max|ref|``). Writes ``results/<gpu>/
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -47,10 +48,10 @@ def record_calls(device, ns) -> list[dict]:
         if case.op == "outer_product_mean":
             continue
 
-        def recording(acc, grad, act, _case=case):
+        def recording(acc, grad, act, _case=case, **options):  # options: add_weight_grad's (swapped)
             calls.append({"op": _case.op, "shape": _case.shape, "N": _case.N, "grad": list(grad.shape),
-                          "act": list(act.shape), "dtype": str(grad.dtype), "first": acc is None})
-            return original(acc, grad, act)
+                          "act": list(act.shape), "dtype": str(grad.dtype), "first": acc is None, **options})
+            return original(acc, grad, act, **options)
 
         for module in modules:
             module.add_weight_grad = recording
@@ -67,32 +68,28 @@ def record_calls(device, ns) -> list[dict]:
     return calls
 
 
-WAYS = ("widening", "widening_swapped", "widening_split2", "widening_split4", "rounded")
+def _split(pieces: int):
+    """The product as ``torch.bmm`` over ``pieces`` equal row pieces, fp32 out, summed."""
+    def run(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        R = grad.shape[0]
+        rows = R // pieces * pieces
+        g = grad[:rows].view(pieces, rows // pieces, -1).transpose(1, 2)
+        a = act[:rows].view(pieces, rows // pieces, -1)
+        out = torch.bmm(g, a, out_dtype=torch.float32).sum(0)
+        if rows < R:
+            out += torch.mm(grad[rows:].t(), act[rows:], out_dtype=torch.float32)
+        return out
+    return run
 
 
-def ways(grad: torch.Tensor, act: torch.Tensor) -> dict:
-    R = grad.shape[0]
-
-    def split(pieces):
-        def run():
-            rows = R // pieces * pieces
-            g = grad[:rows].view(pieces, rows // pieces, -1).transpose(1, 2)
-            a = act[:rows].view(pieces, rows // pieces, -1)
-            out = torch.bmm(g, a, out_dtype=torch.float32).sum(0)
-            if rows < R:
-                out += torch.mm(grad[rows:].t(), act[rows:], out_dtype=torch.float32)
-            return out
-        return run
-
-    ways = {
-        "widening": lambda: torch.mm(grad.t(), act, out_dtype=torch.float32),
-        "widening_swapped": lambda: torch.mm(act.t(), grad, out_dtype=torch.float32).t(),
-        "widening_split2": split(2),
-        "widening_split4": split(4),
-        "rounded": lambda: torch.mm(grad.t(), act).float(),
-    }
-    assert tuple(ways) == WAYS
-    return ways
+# Each way of asking cuBLAS for grad^T act, as a function of (grad, act).
+WAYS = {
+    "widening": lambda grad, act: torch.mm(grad.t(), act, out_dtype=torch.float32),
+    "widening_swapped": lambda grad, act: torch.mm(act.t(), grad, out_dtype=torch.float32).t(),
+    "widening_split2": _split(2),
+    "widening_split4": _split(4),
+    "rounded": lambda grad, act: torch.mm(grad.t(), act).float(),
+}
 
 
 def main() -> None:
@@ -120,7 +117,8 @@ def main() -> None:
         ref = torch.mm(grad.t().double(), act.double())
         scale = ref.abs().max().item()
         row = dict(entry, uses=len(entry["used_by"]), used_by=sorted(set(entry["used_by"])), ms={}, rel_err={})
-        for name, fn in ways(grad, act).items():
+        for name, way in WAYS.items():
+            fn = functools.partial(way, grad, act)
             try:
                 row["rel_err"][name] = (fn().double() - ref).abs().max().item() / scale
                 row["ms"][name] = round(time_ms(fn), 4)

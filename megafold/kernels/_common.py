@@ -357,7 +357,7 @@ def pick_config(
         return default
     legacy_key = None
     if rows is not None:
-        legacy_key, key = key, (*key, rows_bucket(rows))
+        legacy_key, key = key, tuned_key(key, rows)
     # A training step asks ~20k times: the answer for (op, key, device, tuning on) is kept under a
     # tuple key, so a repeat costs one dict lookup (no JSON key, no device-name query).
     tuning = autotune_enabled()
@@ -524,6 +524,12 @@ def rows_bucket(rows: int) -> int:
     tensor's N^2 rows at N = 384 and 512 share 2^18; N = 768 is 2^20; a single track's N
     rows are far below)."""
     return next_power_of_2(rows)
+
+
+def tuned_key(key: Sequence, rows: int | None) -> tuple:
+    """The shape key a choice is stored under: ``key``, plus the ``rows_bucket`` of ``rows``
+    where the op passes its row count (``pick_config``)."""
+    return tuple(key) if rows is None else (*key, rows_bucket(rows))
 
 
 def tune_with_graphs() -> bool:
