@@ -8,8 +8,11 @@
 # cache in $OUT/autotune.json. Each step has its own time limit so one hang cannot eat the rest.
 # Stages:
 #   tests     pytest -m gpu over the kernels' GPU tests
+#   biotite   first of two calls for tests-model: biotite and biotraj (44 MB, carry .whl3) into
+#             /tmp/site; the next call must find the machine still warm
 #   tests-model pytest -m gpu over the other GPU test files: model, CUDA graphs, profiler, loader,
-#             trainer (the predict test needs biotite and gemmi)
+#             trainer (carry .whl with zarr's wheels and gemmi's: the loader imports zarr, the
+#             trainer test's prediction step gemmi and, installed by the biotite stage, biotite)
 #   kernels   benchmarks/kernels.py --quick (OPS=evo_attention,pair by default; MEGAFOLD_AUTOTUNE=1
 #             tunes and leaves the choices in $OUT/autotune.json)
 #   whole     benchmarks/trunk.py (eager, triton, cueq, compile at N=384, 768; triton and cueq also
@@ -73,6 +76,18 @@ tests)
     step pytest 560 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/kernels
     ;;
 tests-model)
+    # The loader's tests need zarr, the trainer's prediction step gemmi (sessions 5, 15, 16 and 25
+    # failed there for want of it): carry their wheels in .whl (zarr, numcodecs, donfig,
+    # google-crc32c, msgspec, gemmi; about 5 MB)
+    if compgen -G ".whl/gemmi-*.whl" >/dev/null; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+            .whl/zarr-*.whl .whl/numcodecs-*.whl .whl/donfig-*.whl .whl/google_crc32c-*.whl \
+            .whl/msgspec-*.whl .whl/gemmi-*.whl
+    else
+        echo "no .whl/gemmi-*.whl: the trainer test's prediction step will fail importing gemmi" >&2
+    fi
+    [ -d /tmp/site/biotite ] || echo "no biotite in /tmp/site (the biotite stage): the trainer test's prediction step will fail" >&2
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
     step pytest 560 $py -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -k "not dashboard_target" \
         tests/model/test_gpu.py tests/profile/test_profiler_gpu.py tests/model/test_rollout_graph.py \
         tests/precache/test_loader.py tests/train/test_gpu.py tests/train/test_graphs.py
@@ -160,6 +175,10 @@ launch)
         step "step_fast$run" 170 env MEGAFOLD_FAST_LAUNCH=${run:0:1} $py benchmarks/train_step.py --source synthetic \
             --kernels triton --steps 5 --tag "fast-launch-$run" --out "$OUT"
     done
+    ;;
+biotite)
+    step biotite 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl3/*.whl
     ;;
 cueq-ops)
     step cueq_ops 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
