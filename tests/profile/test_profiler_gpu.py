@@ -71,8 +71,9 @@ def test_profiler_overhead_is_measured_on_the_paper_step():
 
     No bound on the overhead itself: it is a speed figure of the host, and those belong to a
     benchmark (``benchmarks/dashboard_screenshot.py --overhead`` records ``overhead_frac``).
-    A 25% bound here failed on slow hosts in sessions 13, 16 and 25 (+27%, +29%: the hooks'
-    host time grows faster than the step's own), and passed on others (+17-20%). One event
+    A 25% bound here failed on slow hosts in sessions 13, 16 and 25 (+27% and +29% in the
+    first two: the hooks' host time grows faster than the step's own) and passed on others
+    (+17-20%). One event
     and one allocator read per switch, the cost that matters, is asserted by count on the CPU
     (``test_profile_reports_its_own_overhead``).
 
