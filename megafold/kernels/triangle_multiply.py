@@ -604,10 +604,12 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, zn):
         block_m = cfg["BLOCK_M"]
         ln_parts = torch.empty(2, cdiv(M, block_m), CZ, device=dev, dtype=torch.float32)
         ln_w_part, ln_b_part = ln_parts
-        dw_pg = dw_og = None
+        dw_pg = None
         chunks = row_chunks(M, 4 * CH * dtype.itemsize, wave_rows(block_m, dev),
                             _input_chunk_scale(M * CZ * dtype.itemsize))
         d_pg = torch.empty(chunks[0][1], 4 * CH, device=dev, dtype=dtype)
+        # d(gate) and LN(z) exist whole: one product over every row, not one per chunk.
+        dw_og = add_weight_grad(None, d_gate_rows, zn)
         for start, end in chunks:
             launch_kernel(_triangle_input_backward_kernel, (cdiv(end - start, block_m),),
                 z, mask, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_pg, w_og,
@@ -621,7 +623,6 @@ def _input_backward(z, mask, p, dab, d_gate, z_mean, z_rstd, zn):
             # kernels where the plain order got cutlass sm80 ones (weight_grad_mm.py, N=768:
             # 0.096 / 0.092 ms against 0.114 / 0.104).
             dw_pg = add_weight_grad(dw_pg, d_pg[: end - start], zn[start:end], swapped=True)
-            dw_og = add_weight_grad(dw_og, d_gate_rows[start:end], zn[start:end])
         w_p, w_g = split_interleaved(dw_pg.contiguous())
         ln_w, ln_b = ln_parts.sum(1)
         grads.update(ln_w=ln_w, ln_b=ln_b, w_p=w_p, w_g=w_g, w_og=dw_og)
