@@ -390,7 +390,7 @@ def cases(defaults: bool = False) -> list[tuple]:
     ):
         cfg = shipped("evo_attention", [name, 1024, 1024, 32, 4, bf16, True]) or evo._default_blocks(name, 768, 32)
         out.append((f"evo_attention {name} (triangle, N=768)", kernel,
-                    dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32, BLOCK_D2=0,
+                    dict(D=32, HAS_MASK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=32,
                          IEEE=False, WIDE=False, **extra), cfg, evo_types))
     # The rows' first masked keys, as _forward launches it before the forward kernel.
     out.append(("evo_attention first masked key", evo._first_masked_key_kernel,
