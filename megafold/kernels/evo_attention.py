@@ -12,9 +12,6 @@ True = key attended. A row whose keys are all masked gives output 0 and gradient
 
 Forward: one program per (row s, query block, batch x head), online softmax over key blocks
 in base 2 (log2(e) folded into the scale and the bias; the saved log-sum-exp is base 2 too).
-Every kernel covers the head dim D with one power-of-two width, or with two where that is
-narrower (`_head_split`: D = 48 as 32 + 16, not padded to 64): each product over D is then
-the sum of two, and each D-wide result is kept and stored in two parts.
 Backward, deterministic and without atomics, in three kernels that each own what they write:
   dK, dV  one program per (row, key block), loops over query blocks;
   dQ      one program per (row, query block), loops over key blocks;
@@ -85,76 +82,46 @@ def _widen(index, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(row_ptr, offs_r, offs_d, r_valid, d_valid, stride_r, stride_d):
-    """The ``[BLOCK, part width]`` tile of one row's vectors over one part of the head dim."""
-    return tl.load(row_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
-                   mask=r_valid[:, None] & d_valid[None, :], other=0.0)
-
-
-@triton.jit
-def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid, offs_d2, d_valid2,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK: tl.constexpr,
-               SPLIT: tl.constexpr):
-    """K and V tiles of one row over both parts of the head dim (``[BLOCK_N, BLOCK_D]`` and
-    ``[BLOCK_N, BLOCK_D2]``; without SPLIT the second pair repeats the first, a placeholder)
-    and which of its keys are attended."""
-    k = _load_tile(k_row, offs_n, offs_d, n_valid, d_valid, stride_kn, stride_kd)
-    v = _load_tile(v_row, offs_n, offs_d, n_valid, d_valid, stride_vn, stride_vd)
-    k_d2, v_d2 = k, v
-    if SPLIT:
-        k_d2 = _load_tile(k_row, offs_n, offs_d2, n_valid, d_valid2, stride_kn, stride_kd)
-        v_d2 = _load_tile(v_row, offs_n, offs_d2, n_valid, d_valid2, stride_vn, stride_vd)
+def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK: tl.constexpr):
+    """K and V tiles ``[BLOCK_N, BLOCK_D]`` of one row and which of its keys are attended."""
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_row + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_row + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     key_ok = n_valid
     if HAS_MASK:
         key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
-    return k, v, k_d2, v_d2, key_ok
+    return k, v, key_ok
 
 
 @triton.jit
 def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, m_valid, d_valid,
-                  offs_d2, d_valid2, stride_qn, stride_qd, H, N, D: tl.constexpr, SPLIT: tl.constexpr):
-    """Q and dO tiles of one row over both parts of the head dim (as in `_load_keys`), with
-    its lse and delta."""
-    q = _load_tile(q_row, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd)
+                  stride_qn, stride_qd, H, N, D: tl.constexpr):
+    """Q and dO tiles ``[BLOCK_M, BLOCK_D]`` of one row, with its lse and delta."""
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_row + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
     # dO (of the ungated attention) is contiguous [B, S, N, H, D].
-    do_rows = do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D
-    do = tl.load(do_rows + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    q_d2, do_d2 = q, do
-    if SPLIT:
-        q_d2 = _load_tile(q_row, offs_m, offs_d2, m_valid, d_valid2, stride_qn, stride_qd)
-        do_d2 = tl.load(do_rows + offs_d2[None, :], mask=m_valid[:, None] & d_valid2[None, :], other=0.0)
+    do = tl.load(do_ptr + (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
     lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-    return q, do, q_d2, do_d2, lse, delta
+    return q, do, lse, delta
 
 
 @triton.jit
-def _dot_t(a, b, a_d2, b_d2, IEEE: tl.constexpr, SPLIT: tl.constexpr):
-    """``a b^T`` over the head dim: with SPLIT, the first part's product plus the second's
-    (accumulated onto it, so the tensor cores sum them)."""
-    if IEEE:
-        ab = tl.dot(a, tl.trans(b), input_precision="ieee")
-        if SPLIT:
-            ab = tl.dot(a_d2, tl.trans(b_d2), ab, input_precision="ieee")
-    else:
-        ab = tl.dot(a, tl.trans(b))
-        if SPLIT:
-            ab = tl.dot(a_d2, tl.trans(b_d2), ab)
-    return ab
-
-
-@triton.jit
-def _softmax_step(q, k, v, q_d2, k_d2, v_d2, bias, key_ok, m_i, l_i, acc, acc_d2, scale_log2,
-                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
-    """One key block of one row's online softmax; returns the new (m_i, l_i, acc, acc_d2).
+def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
+                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of one row's online softmax; returns the new (m_i, l_i, acc).
 
     Logits are kept in base 2 (log2(e) folded into the scale and the bias): exp2 is the
     hardware's exponential, so tl.exp would only add a multiply per logit.
     Invariant: after each key block, m_i is the running row max of the logits,
-    l_i = sum_j exp2(logit_j - m_i) and acc = sum_j exp2(logit_j - m_i) v_j; with SPLIT,
-    acc and acc_d2 hold the head dim's two parts of that sum (else acc_d2 is a placeholder).
+    l_i = sum_j exp2(logit_j - m_i) and acc = sum_j exp2(logit_j - m_i) v_j.
     """
-    logits = _dot_t(q, k, q_d2, k_d2, IEEE, SPLIT) * scale_log2
+    if IEEE:
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    else:
+        logits = tl.dot(q, tl.trans(k)) * scale_log2
     if HAS_BIAS:
         logits += bias
     if MASKED:  # else every key of the block is attended and inside N
@@ -167,20 +134,23 @@ def _softmax_step(q, k, v, q_d2, k_d2, v_d2, bias, key_ok, m_i, l_i, acc, acc_d2
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        if SPLIT:
-            acc_d2 = acc_d2 * alpha[:, None] + tl.dot(p, v_d2.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        if SPLIT:
-            acc_d2 = acc_d2 * alpha[:, None] + tl.dot(p.to(v_d2.dtype), v_d2)
-    return m_new, l_i, acc, acc_d2
+    return m_new, l_i, acc
 
 
 @triton.jit
-def _store_part(att, out_ptr, att_ptr, o_rows, gate_row, offs_m, offs_d, m_valid, d_valid,
-                stride_gn, stride_gd, HAS_GATE: tl.constexpr):
-    """Store one part of the head dim of one row's output and ungated output ``att``."""
-    o_offs = o_rows + offs_d[None, :]
+def _store_row(m_i, l_i, acc, out_ptr, att_ptr, lse_ptr, gate_row, bh_row, h, offs_m, offs_d,
+               m_valid, d_valid, stride_gn, stride_gd, H, N, D: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Normalise one row's accumulator; store its output, ungated output and lse."""
+    empty = l_i == 0.0
+    att = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse is base 2 like the logits. Fully masked rows store lse = +inf, so the backward's
+    # exp2(logit - lse) is exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
+    # out/att are written contiguous [B, S, N, H, D].
+    o_offs = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
     o_mask = m_valid[:, None] & d_valid[None, :]
     if HAS_GATE:
         gate = tl.load(gate_row + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -191,41 +161,16 @@ def _store_part(att, out_ptr, att_ptr, o_rows, gate_row, offs_m, offs_d, m_valid
 
 
 @triton.jit
-def _store_row(m_i, l_i, acc, acc_d2, out_ptr, att_ptr, lse_ptr, gate_row, bh_row, h, offs_m, offs_d,
-               m_valid, d_valid, offs_d2, d_valid2, stride_gn, stride_gd, H, N, D: tl.constexpr,
-               HAS_GATE: tl.constexpr, SPLIT: tl.constexpr):
-    """Normalise one row's accumulators; store its output, ungated output and lse."""
-    empty = l_i == 0.0
-    norm = tl.where(empty, 1.0, l_i)
-    att = acc / norm[:, None]
-    att_d2 = acc_d2
-    if SPLIT:
-        att_d2 = acc_d2 / norm[:, None]
-    # lse is base 2 like the logits. Fully masked rows store lse = +inf, so the backward's
-    # exp2(logit - lse) is exactly 0.
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(norm))
-    tl.store(lse_ptr + bh_row * N + offs_m, lse, mask=m_valid)
-    # out/att are written contiguous [B, S, N, H, D].
-    o_rows = (bh_row // H * N + offs_m[:, None]) * (H * D) + h * D
-    _store_part(att, out_ptr, att_ptr, o_rows, gate_row, offs_m, offs_d, m_valid, d_valid,
-                stride_gn, stride_gd, HAS_GATE)
-    if SPLIT:
-        _store_part(att_d2, out_ptr, att_ptr, o_rows, gate_row, offs_m, offs_d2, m_valid, d_valid2,
-                    stride_gn, stride_gd, HAS_GATE)
-
-
-@triton.jit
-def _forward_keys(start, end, q0, q0_d2, q1, q1_d2, m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2,
-                  bias_head, k_head, v_head, mask_batch, row0, row1, offs_m, m_valid, offs_d, d_valid,
-                  offs_d2, d_valid2, N, scale_log2,
+def _forward_keys(start, end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+                  row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
                   stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
                   stride_ms, stride_mn,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
     """The online softmax of the program's rows over the key blocks starting in [start, end).
     MASKED: the keys' mask and N apply; else every key of these blocks is attended and inside
     N (the blocks before the rows' first masked key, `_full_keys_end`): no mask load and no
-    select. The ``_d2`` tensors are the head dim's second part (placeholders without SPLIT)."""
+    select."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
@@ -235,20 +180,17 @@ def _forward_keys(start, end, q0, q0_d2, q1, q1_d2, m0, l0, acc0, acc0_d2, m1, l
         if HAS_BIAS:
             bias = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                            mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32) * _LOG2E
-        k, v, k_d2, v_d2, key_ok = _load_keys(
-            k_head + row0 * stride_ks, v_head + row0 * stride_vs, mask_batch + row0 * stride_ms, offs_n,
-            offs_d, n_valid, d_valid, offs_d2, d_valid2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            HAS_MASK and MASKED, SPLIT)
-        m0, l0, acc0, acc0_d2 = _softmax_step(q0, k, v, q0_d2, k_d2, v_d2, bias, key_ok, m0, l0, acc0, acc0_d2,
-                                              scale_log2, HAS_BIAS, MASKED, IEEE, SPLIT)
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+        m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, MASKED, IEEE)
         if ROWS == 2:
-            k, v, k_d2, v_d2, key_ok = _load_keys(
-                k_head + row1 * stride_ks, v_head + row1 * stride_vs, mask_batch + row1 * stride_ms, offs_n,
-                offs_d, n_valid, d_valid, offs_d2, d_valid2, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_mn, HAS_MASK and MASKED, SPLIT)
-            m1, l1, acc1, acc1_d2 = _softmax_step(q1, k, v, q1_d2, k_d2, v_d2, bias, key_ok, m1, l1, acc1,
-                                                  acc1_d2, scale_log2, HAS_BIAS, MASKED, IEEE, SPLIT)
-    return m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, MASKED,
+                                         IEEE)
+    return m0, l0, acc0, m1, l1, acc1
 
 
 @triton.jit
@@ -302,7 +244,7 @@ def _evo_attention_forward_kernel(
     stride_gb, stride_gs, stride_gn, stride_gh, stride_gd,
     S, H, N, D: tl.constexpr, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     # Query blocks vary fastest: the programs of the same rows run together and share their
@@ -330,49 +272,34 @@ def _evo_attention_forward_kernel(
     m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l0 = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The head dim's second part, if any (BLOCK_D2 > 0: `_head_split`); else placeholders.
-    offs_d2, d_valid2, q_offs2, qd_mask2, q0_d2, acc0_d2 = offs_d, d_valid, q_offs, qd_mask, q0, acc0
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        d_valid2 = offs_d2 < D
-        q_offs2 = offs_m[:, None] * stride_qn + offs_d2[None, :] * stride_qd
-        qd_mask2 = m_valid[:, None] & d_valid2[None, :]
-        q0_d2 = tl.load(q_head + row0 * stride_qs + q_offs2, mask=qd_mask2, other=0.0)
-        acc0_d2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     q1, m1, l1, acc1 = q0, m0, l0, acc0  # one row: placeholders the key loops pass through
-    q1_d2, acc1_d2 = q0_d2, acc0_d2
     if ROWS == 2:
         q1 = tl.load(q_head + row1 * stride_qs + q_offs, mask=qd_mask, other=0.0)
         m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if BLOCK_D2 > 0:
-            q1_d2 = tl.load(q_head + row1 * stride_qs + q_offs2, mask=qd_mask2, other=0.0)
-            acc1_d2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     bias_head = bias_ptr + b * stride_bb + h * stride_bh
     full_end = _full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N)
     # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
-    m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2 = _forward_keys(
-        0, full_end, q0, q0_d2, q1, q1_d2, m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2,
-        bias_head, k_head, v_head, mask_batch, row0, row1, offs_m, m_valid, offs_d, d_valid,
-        offs_d2, d_valid2, N, scale_log2,
+    m0, l0, acc0, m1, l1, acc1 = _forward_keys(
+        0, full_end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+        row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
         stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
-        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, False, ROWS, BLOCK_N, IEEE, WIDE, BLOCK_D2 > 0)
-    m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2 = _forward_keys(
-        full_end, N, q0, q0_d2, q1, q1_d2, m0, l0, acc0, acc0_d2, m1, l1, acc1, acc1_d2,
-        bias_head, k_head, v_head, mask_batch, row0, row1, offs_m, m_valid, offs_d, d_valid,
-        offs_d2, d_valid2, N, scale_log2,
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, False, ROWS, BLOCK_N, IEEE, WIDE)
+    m0, l0, acc0, m1, l1, acc1 = _forward_keys(
+        full_end, N, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
+        row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
         stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
-        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, True, ROWS, BLOCK_N, IEEE, WIDE, BLOCK_D2 > 0)
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, True, ROWS, BLOCK_N, IEEE, WIDE)
 
     gate_head = gate_ptr + b * stride_gb + h * stride_gh
-    _store_row(m0, l0, acc0, acc0_d2, out_ptr, att_ptr, lse_ptr, gate_head + row0 * stride_gs,
-               (b * S + row0) * H + h, h, offs_m, offs_d, m_valid, d_valid, offs_d2, d_valid2,
-               stride_gn, stride_gd, H, N, D, HAS_GATE, BLOCK_D2 > 0)
+    _store_row(m0, l0, acc0, out_ptr, att_ptr, lse_ptr, gate_head + row0 * stride_gs,
+               (b * S + row0) * H + h, h, offs_m, offs_d, m_valid, d_valid, stride_gn, stride_gd,
+               H, N, D, HAS_GATE)
     if ROWS == 2:
-        _store_row(m1, l1, acc1, acc1_d2, out_ptr, att_ptr, lse_ptr, gate_head + row1 * stride_gs,
-                   (b * S + row1) * H + h, h, offs_m, offs_d, m_valid, d_valid, offs_d2, d_valid2,
-                   stride_gn, stride_gd, H, N, D, HAS_GATE, BLOCK_D2 > 0)
+        _store_row(m1, l1, acc1, out_ptr, att_ptr, lse_ptr, gate_head + row1 * stride_gs,
+                   (b * S + row1) * H + h, h, offs_m, offs_d, m_valid, d_valid, stride_gn, stride_gd,
+                   H, N, D, HAS_GATE)
 
 
 @triton.jit
@@ -416,22 +343,27 @@ def _evo_attention_backward_prep_kernel(
 
 @triton.jit
 def _recompute_ds(
-    q, k, v, do, q_d2, k_d2, v_d2, do_d2, lse, delta, bias_tile, key_ok, scale_log2,
-    MASKED: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2,
+    MASKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Probabilities and logit gradient of one (query block, key block) tile.
 
-    bias_tile and lse are in base 2 (times log2(e)), as in the forward. With SPLIT the
-    ``_d2`` tiles are the head dim's second part (else placeholders).
+    bias_tile and lse are in base 2 (times log2(e)), as in the forward.
     Returns (p, ds): p = exp2(logits - lse), ds = p * (dO v^T - delta), both fp32; ds is the
     gradient of the natural-base logits.
     """
-    logits = _dot_t(q, k, q_d2, k_d2, IEEE, SPLIT) * scale_log2
+    if IEEE:
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    else:
+        logits = tl.dot(q, tl.trans(k)) * scale_log2
     logits += bias_tile
     if MASKED:  # else every key of the block is attended and inside N
         logits = tl.where(key_ok[None, :], logits, float("-inf"))
     p = tl.exp2(logits - lse[:, None])
-    dp = _dot_t(do, v, do_d2, v_d2, IEEE, SPLIT)
+    if IEEE:
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return p, ds
 
@@ -446,7 +378,7 @@ def _evo_attention_dkdv_kernel(
     stride_mb, stride_ms, stride_mn,
     S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
     block_n = _widen(tl.program_id(0), WIDE)
@@ -458,31 +390,21 @@ def _evo_attention_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < N
     d_valid = offs_d < D
-    # The head dim's second part, if any (as in the forward); else placeholders.
-    offs_d2, d_valid2 = offs_d, d_valid
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        d_valid2 = offs_d2 < D
-    k, v, k_d2, v_d2, key_ok = _load_keys(
-        k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
-        v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
-        mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d, n_valid, d_valid, offs_d2, d_valid2,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK, BLOCK_D2 > 0)
+    k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
+                              v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
+                              mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
     bh_row = (b * S + row) * H + h
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk_d2, dv_d2 = dk, dv
-    if BLOCK_D2 > 0:
-        dk_d2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
-        dv_d2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     # A key block that is all padding gets zero gradients without a pass over the queries.
     m_end = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, N, 0)
     for start_m in range(0, m_end, BLOCK_M):
         offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
-        q, do, q_d2, do_d2, lse, delta = _load_queries(
-            q_ptr + b * stride_qb + row * stride_qs + h * stride_qh, do_ptr, lse_ptr, delta_ptr, bh_row, h,
-            offs_m, offs_d, m_valid, d_valid, offs_d2, d_valid2, stride_qn, stride_qd, H, N, D, BLOCK_D2 > 0)
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
+                                          m_valid, d_valid, stride_qn, stride_qd, H, N, D)
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
@@ -491,59 +413,29 @@ def _evo_attention_dkdv_kernel(
             bias_tile = bias_tile.to(tl.float32) * _LOG2E
         # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
         # transposes below but, compiled for sm_90, needs more registers and spills more.
-        p, ds = _recompute_ds(q, k, v, do, q_d2, k_d2, v_d2, do_d2, lse, delta, bias_tile, key_ok, scale_log2,
-                              True, IEEE, BLOCK_D2 > 0)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, True, IEEE)
         if IEEE:
             dv += tl.dot(tl.trans(p), do, input_precision="ieee")
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            if BLOCK_D2 > 0:
-                dv_d2 += tl.dot(tl.trans(p), do_d2, input_precision="ieee")
-                dk_d2 += tl.dot(tl.trans(ds), q_d2, input_precision="ieee")
         else:
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            if BLOCK_D2 > 0:
-                dv_d2 += tl.dot(tl.trans(p.to(do_d2.dtype)), do_d2)
-                dk_d2 += tl.dot(tl.trans(ds.to(q_d2.dtype)), q_d2)
-    out_rows = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D
-    out_offs = out_rows + offs_d[None, :]
+    out_offs = (bh_row // H * N + offs_n[:, None]) * (H * D) + h * D + offs_d[None, :]
     kv_mask = n_valid[:, None] & d_valid[None, :]
     tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    if BLOCK_D2 > 0:
-        out_offs2 = out_rows + offs_d2[None, :]
-        kv_mask2 = n_valid[:, None] & d_valid2[None, :]
-        tl.store(dk_ptr + out_offs2, (dk_d2 * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask2)
-        tl.store(dv_ptr + out_offs2, dv_d2.to(dv_ptr.dtype.element_ty), mask=kv_mask2)
 
 
 @triton.jit
-def _dq_step(ds, k, k_d2, dq, dq_d2, IEEE: tl.constexpr, SPLIT: tl.constexpr):
-    """dq += dS k over both parts of the head dim (dq_d2 a placeholder without SPLIT)."""
-    if IEEE:
-        dq += tl.dot(ds, k, input_precision="ieee")
-        if SPLIT:
-            dq_d2 += tl.dot(ds, k_d2, input_precision="ieee")
-    else:
-        dq += tl.dot(ds.to(k.dtype), k)
-        if SPLIT:
-            dq_d2 += tl.dot(ds.to(k_d2.dtype), k_d2)
-    return dq, dq_d2
-
-
-@triton.jit
-def _dq_keys(start, end, q0, do0, q0_d2, do0_d2, lse0, delta0, dq0, dq0_d2,
-             q1, do1, q1_d2, do1_d2, lse1, delta1, dq1, dq1_d2,
+def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
              bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid, offs_d, d_valid,
-             offs_d2, d_valid2,
              N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
              stride_ms, stride_mn,
              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
              ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-             WIDE: tl.constexpr, SPLIT: tl.constexpr):
+             WIDE: tl.constexpr):
     """dQ of the program's rows from the key blocks starting in [start, end) (MASKED: as in
-    `_forward_keys`; the ``_d2`` tensors: the head dim's second part, as there); with
-    WRITE_DBIAS (one row) also the bias gradient's tiles."""
+    `_forward_keys`); with WRITE_DBIAS (one row) also the bias gradient's tiles."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
@@ -554,26 +446,28 @@ def _dq_keys(start, end, q0, do0, q0_d2, do0_d2, lse0, delta0, dq0, dq0_d2,
             bias_tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                                 mask=m_valid[:, None] & n_valid[None, :], other=0.0)
             bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        k, v, k_d2, v_d2, key_ok = _load_keys(
-            k_head + row0 * stride_ks, v_head + row0 * stride_vs, mask_batch + row0 * stride_ms, offs_n,
-            offs_d, n_valid, d_valid, offs_d2, d_valid2, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            HAS_MASK and MASKED, SPLIT)
-        p, ds = _recompute_ds(q0, k, v, do0, q0_d2, k_d2, v_d2, do0_d2, lse0, delta0, bias_tile, key_ok,
-                              scale_log2, MASKED, IEEE, SPLIT)
+        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+        p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, MASKED, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
             tl.store(dbias_tile + offs_n[None, :], ds.to(dbias_tile.dtype.element_ty),
                      mask=m_valid[:, None] & n_valid[None, :])
-        dq0, dq0_d2 = _dq_step(ds, k, k_d2, dq0, dq0_d2, IEEE, SPLIT)
+        if IEEE:
+            dq0 += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq0 += tl.dot(ds.to(k.dtype), k)
         if ROWS == 2:
-            k, v, k_d2, v_d2, key_ok = _load_keys(
-                k_head + row1 * stride_ks, v_head + row1 * stride_vs, mask_batch + row1 * stride_ms, offs_n,
-                offs_d, n_valid, d_valid, offs_d2, d_valid2, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_mn, HAS_MASK and MASKED, SPLIT)
-            p, ds = _recompute_ds(q1, k, v, do1, q1_d2, k_d2, v_d2, do1_d2, lse1, delta1, bias_tile, key_ok,
-                                  scale_log2, MASKED, IEEE, SPLIT)
-            dq1, dq1_d2 = _dq_step(ds, k, k_d2, dq1, dq1_d2, IEEE, SPLIT)
-    return dq0, dq0_d2, dq1, dq1_d2
+            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, MASKED, IEEE)
+            if IEEE:
+                dq1 += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq1 += tl.dot(ds.to(k.dtype), k)
+    return dq0, dq1
 
 
 @triton.jit
@@ -586,7 +480,7 @@ def _evo_attention_dq_kernel(
     stride_mb, stride_ms, stride_mn,
     S, H, N, D: tl.constexpr, scale, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     # As in the forward, a program serves ROWS (1 or 2) rows of one query block and each bias
@@ -608,29 +502,16 @@ def _evo_attention_dq_kernel(
     bh_row0 = (b * S + row0) * H + h
     bh_row1 = (b * S + row1) * H + h
 
-    # The head dim's second part, if any (as in the forward); else placeholders.
-    offs_d2, d_valid2 = offs_d, d_valid
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        d_valid2 = offs_d2 < D
-
-    q0, do0, q0_d2, do0_d2, lse0, delta0 = _load_queries(
-        q_head + row0 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row0, h, offs_m, offs_d, m_valid, d_valid,
-        offs_d2, d_valid2, stride_qn, stride_qd, H, N, D, BLOCK_D2 > 0)
+    q0, do0, lse0, delta0 = _load_queries(q_head + row0 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row0,
+                                          h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq0_d2 = dq0
-    if BLOCK_D2 > 0:
-        dq0_d2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     lse_min = tl.min(lse0, axis=0)
-    # One row: placeholders for the key loops.
-    q1, do1, q1_d2, do1_d2, lse1, delta1, dq1, dq1_d2 = q0, do0, q0_d2, do0_d2, lse0, delta0, dq0, dq0_d2
+    q1, do1, lse1, delta1, dq1 = q0, do0, lse0, delta0, dq0  # one row: placeholders for the key loops
     if ROWS == 2:
-        q1, do1, q1_d2, do1_d2, lse1, delta1 = _load_queries(
-            q_head + row1 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row1, h, offs_m, offs_d, m_valid,
-            d_valid, offs_d2, d_valid2, stride_qn, stride_qd, H, N, D, BLOCK_D2 > 0)
+        q1, do1, lse1, delta1 = _load_queries(q_head + row1 * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row1,
+                                              h, offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd,
+                                              H, N, D)
         dq1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if BLOCK_D2 > 0:
-            dq1_d2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
         lse_min = tl.minimum(lse_min, tl.min(lse1, axis=0))
     n_end = N
     if not WRITE_DBIAS:
@@ -642,60 +523,44 @@ def _evo_attention_dq_kernel(
                           n_end)
     bias_head = bias_ptr + b * stride_bb + h * stride_bh
     dbias_tile = dbias_ptr + (batch_head * N + offs_m[:, None]) * N
-    dq0, dq0_d2, dq1, dq1_d2 = _dq_keys(
-        0, full_end, q0, do0, q0_d2, do0_d2, lse0, delta0, dq0, dq0_d2, q1, do1, q1_d2, do1_d2, lse1, delta1,
-        dq1, dq1_d2, bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
-        offs_d, d_valid, offs_d2, d_valid2, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
-        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
-        HAS_BIAS, HAS_MASK, False, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE, BLOCK_D2 > 0)
-    dq0, dq0_d2, dq1, dq1_d2 = _dq_keys(
-        full_end, n_end, q0, do0, q0_d2, do0_d2, lse0, delta0, dq0, dq0_d2, q1, do1, q1_d2, do1_d2, lse1,
-        delta1, dq1, dq1_d2, bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
-        offs_d, d_valid, offs_d2, d_valid2, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
-        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
-        HAS_BIAS, HAS_MASK, True, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE, BLOCK_D2 > 0)
+    dq0, dq1 = _dq_keys(0, full_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
+                        bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
+                        offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
+                        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
+                        HAS_BIAS, HAS_MASK, False, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
+    dq0, dq1 = _dq_keys(full_end, n_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
+                        bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
+                        offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
+                        stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
+                        HAS_BIAS, HAS_MASK, True, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
     qd_mask = m_valid[:, None] & d_valid[None, :]
-    dq_rows = offs_m[:, None] * (H * D) + h * D
-    dq_offs = dq_rows + offs_d[None, :]
+    dq_offs = offs_m[:, None] * (H * D) + h * D + offs_d[None, :]
     tl.store(dq_ptr + (bh_row0 // H * N) * (H * D) + dq_offs, (dq0 * scale).to(dq_ptr.dtype.element_ty),
              mask=qd_mask)
     if ROWS == 2:
         tl.store(dq_ptr + (bh_row1 // H * N) * (H * D) + dq_offs, (dq1 * scale).to(dq_ptr.dtype.element_ty),
                  mask=qd_mask)
-    if BLOCK_D2 > 0:
-        qd_mask2 = m_valid[:, None] & d_valid2[None, :]
-        dq_offs2 = dq_rows + offs_d2[None, :]
-        tl.store(dq_ptr + (bh_row0 // H * N) * (H * D) + dq_offs2, (dq0_d2 * scale).to(dq_ptr.dtype.element_ty),
-                 mask=qd_mask2)
-        if ROWS == 2:
-            tl.store(dq_ptr + (bh_row1 // H * N) * (H * D) + dq_offs2,
-                     (dq1_d2 * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask2)
 
 
 @triton.jit
 def _dbias_rows(start, end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, bias_tile,
-                b, h, S, H, N, D: tl.constexpr, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid,
-                offs_d2, d_valid2, scale_log2,
+                b, h, S, H, N, D: tl.constexpr, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
                 stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                 stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
                 stride_mb, stride_ms, stride_mn,
-                HAS_MASK: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-                SPLIT: tl.constexpr):
-    """dbias plus the dS tiles of rows [start, end) (MASKED: as in `_forward_keys`; SPLIT:
-    the head dim in two parts, as there)."""
+                HAS_MASK: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """dbias plus the dS tiles of rows [start, end) (MASKED: as in `_forward_keys`)."""
     for row_index in range(start, end):
         row = _widen(row_index, WIDE)
-        q, do, q_d2, do_d2, lse, delta = _load_queries(
-            q_ptr + b * stride_qb + row * stride_qs + h * stride_qh, do_ptr, lse_ptr, delta_ptr,
-            (b * S + row) * H + h, h, offs_m, offs_d, m_valid, d_valid, offs_d2, d_valid2, stride_qn, stride_qd,
-            H, N, D, SPLIT)
-        k, v, k_d2, v_d2, key_ok = _load_keys(
-            k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
-            v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
-            mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d, n_valid, d_valid, offs_d2, d_valid2,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, SPLIT)
-        p, ds = _recompute_ds(q, k, v, do, q_d2, k_d2, v_d2, do_d2, lse, delta, bias_tile, key_ok, scale_log2,
-                              MASKED, IEEE, SPLIT)
+        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                          do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
+                                          offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
+                                  v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
+                                  mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d,
+                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                  HAS_MASK and MASKED)
+        p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, MASKED, IEEE)
         dbias += ds
     return dbias
 
@@ -710,7 +575,7 @@ def _evo_attention_dbias_kernel(
     stride_mb, stride_ms, stride_mn,
     S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK, first_ptr,
     HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
 ):
     block_n = _widen(tl.program_id(0), WIDE)
@@ -726,11 +591,6 @@ def _evo_attention_dbias_kernel(
     m_valid = offs_m < N
     n_valid = offs_n < N
     d_valid = offs_d < D
-    # The head dim's second part, if any (as in the forward); else placeholders.
-    offs_d2, d_valid2 = offs_d, d_valid
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        d_valid2 = offs_d2 < D
     tile_mask = m_valid[:, None] & n_valid[None, :]
     # The bias tile is the same for every row: load (and take to base 2) once, reduce all rows'
     # dS in registers.
@@ -756,17 +616,15 @@ def _evo_attention_dbias_kernel(
         whole_end = tl.min(lowest, axis=0)
         split = tl.where((block_n + 1) * BLOCK_N <= whole_end, row_end, row_start)
     dbias = _dbias_rows(row_start, split, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
-                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid,
-                        offs_d2, d_valid2, scale_log2,
+                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
                         stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                         stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
-                        stride_mb, stride_ms, stride_mn, HAS_MASK, False, IEEE, WIDE, BLOCK_D2 > 0)
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, False, IEEE, WIDE)
     dbias = _dbias_rows(split, row_end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
-                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid,
-                        offs_d2, d_valid2, scale_log2,
+                        bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
                         stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                         stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
-                        stride_mb, stride_ms, stride_mn, HAS_MASK, True, IEEE, WIDE, BLOCK_D2 > 0)
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, True, IEEE, WIDE)
     # dbias is written contiguous [chunks, B, H, N, N], rounded once from the fp32 sum.
     tl.store(dbias_ptr + ((chunk * BH + batch_head) * N + offs_m[:, None]) * N + offs_n[None, :],
              dbias.to(dbias_ptr.dtype.element_ty), mask=tile_mask)
@@ -814,14 +672,13 @@ _DEFAULTS = {
     "dq": (_blocks(128, 64, 8, 3), _blocks(64, 32, 4, 3)),
     "dbias": (_blocks(64, 32, 4, 2), _blocks(64, 32, 4, 2)),
 }
-# D > 32 (head dims computed 48 to 128 wide, `_head_split`): 64 x 64 tiles, 4 warps, 2
-# stages everywhere. On the H100, with the kernels as they were before exp2 and two rows per
-# program, these ran the diffusion shape (S=48, H=16, D=48, then padded to 64) in 1.19 / 4.00
-# ms at N=384 / 768 and the pair-bias shape (D=64) in 1.00 / 0.62 ms; per-kernel choices
-# picked to avoid register spills (ptxas reports 128 B in dK/dV and 700 B in dBias at D = 48
-# with these) then measured 1.52 / 4.47 and 1.24 / 0.81 ms
-# (2026-11-26-session3-kernels-evo.json): the spills cost less than the smaller tiles and
-# extra warps. Not yet re-measured with these defaults restored, nor with D = 48 split.
+# D > 32 (head dims padded to 64 or 128): 64 x 64 tiles, 4 warps, 2 stages everywhere. On the
+# H100, with the kernels as they were before exp2 and two rows per program, these ran the
+# diffusion shape (S=48, H=16, D=48) in 1.19 / 4.00 ms at N=384 / 768 and the pair-bias shape
+# (D=64) in 1.00 / 0.62 ms; per-kernel choices picked to avoid register spills (ptxas reports
+# 128 B in dK/dV and 700 B in dBias at D = 48 with these) then measured 1.52 / 4.47 and
+# 1.24 / 0.81 ms (2026-11-26-session3-kernels-evo.json): the spills cost less than the
+# smaller tiles and extra warps. Not yet re-measured with these defaults restored.
 _DEFAULTS_WIDE = {kind: (_blocks(64, 64, 4, 2), _blocks(64, 64, 4, 2)) for kind in ("fwd", "dkdv", "dq", "dbias")}
 # The interpreter runs every program serially: small blocks keep masked tails cheap.
 _INTERPRETER_BLOCKS = _blocks(16, 16, 1, 1)
@@ -836,34 +693,19 @@ _CANDIDATES = [
 def _default_blocks(kind: str, S: int, D: int) -> dict:
     if interpreter_active():
         return _INTERPRETER_BLOCKS
-    config = dict((_DEFAULTS if sum(_head_split(D)) <= 32 else _DEFAULTS_WIDE)[kind][S >= 8])
+    config = dict((_DEFAULTS if D <= 32 else _DEFAULTS_WIDE)[kind][S >= 8])
     if torch.version.hip:
         # AMD GPUs have 64 KiB of shared memory per CU (H100: 228 KiB): at most two stages.
         config["num_stages"] = min(config["num_stages"], 2)
     return config
 
 
-def _head_split(D: int) -> tuple[int, int]:
-    """The widths (BLOCK_D, BLOCK_D2) the kernels cover the head dim with: one power of two
-    (at least 16, the tensor cores' K step), or two where that is narrower: the largest power
-    of two <= D and the rest padded to one. D = 48 runs as 32 + 16 instead of padded to 64, a
-    quarter less work in every product; D = 24 stays 32 (16 + 16 is no narrower)."""
-    padded = max(16, next_power_of_2(D))
-    block_d = max(16, 1 << (D.bit_length() - 1))
-    rest = D - block_d
-    if rest <= 0:
-        return padded, 0
-    block_d2 = max(16, next_power_of_2(rest))
-    return (block_d, block_d2) if block_d + block_d2 < padded else (padded, 0)
-
-
 def _rows_per_program(S: int, programs: int, multiprocessors: int, tile: int) -> int:
     """Rows each forward and dQ program serves: two share each bias tile where the grid of
     ``programs`` (at one row each) stays at 4+ programs per SM with two (triangle, diffusion
-    with many samples, MSA) and the tiles are small (``tile`` = BLOCK_M * BLOCK_N * the head
-    dim's computed width BLOCK_D + BLOCK_D2, at most 64 * 32 * 32: compiled for sm_90, larger
-    tiles with two rows spill registers); one otherwise, and for S < 8, where an odd S's
-    repeated last row would cost too much."""
+    with many samples, MSA) and the tiles are small (``tile`` = BLOCK_M * BLOCK_N * BLOCK_D
+    at most 64 * 32 * 32: compiled for sm_90, larger tiles with two rows spill registers);
+    one otherwise, and for S < 8, where an odd S's repeated last row would cost too much."""
     return 2 if S >= 8 and programs >= 8 * multiprocessors and tile <= 64 * 32 * 32 else 1
 
 
@@ -876,9 +718,7 @@ def _dbias_row_chunks(tiles: int, S: int, multiprocessors: int) -> int:
 
 def _tune_key(kind: str, S: int, N: int, D: int, H: int, dtype: torch.dtype, has_bias: bool):
     bucket = lambda n: next_power_of_2(n)  # noqa: E731  shapes within a factor of 2 share a choice
-    # The head dim as computed (`_head_split`): a split D = 48 (32 + 16) runs other kernels
-    # than D = 64 and gets its own choice.
-    return (kind, bucket(S), bucket(N), sum(_head_split(D)), H, str(dtype), has_bias)
+    return (kind, bucket(S), bucket(N), next_power_of_2(D), H, str(dtype), has_bias)
 
 
 # (kind, shape, dtype, bias, interpreter) -> (tuning key, default): built once per shape, since
@@ -943,13 +783,12 @@ class _Inputs:
         self.__dict__["wide"] = wide  # the forward's answer (the cached property's slot)
         return self
 
-    def query_grid(self, cfg: dict, width: int) -> tuple[tuple[int, int, int], int]:
+    def query_grid(self, cfg: dict, block_d: int) -> tuple[tuple[int, int, int], int]:
         """The grid of the forward and dQ passes (query blocks, row groups, batch x head) and
-        the rows each program serves (``_rows_per_program``; ``width``: the head dim's
-        computed width, BLOCK_D + BLOCK_D2)."""
+        the rows each program serves (``_rows_per_program``)."""
         B, S, N, H = self.B, self.S, self.N, self.H
         programs = cdiv(N, cfg["BLOCK_M"]) * S * B * H
-        tile = cfg["BLOCK_M"] * cfg["BLOCK_N"] * width
+        tile = cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d
         rows = _rows_per_program(S, programs, multiprocessors(self.q.device), tile)
         return (cdiv(N, cfg["BLOCK_M"]), cdiv(S, rows), B * H), rows
 
@@ -973,12 +812,12 @@ def _forward(inp: _Inputs, scale: float):
         first = torch.empty((B, S), device=inp.q.device, dtype=torch.int32)
         launch_kernel(_first_masked_key_kernel, (cdiv(S, _FIRST_ROWS), B), inp.mask, first, S, N,
                       *inp.mask.stride(), BLOCK_S=_FIRST_ROWS, BLOCK_N=_FIRST_KEYS, WIDE=inp.wide, num_warps=4)
-    block_d, block_d2 = _head_split(D)
+    block_d = max(16, next_power_of_2(D))
     ieee = dtype == torch.float32
     dummy = inp.q
 
     def launch(cfg):
-        grid, rows = inp.query_grid(cfg, block_d + block_d2)
+        grid, rows = inp.query_grid(cfg, block_d)
         launch_kernel(_evo_attention_forward_kernel, grid,
             inp.q, inp.k, inp.v,
             inp.bias if inp.bias is not None else dummy,
@@ -988,8 +827,8 @@ def _forward(inp: _Inputs, scale: float):
             S, H, N, D, scale * LOG2E, first if first is not None else dummy,
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee,
-            WIDE=inp.wide, PREFIX=first is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide,
+            PREFIX=first is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -1017,12 +856,12 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
         HAS_GATE=inp.gate is not None, BLOCK_N=prep_block_n, BLOCK_H=block_h, BLOCK_D=block_dp,
         WIDE=inp.wide,
     )
-    block_d, block_d2 = _head_split(D)
+    block_d = max(16, next_power_of_2(D))
     ieee = dtype == torch.float32
     dummy = inp.q
     bias = inp.bias if inp.bias is not None else dummy
     mask = inp.mask if inp.mask is not None else dummy
-    common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, BLOCK_D2=block_d2, IEEE=ieee, WIDE=inp.wide)
+    common = dict(HAS_MASK=inp.mask is not None, BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide)
     first_arg, prefix = (first, True) if first is not None else (dummy, False)
     strides = inp.args()
 
@@ -1073,7 +912,7 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
         )
 
     def launch_dq(cfg):
-        grid, rows = inp.query_grid(cfg, block_d + block_d2)
+        grid, rows = inp.query_grid(cfg, block_d)
         launch_kernel(_evo_attention_dq_kernel, grid,
             inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,

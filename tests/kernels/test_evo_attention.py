@@ -77,7 +77,7 @@ def check_against_reference(inputs, dtype, scale=None, backend="triton", grad_ou
         ((1,), 3, 16, 2, 32),   # block-aligned
         ((2,), 5, 13, 3, 24),   # odd N, D not a power of two
         ((1,), 1, 33, 4, 8),    # single row (pair-bias shape), N past one block
-        ((2, 2), 2, 7, 1, 48),  # two leading dims, D = 48 (in two parts, 32 + 16)
+        ((2, 2), 2, 7, 1, 48),  # two leading dims, D = 48
         ((), 2, 9, 2, 16),      # no leading dim: q [S, N, H, D]
     ],
 )
@@ -90,37 +90,17 @@ def test_matches_reference(lead, S, N, H, D, dtype, poisoned_empty):
 @pytest.mark.parametrize(
     "S,N,H,D",
     [
-        (3, 19, 2, 40),  # 32 + 16, the second part half padding
-        (2, 21, 1, 80),  # 64 + 16
-        (1, 13, 2, 96),  # 64 + 32; one row: the dQ pass writes the bias gradient
+        (3, 19, 2, 40),  # padded to 64
+        (2, 21, 1, 80),  # padded to 128
+        (1, 13, 2, 96),  # padded to 128; one row: the dQ pass writes the bias gradient
     ],
 )
-def test_split_head_dim_matches_reference(S, N, H, D, dtype, poisoned_empty):
-    """Head dims the kernels cover in two parts (`_head_split`), with odd N, a padded tail of
-    keys, a fully masked row (where S > 1), a gate and a bias."""
-    assert evo_module._head_split(D)[1] > 0
+def test_padded_head_dims_match_reference(S, N, H, D, dtype, poisoned_empty):
+    """Head dims the kernels pad to the next power of two, with odd N, a padded tail of keys,
+    a fully masked row (where S > 1), a gate and a bias."""
     inputs = make_inputs((1,), S, N, H, D, dtype, masked_rows=(1,) if S > 1 else ())
     inputs["mask"][..., N - 3:] = False  # padded tail of keys
     check_against_reference(inputs, dtype)
-
-
-def test_head_split():
-    """Two parts only where they compute a narrower width than D padded to one power of two;
-    each part a power of two of at least 16, together covering D, the second starting inside
-    it. The tuning key holds the computed width: a split D = 48 gets its own choice."""
-    expected = {24: (32, 0), 32: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0), 80: (64, 16),
-                96: (64, 32), 112: (128, 0), 128: (128, 0)}
-    for D in range(8, 129):
-        block_d, block_d2 = evo_module._head_split(D)
-        padded = max(16, 1 << (D - 1).bit_length())
-        assert D <= block_d + block_d2 <= padded, D
-        for width in (block_d, block_d2) if block_d2 else (block_d,):
-            assert width >= 16 and width & (width - 1) == 0, D
-        if block_d2:
-            assert block_d < D and block_d + block_d2 < padded, D
-        assert (block_d, block_d2) == expected.get(D, (block_d, block_d2))
-    width = {D: evo_module._tune_key("fwd", 48, 384, D, 16, torch.bfloat16, True)[3] for D in (24, 48, 64)}
-    assert width == {24: 32, 48: 48, 64: 64}
 
 
 @pytest.mark.parametrize("parts", [dict(bias=False, mask=False, gate=False),
@@ -147,7 +127,7 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
 @pytest.mark.parametrize("D", [16, 48])
 def test_transposed_views_need_no_copy(D, monkeypatch):
     """Ending-node triangle attention passes the pair transposed: a view, not a copy (D = 48:
-    both parts of a split head dim read through the strides)."""
+    the padded head dim read through the strides)."""
     B, N, H = 1, 12, 2
     pair_q = torch.randn(B, N, N, H, D, requires_grad=True)
     pair_k = torch.randn(B, N, N, H, D, requires_grad=True)
@@ -201,7 +181,7 @@ def test_many_rows_paths(D, monkeypatch):
     """What a GPU runs for many rows, forced at a CPU size: forward and dQ programs serving two
     rows (an odd S, whose last program takes its last row twice; a fully masked row among them)
     and the dBias pass split into row chunks (one shorter than the others) whose partial sums
-    are bitwise the same on every run; with the head dim in one part and in two (D = 48)."""
+    are bitwise the same on every run; with D = 48 padded to 64 too."""
     monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
     monkeypatch.setattr(evo_module, "_dbias_row_chunks", lambda tiles, S, multiprocessors: 3)
     inputs = make_inputs((1,), 7, 13, 2, D, torch.float32, masked_rows=(3,))
@@ -219,7 +199,7 @@ def test_whole_key_blocks_path(dtype, two_rows, D, monkeypatch, poisoned_empty):
     """The kernels' unmasked pass over whole key blocks, as a GPU runs it from 8 rows: a
     crop's padding (whole blocks, then a masked one, then one past N), one row with a random
     mask, a fully masked row; one and two rows a program, and the dBias pass in row chunks;
-    the head dim in one part and in two (D = 48).
+    D = 48 padded to 64 too.
     Each row's first masked key is found once before the forward and kept for the backward (N
     where none is masked, -1 for a row that attends no key); that scan and the dBias pass's
     reduction over a chunk's rows loop here over small tiles.
@@ -255,7 +235,7 @@ def test_whole_key_blocks_path(dtype, two_rows, D, monkeypatch, poisoned_empty):
 def test_int64_offsets_path(D, monkeypatch):
     """The kernels' int64 addressing (what views of more than 2**31 elements get on a GPU),
     forced at a CPU size, on the transposed views of the ending-node attention and with the
-    two-row and dBias-chunk paths; the head dim in one part and in two (D = 40)."""
+    two-row and dBias-chunk paths; D = 40 padded to 64 too."""
     monkeypatch.setattr(evo_module._Inputs, "wide", property(lambda self: True))
     monkeypatch.setattr(evo_module, "PREFIX_MIN_ROWS", 1)  # the prefix's offsets too
     monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
