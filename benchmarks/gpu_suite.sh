@@ -35,6 +35,8 @@
 #   retune-evo       MEGAFOLD_AUTOTUNE=force over the triangle-shape EvoAttention keys at N=384,
 #             768 (every candidate's time in $OUT/autotune-trials.json), then their rows
 #   retune-triangle  the same for triangle multiplication (its one-stage input candidates)
+#   overhead  benchmarks/profiler_overhead.py: the profiler's hooks-only cost on a "paper" step at
+#             crop 384, plain and profiled runs alternating, every step's time
 #   launch    launch_kernel's direct launches against Triton's own path: host_overhead.py (plain
 #             pair-bias calls), then a "paper" training step (crop 384, triton) with
 #             MEGAFOLD_FAST_LAUNCH=0, =1, =0
@@ -168,6 +170,9 @@ retune-evo)
 retune-triangle)
     step retune_triangle 560 env MEGAFOLD_AUTOTUNE=force $py benchmarks/kernels.py --ops triangle_multiply \
         --ns 384,768 --graph --impls megafold --out "$OUT"
+    ;;
+overhead)
+    step profiler_overhead 400 $py benchmarks/profiler_overhead.py --rounds 2 --steps 4 --out "$OUT"
     ;;
 launch)
     step host_overhead 200 $py benchmarks/host_overhead.py --out "$OUT"

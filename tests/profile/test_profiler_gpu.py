@@ -70,7 +70,8 @@ def test_profiler_overhead_is_measured_on_the_paper_step():
     ``overhead_ms`` is the mean profiled step minus the plain one.
 
     No bound on the overhead itself: it is a speed figure of the host, and the brief puts those
-    in benchmarks. This test prints it; ``benchmarks/dashboard_screenshot.py --overhead``'s
+    in benchmarks (``benchmarks/profiler_overhead.py`` records it over alternating plain and
+    profiled runs). This test prints it; ``benchmarks/dashboard_screenshot.py --overhead``'s
     ``overhead_frac`` is not the same figure (its plain step checkpoints reentrantly, so it
     also holds the checkpoint mode's cost). A 25% bound here failed on slow hosts in sessions
     13, 16 and 25 (+27% and +29% in the first two: the hooks' host time grows faster than the

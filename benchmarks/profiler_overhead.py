@@ -1,0 +1,111 @@
+"""The profiler's own cost: plain and profiled training steps, in alternating runs, one process.
+
+    PYTHONPATH=. python benchmarks/profiler_overhead.py                    # "paper", crop 384, triton (GPU)
+    PYTHONPATH=. python benchmarks/profiler_overhead.py --rounds 3 --steps 6
+    PYTHONPATH=. python benchmarks/profiler_overhead.py --preset tiny --crop 16 --quick --kernels torch  # CPU
+
+``profile_step`` reports ``overhead_ms`` against one plain step taken before the profiled
+ones. On a GPU host a single baseline is fragile: session 26's "paper" step at crop 384 gave
+a plain 4370 ms and profiled steps of 4726, 5307 and 5528 ms, a series that rose step by
+step. This script separates what the hooks cost from what drifts:
+- each round runs ``--steps`` plain steps (``profile_step(modules=False)``: stage boundaries
+  only, no module or autograd hooks) and then ``--steps`` profiled ones, each run after its
+  own warmup step, the rounds one after the other;
+- every step runs with non-reentrant checkpoints (``nonreentrant_checkpoints``), which the
+  profiled step needs for its backward hooks. A plain step would otherwise checkpoint
+  reentrantly, so both sides carry the same checkpoint mode and the difference is the hooks
+  alone (``dashboard_screenshot.py --overhead`` compares against a reentrant plain step);
+- per run it records every step's time. ``rise`` is the run's last step over its first: a
+  profiled series that rises where the plain one does not points at the hooks (something
+  that piles up across steps), both rising at the host or the GPU.
+
+The overhead is the median profiled step over the median plain step, minus one, over all
+rounds, and per round. Writes ``results/<gpu-name>/<date>-profiler-overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import environment, print_table, write_json  # noqa: E402
+
+from megafold.model import preset  # noqa: E402
+from megafold.model.primitives import nonreentrant_checkpoints  # noqa: E402
+from megafold.profile import profile_step  # noqa: E402
+from megafold.profile.widgets import QUICK_OVERRIDES  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="paper" if gpu else "tiny")
+    parser.add_argument("--crop", type=int, default=384 if gpu else 16)
+    parser.add_argument("--kernels", choices=("torch", "triton"), default="triton" if gpu else "torch")
+    parser.add_argument("--quick", action="store_true", help="one block per stack")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="plain run, then profiled run, this many times")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
+    return args
+
+
+def run(config, crop: int, steps: int, profiled: bool) -> dict:
+    """One run: a warmup step, then ``steps`` measured ones, plain or profiled."""
+    with nonreentrant_checkpoints():
+        ds = profile_step(config, crop=crop, warmup=1, steps=steps, modules=profiled, measure_overhead=False)
+    step_ms = [float(ms) for ms in ds["step_ms"].values]
+    return {
+        "mode": "profiled" if profiled else "plain",
+        "step_ms": step_ms,
+        "median_ms": statistics.median(step_ms),
+        "rise": step_ms[-1] / step_ms[0] - 1,
+        "switches": int(ds["switches"]),
+    }
+
+
+def overhead(rows: list[dict]) -> float:
+    """Median profiled step over median plain step, minus one."""
+    plain = [ms for row in rows if row["mode"] == "plain" for ms in row["step_ms"]]
+    profiled = [ms for row in rows if row["mode"] == "profiled" for ms in row["step_ms"]]
+    return statistics.median(profiled) / statistics.median(plain) - 1
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = preset(args.preset, kernels=args.kernels, **(QUICK_OVERRIDES if args.quick else {}))
+    env = environment()
+    print(f"{env['device']}: {args.preset}{' (quick)' if args.quick else ''}, crop {args.crop}, "
+          f"kernels {args.kernels}, {args.rounds} rounds of {args.steps} plain + {args.steps} profiled steps")
+    rows = []
+    for index in range(args.rounds):
+        for profiled in (False, True):
+            row = {"round": index, **run(config, args.crop, args.steps, profiled)}
+            rows.append(row)
+            print(f"round {index} {row['mode']:8s} " + " ".join(f"{ms:.0f}" for ms in row["step_ms"]) + " ms")
+    summary = {
+        "overhead_frac": overhead(rows),
+        "overhead_frac_per_round": [overhead([r for r in rows if r["round"] == i]) for i in range(args.rounds)],
+    }
+    print_table(rows, ["round", "mode", "median_ms", "rise", "switches"])
+    print(f"overhead (median profiled / median plain - 1): {summary['overhead_frac']:+.1%}; per round "
+          + ", ".join(f"{frac:+.1%}" for frac in summary["overhead_frac_per_round"]))
+    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    path = write_json("profiler-overhead", env, rows, {**settings, **summary}, out_dir=args.out)
+    print(f"wrote {path}")
+    return {"rows": rows, "path": path, **summary}
+
+
+if __name__ == "__main__":
+    main()
