@@ -69,6 +69,9 @@ step() {  # step NAME SECONDS COMMAND...
     timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT/$stage-$name.log" | tail -n 60
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s"
 }
+# Carried wheels into a folder, no index ("${install_wheels[@]}" --target DIR WHEEL...; an
+# array, not a function, so that `step` can run it under `timeout`).
+install_wheels=($py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $stage in
@@ -82,9 +85,8 @@ tests-model)
     # failed there for want of it): carry their wheels in .whl (zarr, numcodecs, donfig,
     # google-crc32c, msgspec, gemmi; about 5 MB)
     if compgen -G ".whl/gemmi-*.whl" >/dev/null; then
-        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-            .whl/zarr-*.whl .whl/numcodecs-*.whl .whl/donfig-*.whl .whl/google_crc32c-*.whl \
-            .whl/msgspec-*.whl .whl/gemmi-*.whl
+        "${install_wheels[@]}" --target /tmp/site .whl/zarr-*.whl .whl/numcodecs-*.whl .whl/donfig-*.whl \
+            .whl/google_crc32c-*.whl .whl/msgspec-*.whl .whl/gemmi-*.whl
     else
         echo "no .whl/gemmi-*.whl: the trainer test's prediction step will fail importing gemmi" >&2
     fi
@@ -182,17 +184,14 @@ launch)
     done
     ;;
 biotite)
-    step biotite 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/site .whl3/*.whl
+    step biotite 200 "${install_wheels[@]}" --target /tmp/site .whl3/*.whl
     ;;
 cueq-ops)
-    step cueq_ops 200 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/cueq .whl2/*.whl
+    step cueq_ops 200 "${install_wheels[@]}" --target /tmp/cueq .whl2/*.whl
     ;;
 cueq-peers)
     [ -d /tmp/cueq/cuequivariance_ops ] || { echo "no /tmp/cueq: run the cueq-ops stage first, same machine" >&2; exit 3; }
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cueq \
-        .whl/cuequivariance*.whl .whl/platformdirs*.whl .whl/trifast*.whl >/dev/null
+    "${install_wheels[@]}" --target /tmp/cueq .whl/cuequivariance*.whl .whl/platformdirs*.whl .whl/trifast*.whl >/dev/null
     export PYTHONPATH=$PYTHONPATH:/tmp/cueq
     mkdir -p "$OUT/evo" "$OUT/triangle"
     step evo_peers 330 $py benchmarks/kernels.py --ops evo_attention --shapes tri --ns 256,384,512,768,1024 \

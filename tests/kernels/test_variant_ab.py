@@ -87,9 +87,9 @@ def test_choices_follow_the_tuners_keys(tmp_path):
     z, mask, params = _triangle_inputs()
     module.triangle_multiply(z, mask, params, backend="triton")
     op, key, rows = next(a for a in asked if a[0] == "triangle_multiply_in_fwd")
-    from megafold.kernels._common import rows_bucket
+    from megafold.kernels._common import tuned_key
 
-    full = [*key, rows_bucket(rows)] if rows is not None else list(key)
+    full = list(tuned_key(key, rows))  # the key the tuner stores this launch's choice under
     path = tmp_path / "autotune.json"
     path.write_text(json.dumps({"_capability": [9, 0],
                                 json.dumps([op, full, "Some GPU"]): {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 2},
