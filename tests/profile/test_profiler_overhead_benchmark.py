@@ -1,6 +1,6 @@
-"""benchmarks/profiler_overhead.py: plain and profiled runs alternate, each step is timed, the
-profiled runs hook the modules and the plain ones do not, and the overhead is what the
-recorded steps say. (The figure that matters needs a GPU host; this checks the bookkeeping.)"""
+"""benchmarks/profiler_overhead.py: training, plain and profiled runs alternate, each step is
+timed, the profiled runs hook the modules and the others do not, only the training runs use the
+model's own checkpoint mode, and the overheads are what the recorded steps say. (The figure that matters needs a GPU host; this checks the bookkeeping.)"""
 
 from __future__ import annotations
 
@@ -23,22 +23,47 @@ def test_rounds_alternate_and_the_overhead_comes_from_the_recorded_steps(tmp_pat
     )  # fmt: skip
     rows = result["rows"]
     assert [(row["round"], row["mode"]) for row in rows] == [
-        (0, "plain"), (0, "profiled"), (1, "plain"), (1, "profiled")
+        (0, "training"), (0, "plain"), (0, "profiled"), (1, "training"), (1, "plain"), (1, "profiled")
     ]
     for row in rows:
         assert len(row["step_ms"]) == 2 and all(ms > 0 for ms in row["step_ms"])
         assert row["median_ms"] == statistics.median(row["step_ms"])
         assert row["rise"] == pytest.approx(row["step_ms"][-1] / row["step_ms"][0] - 1)
     # Module hooks only in the profiled runs: many more timeline segments than stage boundaries.
-    plain, profiled = rows[0]["switches"], rows[1]["switches"]
-    assert plain < 10 < 10 * plain < profiled
-    steps = {mode: [ms for row in rows if row["mode"] == mode for ms in row["step_ms"]] for mode in ("plain", "profiled")}
-    expected = statistics.median(steps["profiled"]) / statistics.median(steps["plain"]) - 1
-    assert result["overhead_frac"] == pytest.approx(expected)
-    assert len(result["overhead_frac_per_round"]) == 2
+    training, plain, profiled = (rows[i]["switches"] for i in range(3))
+    assert training == plain < 10 < 10 * plain < profiled
+    steps = {mode: [ms for row in rows if row["mode"] == mode for ms in row["step_ms"]] for mode in profiler_overhead.MODES}
+    median = {mode: statistics.median(values) for mode, values in steps.items()}
+    expected = {
+        "overhead_frac": median["profiled"] / median["plain"] - 1,
+        "mode_frac": median["plain"] / median["training"] - 1,
+        "total_frac": median["profiled"] / median["training"] - 1,
+    }
     written = json.loads(Path(result["path"]).read_text())
     assert written["benchmark"] == "profiler-overhead" and written["rows"] == rows
-    assert written["config"]["overhead_frac"] == pytest.approx(expected)
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value) and written["config"][name] == pytest.approx(value)
+    assert len(result["overhead_frac_per_round"]) == len(result["mode_frac_per_round"]) == 2
+
+
+def test_only_the_training_runs_leave_the_traced_checkpoint_mode(monkeypatch):
+    """The plain and profiled runs are the traced step's mode (non-reentrant checkpoints, no
+    graphed diffusion chunks: ``gradients_may_bypass_autograd`` is false); the training run is
+    the model's own."""
+    from megafold.model.primitives import gradients_may_bypass_autograd
+
+    seen = []
+
+    def fake_profile_step(config, *, modules, **kwargs):
+        seen.append((modules, gradients_may_bypass_autograd()))
+        import xarray as xr
+
+        return xr.Dataset({"step_ms": ("step", [1.0, 2.0]), "switches": ((), 5.0)})
+
+    monkeypatch.setattr(profiler_overhead, "profile_step", fake_profile_step)
+    modes = [profiler_overhead.run("tiny", 8, 2, mode)["mode"] for mode in profiler_overhead.MODES]
+    assert modes == list(profiler_overhead.MODES)
+    assert seen == [(False, True), (False, False), (True, False)]
 
 
 def test_bad_counts_are_clear_errors(capsys):
