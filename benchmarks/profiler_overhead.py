@@ -30,7 +30,10 @@ recomputed block) and the diffusion chunks run eagerly instead of replaying CUDA
 Each round therefore also runs ``--steps`` steps as training runs them (``mode`` "training":
 the config's own checkpoints, graphed chunks, no hooks): ``mode_frac`` is the median plain
 step over the median training step, minus one, and ``total_frac`` the median profiled step
-over it. Writes ``results/<gpu-name>/<date>-profiler-overhead.json``.
+over it. A fourth run per round ("graphed") profiles with ``graphed_diffusion=True``, which
+keeps the chunks' CUDA graphs in the traced step: ``graphed_total_frac`` is its median step
+over the median training step, minus one. Writes
+``results/<gpu-name>/<date>-profiler-overhead.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, print_table, write_json  # noqa: E402
 
 from megafold.model import preset  # noqa: E402
-from megafold.model.primitives import nonreentrant_checkpoints  # noqa: E402
+from megafold.model.primitives import graphed_chunks_under_trace, nonreentrant_checkpoints  # noqa: E402
 from megafold.profile import profile_step  # noqa: E402
 from megafold.profile.widgets import QUICK_OVERRIDES  # noqa: E402
 
@@ -64,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=("torch", "triton"), default="triton" if gpu else "torch")
     parser.add_argument("--quick", action="store_true", help="one block per stack")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
-    parser.add_argument("--rounds", type=int, default=2, help="training, plain and profiled runs, this many times")
+    parser.add_argument("--rounds", type=int, default=2, help="training, plain, profiled and graphed runs, this many times")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
@@ -72,17 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-MODES = ("training", "plain", "profiled")
+MODES = ("training", "plain", "profiled", "graphed")
 
 
 def run(config, crop: int, steps: int, mode: str) -> dict:
     """One run: a warmup step, then ``steps`` measured ones, in one of ``MODES``: "training"
     (the config's own checkpoints and CUDA graphs, stage boundaries only), "plain" (the traced
-    step's mode, stage boundaries only) or "profiled" (the traced step, module hooks)."""
-    traced_mode = nonreentrant_checkpoints() if mode != "training" else contextlib.nullcontext()
-    with traced_mode:
-        ds = profile_step(config, crop=crop, warmup=1, steps=steps, modules=mode == "profiled",
-                          measure_overhead=False)
+    step's mode, stage boundaries only), "profiled" (the traced step, module hooks) or
+    "graphed" (the traced step with ``graphed_diffusion=True``: the diffusion chunks replay
+    their CUDA graphs, timed as one region)."""
+    with contextlib.ExitStack() as modes:
+        if mode != "training":
+            modes.enter_context(nonreentrant_checkpoints())
+        if mode == "graphed":
+            modes.enter_context(graphed_chunks_under_trace())
+        ds = profile_step(config, crop=crop, warmup=1, steps=steps, modules=mode in ("profiled", "graphed"),
+                          graphed_diffusion=mode == "graphed", measure_overhead=False)
     step_ms = [float(ms) for ms in ds["step_ms"].values]
     return {
         "mode": mode,
@@ -118,13 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
         "mode_frac": overhead(rows, "plain", "training"),
         "mode_frac_per_round": [overhead(round_rows, "plain", "training") for round_rows in per_round],
         "total_frac": overhead(rows, "profiled", "training"),
+        "graphed_total_frac": overhead(rows, "graphed", "training"),
     }
     print_table(rows, ["round", "mode", "median_ms", "rise", "switches"])
     print(f"hooks (median profiled / median plain - 1): {summary['overhead_frac']:+.1%}; per round "
           + ", ".join(f"{frac:+.1%}" for frac in summary["overhead_frac_per_round"]))
     print(f"traced mode (median plain / median training - 1): {summary['mode_frac']:+.1%}; per round "
           + ", ".join(f"{frac:+.1%}" for frac in summary["mode_frac_per_round"]))
-    print(f"profiled step over the training step: {summary['total_frac']:+.1%}")
+    print(f"profiled step over the training step: {summary['total_frac']:+.1%}; with graphed_diffusion: "
+          f"{summary['graphed_total_frac']:+.1%}")
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     path = write_json("profiler-overhead", env, rows, {**settings, **summary}, out_dir=args.out)
     print(f"wrote {path}")

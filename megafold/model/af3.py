@@ -48,7 +48,7 @@ from megafold.model.primitives import (
     LayerNorm,
     LinearNoBias,
     checkpointed_with_context,
-    gradients_may_bypass_autograd,
+    graphed_chunks_allowed,
 )
 from megafold.model.template import TemplateEmbedder
 
@@ -194,7 +194,7 @@ class AlphaFold3(nn.Module):
         chunk = c.diffusion_chunk if 0 < c.diffusion_chunk < S else S
         chunks = -(-S // chunk)
         denoise = None
-        if c.diffusion_cuda_graph and chunks >= 3 and torch.is_grad_enabled() and gradients_may_bypass_autograd():
+        if c.diffusion_cuda_graph and chunks >= 3 and torch.is_grad_enabled() and graphed_chunks_allowed():
             # off CUDA the same checkpoints and gradient sums, run eagerly
             denoise = GraphedChunkDenoiser(self.diffusion_module, ctx, chunks, graphs=x_true.is_cuda)
 

@@ -117,6 +117,30 @@ def nonreentrant_checkpoints() -> Iterator[None]:
         _NONREENTRANT[0] -= 1
 
 
+_GRAPHED_UNDER_TRACE = [0]  # > 0 inside ``graphed_chunks_under_trace()``
+
+
+@contextmanager
+def graphed_chunks_under_trace() -> Iterator[None]:
+    """Let the training diffusion chunks replay CUDA graphs (``GraphedChunkDenoiser``) inside
+    ``nonreentrant_checkpoints()``: for a profiler that times the chunk denoiser as one opaque
+    region (``profile_step(..., graphed_diffusion=True)``), so that its traced step launches
+    what a training step launches. Distributed runs still run the chunks eagerly."""
+    _GRAPHED_UNDER_TRACE[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPHED_UNDER_TRACE[0] -= 1
+
+
+def graphed_chunks_allowed() -> bool:
+    """Whether the training diffusion chunks may replay CUDA graphs, whose gradient sums bypass
+    autograd: as ``gradients_may_bypass_autograd``, and also inside
+    ``nonreentrant_checkpoints()`` where ``graphed_chunks_under_trace()`` allows it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed and (not _NONREENTRANT[0] or _GRAPHED_UNDER_TRACE[0] > 0)
+
+
 def gradients_may_bypass_autograd() -> bool:
     """Whether gradients may reach tensors and parameters outside the loss's autograd graph (a
     reentrant checkpoint's inner backward, ``GraphedChunkDenoiser``'s sums): not inside

@@ -81,7 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megafold.errors import ConfigError
 from megafold.model import AlphaFold3, AlphaFold3Config, preset, synthetic_batch
-from megafold.model.primitives import nonreentrant_checkpoints
+from megafold.model.primitives import graphed_chunks_under_trace, nonreentrant_checkpoints
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -121,6 +121,9 @@ PARTS: tuple[str, ...] = (
     "ConfidenceHead",
     OTHER,
 )
+# With profile_step(..., graphed_diffusion=True): the owner of the training diffusion chunks
+# that replay CUDA graphs, timed as one opaque region.
+OPAQUE_CHUNK_OWNER = "DiffusionModule"
 # Methods that run AF3 work outside forward(); timed as their class.
 REGION_METHODS: dict[str, tuple[str, ...]] = {
     "DiffusionModule": ("prepare",),
@@ -419,7 +422,7 @@ class _Tracer:
     """Owns the timeline's current owner: module hooks in forward (and recompute), node
     pre-hooks in backward. See the module docstring."""
 
-    def __init__(self, model: nn.Module, traced: bool):
+    def __init__(self, model: nn.Module, traced: bool, graphed_diffusion: bool = False):
         self.timeline: _Timeline | None = None  # set by begin()
         self.stack: list[Owner] = []
         self.base: Owner = _STAGE_OWNERS["data"]
@@ -429,11 +432,16 @@ class _Tracer:
         self.traced_modules: set[str] = set()
         self.entries: dict[tuple[str, str], int] = {}
         self.traced = traced
+        self.graphed_diffusion = traced and graphed_diffusion
         self._lock = threading.RLock()
         self._handles: list[Any] = []
         self._wrapped: list[tuple[nn.Module, str]] = []
+        self._class_wrapped: list[tuple[type, str, Callable]] = []
+        self.opaque_depth = 0  # > 0 inside an opaque region: module hooks do not switch owners
         if traced:
             self._attach(model)
+            if graphed_diffusion:
+                self._attach_graphed_chunks()
 
     # ---- forward: module hooks
     def _attach(self, model: nn.Module) -> None:
@@ -449,12 +457,40 @@ class _Tracer:
                 setattr(module, method, self._region(name, getattr(module, method)))
                 self._wrapped.append((module, method))
 
+    def _attach_graphed_chunks(self) -> None:
+        """Time the training diffusion chunks that replay CUDA graphs (``GraphedChunkDenoiser``)
+        as one opaque region of ``OPAQUE_CHUNK_OWNER``: a replay runs no module hooks, and its
+        backward runs a nested autograd graph that the loss graph's hooks do not reach, so
+        modules inside get none of the chunks' time (their eager first and last chunks
+        included, for one consistent account)."""
+        from megafold.model.diffusion import GraphedChunkDenoiser
+
+        for method, phase in (("forward_chunk", None), ("backward_chunk", "backward")):
+            original = getattr(GraphedChunkDenoiser, method)
+            setattr(GraphedChunkDenoiser, method, self._opaque_region(OPAQUE_CHUNK_OWNER, original, phase))
+            self._class_wrapped.append((GraphedChunkDenoiser, method, original))
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         for module, method in self._wrapped:
             delattr(module, method)
-        self._handles, self._wrapped = [], []
+        for cls, method, original in self._class_wrapped:
+            setattr(cls, method, original)
+        self._handles, self._wrapped, self._class_wrapped = [], [], []
+
+    def _opaque_region(self, name: str, method: Callable, phase: str | None) -> Callable:
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            self.enter(name, phase=phase, opaque=True)
+            self.opaque_depth += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.opaque_depth -= 1
+                self.exit(name, opaque=True)
+
+        return timed
 
     def _region(self, name: str, method: Callable) -> Callable:
         @functools.wraps(method)
@@ -488,20 +524,24 @@ class _Tracer:
     def _count(self, module: str, phase: str) -> None:
         self.entries[module, phase] = self.entries.get((module, phase), 0) + 1
 
-    def enter(self, name: str) -> None:
+    def enter(self, name: str, phase: str | None = None, opaque: bool = False) -> None:
         with self._lock:
             if self.base[2] in ("data", "optimizer"):
                 return  # e.g. a loader that runs a module: not part of the model's step
+            if self.opaque_depth and not opaque:
+                return  # inside an opaque region: it owns all of its time
             self._switch()
-            phase = "recompute" if self.in_backward else "forward"
+            phase = phase or ("recompute" if self.in_backward else "forward")
             outer = self.stack[0] if self.stack else self.base
             part = outer[1] if outer[1] != OTHER else name
             self.stack.append((name, part if part in PARTS else OTHER, phase))
             self._count(name, phase)
             self._record_sequence()
 
-    def exit(self, name: str) -> None:
+    def exit(self, name: str, opaque: bool = False) -> None:
         with self._lock:
+            if self.opaque_depth and not opaque:
+                return  # a module inside an opaque region (which may bear the region's name)
             names = [owner[0] for owner in self.stack]
             if name not in names:
                 return
@@ -650,7 +690,12 @@ class _Session:
         # A traced step hooks the loss's autograd graph: a reentrant checkpoint's inner backward
         # is not part of it, so the traced step checkpoints non-reentrantly.
         def exact():
-            return nonreentrant_checkpoints() if tracer.traced else contextlib.nullcontext()
+            modes = contextlib.ExitStack()
+            if tracer.traced:
+                modes.enter_context(nonreentrant_checkpoints())
+                if tracer.graphed_diffusion:  # the chunk denoiser: one opaque region
+                    modes.enter_context(graphed_chunks_under_trace())
+            return modes
 
         with exact(), torch.set_grad_enabled(self.backward):
             loss, _ = self.model.training_loss(batch, n_cycles=self.n_cycles)
@@ -908,6 +953,7 @@ def profile_step(
     backward: bool = True,
     modules: bool = True,
     measure_overhead: bool = True,
+    graphed_diffusion: bool = False,
     device: str | torch.device | None = None,
     n_cycles: int = 1,
     msa_rows: int = 64,
@@ -927,6 +973,17 @@ def profile_step(
     step (stage boundaries only) between the warmup and the profiled steps, so the profiler's
     own cost is measured in the same run (with ``warmup=0`` the plain step is the first and
     carries its one-off costs).
+
+    The traced step checkpoints non-reentrantly and, by default, runs the training diffusion
+    chunks eagerly (their CUDA graphs' gradient sums bypass the autograd graph its backward
+    hooks follow). On a launch-bound step that costs more than the hooks: "paper" at crop 384
+    on an H200 took 4.5 s traced without hooks against 1.85-2.2 s as training runs it, of
+    which the eager chunks ~1.35 s and the checkpoint mode ~0.5 s; the hooks added ~10%
+    (``benchmarks/profiler_overhead.py``, benchmarks/NOTES.md, session 27).
+    ``graphed_diffusion=True`` keeps the chunks' CUDA graphs in the traced step and times the
+    chunk denoiser, forward and backward, as one opaque region of ``DiffusionModule``: modules
+    inside it then get no time from the training chunks (the sampler's mini-rollout still
+    traces them where it runs eagerly).
 
     Returns an ``xarray.Dataset``:
       time_ms, calls, peak_mib ``[module, phase]``: exclusive time (ms per step), entries and
@@ -956,7 +1013,7 @@ def profile_step(
         for _ in range(warmup):
             session.step(source)
         plain = session.step(source) if modules and measure_overhead else None
-        tracer = _Tracer(session.model, traced=modules)
+        tracer = _Tracer(session.model, traced=modules, graphed_diffusion=graphed_diffusion)
         try:
             records = [session.step(source, tracer) for _ in range(steps)]
         finally:
@@ -973,6 +1030,7 @@ def profile_step(
             "msa_rows": msa_rows,
             "atoms_per_token": atoms_per_token,
             "modules_traced": modules,
+            "graphed_diffusion": bool(modules and graphed_diffusion),
             "timing": "CUDA events on the current stream" if session.clock.cuda else "time.perf_counter",
             "memory": session.memory.method,
             "attribution": "exclusive time of the innermost AF3 module (see megafold.profile.profiler)",

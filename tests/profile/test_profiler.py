@@ -511,3 +511,45 @@ def test_a_search_step_past_its_deadline_stops_even_inside_backward(quick_config
         assert trial.outcome == "out of time" and np.isnan(trial.peak_mib) and len(seen) == entries
         assert all(p.grad is None for p in session.model.parameters())
         assert profiler._measure(session, 8, None, None, 4, 4, 0).outcome == "fits"  # the session goes on
+
+
+def test_graphed_diffusion_times_the_chunk_denoiser_as_one_region(quick_config):
+    """``graphed_diffusion=True`` lets the training diffusion chunks run through
+    ``GraphedChunkDenoiser`` in the traced step (on the CPU: eagerly, the same checkpoints and
+    gradient sums) and gives all of their time, forward and backward, to DiffusionModule; the
+    same step otherwise traces the modules inside. The loss is the same either way."""
+    from megafold.model.diffusion import GraphedChunkDenoiser
+
+    config = quick_config.replace(diffusion_samples=3, diffusion_chunk=1)  # three chunks: the runner
+    runs = []
+    original = GraphedChunkDenoiser.backward_chunk
+
+    def counting(self, *args):
+        runs.append(self)
+        return original(self, *args)
+
+    options = dict(crop=8, warmup=0, steps=1, measure_overhead=False, **SMALL)
+    GraphedChunkDenoiser.backward_chunk = counting
+    try:
+        eager = profile_step(config, **options)
+        assert not runs, "without graphed_diffusion the traced step runs the chunks as plain checkpoints"
+        graphed = profile_step(config, graphed_diffusion=True, **options)
+        assert len(runs) == 3
+    finally:
+        GraphedChunkDenoiser.backward_chunk = original
+    assert not hasattr(GraphedChunkDenoiser.forward_chunk, "__wrapped__")  # the region is gone afterwards
+    assert graphed.attrs["graphed_diffusion"] is True and eager.attrs["graphed_diffusion"] is False
+    np.testing.assert_allclose(graphed["loss"].values, eager["loss"].values, rtol=1e-5)
+    inner = "AtomAttentionDecoder"  # only inside the chunk denoiser (and the rollout, no gradients)
+    for ds in (eager, graphed):
+        assert float(ds["time_ms"].sel(module="DiffusionModule", phase="backward")) > 0
+        assert float(ds["time_ms"].sel(module=inner, phase="forward")) > 0  # the mini-rollout's
+    assert float(eager["time_ms"].sel(module=inner, phase="backward")) > 0
+    assert float(graphed["time_ms"].sel(module=inner, phase="backward")) == 0
+    assert float(graphed["calls"].sel(module=inner, phase="backward")) == 0
+    # Nothing is lost: the modules' time adds up to the forward and backward stages.
+    stage_ms = graphed["stage_ms"].mean("step")
+    assert float(graphed["time_ms"].sel(phase="forward").sum()) == pytest.approx(float(stage_ms.sel(stage="forward")))
+    assert float(graphed["time_ms"].sel(phase=["backward", "recompute"]).sum()) == pytest.approx(
+        float(stage_ms.sel(stage="backward")), rel=1e-6
+    )
