@@ -124,8 +124,13 @@ plots.module_time_figure(trade)
 # - `rollout_cuda_graph` (on): the sampler's denoiser, in the confidence mini-rollout and in
 #   prediction.
 #
-# The per-module trace runs the chunks eagerly (its hooks must see every module), so on a GPU
-# its module times add up to more than a plain step takes. For a fixed-shape step of your own
+# By default the per-module trace runs the chunks eagerly (its hooks must see every module),
+# so on a GPU its module times add up to more than a plain step takes: a "paper" step at crop
+# 384 took 2.5x the training step's time on an H200. `profile_step(..., graphed_diffusion=True)`
+# (the dashboard's default) keeps the chunks' graphs and times them as one `DiffusionModule`
+# region, forward and backward: the traced step came within ~30% of the training step, and the
+# modules inside the diffusion module get no time from the training chunks (the mini-rollout's
+# still count). For a fixed-shape step of your own
 # (a trunk-only fine-tune, a benchmark), `megafold.train.graphs.GraphedStep(step, parameters)`
 # captures forward and backward once and replays them. Off CUDA these switches change nothing.
 

@@ -91,6 +91,11 @@ class DashboardSettings:
     max_crop: int = 2048
     time_budget_s: float | None = 112.0  # the whole run (each profile and its search); None: no limit
     overhead: bool = True  # one plain step per variant: the profiler's own cost
+    # The training diffusion chunks keep their CUDA graphs in the profiled step, timed as one
+    # DiffusionModule region (profile_step's graphed_diffusion): a step as long as training's
+    # within ~30% on a "paper" step, where running them eagerly for per-module detail took
+    # 2.5x (benchmarks/NOTES.md, session 27). No effect below three diffusion chunks.
+    graphed_diffusion: bool = True
     steps: int = 1
     warmup: int = 1
     data: str = "synthetic"
@@ -176,7 +181,8 @@ def run_profile(
             profile_began = time.perf_counter()
             results[label] = profile_step(
                 variant, crop=settings.crop, batches=batches, steps=settings.steps, warmup=settings.warmup,
-                measure_overhead=settings.overhead, label=label, **options,
+                measure_overhead=settings.overhead, graphed_diffusion=settings.graphed_diffusion, label=label,
+                **options,
             )  # fmt: skip
             if number == 1:
                 profile_s = time.perf_counter() - profile_began
@@ -288,6 +294,10 @@ class Dashboard:
             for name, text in KERNEL_CHOICES.items()
         }  # fmt: skip
         self.quick = w.Checkbox(value=d.quick, description="one block per stack (quick)", indent=False)
+        self.graphed_diffusion = w.Checkbox(
+            value=d.graphed_diffusion, indent=False, layout=w.Layout(width="auto"),
+            description="diffusion chunks as CUDA graphs (one DiffusionModule bar; off: modules inside, slower step)",
+        )  # fmt: skip
         self.data = w.Dropdown(
             options=[(text, key) for key, text in DATA_CHOICES.items() if key != "store" or find_store()],
             value=d.data, description="data", style=style,
@@ -317,6 +327,7 @@ class Dashboard:
             header,
             w.HBox([self.preset, self.crop, self.dtype, self.data]),
             w.HBox([self.checkpoint, self.quick, self.backward]),
+            self.graphed_diffusion,
             w.HBox([w.Label("kernels:"), *self.kernels.values()]),
             w.HBox([self.longest, self.max_crop, self.time_budget]),
             w.HBox([self.run_button, self.status]),
@@ -343,6 +354,7 @@ class Dashboard:
             dtype=self.dtype.value,
             backward=self.backward.value,
             quick=self.quick.value,
+            graphed_diffusion=self.graphed_diffusion.value,
             longest=self.longest.value,
             max_crop=int(self.max_crop.value),
             time_budget_s=float(self.time_budget.value),

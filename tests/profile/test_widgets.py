@@ -43,6 +43,9 @@ def test_dashboard_runs_and_redraws(tmp_path):
     dash.max_crop.value = 24
     settings = dash.settings()
     assert (settings.crop, settings.checkpoint, settings.longest, settings.max_crop) == (12, True, True, 24)
+    assert settings.graphed_diffusion is True  # the default: the chunks keep their CUDA graphs
+    dash.graphed_diffusion.value = False
+    assert dash.settings().graphed_diffusion is False
     result = dash.run()
     assert "done" in dash.status.value and "(run 1)" in dash.status.value
     assert list(result.config.values) == ["torch"] and int(result["crop"].values[0]) == 12
@@ -96,3 +99,20 @@ def test_example_view_of_a_feature_batch():
 
     view = example_view(synthetic_batch(10, atoms_per_token=5))
     assert "3Dmol" in view.html() and "chain A" in view.legend_html
+
+
+def test_run_profile_passes_the_diffusion_graph_setting(monkeypatch):
+    import megafold.profile.widgets as widgets
+
+    seen = []
+    real = widgets.profile_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["graphed_diffusion"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(widgets, "profile_step", spy)
+    for graphed in (True, False):
+        settings = DashboardSettings.for_device("cpu", kernels=("torch",), longest=False, graphed_diffusion=graphed)
+        run_profile(settings)
+    assert seen == [True, False]
