@@ -111,7 +111,9 @@ def test_dashboard_target_paper_at_384_within_two_minutes():
     assert seconds < 120
     # Each search verified a crop beyond the profiled one with a real step.
     assert (ds["longest_crop"] > 384).all()
-    assert set(ds["longest_stopped_by"].values) <= {"out of memory", "memory (predicted)", "time budget"}
+    # "max_crop": the dashboard's cap (2048), which an H200's 141 GB lets triton's search reach
+    # (session 27, with the profiled steps' diffusion chunks graphed).
+    assert set(ds["longest_stopped_by"].values) <= {"out of memory", "memory (predicted)", "time budget", "max_crop"}
     if torch.cuda.get_device_properties(0).total_memory < 100 * 2**30:
         # On an 80 GB card both searches verify the crop their memory fit predicts (torch's with
         # the cubic first jump: H100, 640 then 768; triton 1152 then 1536).
