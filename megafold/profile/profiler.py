@@ -482,13 +482,15 @@ class _Tracer:
     def _opaque_region(self, name: str, method: Callable, phase: str | None) -> Callable:
         @functools.wraps(method)
         def timed(*args, **kwargs):
-            self.enter(name, phase=phase, opaque=True)
-            self.opaque_depth += 1
+            with self._lock:
+                self.enter(name, phase=phase, opaque=True)
+                self.opaque_depth += 1
             try:
                 return method(*args, **kwargs)
             finally:
-                self.opaque_depth -= 1
-                self.exit(name, opaque=True)
+                with self._lock:
+                    self.opaque_depth -= 1
+                    self.exit(name, opaque=True)
 
         return timed
 
