@@ -376,14 +376,19 @@ def _layernorm_linear_backward_narrow_kernel(
 ):
     """The backward for outputs that fit one column block (O <= BLOCK_N) and rows that fit
     one tile (K <= BLOCK_K), with the weight gradient: this program takes row blocks
-    pid, pid + P, ... of all M rows (P programs). Per row block, dx and the LayerNorm
-    partials as the chunked kernel makes them; over its row blocks, ``dW = dy^T LN(x)``, the
-    bias gradient and the LayerNorm parameters' gradients in fp32 registers, stored as one
-    partial per program (summed in a fixed order). Narrow outputs make LN(x) the widest
-    operand of the weight product: here it is never written to memory and read back.
-    The partials of a program are one row of ``part_width`` floats of one buffer (one
-    reduction for all): dW ``[O, K]``, then the bias gradient's O and the LayerNorm
-    gradients' 2 K where asked (the four pointers point into that row's parts).
+    pid, pid + P, ... of all M rows (P programs). Per row block, dx as the chunked kernel makes
+    it. Over its row blocks it accumulates, in fp32 registers, ``G = dy^T xhat`` (the
+    normalised rows, one tensor-core product an iteration) and dy itself elementwise; every
+    parameter gradient follows from these two after the loop, with no reduction across the
+    rows inside it:
+    - ``dW = G * gamma + db beta^T`` (LN(x) = xhat gamma + beta), db the column sums of dy;
+    - the LayerNorm gradients ``d(gamma)_k = sum_m d(LN(x))_mk xhat_mk = sum_o W_ok G_ok``
+      and ``d(beta)_k = sum_m d(LN(x))_mk = sum_o W_ok db_o`` (d(LN(x)) = dy W).
+    Narrow outputs make LN(x) the widest operand of the weight product: here it is never
+    written to memory and read back, nor formed. The partials of a program are one row of
+    ``part_width`` floats of one buffer (one reduction for all): dW ``[O, K]``, then the bias
+    gradient's O and the LayerNorm gradients' 2 K where asked (the four pointers point into
+    that row's parts).
     """
     pid = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -393,10 +398,8 @@ def _layernorm_linear_backward_narrow_kernel(
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-    dw = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
-    dln_w = tl.zeros([BLOCK_K], tl.float32)
-    dln_b = tl.zeros([BLOCK_K], tl.float32)
+    g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    dy_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # summed over rows after the loop
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = flat < M
@@ -407,23 +410,22 @@ def _layernorm_linear_backward_narrow_kernel(
         xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
         dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(w.dtype)
-        xn = tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0).to(w.dtype)
-        dw = tl.dot(tl.trans(dy), xn, dw, input_precision=DOT_PRECISION)
-        if NEED_BIAS:
-            db += tl.sum(dy.to(tl.float32), axis=0)
+        g = tl.dot(tl.trans(dy), xhat.to(w.dtype), g, input_precision=DOT_PRECISION)
+        dy_sum += dy.to(tl.float32)
         if NEED_DX:
             dxn = tl.dot(dy, w, input_precision=DOT_PRECISION)
             dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
             tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-            dln_w += tl.sum(dxn * xhat, axis=0)
-            dln_b += tl.sum(dxn, axis=0)
+    db = tl.sum(dy_sum, axis=0)
     part = pid.to(tl.int64) * part_width
+    dw = g * gamma[None, :] + db[:, None] * beta[None, :]
     tl.store(dw_part_ptr + part + cols[:, None] * K + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
     if NEED_BIAS:
         tl.store(db_part_ptr + part + cols, db, mask=col_ok)
     if NEED_DX:
-        tl.store(dln_w_part_ptr + part + ks, dln_w, mask=k_ok)
-        tl.store(dln_b_part_ptr + part + ks, dln_b, mask=k_ok)
+        w32 = w.to(tl.float32)
+        tl.store(dln_w_part_ptr + part + ks, tl.sum(w32 * g, axis=0), mask=k_ok)
+        tl.store(dln_b_part_ptr + part + ks, tl.sum(w32 * db[:, None], axis=0), mask=k_ok)
 
 
 # --------------------------------------------------------------------------- launches
