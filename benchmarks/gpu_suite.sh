@@ -36,8 +36,8 @@
 #             768 (every candidate's time in $OUT/autotune-trials.json), then their rows
 #   retune-triangle  the same for triangle multiplication (its one-stage input candidates)
 #   overhead  benchmarks/profiler_overhead.py: the profiler's hooks-only cost on a "paper" step at
-#             crop 384 and its traced mode's against the training step, training, plain and
-#             profiled runs alternating, every step's time
+#             crop 384 and its traced mode's against the training step, training, plain,
+#             profiled and graphed-diffusion runs alternating, every step's time
 #   launch    launch_kernel's direct launches against Triton's own path: host_overhead.py (plain
 #             pair-bias calls), then a "paper" training step (crop 384, triton) with
 #             MEGAFOLD_FAST_LAUNCH=0, =1, =0

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = preset(args.preset, kernels=args.kernels, **(QUICK_OVERRIDES if args.quick else {}))
     env = environment()
     print(f"{env['device']}: {args.preset}{' (quick)' if args.quick else ''}, crop {args.crop}, "
-          f"kernels {args.kernels}, {args.rounds} rounds of {args.steps} plain + {args.steps} profiled steps")
+          f"kernels {args.kernels}, {args.rounds} rounds of {args.steps} steps in each mode ({', '.join(MODES)})")
     rows = []
     for index in range(args.rounds):
         for mode in MODES:
