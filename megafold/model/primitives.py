@@ -137,8 +137,7 @@ def graphed_chunks_allowed() -> bool:
     """Whether the training diffusion chunks may replay CUDA graphs, whose gradient sums bypass
     autograd: as ``gradients_may_bypass_autograd``, and also inside
     ``nonreentrant_checkpoints()`` where ``graphed_chunks_under_trace()`` allows it."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed and (not _NONREENTRANT[0] or _GRAPHED_UNDER_TRACE[0] > 0)
+    return not _distributed() and (not _NONREENTRANT[0] or _GRAPHED_UNDER_TRACE[0] > 0)
 
 
 def gradients_may_bypass_autograd() -> bool:
@@ -146,7 +145,11 @@ def gradients_may_bypass_autograd() -> bool:
     reentrant checkpoint's inner backward, ``GraphedChunkDenoiser``'s sums): not inside
     ``nonreentrant_checkpoints()`` (the profiler's hooks follow that graph) nor in a distributed
     run (DDP's hooks do)."""
-    return not _NONREENTRANT[0] and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    return not _NONREENTRANT[0] and not _distributed()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def checkpointed(fn: Callable, *args, reentrant: bool = False, preserve_rng: bool = True):

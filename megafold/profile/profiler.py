@@ -467,7 +467,7 @@ class _Tracer:
 
         for method, phase in (("forward_chunk", None), ("backward_chunk", "backward")):
             original = getattr(GraphedChunkDenoiser, method)
-            setattr(GraphedChunkDenoiser, method, self._opaque_region(OPAQUE_CHUNK_OWNER, original, phase))
+            setattr(GraphedChunkDenoiser, method, self._region(OPAQUE_CHUNK_OWNER, original, phase, opaque=True))
             self._class_wrapped.append((GraphedChunkDenoiser, method, original))
 
     def detach(self) -> None:
@@ -479,29 +479,21 @@ class _Tracer:
             setattr(cls, method, original)
         self._handles, self._wrapped, self._class_wrapped = [], [], []
 
-    def _opaque_region(self, name: str, method: Callable, phase: str | None) -> Callable:
+    def _region(self, name: str, method: Callable, phase: str | None = None, opaque: bool = False) -> Callable:
+        """``method`` timed as ``name`` (in ``phase``, default by stage); an ``opaque`` region
+        owns all of its time: module hooks and regions inside it do not switch owners."""
+
         @functools.wraps(method)
         def timed(*args, **kwargs):
             with self._lock:
-                self.enter(name, phase=phase, opaque=True)
-                self.opaque_depth += 1
+                self.enter(name, phase=phase, opaque=opaque)
+                self.opaque_depth += opaque
             try:
                 return method(*args, **kwargs)
             finally:
                 with self._lock:
-                    self.opaque_depth -= 1
-                    self.exit(name, opaque=True)
-
-        return timed
-
-    def _region(self, name: str, method: Callable) -> Callable:
-        @functools.wraps(method)
-        def timed(*args, **kwargs):
-            self.enter(name)
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.exit(name)
+                    self.opaque_depth -= opaque
+                    self.exit(name, opaque=opaque)
 
         return timed
 

@@ -79,8 +79,9 @@ def test_profiler_overhead_is_measured_on_the_paper_step():
     the cost that matters, is asserted by count on the CPU
     (``test_profile_reports_its_own_overhead``).
 
-    Both steps run non-reentrant checkpoints (the traced step needs them for its backward
-    hooks; a plain step otherwise checkpoints reentrantly, 0.1-0.5 s faster on an H100), so
+    Both steps run in the traced mode (non-reentrant checkpoints and eager diffusion chunks,
+    which the traced step needs for its backward hooks; a plain step otherwise checkpoints
+    reentrantly and replays the chunks' CUDA graphs, 2.4x faster on "paper" on an H200), so
     the difference is the hooks alone."""
     from megafold.model.primitives import nonreentrant_checkpoints
 
