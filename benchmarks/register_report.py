@@ -324,7 +324,7 @@ def _shipped(op: str, key_prefix: list) -> dict | None:
 def _narrow_case(ln, width: int, cfg: dict, note: str) -> tuple:
     """layernorm_linear's narrow backward (dW in registers) for K=128 and ``width`` outputs."""
     return (f"layernorm_linear bwd narrow 128->{width}{note}", ln._layernorm_linear_backward_narrow_kernel,
-            dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, NEED_BIAS=True,
+            dict(K=128, X_MERGED=True, DY_MERGED=True, DOT_PRECISION=None, NEED_DX=True, NEED_BIAS=True, ONE_BATCH=True,
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=ln.block_size(width, 1 << 30), BLOCK_K=128), cfg)
 
 
