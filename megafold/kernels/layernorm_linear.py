@@ -204,13 +204,18 @@ def _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _normalised_rows(x_ptr, x_rows, stride_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok):
+def _normalised_rows(x_ptr, x_rows, stride_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok,
+                     FULL_ROWS: tl.constexpr):
     """Whole rows of x normalised with their saved statistics (fp32, zero outside the tensor),
-    and the rows' 1/std."""
+    and the rows' 1/std. FULL_ROWS (K == BLOCK_K): every column is in the tensor, and rows
+    past its end load x = mean = rstd = 0, so they come out 0 without a select."""
     x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    return tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    if not FULL_ROWS:
+        xhat = tl.where(ok, xhat, 0.0)
+    return xhat, rstd
 
 
 @triton.jit
@@ -330,7 +335,7 @@ def _layernorm_linear_backward_kernel(
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + pid
 
-    xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
+    xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok, K == BLOCK_K)
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     if WRITE_XN:
         beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -413,7 +418,7 @@ def _layernorm_linear_backward_narrow_kernel(
         ok = row_ok[:, None] & k_ok[None, :]
         x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
         dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok)
+        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok, K == BLOCK_K)
         dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(w.dtype)
         g = tl.dot(tl.trans(dy), xhat.to(w.dtype), g, input_precision=DOT_PRECISION)
