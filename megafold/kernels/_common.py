@@ -236,6 +236,10 @@ def launch_kernel(kernel, grid: Sequence[int], *args, **meta) -> object:
 _cache_lock = threading.Lock()
 _memory_cache: dict[str | tuple, dict] = {}
 _untuned: list[dict] = []  # keys that ran their op's default for want of a stored choice
+# True inside ``precompile.record_launches(..., candidates=True)``: a key that this process
+# would tune launches each of its candidates once (recorded there, not run) and then its
+# default; nothing is timed and no choice is stored.
+_record_candidates = False
 
 
 def untuned_keys() -> list[dict]:
@@ -379,6 +383,11 @@ def pick_config(
             _untuned.append({"op": op, "key": list(key), "device": name})
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
+    if _record_candidates:  # the launches are recorded for compiling, not run: no times
+        for config in candidates:
+            with contextlib.suppress(Exception):
+                bench(config)
+        return default
     trials, raw = [], []
     for config in candidates:
         try:
@@ -544,7 +553,11 @@ def tune_with_graphs() -> bool:
 def _bench_launch(launch: Callable[[dict], object], cfg: dict) -> float:
     """The tuner's time for one candidate: from a CUDA graph where ``tune_with_graphs()``
     and the launch can be captured, else ``bench_ms``'s plain calls. A config that does not
-    fit the GPU raises either way (it is then not a candidate)."""
+    fit the GPU raises either way (it is then not a candidate). While candidates are
+    recorded (``_record_candidates``), one launch and no time."""
+    if _record_candidates:
+        launch(cfg)
+        return 0.0
     if tune_with_graphs():
         try:
             return bench_graph_ms(lambda: launch(cfg))

@@ -10,9 +10,12 @@ builds each signature's C launcher), writing Triton's on-disk cache. The real ru
 kernel and launcher there (a load, not a compile).
 
 What the recorded run computes is garbage (no kernel ran): only its launches count, so run a
-throwaway step. A record whose tensor argument is not 16-byte aligned in the real run (a view
-at an odd offset) specializes differently and compiles lazily as before; nothing goes wrong,
-it is just not precompiled. Under the Triton interpreter nothing is recorded.
+throwaway step. With ``candidates=True`` it also records every candidate configuration of the
+shape keys the real run would tune, so that a tuning run on a fresh machine compiles in
+parallel first and then only times. A record whose tensor argument is not 16-byte aligned in
+the real run (a view at an odd offset) specializes differently and compiles lazily as before;
+nothing goes wrong, it is just not precompiled. Under the Triton interpreter nothing is
+recorded.
 """
 
 from __future__ import annotations
@@ -46,10 +49,18 @@ def _decode(value: object) -> object:
 
 
 @contextlib.contextmanager
-def record_launches(records: list[Record]) -> Iterator[None]:
+def record_launches(records: list[Record], candidates: bool = False) -> Iterator[None]:
     """Inside this block no Triton kernel is launched or compiled: each launch appends a
-    record to ``records`` instead (the first launch of each distinct record only)."""
+    record to ``records`` instead (the first launch of each distinct record only).
+
+    ``candidates``: a shape key that would be tuned here (tuning on and no stored choice, or
+    every key under ``MEGAFOLD_AUTOTUNE=force``) records a launch of each of its candidate
+    configurations, then runs on its default; nothing is timed or stored. Compiling those
+    records first makes the real tuning run a matter of timing only: tuning a key otherwise
+    compiles its 10-50 candidates one after the other in the launching thread."""
     from triton.runtime.jit import JITFunction
+
+    from megafold.kernels import _common
 
     original = JITFunction.run
     seen: set[Record] = set()
@@ -70,10 +81,13 @@ def record_launches(records: list[Record]) -> Iterator[None]:
         return None
 
     JITFunction.run = run
+    recording = _common._record_candidates
+    _common._record_candidates = candidates
     try:
         yield
     finally:
         JITFunction.run = original
+        _common._record_candidates = recording
 
 
 def _compile(records: Sequence[Record]) -> tuple[int, list[str]]:

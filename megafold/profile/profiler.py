@@ -905,6 +905,7 @@ def precompile_kernels(
     msa_rows: int = 64,
     atoms_per_token: int = 8,
     workers: int | None = None,
+    candidates: bool = False,
 ):
     """Start compiling, in worker processes, the Triton kernels one training step of ``config``
     at ``crop`` launches (``megafold.kernels.precompile``); returns the handle to ``wait()`` on
@@ -912,7 +913,13 @@ def precompile_kernels(
 
     It runs one throwaway step with every Triton launch recorded instead of run (a few
     seconds: the step's host work without its kernels), then returns while the workers
-    compile; profile something else meanwhile."""
+    compile; profile something else meanwhile.
+
+    ``candidates``: also every candidate configuration of each shape key that a step in this
+    process would tune (``MEGAFOLD_AUTOTUNE`` on and no stored choice for this GPU; every key
+    under ``MEGAFOLD_AUTOTUNE=force``), so that the tuning step after ``wait()`` only times
+    (``benchmarks/tune_step.py``). Without it the recorded step takes the stored choices or
+    the defaults, as the real step does with tuning off."""
     from megafold.kernels.precompile import compile_in_processes, record_launches
 
     variant = config if isinstance(config, Variant) else Variant(resolve_config(config))
@@ -920,14 +927,15 @@ def precompile_kernels(
     if device.type != "cuda" or variant.compile or not variant_label(variant, device).startswith("triton"):
         return None
     records: list = []
-    # Tuning launches kernels: the recorded step takes the stored choices (or the defaults).
-    with mock.patch.dict(os.environ, {"MEGAFOLD_AUTOTUNE": "0"}):
+    # Tuning times real launches: the recorded step takes the stored choices (or the defaults),
+    # unless it records the candidates of what a tuning step would tune.
+    with mock.patch.dict(os.environ, {} if candidates else {"MEGAFOLD_AUTOTUNE": "0"}):
         torch.manual_seed(0)
         with torch.device(device):
             model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
         batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
         try:
-            with record_launches(records), torch.set_grad_enabled(backward):
+            with record_launches(records, candidates=candidates), torch.set_grad_enabled(backward):
                 loss, _ = model.training_loss(batch, n_cycles=n_cycles)
                 if backward:
                     loss.backward()

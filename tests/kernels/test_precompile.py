@@ -90,3 +90,44 @@ def test_precompiled_kernels_are_loaded_not_compiled(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_recording_candidates_launches_each_once_then_tunes_later(monkeypatch, tmp_path):
+    """Inside ``record_launches(candidates=True)`` a key that would be tuned launches each
+    candidate once (a failing one is skipped) and then its default, and stores nothing: the
+    same key is tuned for real afterwards."""
+    from megafold.kernels import _common
+
+    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE", "1")
+    monkeypatch.setattr(_common, "interpreter_active", lambda: False)
+    monkeypatch.setattr(_common, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(_common, "packaged_choices", lambda device: {})
+    monkeypatch.setattr(_common, "_memory_cache", {})
+    candidates = [{"BLOCK": 16}, {"BLOCK": 32}, {"BLOCK": 64}]
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg["BLOCK"])
+        if cfg["BLOCK"] == 64:
+            raise RuntimeError("out of resource: shared memory")
+        return cfg["BLOCK"]
+
+    with record_launches([], candidates=True):
+        assert _common._record_candidates
+        result = _common.run_tuned("fake_op", (3,), torch.device("cuda"), candidates, {"BLOCK": 8}, launch)
+    assert not _common._record_candidates
+    assert launched == [16, 32, 64, 8] and result == 8
+    assert not (tmp_path / "autotune.json").exists()
+
+    times = {16: 2.0, 32: 1.0}
+
+    def timed(launch, cfg):
+        launch(cfg)
+        if cfg["BLOCK"] not in times:
+            raise RuntimeError("out of resource: shared memory")
+        return times[cfg["BLOCK"]]
+
+    monkeypatch.setattr(_common, "_bench_launch", timed)
+    assert _common.run_tuned("fake_op", (3,), torch.device("cuda"), candidates, {"BLOCK": 8}, launch) == 32
+    assert '"BLOCK": 32' in (tmp_path / "autotune.json").read_text()
