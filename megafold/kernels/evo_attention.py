@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megafold.kernels._math import sigmoid
 from megafold.kernels._common import (
     cdiv,
     interpreter_active,
@@ -156,7 +157,7 @@ def _store_row(m_i, l_i, acc, out_ptr, att_ptr, lse_ptr, gate_row, bh_row, h, of
         gate = tl.load(gate_row + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                        mask=o_mask, other=0.0).to(tl.float32)
         tl.store(att_ptr + o_offs, att.to(att_ptr.dtype.element_ty), mask=o_mask)
-        att = att * tl.sigmoid(gate)
+        att = att * sigmoid(gate)
     tl.store(out_ptr + o_offs, att.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -330,7 +331,7 @@ def _evo_attention_backward_prep_kernel(
     if HAS_GATE:
         gate = tl.load(gate_ptr + b * stride_gb + row * stride_gs + n3 * stride_gn + h3 * stride_gh
                        + d3 * stride_gd, mask=valid, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
+        sig = sigmoid(gate)
         tl.store(dgate_ptr + contiguous, (dout * att * sig * (1.0 - sig)).to(dgate_ptr.dtype.element_ty),
                  mask=valid)
         dout = dout * sig

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from megafold.kernels._math import sigmoid
 from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
@@ -79,7 +80,7 @@ def _transition_forward_kernel(
     for h0 in range(0, H, BLOCK_H):
         a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
         # silu(a) * b in fp32; only this BLOCK_H-wide slice of the hidden ever exists.
-        hidden = a * tl.sigmoid(a) * b
+        hidden = a * sigmoid(a) * b
         hs = h0 + tl.arange(0, BLOCK_H)
         w_out_t = tl.load(
             w_out_ptr + hs[:, None] * sw_out_h + cos[None, :] * sw_out_c,
@@ -107,7 +108,7 @@ def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, s
         mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
     )
     d_hidden = tl.dot(dy, w_out, input_precision=DOT_PRECISION)
-    sig = tl.sigmoid(a)
+    sig = sigmoid(a)
     silu = a * sig
     da = d_hidden * b * sig * (1.0 + a * (1.0 - sig))
     db = d_hidden * silu

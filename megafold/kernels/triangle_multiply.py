@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from megafold.kernels._math import sigmoid
 from megafold.kernels._common import cdiv, launch_kernel, multiprocessors, resolve_backend, run_tuned
 from megafold.kernels.layernorm_linear import (
     WEIGHT_GRAD_CHUNK_BYTES,
@@ -143,7 +144,7 @@ def _triangle_input_forward_kernel(
         for side in tl.static_range(2):
             proj, gate, _, _ = _gated_projection(zn, w_pg_ptr, side, c0, CH, CZ, BLOCK_M, BLOCK_CZ, BLOCK_C,
                                                  DOT_PRECISION)
-            value = tl.sigmoid(gate) * proj * valid[:, None]
+            value = sigmoid(gate) * proj * valid[:, None]
             # Channel-major store: each channel's N x N plane is one matrix of the product.
             tl.store(ab_batch + side * side_stride + cs[None, :].to(tl.int64) * NN + ij[:, None],
                      value.to(ab_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
@@ -178,7 +179,7 @@ def _triangle_output_forward_kernel(
     z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
     zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
-    gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+    gate = sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
 
     ks = tl.arange(0, BLOCK_CZ)
     tl.store(out_ptr + flat[:, None] * CZ + ks[None, :], (gate * update).to(out_ptr.dtype.element_ty),
@@ -228,7 +229,7 @@ def _triangle_output_backward_kernel(
     z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
     zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
-    gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+    gate = sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
 
     d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
     ok = row_ok[:, None] & k_ok[None, :]
@@ -298,7 +299,7 @@ def _triangle_output_backward_persistent_kernel(
         z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
         z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
         zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
-        gate = tl.sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+        gate = sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
 
         d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
         ok = row_ok[:, None] & k_ok[None, :]
@@ -337,8 +338,9 @@ def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, side, c0, si
     d_ab = tl.load(dab_ptr + side * side_stride + cs[None, :].to(tl.int64) * NN + ab_rows[:, None],
                    mask=row_ok[:, None] & (cs < CH)[None, :], other=0.0).to(tl.float32)
     d_ab = d_ab * valid[:, None]
-    sig = tl.sigmoid(gate)
-    d_pg = tl.reshape(tl.join(d_ab * sig, d_ab * proj * sig * (1.0 - sig)), (BLOCK_M, 2 * BLOCK_C))
+    sig = sigmoid(gate)
+    d_proj = d_ab * sig
+    d_pg = tl.reshape(tl.join(d_proj, d_proj * proj * (1.0 - sig)), (BLOCK_M, 2 * BLOCK_C))
     return d_pg, w, r_ok
 
 
