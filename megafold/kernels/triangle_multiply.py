@@ -255,7 +255,7 @@ def _triangle_output_backward_persistent_kernel(
     dx_ptr, d_gate_ptr, dw_o_part_ptr, dln_w_part_ptr, dln_b_part_ptr,
     part_rows, M, N, sz_b, sz_i, sz_j, sz_c, sd_b, sd_i, sd_j, sd_c, sw_og0, sw_og1, sw_o0, sw_o1,
     CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_BATCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
 ):
     """The output backward over all ``M = B * N * N`` pairs, this program taking row blocks
@@ -282,30 +282,17 @@ def _triangle_output_backward_persistent_kernel(
     dln_w = tl.zeros([BLOCK_CH], tl.float32)
     dln_b = tl.zeros([BLOCK_CH], tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        # Row indices in int32 (M < 2**31) and no division where there is one batch: an int64
-        # division per row was a large share of the narrow layernorm_linear backward's loop.
-        local = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        flat = local.to(tl.int64)
+        flat = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = flat < M
-        if ONE_BATCH:
-            batch, ij = flat * 0, flat
-        else:
-            batch, ij = (local // NN).to(tl.int64), (local % NN).to(tl.int64)
+        batch, ij = flat // NN, flat % NN
 
         x_ptrs = (batch * CH * NN + ij)[:, None] + hs[None, :].to(tl.int64) * NN
         x_ok = row_ok[:, None] & h_ok[None, :]
         x = tl.load(x_ptr + x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
         x_mean = tl.load(x_mean_ptr + flat, mask=row_ok, other=0.0)
         x_rstd = tl.load(x_rstd_ptr + flat, mask=row_ok, other=0.0)
-        # No selects where the channels fill the tile: rows past the end load x, mean and rstd
-        # as 0 (xhat = 0, LN(x) = beta), and their dout loads as 0, which zeroes everything
-        # they feed (d(update), d(gate), dx, the parameter gradients' sums).
-        xhat = (x - x_mean[:, None]) * x_rstd[:, None]
-        xn = xhat * gamma_out[None, :] + beta_out[None, :]
-        if CH != BLOCK_CH:
-            xhat = tl.where(x_ok, xhat, 0.0)
-            xn = tl.where(x_ok, xn, 0.0)
-        xn = xn.to(dtype)
+        xhat = tl.where(x_ok, (x - x_mean[:, None]) * x_rstd[:, None], 0.0)
+        xn = tl.where(x_ok, xhat * gamma_out[None, :] + beta_out[None, :], 0.0).to(dtype)
         update = tl.dot(xn, tl.trans(w_o), input_precision=DOT_PRECISION)
 
         z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
@@ -317,9 +304,9 @@ def _triangle_output_backward_persistent_kernel(
         d_rows = _row_offsets(batch, ij, N, sd_b, sd_i, sd_j, D_MERGED)
         ok = row_ok[:, None] & k_ok[None, :]
         dout = tl.load(dout_ptr + d_rows[:, None] + ks[None, :].to(tl.int64) * sd_c, mask=ok, other=0.0)
-        d_update = dout.to(tl.float32) * gate
-        d_gate = (d_update * update * (1.0 - gate)).to(dtype)
-        d_update = d_update.to(dtype)
+        dout = dout.to(tl.float32)
+        d_update = (dout * gate).to(dtype)
+        d_gate = (dout * update * gate * (1.0 - gate)).to(dtype)
         tl.store(d_gate_ptr + flat[:, None] * CZ + ks[None, :], d_gate, mask=ok)
 
         dxn = tl.dot(d_update, w_o, input_precision=DOT_PRECISION)
@@ -350,8 +337,6 @@ def _gated_projection_backward(zn, valid, dab_ptr, ab_rows, row_ok, side, c0, si
     cs = c0 + tl.arange(0, BLOCK_C)
     d_ab = tl.load(dab_ptr + side * side_stride + cs[None, :].to(tl.int64) * NN + ab_rows[:, None],
                    mask=row_ok[:, None] & (cs < CH)[None, :], other=0.0).to(tl.float32)
-    # (valid folded into the load's mask instead: 753 -> 1157 instructions an iteration
-    # offline, the load's layout changed; benchmarks/NOTES.md, session 28)
     d_ab = d_ab * valid[:, None]
     sig = sigmoid(gate)
     d_proj = d_ab * sig
@@ -537,7 +522,6 @@ def _output_backward(dout, z, p, x, z_mean, z_rstd, x_mean, x_rstd):
             p["norm_out_weight"], p["norm_out_bias"], w_o, dx, d_gate, dw_o_part, ln_w_part, ln_b_part,
             CZ + 2, M, N, *sz, *sd, *w_og.stride(), *w_o.stride(),
             CZ=CZ, CH=CH, Z_MERGED=z_merged, D_MERGED=d_merged, DOT_PRECISION=dot_precision(dtype),
-            ONE_BATCH=B == 1,
             BLOCK_M=block_m, BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"], **_stages(cfg),
         )
         total = parts.sum(0)
