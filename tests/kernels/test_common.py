@@ -138,17 +138,53 @@ def test_tuning_off_uses_a_stored_choice_or_the_default(fake_gpu, tmp_path, monk
     assert _common.untuned_keys() == []  # a stored choice, and a key with nothing to choose from
 
 
+def _launcher(launched: list, too_big: int):
+    """A launch that records each config's BLOCK and fails, as Triton does on shared memory,
+    for ``BLOCK == too_big``; it returns the BLOCK it ran."""
+
+    def launch(config):
+        launched.append(config["BLOCK"])
+        if config["BLOCK"] == too_big:
+            raise RuntimeError("out of resource: shared memory, Required: 264192")
+        return config["BLOCK"]
+
+    return launch
+
+
+def test_recording_candidates_launches_each_once_then_tunes_later(fake_gpu, tmp_path, monkeypatch):
+    """Inside ``record_launches(candidates=True)`` a key that would be tuned launches each
+    candidate once (a failing one is skipped) and then its default, and stores nothing: the
+    same key is tuned for real afterwards."""
+    from megafold.kernels.precompile import record_launches
+
+    candidates = [{"BLOCK": 16}, {"BLOCK": 32}, {"BLOCK": 64}]
+    launched = []
+    launch = _launcher(launched, too_big=64)
+    with record_launches([], candidates=True):
+        assert _common._record_candidates
+        assert _common.run_tuned("op", (3,), fake_gpu, candidates, {"BLOCK": 8}, launch) == 8
+    assert not _common._record_candidates
+    assert launched == [16, 32, 64, 8]
+    assert not (tmp_path / "autotune.json").exists()
+
+    times = {16: 2.0, 32: 1.0}
+
+    def timed(launch, cfg):
+        launch(cfg)
+        if cfg["BLOCK"] not in times:
+            raise RuntimeError("out of resource: shared memory")
+        return times[cfg["BLOCK"]]
+
+    monkeypatch.setattr(_common, "_bench_launch", timed)
+    assert _common.run_tuned("op", (3,), fake_gpu, candidates, {"BLOCK": 8}, launch) == 32
+    assert '"BLOCK": 32' in (tmp_path / "autotune.json").read_text()
+
+
 def test_a_stored_choice_that_does_not_fit_falls_back_to_the_default(fake_gpu):
     from megafold.kernels._common import run_tuned
 
     launched = []
-
-    def launch(config):
-        launched.append(config["BLOCK"])
-        if config["BLOCK"] == 128:
-            raise RuntimeError("out of resource: shared memory, Required: 264192")
-        return config["BLOCK"]
-
+    launch = _launcher(launched, too_big=128)
     _common._memory_cache[json.dumps(["op", [7], "Fake GPU 80GB"])] = {"BLOCK": 128}
     assert run_tuned("op", (7,), fake_gpu, [{"BLOCK": 32}, {"BLOCK": 128}], {"BLOCK": 32}, launch) == 32
     assert launched == [128, 32]
