@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megafold.kernels._math import sigmoid
 from megafold.kernels._common import (
     cdiv,
     interpreter_active,
@@ -40,6 +39,7 @@ from megafold.kernels._common import (
     resolve_backend,
     run_tuned,
 )
+from megafold.kernels._math import sigmoid
 
 # --------------------------------------------------------------------------- reference
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._math import sigmoid
 from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
+from megafold.kernels._math import sigmoid
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._math import sigmoid
 from megafold.kernels._common import cdiv, launch_kernel, multiprocessors, resolve_backend, run_tuned
+from megafold.kernels._math import sigmoid
 from megafold.kernels.layernorm_linear import (
     WEIGHT_GRAD_CHUNK_BYTES,
     _chunk_rows,
