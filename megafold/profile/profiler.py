@@ -930,10 +930,7 @@ def precompile_kernels(
     # Tuning times real launches: the recorded step takes the stored choices (or the defaults),
     # unless it records the candidates of what a tuning step would tune.
     with mock.patch.dict(os.environ, {} if candidates else {"MEGAFOLD_AUTOTUNE": "0"}):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
-        batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
+        model, batch = _graphless_step_inputs(variant, device, crop, msa_rows, atoms_per_token)
         try:
             with record_launches(records, candidates=candidates), torch.set_grad_enabled(backward):
                 loss, _ = model.training_loss(batch, n_cycles=n_cycles)
@@ -943,6 +940,17 @@ def precompile_kernels(
             model = batch = loss = None
             _free_memory(device)
     return compile_in_processes(records, workers)
+
+
+def _graphless_step_inputs(variant: Variant, device: torch.device, crop: int, msa_rows: int,
+                           atoms_per_token: int) -> tuple[AlphaFold3, Any]:
+    """``variant``'s model with its CUDA graphs off (every kernel launched eagerly, none first
+    met inside a capture) and a synthetic batch at ``crop``, seeded: the step that
+    ``precompile_kernels`` records and ``tune_kernels`` tunes."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
+    return model, synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
 
 
 def tune_kernels(
@@ -981,11 +989,12 @@ def tune_kernels(
     if not _common.autotune_enabled():
         raise ConfigError("tune_kernels: MEGAFOLD_AUTOTUNE=0 turns tuning off (unset it, or set 1 or force)")
     name = _common.device_name(device)
+
     def records() -> dict[tuple, dict]:
-        return {(r["op"], str(r["key"]), r["device"]): r for r in _common.tuning_records() if r["device"] == name}
+        return {(r["op"], str(r["key"])): r for r in _common.tuning_records() if r["device"] == name}
 
     # A key tuned here is new in the trials file, or has new trials there (a forced re-tune).
-    before = {key: json.dumps(record["trials"], sort_keys=True) for key, record in records().items()}
+    before = {key: record["trials"] for key, record in records().items()}
     phases: dict[str, float] = {}
     report = None
     if precompile:
@@ -1004,15 +1013,12 @@ def tune_kernels(
         torch.cuda.synchronize(device)
         return time.perf_counter() - began
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
-    batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
+    model, batch = _graphless_step_inputs(variant, device, crop, msa_rows, atoms_per_token)
     try:
         phases["tuning_step_s"] = round(timed_step(), 1)
         tuned = []
         for key, record in records().items():
-            if before.get(key) == json.dumps(record["trials"], sort_keys=True):
+            if before.get(key) == record["trials"]:
                 continue
             times = [trial["ms"] for trial in record["trials"] if "ms" in trial]
             tuned.append({"op": record["op"], "key": record["key"], "chosen": record["chosen"], "ms": record["ms"],
