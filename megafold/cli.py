@@ -9,6 +9,7 @@
     megafold profile [--preset tiny] [--crop 32] [--kernels torch triton]
     megafold bench [ARGS...]                              # benchmarks/kernels.py
     megafold tuning [--cache-dir DIR] [--op NAME] [--trials]  # what the kernel tuner chose, and from what
+    megafold tune [--preset paper] [--crop 384]           # tune a training step's kernels on this GPU
 
 A mistake in the input (a missing store, an unknown preset, a bad crop size, a path that
 does not exist) prints one line on stderr and exits with status 2; no traceback.
@@ -237,6 +238,28 @@ def cmd_tuning(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from megafold.kernels._common import autotune_cache_path
+    from megafold.profile import tune_kernels
+
+    device = args.device or _device_default()
+    config = model_config(args.preset, "triton", device, settings=args.settings)
+    result = tune_kernels(config, crop=args.crop, device=device, msa_rows=args.msa_rows, workers=args.workers,
+                          precompile=not args.no_precompile)
+    phases, compiled = result["phases"], result["precompile"]
+    if compiled is not None:
+        print(f"compiled {compiled['compiled']} of {compiled['records']} kernel launches in {phases['precompile_s']} s")
+    print(f"tuned {len(result['tuned'])} shape keys in a {phases['tuning_step_s']} s step; "
+          f"the step with tuning off took {phases['tuned_step_s']} s")
+    for row in result["tuned"]:
+        print(f"  {row['op']} ({', '.join(map(str, row['key']))}): {_config_text(row['chosen'])} {row['ms']} ms "
+              f"(of {row['candidates']} candidates)")
+    if result["untuned"]:
+        print(f"{len(result['untuned'])} keys still ran without a choice: {result['untuned']}")
+    print(f"choices in {autotune_cache_path()} (megafold tuning --trials lists every candidate's time)")
+    return 0
+
+
 def _config_text(config: dict | None) -> str:
     return "-" if config is None else " ".join(f"{name}={value}" for name, value in sorted(config.items()))
 
@@ -319,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "or ~/.cache/megafold)")
     tune.add_argument("--op", default="", help="only ops whose name contains this")
     tune.add_argument("--trials", action="store_true", help="every candidate, fastest first")
+
+    tune_step = commands.add_parser("tune", help="tune every kernel shape of a training step on this GPU "
+                                                 "(candidates compiled in parallel first)")
+    tune_step.add_argument("--preset", default="paper", help="model preset (default paper)")
+    tune_step.add_argument("--crop", type=positive_int, default=384, help="tokens of the synthetic batch (default 384)")
+    tune_step.add_argument("--msa-rows", type=positive_int, default=256, help="MSA rows of the batch (default 256)")
+    tune_step.add_argument("--workers", type=positive_int, default=None, help="compiling processes (default: CPUs, "
+                                                                              "at most 16)")
+    tune_step.add_argument("--no-precompile", action="store_true", help="compile in the tuning step instead")
+    tune_step.add_argument("--device", default=None)
+    _add_set_argument(tune_step)
     return parser
 
 
@@ -338,5 +372,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "predict": cmd_predict, "profile": cmd_profile,
-            "tuning": cmd_tuning}
+            "tuning": cmd_tuning, "tune": cmd_tune}
 PASS_THROUGH = {"precache": cmd_precache, "bench": cmd_bench}

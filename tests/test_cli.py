@@ -201,3 +201,10 @@ def test_tuning_names_a_broken_record(capsys, tmp_path):
     assert status == 2 and err.startswith(f"megafold: error: {tmp_path / 'autotune-trials.json'}: not a tuning record")
     assert err.count("\n") == 1
 
+
+
+def test_tune_needs_a_gpu_and_names_a_bad_preset(capsys, monkeypatch):
+    status, _, err = run(["tune", "--preset", "nosuch"], capsys)
+    assert status == 2 and err.startswith("megafold: error: unknown model preset 'nosuch'")
+    status, _, err = run(["tune", "--preset", "tiny", "--device", "cpu"], capsys)
+    assert status == 2 and "tuning times launches on a GPU" in err and err.count("\n") == 1

@@ -143,6 +143,13 @@ print({name: getattr(config, name)
 #
 # `variants(config, ("torch", "triton", "compile"))` builds the standard comparison: the eager
 # reference, megafold's Triton kernels and torch.compile of the eager model.
+#
+# The Triton rows use the launch configurations tuned for this GPU: shipped ones for the GPUs
+# megafold was measured on, otherwise whatever the first steps tune (each new shape key times
+# its candidates once per machine, then caches the choice). On a GPU without shipped choices,
+# `tune_kernels(config, crop=384)` from `megafold.profile` (or `megafold tune` in a shell) tunes
+# a whole step up front: it compiles every candidate in parallel processes first, which took
+# a "paper" step's 36 new keys from more than ten minutes to about a minute and a half on an H200.
 
 # %%
 kernels = compare(variants(config, KERNELS), crop=CROP, warmup=1, **BATCH)

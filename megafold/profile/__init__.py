@@ -26,6 +26,7 @@ from megafold.profile.profiler import (
     profile_step,
     save,
     summary,
+    tune_kernels,
     variants,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "profile_step",
     "save",
     "summary",
+    "tune_kernels",
     "variants",
 ]

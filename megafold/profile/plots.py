@@ -46,7 +46,7 @@ def _title(text: str, ds: xr.Dataset, with_crop: bool = True) -> str:
         details.append(str(ds.attrs["device"]))
     untuned = ds.attrs.get("untuned_kernel_keys", 0)
     if untuned:
-        details.append(f"{untuned} kernel shapes ran untuned (MEGAFOLD_AUTOTUNE=1 tunes them)")
+        details.append(f"{untuned} kernel shapes ran untuned (megafold tune, or MEGAFOLD_AUTOTUNE=1, tunes them)")
     return f"{text}<br><sup>{', '.join(details)}</sup>" if details else text
 
 

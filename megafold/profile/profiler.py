@@ -930,10 +930,7 @@ def precompile_kernels(
     # Tuning times real launches: the recorded step takes the stored choices (or the defaults),
     # unless it records the candidates of what a tuning step would tune.
     with mock.patch.dict(os.environ, {} if candidates else {"MEGAFOLD_AUTOTUNE": "0"}):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
-        batch = synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
+        model, batch = _graphless_step_inputs(variant, device, crop, msa_rows, atoms_per_token)
         try:
             with record_launches(records, candidates=candidates), torch.set_grad_enabled(backward):
                 loss, _ = model.training_loss(batch, n_cycles=n_cycles)
@@ -943,6 +940,98 @@ def precompile_kernels(
             model = batch = loss = None
             _free_memory(device)
     return compile_in_processes(records, workers)
+
+
+def _graphless_step_inputs(variant: Variant, device: torch.device, crop: int, msa_rows: int,
+                           atoms_per_token: int) -> tuple[AlphaFold3, Any]:
+    """``variant``'s model with its CUDA graphs off (every kernel launched eagerly, none first
+    met inside a capture) and a synthetic batch at ``crop``, seeded: the step that
+    ``precompile_kernels`` records and ``tune_kernels`` tunes."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AlphaFold3(variant.config.replace(rollout_cuda_graph=False, diffusion_cuda_graph=False)).train()
+    return model, synthetic_batch(crop, atoms_per_token=atoms_per_token, msa_rows=msa_rows, device=device, seed=0)
+
+
+def tune_kernels(
+    config: AlphaFold3Config | str | Variant = "paper",
+    *,
+    crop: int = 384,
+    device: str | torch.device | None = None,
+    msa_rows: int = 256,
+    atoms_per_token: int = 8,
+    workers: int | None = None,
+    precompile: bool = True,
+) -> dict:
+    """Tune every Triton kernel shape key that one training step of ``config`` at ``crop``
+    launches on this GPU, compiling first: what a fresh GPU's first steps would otherwise do
+    one candidate compile at a time (more than ten minutes of a "paper" step).
+
+    1. ``precompile_kernels(..., candidates=True)``: a recorded step launches every candidate of
+       each key that would be tuned, and worker processes compile them (``precompile=False``
+       skips this: the tuning step compiles in-line, as before);
+    2. one step of synthetic data with tuning on, the CUDA graphs off (no key is first met
+       inside a capture): each key is timed and its choice written to the tuning cache
+       (``MEGAFOLD_CACHE_DIR``, default ``~/.cache/megafold``), every candidate's time beside it;
+    3. the step again with tuning off, timed: the keys that still found no choice.
+
+    ``MEGAFOLD_AUTOTUNE`` decides what is tuned: on (the default) the keys without a stored
+    choice, ``force`` every key again. Returns ``{"phases": {"precompile_s", "tuning_step_s",
+    "tuned_step_s"}, "precompile": the compile report or None, "tuned": one dict per key tuned
+    here (op, key, chosen, ms, candidates, ran, slowest_ms), "untuned": the keys the last
+    step ran without a choice}``. ``megafold tune`` runs it from the command line."""
+    from megafold.kernels import _common
+
+    variant = config if isinstance(config, Variant) else variants(resolve_config(config), ("triton",))["triton"]
+    device = resolve_device(device)
+    if device.type != "cuda":
+        raise ConfigError("tune_kernels: kernel tuning times launches on a GPU; this machine has none")
+    if not _common.autotune_enabled():
+        raise ConfigError("tune_kernels: MEGAFOLD_AUTOTUNE=0 turns tuning off (unset it, or set 1 or force)")
+    name = _common.device_name(device)
+
+    def records() -> dict[tuple, dict]:
+        return {(r["op"], str(r["key"])): r for r in _common.tuning_records() if r["device"] == name}
+
+    # A key tuned here is new in the trials file, or has new trials there (a forced re-tune).
+    before = {key: record["trials"] for key, record in records().items()}
+    phases: dict[str, float] = {}
+    report = None
+    if precompile:
+        began = time.perf_counter()
+        handle = precompile_kernels(variant, crop=crop, device=device, msa_rows=msa_rows,
+                                    atoms_per_token=atoms_per_token, workers=workers, candidates=True)
+        report = handle.wait() if handle is not None else {"records": 0, "compiled": 0, "problems": []}
+        phases["precompile_s"] = round(time.perf_counter() - began, 1)
+
+    def timed_step() -> float:
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        loss, _ = model.training_loss(batch, n_cycles=1)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - began
+
+    model, batch = _graphless_step_inputs(variant, device, crop, msa_rows, atoms_per_token)
+    try:
+        phases["tuning_step_s"] = round(timed_step(), 1)
+        tuned = []
+        for key, record in records().items():
+            if before.get(key) == record["trials"]:
+                continue
+            times = [trial["ms"] for trial in record["trials"] if "ms" in trial]
+            tuned.append({"op": record["op"], "key": record["key"], "chosen": record["chosen"], "ms": record["ms"],
+                          "candidates": len(record["trials"]), "ran": len(times),
+                          "slowest_ms": max(times) if times else None})
+        _common._untuned.clear()
+        with mock.patch.dict(os.environ, {"MEGAFOLD_AUTOTUNE": "0"}):
+            phases["tuned_step_s"] = round(timed_step(), 2)
+            untuned = _common.untuned_keys()
+    finally:
+        model = batch = None
+        _free_memory(device)
+    return {"phases": phases, "precompile": report, "tuned": tuned, "untuned": untuned}
 
 
 def profile_step(

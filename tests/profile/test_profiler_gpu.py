@@ -119,3 +119,18 @@ def test_dashboard_target_paper_at_384_within_two_minutes():
         # On an 80 GB card both searches verify the crop their memory fit predicts (torch's with
         # the cubic first jump: H100, 640 then 768; triton 1152 then 1536).
         assert (ds["longest_crop"] == ds["longest_predicted"]).all(), summary
+
+
+def test_tune_kernels_tunes_a_step_after_compiling_its_candidates(tmp_path, monkeypatch):
+    """A fresh tuning cache: every key of a "tiny" step at crop 64 is tuned (its candidates
+    compiled in worker processes first), and the step with tuning off finds a choice for each."""
+    from megafold.kernels import _common
+    from megafold.profile import tune_kernels
+
+    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE", "force")  # the shipped choices would leave nothing to tune
+    monkeypatch.setattr(_common, "_memory_cache", {})
+    result = tune_kernels(preset("tiny"), crop=64, msa_rows=16, workers=4)
+    assert result["precompile"]["compiled"] > 0 and result["tuned"] and result["untuned"] == []
+    assert all(row["chosen"] is not None and row["ran"] >= 1 for row in result["tuned"])
+    assert (tmp_path / "autotune.json").is_file()
