@@ -439,14 +439,15 @@ def _input_candidates() -> list[dict]:
 
 
 def _output_forward_candidates() -> list[dict]:
-    """Tuning candidates of the output forward (one row block: LN(x), the output projection
+    """Tuning candidates of the output forward (a row block: LN(x), the output projection
     and the gate from LN(z), no channel loop). 16 warps lost to these at N = 384 and 768
     (benchmarks/NOTES.md, session 16)."""
     plain = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)]
-    # Persistent programs (1-2 an SM) over the row blocks, their loads of the next block
-    # pipelined (LOOP_STAGES) behind this one's work: prepared in session 28, not measured yet.
+    # Persistent programs (1, 2 or 4 an SM) loop over the row blocks, the weights loaded once,
+    # optionally with the next block's loads pipelined (LOOP_STAGES). Two an SM without the
+    # pipelining won at N = 384 and 768 on the H200 (session 29); it is the default.
     persistent = [{"BLOCK_M": bm, "num_warps": nw, "PERSISTENT": per_sm, "LOOP_STAGES": ls}
-                  for bm in (32, 64) for nw in (4, 8) for per_sm in (1, 2) for ls in (1, 2)]
+                  for bm in (32, 64) for nw in (4, 8) for per_sm in (1, 2, 4) for ls in (1, 2)]
     return plain + persistent
 
 
@@ -506,7 +507,8 @@ def _triangle_forward(z, mask, p, outgoing, eps, keep_zn=True):
             NUM_STAGES=cfg.get("LOOP_STAGES", 1), num_warps=cfg["num_warps"],
         )
 
-    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
+    # Two persistent programs an SM: 0.3075 -> 0.249 ms at N = 768 on the H200 (session 29).
+    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4, "PERSISTENT": 2}
     candidates = _output_forward_candidates() if small else []
     run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out, rows=B * NN)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd, zn

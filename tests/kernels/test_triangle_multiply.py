@@ -118,11 +118,14 @@ def test_persistent_output_backward(dtype, monkeypatch, poisoned_empty):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_persistent_output_forward(dtype, monkeypatch, poisoned_empty):
-    # One program a batch (one SM off a GPU) takes every row block of its batch (13 x 13 pairs
-    # in blocks of 16, the last partial), its loads pipelined two deep, c_h wider than c_z.
-    used = pinned(monkeypatch, "triangle_multiply_out_fwd",
-                  {"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": 1, "LOOP_STAGES": 2})
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": 1, "LOOP_STAGES": 2},
+                                    {"BLOCK_M": 16, "num_warps": 4}], ids=["persistent", "block-a-program"])
+def test_output_forward_row_blocks(config, dtype, monkeypatch, poisoned_empty):
+    # Persistent: one program a batch (one SM off a GPU) takes every row block of its batch
+    # (13 x 13 pairs in blocks of 16, the last partial), its loads pipelined two deep. The
+    # default is persistent too, so the plain grid (one block a program) is pinned here.
+    # c_h is wider than c_z.
+    used = pinned(monkeypatch, "triangle_multiply_out_fwd", config)
     z = (torch.randn(2, 13, 13, 24) + 1).to(dtype).requires_grad_()
     check(z, padded_mask(2, 13, 3), make_params(24, 40, dtype), True, dtype)
     assert used
