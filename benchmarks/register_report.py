@@ -373,7 +373,9 @@ def cases(defaults: bool = False) -> list[tuple]:
     ):
         cfg = shipped(f"triangle_multiply_{name}", [128, 128, bf16, bf16]) or (
             {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4} if "in_" in name else {"BLOCK_M": 64, "num_warps": 4})
-        if cfg.get("PERSISTENT"):  # the shipped choice is the persistent output backward
+        if name == "out_fwd":  # its row loop's pipeline depth (persistent choices)
+            extra = {**extra, "NUM_STAGES": cfg.get("LOOP_STAGES", 1)}
+        elif cfg.get("PERSISTENT"):  # the shipped choice is the persistent output backward
             name, kernel = "out_bwd persistent", tri._triangle_output_backward_persistent_kernel
         blocks = {"BLOCK_C": cfg["BLOCK_C"]} if "in_" in name else {"BLOCK_CH": 128}
         out.append((f"triangle {name}", kernel,

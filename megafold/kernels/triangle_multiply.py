@@ -158,34 +158,40 @@ def _triangle_output_forward_kernel(
     ln_out_w_ptr, ln_out_b_ptr, w_o_ptr, out_ptr, x_mean_ptr, x_rstd_ptr,
     N, sz_b, sz_i, sz_j, sz_c, sw_og0, sw_og1, sw_o0, sw_o1, eps,
     CZ: tl.constexpr, CH: tl.constexpr, Z_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """out = sigmoid(LN(z) W_og^T) * (LN(x) W_o^T); x is ``[B, c_h, N, N]``."""
+    """out = sigmoid(LN(z) W_og^T) * (LN(x) W_o^T); x is ``[B, c_h, N, N]``. Program (p, b)
+    takes row blocks p, p + P, ... of batch b (P programs a batch): one block each where P is
+    the block count; fewer, persistent programs (PERSISTENT) load the two weight tiles once and
+    let the loop's loads of the next block overlap this block's work (NUM_STAGES)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1)
     NN = N * N
-    ij = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = ij < NN
-    flat = batch.to(tl.int64) * NN + ij
     dtype = w_o_ptr.dtype.element_ty
-
-    x_rows = batch.to(tl.int64) * CH * NN + ij
-    xn, x_mean, x_rstd = _layernorm_tile(x_ptr, x_rows, row_ok, NN, ln_out_w_ptr, ln_out_b_ptr, eps, CH, BLOCK_CH)
     w_o = _square_tile(w_o_ptr, sw_o0, sw_o1, CZ, CH, BLOCK_CZ, BLOCK_CH)
-    update = tl.dot(xn.to(dtype), tl.trans(w_o), input_precision=DOT_PRECISION)
-
-    z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
-    z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
-    z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
-    zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ, BLOCK_CZ)
     w_og = _square_tile(w_og_ptr, sw_og0, sw_og1, CZ, CZ, BLOCK_CZ, BLOCK_CZ)
-    gate = sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
-
     ks = tl.arange(0, BLOCK_CZ)
-    tl.store(out_ptr + flat[:, None] * CZ + ks[None, :], (gate * update).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (ks < CZ)[None, :])
-    tl.store(x_mean_ptr + flat, x_mean, mask=row_ok)
-    tl.store(x_rstd_ptr + flat, x_rstd, mask=row_ok)
+    for block in tl.range(pid, tl.cdiv(NN, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
+        ij = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = ij < NN
+        flat = batch.to(tl.int64) * NN + ij
+
+        x_rows = batch.to(tl.int64) * CH * NN + ij
+        xn, x_mean, x_rstd = _layernorm_tile(x_ptr, x_rows, row_ok, NN, ln_out_w_ptr, ln_out_b_ptr, eps, CH,
+                                             BLOCK_CH)
+        update = tl.dot(xn.to(dtype), tl.trans(w_o), input_precision=DOT_PRECISION)
+
+        z_rows = _row_offsets(batch, ij, N, sz_b, sz_i, sz_j, Z_MERGED)
+        z_mean = tl.load(z_mean_ptr + flat, mask=row_ok, other=0.0)
+        z_rstd = tl.load(z_rstd_ptr + flat, mask=row_ok, other=0.0)
+        zn = _layernorm_chunk(z_ptr, z_rows, row_ok, sz_c, ln_in_w_ptr, ln_in_b_ptr, z_mean, z_rstd, 0, CZ,
+                              BLOCK_CZ)
+        gate = sigmoid(tl.dot(zn.to(dtype), tl.trans(w_og), input_precision=DOT_PRECISION))
+
+        tl.store(out_ptr + flat[:, None] * CZ + ks[None, :], (gate * update).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (ks < CZ)[None, :])
+        tl.store(x_mean_ptr + flat, x_mean, mask=row_ok)
+        tl.store(x_rstd_ptr + flat, x_rstd, mask=row_ok)
 
 
 @triton.jit
@@ -433,10 +439,16 @@ def _input_candidates() -> list[dict]:
 
 
 def _output_forward_candidates() -> list[dict]:
-    """Tuning candidates of the output forward (one row block: LN(x), the output projection
+    """Tuning candidates of the output forward (a row block: LN(x), the output projection
     and the gate from LN(z), no channel loop). 16 warps lost to these at N = 384 and 768
     (benchmarks/NOTES.md, session 16)."""
-    return [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)]
+    plain = [{"BLOCK_M": bm, "num_warps": nw} for bm in (32, 64, 128) for nw in (4, 8)]
+    # Persistent programs (1, 2 or 4 an SM) loop over the row blocks, the weights loaded once,
+    # optionally with the next block's loads pipelined (LOOP_STAGES). Two an SM without the
+    # pipelining won at N = 384 and 768 on the H200 (session 29); it is the default.
+    persistent = [{"BLOCK_M": bm, "num_warps": nw, "PERSISTENT": per_sm, "LOOP_STAGES": ls}
+                  for bm in (32, 64) for nw in (4, 8) for per_sm in (1, 2, 4) for ls in (1, 2)]
+    return plain + persistent
 
 
 def _tuning_key(z: torch.Tensor, c_h: int, dtype: torch.dtype) -> tuple[tuple, bool]:
@@ -483,15 +495,20 @@ def _triangle_forward(z, mask, p, outgoing, eps, keep_zn=True):
     w_og, w_o = p["out_gate_weight"], p["out_proj_weight"]
 
     def launch_out(cfg):
-        launch_kernel(_triangle_output_forward_kernel, (cdiv(NN, cfg["BLOCK_M"]), B),
+        blocks = cdiv(NN, cfg["BLOCK_M"])
+        if cfg.get("PERSISTENT"):  # PERSISTENT programs an SM, shared by the batches
+            blocks = min(blocks, max(1, cfg["PERSISTENT"] * multiprocessors(dev) // B))
+        launch_kernel(_triangle_output_forward_kernel, (blocks, B),
             x, z, z_mean, z_rstd, p["norm_in_weight"], p["norm_in_bias"], w_og,
             p["norm_out_weight"], p["norm_out_bias"], w_o, out, x_mean, x_rstd,
             N, *sz, *w_og.stride(), *w_o.stride(), eps,
             CZ=CZ, CH=CH, Z_MERGED=z_merged, DOT_PRECISION=prec,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch, num_warps=cfg["num_warps"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_CZ=block_cz, BLOCK_CH=block_ch,
+            NUM_STAGES=cfg.get("LOOP_STAGES", 1), num_warps=cfg["num_warps"],
         )
 
-    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4}
+    # Two persistent programs an SM: 0.3075 -> 0.249 ms at N = 768 on the H200 (session 29).
+    default = {"BLOCK_M": _row_block(max(block_cz, block_ch)), "num_warps": 4, "PERSISTENT": 2}
     candidates = _output_forward_candidates() if small else []
     run_tuned("triangle_multiply_out_fwd", key, dev, candidates, default, launch_out, rows=B * NN)
     return out, ab, x.view(B, CH, N, N), z_mean, z_rstd, x_mean, x_rstd, zn

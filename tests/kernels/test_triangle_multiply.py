@@ -85,19 +85,25 @@ def test_narrow_channel_slices(dtype, monkeypatch, poisoned_empty):
     check(z, padded_mask(2, 7, 2), make_params(24, 40, dtype), True, dtype)
 
 
-def persistent_output_backward(monkeypatch, config):
-    """Run the output backward's persistent kernel with ``config``; returns the configs launched."""
+def pinned(monkeypatch, pinned_op, config):
+    """Run ``pinned_op`` (e.g. the output backward) with ``config``, the other ops as tuned;
+    returns the configs launched for it."""
     used = []
     real = module.run_tuned
 
     def run_tuned(op, key, device, candidates, default, launch, rows=None):
-        if op != "triangle_multiply_out_bwd":
+        if op != pinned_op:
             return real(op, key, device, candidates, default, launch, rows)
         used.append(config)
         return launch(config)
 
     monkeypatch.setattr(module, "run_tuned", run_tuned)
     return used
+
+
+def persistent_output_backward(monkeypatch, config):
+    """Run the output backward's persistent kernel with ``config``; returns the configs launched."""
+    return pinned(monkeypatch, "triangle_multiply_out_bwd", config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -109,6 +115,20 @@ def test_persistent_output_backward(dtype, monkeypatch, poisoned_empty):
         z = (torch.randn(2, 13, 13, 24) + 1).to(dtype).requires_grad_()
         check(z, padded_mask(2, 13, 3), make_params(24, 40, dtype), True, dtype)
         assert used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16, "num_warps": 4, "PERSISTENT": 1, "LOOP_STAGES": 2},
+                                    {"BLOCK_M": 16, "num_warps": 4}], ids=["persistent", "block-a-program"])
+def test_output_forward_row_blocks(config, dtype, monkeypatch, poisoned_empty):
+    # Persistent: one program a batch (one SM off a GPU) takes every row block of its batch
+    # (13 x 13 pairs in blocks of 16, the last partial), its loads pipelined two deep. The
+    # default is persistent too, so the plain grid (one block a program) is pinned here.
+    # c_h is wider than c_z.
+    used = pinned(monkeypatch, "triangle_multiply_out_fwd", config)
+    z = (torch.randn(2, 13, 13, 24) + 1).to(dtype).requires_grad_()
+    check(z, padded_mask(2, 13, 3), make_params(24, 40, dtype), True, dtype)
+    assert used
 
 
 def test_persistent_output_backward_is_deterministic(monkeypatch):
