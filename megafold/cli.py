@@ -9,7 +9,7 @@
     megafold profile [--preset tiny] [--crop 32] [--kernels torch triton]
     megafold bench [ARGS...]                              # benchmarks/kernels.py
     megafold tuning [--cache-dir DIR] [--op NAME] [--trials]  # what the kernel tuner chose, and from what
-    megafold tune [--preset paper] [--crop 384]           # tune a training step's kernels on this GPU
+    megafold tune [--preset paper] [--crop 384] [--force] [--ops NAME,...]  # tune a step's kernels on this GPU
 
 A mistake in the input (a missing store, an unknown preset, a bad crop size, a path that
 does not exist) prints one line on stderr and exits with status 2; no traceback.
@@ -245,7 +245,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     device = args.device or _device_default()
     config = model_config(args.preset, "triton", device, settings=args.settings)
     result = tune_kernels(config, crop=args.crop, device=device, msa_rows=args.msa_rows, workers=args.workers,
-                          precompile=not args.no_precompile)
+                          precompile=not args.no_precompile, force=args.force, ops=args.ops)
     phases, compiled = result["phases"], result["precompile"]
     if compiled is not None:
         print(f"compiled {compiled['compiled']} of {compiled['records']} kernel launches in {phases['precompile_s']} s")
@@ -254,6 +254,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for row in result["tuned"]:
         print(f"  {row['op']} ({', '.join(map(str, row['key']))}): {_config_text(row['chosen'])} {row['ms']} ms "
               f"(of {row['candidates']} candidates)")
+    if not result["tuned"] and args.ops:
+        print(f"nothing tuned: no op of this step matches --ops {args.ops}"
+              + ("" if args.force else ", or each of its keys had a stored choice (--force tunes them again)")
+              + "; `megafold tuning` lists the op names")
+    elif not result["tuned"] and not args.force:
+        print("every key had a stored choice: --force tunes them again")
     if result["untuned"]:
         print(f"{len(result['untuned'])} keys still ran without a choice: {result['untuned']}")
     print(f"choices in {autotune_cache_path()} (megafold tuning --trials lists every candidate's time)")
@@ -351,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune_step.add_argument("--workers", type=positive_int, default=None, help="compiling processes (default: CPUs, "
                                                                               "at most 16)")
     tune_step.add_argument("--no-precompile", action="store_true", help="compile in the tuning step instead")
+    tune_step.add_argument("--force", action="store_true", help="tune keys that have a stored choice again "
+                                                              "(MEGAFOLD_AUTOTUNE=force)")
+    tune_step.add_argument("--ops", default="", help="only ops whose name contains one of these comma-separated "
+                                                     "parts, e.g. triangle_multiply_out_fwd (MEGAFOLD_AUTOTUNE_OPS)")
     tune_step.add_argument("--device", default=None)
     _add_set_argument(tune_step)
     return parser

@@ -208,3 +208,5 @@ def test_tune_needs_a_gpu_and_names_a_bad_preset(capsys, monkeypatch):
     assert status == 2 and err.startswith("megafold: error: unknown model preset 'nosuch'")
     status, _, err = run(["tune", "--preset", "tiny", "--device", "cpu"], capsys)
     assert status == 2 and "tuning times launches on a GPU" in err and err.count("\n") == 1
+    status, _, err = run(["tune", "--preset", "tiny", "--device", "cpu", "--force", "--ops", "triangle"], capsys)
+    assert status == 2 and "tuning times launches on a GPU" in err

@@ -150,6 +150,8 @@ print({name: getattr(config, name)
 # `tune_kernels(config, crop=384)` from `megafold.profile` (or `megafold tune` in a shell) tunes
 # a whole step up front: it compiles every candidate in parallel processes first, which took
 # a "paper" step's 36 new keys from more than ten minutes to about a minute and a half on an H200.
+# `tune_kernels(config, crop=768, force=True, ops=["triangle_multiply"])` times the keys of the
+# selected ops again (after a kernel change, say) while every other op keeps its stored choice.
 
 # %%
 kernels = compare(variants(config, KERNELS), crop=CROP, warmup=1, **BATCH)

@@ -261,6 +261,38 @@ def autotune_forced() -> bool:
     return autotune_enabled() and os.environ.get("MEGAFOLD_AUTOTUNE") == "force"
 
 
+def autotune_ops() -> tuple[str, ...]:
+    """``MEGAFOLD_AUTOTUNE_OPS``: comma-separated parts of op names (e.g.
+    ``triangle_multiply_out_fwd,layernorm_linear``). Where set, only the ops whose name
+    contains one are tuned (tuned again under ``MEGAFOLD_AUTOTUNE=force``); every other op runs
+    its stored choice or its default, as with tuning off. Unset: every op."""
+    return tuple(part.strip() for part in os.environ.get("MEGAFOLD_AUTOTUNE_OPS", "").split(",") if part.strip())
+
+
+def _op_selected(op: str, parts: tuple[str, ...]) -> bool:
+    return not parts or any(part in op for part in parts)
+
+
+def forget_choices(parts: tuple[str, ...] = ()) -> None:
+    """Drop this process's remembered choices of the ops ``parts`` selects (every op where
+    empty), so that a forced tuning started now times them again."""
+    with _cache_lock:
+        for key in list(_memory_cache):
+            if _op_selected(_op_of(key), parts):
+                del _memory_cache[key]
+
+
+def _op_of(key: tuple | str) -> str:
+    """The op of a remembered choice: a tuple key's first item, or a JSON key's (a key that is
+    not JSON, such as ``_capability``, names no op)."""
+    if isinstance(key, tuple):
+        return key[0]
+    try:
+        return json.loads(key)[0]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return ""
+
+
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
 
@@ -371,16 +403,28 @@ def pick_config(
         return hit
     name = device_name(device)
     cache_key = json.dumps([op, list(key), name])
+    parts = autotune_ops()
+    # An op that MEGAFOLD_AUTOTUNE_OPS leaves out runs as with tuning off; its answer is not
+    # remembered under the tuning-on key, so the op is tuned once the selection is lifted.
+    left_out = tuning and not _op_selected(op, parts)
+    tuning = tuning and not left_out
     with _cache_lock:
-        if not _memory_cache and not autotune_forced():
-            _memory_cache.update(packaged_choices(device))
-            _memory_cache.update(_read_disk_cache(autotune_cache_path()))
+        forced = autotune_forced()
+        if not _memory_cache and (parts or not forced):
+            stored = {**packaged_choices(device), **_read_disk_cache(autotune_cache_path())}
+            if forced:  # the selected ops are tuned again: only the others keep their choices
+                stored = {k: v for k, v in stored.items() if not _op_selected(_op_of(k), parts)}
+            _memory_cache.update(stored)
+            _memory_cache["_loaded"] = {}  # loaded, even where nothing was stored
         hit = _memory_cache.get(cache_key)
         if hit is None and legacy_key is not None and not tuning:
             hit = _memory_cache.get(json.dumps([op, list(legacy_key), name]))
     if hit is not None or not tuning:  # tuning off: a stored choice where there is one, else the default
-        if hit is None:
-            _untuned.append({"op": op, "key": list(key), "device": name})
+        entry = {"op": op, "key": list(key), "device": name}
+        if hit is None and entry not in _untuned:
+            _untuned.append(entry)
+        if left_out:
+            return hit if hit is not None else default
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
     if _record_candidates:  # the launches are recorded for compiling, not run: no times

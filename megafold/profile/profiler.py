@@ -962,6 +962,8 @@ def tune_kernels(
     atoms_per_token: int = 8,
     workers: int | None = None,
     precompile: bool = True,
+    force: bool = False,
+    ops: Sequence[str] = (),
 ) -> dict:
     """Tune every Triton kernel shape key that one training step of ``config`` at ``crop``
     launches on this GPU, compiling first: what a fresh GPU's first steps would otherwise do
@@ -976,18 +978,39 @@ def tune_kernels(
     3. the step again with tuning off, timed: the keys that still found no choice.
 
     ``MEGAFOLD_AUTOTUNE`` decides what is tuned: on (the default) the keys without a stored
-    choice, ``force`` every key again. Returns ``{"phases": {"precompile_s", "tuning_step_s",
-    "tuned_step_s"}, "precompile": the compile report or None, "tuned": one dict per key tuned
-    here (op, key, chosen, ms, candidates, ran, slowest_ms), "untuned": the keys the last
-    step ran without a choice}``. ``megafold tune`` runs it from the command line."""
+    choice, ``force`` every key again; ``force=True`` does the latter whatever it says.
+    ``ops``: parts of op names (``MEGAFOLD_AUTOTUNE_OPS``, e.g. ``["triangle_multiply_out_fwd"]``);
+    only the ops whose name contains one are tuned (or tuned again), the rest run their stored
+    choices (a comma-separated string works too).
+
+    Returns ``{"phases": {"precompile_s", "tuning_step_s", "tuned_step_s"}, "precompile": the
+    compile report or None, "tuned": one dict per key tuned here (op, key, chosen, ms,
+    candidates, ran, slowest_ms), "untuned": the keys the last step ran without a choice}``.
+    ``megafold tune`` runs it from the command line."""
     from megafold.kernels import _common
 
     variant = config if isinstance(config, Variant) else variants(resolve_config(config), ("triton",))["triton"]
     device = resolve_device(device)
     if device.type != "cuda":
         raise ConfigError("tune_kernels: kernel tuning times launches on a GPU; this machine has none")
-    if not _common.autotune_enabled():
-        raise ConfigError("tune_kernels: MEGAFOLD_AUTOTUNE=0 turns tuning off (unset it, or set 1 or force)")
+    parts = tuple(part.strip() for part in (ops.split(",") if isinstance(ops, str) else ops) if part.strip())
+    env = {"MEGAFOLD_AUTOTUNE": "force"} if force else {}
+    if parts:
+        env["MEGAFOLD_AUTOTUNE_OPS"] = ",".join(parts)
+    with mock.patch.dict(os.environ, env):
+        if not _common.autotune_enabled():
+            raise ConfigError("tune_kernels: MEGAFOLD_AUTOTUNE=0 turns tuning off (unset it, set 1 or force, "
+                              "or pass force=True)")
+        if _common.autotune_forced():  # what this process already chose for these ops is timed again
+            _common.forget_choices(_common.autotune_ops())
+        return _tune_step(variant, device, crop, msa_rows, atoms_per_token, workers, precompile)
+
+
+def _tune_step(variant: Variant, device: torch.device, crop: int, msa_rows: int, atoms_per_token: int,
+               workers: int | None, precompile: bool) -> dict:
+    """``tune_kernels`` after its checks, under its environment."""
+    from megafold.kernels import _common
+
     name = _common.device_name(device)
 
     def records() -> dict[tuple, dict]:

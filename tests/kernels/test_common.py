@@ -92,6 +92,54 @@ def test_tuning_ranks_the_fastest_few_by_their_median_time(fake_gpu, tmp_path):
     assert tuning_records(tmp_path)[0]["chosen"] == {"BLOCK": 8}
 
 
+def test_tuning_only_the_selected_ops(fake_gpu, tmp_path, monkeypatch):
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}]
+    timed = []
+
+    def bench(config):
+        timed.append(config["BLOCK"])
+        return 1.0 if config["BLOCK"] == 64 else 2.0
+
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({json.dumps([op, [1], "Fake GPU 80GB"]): {"BLOCK": 32}
+                                   for op in ("alpha_fwd", "beta")}))
+    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: shipped)
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE_OPS", "alpha, gamma")
+    # Tuning on: a selected op with a stored choice keeps it; one without is tuned; an op left
+    # out runs its default untimed, listed as untuned.
+    assert pick_config("alpha_fwd", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert pick_config("alpha_bwd", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert timed == [32, 64, 64, 32, 64, 32, 64, 32]
+    timed.clear()
+    for _ in range(2):
+        assert pick_config("delta", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert timed == [] and _common.untuned_keys() == [{"op": "delta", "key": [1], "device": "Fake GPU 80GB"}]
+    # Forced: the selected ops are timed again, the others keep their stored choices.
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE", "force")
+    _common.forget_choices(_common.autotune_ops())
+    assert ("delta", (1,), None, True) not in _common._memory_cache  # a left-out op was not remembered
+    assert pick_config("beta", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert timed == []
+    assert pick_config("alpha_fwd", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert timed[:2] == [32, 64]
+    # The selection lifted: the left-out op is tuned now.
+    monkeypatch.delenv("MEGAFOLD_AUTOTUNE_OPS")
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE", "1")
+    timed.clear()
+    assert pick_config("delta", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert timed[:2] == [32, 64]
+
+
+def test_forget_choices_drops_only_the_selected_ops(monkeypatch):
+    monkeypatch.setattr(_common, "_memory_cache", {
+        ("alpha_fwd", (1,), 0, True): {"BLOCK": 1}, json.dumps(["alpha_fwd", [1], "GPU"]): {"BLOCK": 1},
+        ("beta", (1,), 0, True): {"BLOCK": 2}, json.dumps(["beta", [1], "GPU"]): {"BLOCK": 2}, "_loaded": {}})
+    _common.forget_choices(("alpha",))
+    assert set(_common._memory_cache) == {("beta", (1,), 0, True), json.dumps(["beta", [1], "GPU"]), "_loaded"}
+    _common.forget_choices()
+    assert _common._memory_cache == {}
+
+
 def test_graph_timing_is_the_default_and_falls_back_to_plain_calls(monkeypatch):
     graphed, plain = [], []
     monkeypatch.setattr(_common, "bench_graph_ms", lambda fn: graphed.append(fn) or 0.5)

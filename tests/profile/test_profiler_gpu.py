@@ -141,3 +141,17 @@ def test_tune_kernels_tunes_a_step_after_compiling_its_candidates(tmp_path, monk
     assert all(row["chosen"] is not None and row["ran"] >= 1 for row in result["tuned"])
     assert all(row["candidates"] <= 3 for row in result["tuned"])
     assert (tmp_path / "autotune.json").is_file()
+
+
+def test_tune_kernels_forced_for_selected_ops(tmp_path, monkeypatch):
+    """``force=True, ops=[...]``: only the selected ops' keys are timed again, and the step with
+    tuning off finds a choice for every key (the others' shipped choices or defaults)."""
+    from megafold.kernels import _common
+    from megafold.profile import tune_kernels
+
+    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_common, "_memory_cache", {})
+    result = tune_kernels(preset("tiny"), crop=64, msa_rows=16, force=True, ops="triangle_multiply_out_fwd")
+    print(f"tune_kernels, forced out_fwd: {result['phases']}, {len(result['tuned'])} keys tuned")
+    assert result["tuned"] and all(row["op"] == "triangle_multiply_out_fwd" for row in result["tuned"])
+    assert all(row["chosen"] is not None for row in result["tuned"])
