@@ -993,10 +993,10 @@ def tune_kernels(
     device = resolve_device(device)
     if device.type != "cuda":
         raise ConfigError("tune_kernels: kernel tuning times launches on a GPU; this machine has none")
-    parts = tuple(part.strip() for part in (ops.split(",") if isinstance(ops, str) else ops) if part.strip())
     env = {"MEGAFOLD_AUTOTUNE": "force"} if force else {}
-    if parts:
-        env["MEGAFOLD_AUTOTUNE_OPS"] = ",".join(parts)
+    selection = ops if isinstance(ops, str) else ",".join(ops)
+    if selection.strip():  # parsed where it is read, by _common.autotune_ops
+        env["MEGAFOLD_AUTOTUNE_OPS"] = selection
     with mock.patch.dict(os.environ, env):
         if not _common.autotune_enabled():
             raise ConfigError("tune_kernels: MEGAFOLD_AUTOTUNE=0 turns tuning off (unset it, set 1 or force, "
