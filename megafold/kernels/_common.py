@@ -401,13 +401,19 @@ def pick_config(
     hit = _memory_cache.get(fast_key)
     if hit is not None:
         return hit
+    parts = autotune_ops()
+    # An op that MEGAFOLD_AUTOTUNE_OPS leaves out runs as with tuning off. Its answer is kept
+    # under the selection, not under the tuning-on key, so a repeat is still one lookup and the
+    # op is tuned once the selection is lifted.
+    left_out = tuning and not _op_selected(op, parts)
+    if left_out:
+        fast_key = (op, tuple(key), device.index, parts)
+        hit = _memory_cache.get(fast_key)
+        if hit is not None:
+            return hit
+    tuning = tuning and not left_out
     name = device_name(device)
     cache_key = json.dumps([op, list(key), name])
-    parts = autotune_ops()
-    # An op that MEGAFOLD_AUTOTUNE_OPS leaves out runs as with tuning off; its answer is not
-    # remembered under the tuning-on key, so the op is tuned once the selection is lifted.
-    left_out = tuning and not _op_selected(op, parts)
-    tuning = tuning and not left_out
     with _cache_lock:
         forced = autotune_forced()
         if not _memory_cache and (parts or not forced):
@@ -423,8 +429,6 @@ def pick_config(
         entry = {"op": op, "key": list(key), "device": name}
         if hit is None and entry not in _untuned:
             _untuned.append(entry)
-        if left_out:
-            return hit if hit is not None else default
         _memory_cache[fast_key] = hit if hit is not None else default
         return _memory_cache[fast_key]
     if _record_candidates:  # the launches are recorded for compiling, not run: no times

@@ -918,7 +918,7 @@ def precompile_kernels(
     ``candidates``: also every candidate configuration of each shape key that a step in this
     process would tune (``MEGAFOLD_AUTOTUNE`` on and no stored choice for this GPU; every key
     under ``MEGAFOLD_AUTOTUNE=force``), so that the tuning step after ``wait()`` only times
-    (``benchmarks/tune_step.py``). Without it the recorded step takes the stored choices or
+    (``tune_kernels``). Without it the recorded step takes the stored choices or
     the defaults, as the real step does with tuning off."""
     from megafold.kernels.precompile import compile_in_processes, record_launches
 

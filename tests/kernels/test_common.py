@@ -114,6 +114,8 @@ def test_tuning_only_the_selected_ops(fake_gpu, tmp_path, monkeypatch):
     for _ in range(2):
         assert pick_config("delta", (1,), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
     assert timed == [] and _common.untuned_keys() == [{"op": "delta", "key": [1], "device": "Fake GPU 80GB"}]
+    # Its answer is remembered under the selection (a repeat is one lookup), not the tuning-on key.
+    assert _common._memory_cache[("delta", (1,), None, ("alpha", "gamma"))] == {"BLOCK": 32}
     # Forced: the selected ops are timed again, the others keep their stored choices.
     monkeypatch.setenv("MEGAFOLD_AUTOTUNE", "force")
     _common.forget_choices(_common.autotune_ops())
