@@ -106,6 +106,45 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+# --------------------------------------------------------------------------- tensor descriptors
+#
+# A kernel that takes a Triton tensor descriptor instead of a pointer for a row-major 2-D
+# operand loads and stores whole tiles by their corner (``desc.load([row, col])``), with the
+# edges zero-filled on loads and clipped on stores. On Hopper and later NVIDIA GPUs these are
+# TMA copies: asynchronous, no address or mask arithmetic in the kernel, and pipelined by
+# Triton through shared memory rather than registers; elsewhere Triton lowers them to plain
+# loads and stores. Host-side descriptors came with Triton 3.4: on older Triton (and where a
+# tensor's layout does not allow one) the kernels take their pointer path, so a descriptor is
+# only ever a tuning candidate, never a requirement.
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def descriptors_available() -> bool:
+    """Whether this Triton takes host-side tensor descriptors (3.4+)."""
+    return _descriptor_class() is not None
+
+
+def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
+    """A descriptor of the 2-D tensor ``t`` with tiles of ``block_shape`` (powers of two), or None
+    where this Triton has none or ``t`` cannot have one: its last dim strided, its base or its
+    row stride not 16-byte aligned (what TMA asks)."""
+    cls = _descriptor_class()
+    if cls is None or t.dim() != 2 or t.stride(1) != 1 or t.shape[0] == 0 or t.shape[1] == 0:
+        return None
+    size = t.element_size()
+    if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+        return None
+    return cls(t, list(t.shape), list(t.stride()), list(block_shape))
+
+
 # --------------------------------------------------------------------------- launches
 #
 # ``kernel[grid](*args, **meta)`` makes Triton work out, on every call, how each argument

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, launch_kernel, multiprocessors, next_power_of_2, resolve_backend, run_tuned
+from megafold.kernels._common import (
+    cdiv,
+    descriptors_available,
+    launch_kernel,
+    multiprocessors,
+    next_power_of_2,
+    resolve_backend,
+    run_tuned,
+    tensor_descriptor,
+)
 
 MAX_GRID_Y = 65535
 
@@ -182,9 +191,17 @@ def _layernorm_tile(
     tensor) and the rows' fp32 mean and 1/std, the statistics taken in two passes over the
     register tile (mean, then centred variance)."""
     ks = tl.arange(0, BLOCK_K)
+    ok = row_ok[:, None] & (ks < K)[None, :]
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
+    return _layernorm_of(x, ok, ln_w_ptr, ln_b_ptr, eps, K, BLOCK_K)
+
+
+@triton.jit
+def _layernorm_of(x, ok, ln_w_ptr, ln_b_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_layernorm_tile`` of a loaded tile ``x`` ``[rows, BLOCK_K]``, zero outside ``ok``."""
+    ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    ok = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / K
     centred = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / K + eps)
@@ -209,10 +226,16 @@ def _normalised_rows(x_ptr, x_rows, stride_c, mean_ptr, rstd_ptr, flat, row_ok, 
     """Whole rows of x normalised with their saved statistics (fp32, zero outside the tensor),
     and the rows' 1/std. FULL_ROWS (K == BLOCK_K): every column is in the tensor, and rows
     past its end load x = mean = rstd = 0, so they come out 0 without a select."""
-    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
+    return _normalised(x, mean_ptr, rstd_ptr, flat, row_ok, ok, FULL_ROWS)
+
+
+@triton.jit
+def _normalised(x, mean_ptr, rstd_ptr, flat, row_ok, ok, FULL_ROWS: tl.constexpr):
+    """``_normalised_rows`` of a loaded tile ``x`` (zero outside the tensor)."""
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    xhat = (x - mean[:, None]) * rstd[:, None]
+    xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
     if not FULL_ROWS:
         xhat = tl.where(ok, xhat, 0.0)
     return xhat, rstd
@@ -249,6 +272,7 @@ def _layernorm_linear_forward_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, X_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COL_BLOCKS: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One row block and COL_BLOCKS output-column blocks of ``LN(x) W^T + b``.
 
@@ -256,6 +280,10 @@ def _layernorm_linear_forward_kernel(
     from the register tile and serve every column block of the program. With COL_BLOCKS
     covering all of O (large row counts), x crosses HBM once in all; with fewer, the column
     blocks of one row block are neighbours in launch order, so x comes from L2 after the first.
+
+    TMA (BLOCK_K >= K only): x_ptr, w_ptr and out_ptr are tensor descriptors of x ``[M, K]``
+    (one batch of contiguous rows), the weight ``[O, K]`` and out ``[M, O]``; tiles move by
+    their corners, and the output tiles leave through shared memory asynchronously.
     """
     pid = tl.program_id(0)
     batch = tl.program_id(1)
@@ -266,8 +294,20 @@ def _layernorm_linear_forward_kernel(
     row_ok = rows < rows_per_batch
     x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     flat = batch.to(tl.int64) * rows_per_batch + rows
-    out_rows = out_ptr + flat[:, None] * O
-    if BLOCK_K >= K:
+    if TMA:
+        row0 = pid_m * BLOCK_M
+        ok = row_ok[:, None] & (tl.arange(0, BLOCK_K) < K)[None, :]
+        xn, mean, rstd = _layernorm_of(x_ptr.load([row0, 0]), ok, ln_w_ptr, ln_b_ptr, eps, K, BLOCK_K)
+        xn = xn.to(w_ptr.dtype)
+        for c in range(COL_BLOCKS):
+            col0 = (pid_n * COL_BLOCKS + c) * BLOCK_N
+            acc = tl.dot(xn, tl.trans(w_ptr.load([col0, 0])), input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                cols = col0 + tl.arange(0, BLOCK_N)
+                acc += tl.load(bias_ptr + cols, mask=cols < O, other=0.0).to(tl.float32)[None, :]
+            out_ptr.store([row0, col0], acc.to(out_ptr.dtype))
+    elif BLOCK_K >= K:
+        out_rows = out_ptr + flat[:, None] * O
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
         xn, mean, rstd = _layernorm_tile(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, eps, K, BLOCK_K)
@@ -283,6 +323,7 @@ def _layernorm_linear_forward_kernel(
             tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
     else:
+        out_rows = out_ptr + flat[:, None] * O
         mean, rstd = _layernorm_stats(x_ptr, x_rows, row_ok, sx_c, eps, K, BLOCK_M, BLOCK_K)
         for c in range(COL_BLOCKS):
             cols = (pid_n * COL_BLOCKS + c) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -377,7 +418,7 @@ def _layernorm_linear_backward_narrow_kernel(
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_o, sw_k,
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, NEED_BIAS: tl.constexpr, ONE_BATCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """The backward for outputs that fit one column block (O <= BLOCK_N) and rows that fit
     one tile (K <= BLOCK_K), with the weight gradient: this program takes row blocks
@@ -394,6 +435,10 @@ def _layernorm_linear_backward_narrow_kernel(
     ``part_width`` floats of one buffer (one reduction for all): dW ``[O, K]``, then the bias
     gradient's O and the LayerNorm gradients' 2 K where asked (the four pointers point into
     that row's parts).
+
+    TMA: x_ptr, dy_ptr and dx_ptr are tensor descriptors of x ``[M, K]``, dy ``[M, O]`` and dx
+    (contiguous rows): the next row blocks' x and dy tiles are fetched into shared memory
+    while this one computes (the loop's pipeline stages), not into registers.
     """
     pid = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -416,17 +461,25 @@ def _layernorm_linear_backward_narrow_kernel(
         else:  # int32 division (the int64 one costs several times more)
             batch, rows = (local // rows_per_batch).to(tl.int64), (local % rows_per_batch).to(tl.int64)
         ok = row_ok[:, None] & k_ok[None, :]
-        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok, K == BLOCK_K)
-        dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(w.dtype)
+        if TMA:
+            x = x_ptr.load([block * BLOCK_M, 0])
+            dy = dy_ptr.load([block * BLOCK_M, 0]).to(w.dtype)
+        else:
+            x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+            dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+            x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0)
+            dy = tl.load(dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(w.dtype)
+        xhat, rstd = _normalised(x, mean_ptr, rstd_ptr, flat, row_ok, ok, K == BLOCK_K)
         g = tl.dot(tl.trans(dy), xhat.to(w.dtype), g, input_precision=DOT_PRECISION)
         dy_sum += dy.to(tl.float32)
         if NEED_DX:
             dxn = tl.dot(dy, w, input_precision=DOT_PRECISION)
             dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
-            tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            if TMA:
+                dx_ptr.store([block * BLOCK_M, 0], dx.to(dx_ptr.dtype))
+            else:
+                tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     db = tl.sum(dy_sum, axis=0)
     part = pid.to(tl.int64) * part_width
     dw = g * gamma[None, :] + db[:, None] * beta[None, :]
@@ -457,6 +510,18 @@ def _column_blocks(rows: int, out_features: int, block_n: int) -> int:
     return cdiv(out_features, block_n) if rows >= ALL_COLUMNS_MIN_ROWS else 1
 
 
+def _forward_descriptors(x, weight, out, cfg):
+    """Descriptors of x ``[M, K]``, weight and out ``[M, O]`` for the forward's TMA path, or
+    None where x's rows are not one contiguous run or a layout is not aligned for them."""
+    if not x.is_contiguous():
+        return None
+    K, O = x.shape[-1], weight.shape[0]
+    descs = (tensor_descriptor(x.view(-1, K), (cfg["BLOCK_M"], cfg["BLOCK_K"])),
+             tensor_descriptor(weight, (cfg["BLOCK_N"], cfg["BLOCK_K"])),
+             tensor_descriptor(out.view(-1, O), (cfg["BLOCK_M"], cfg["BLOCK_N"])))
+    return None if any(d is None for d in descs) else descs
+
+
 def layernorm_linear_forward(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor | None, eps: float,
@@ -473,6 +538,19 @@ def layernorm_linear_forward(
 
     def launch(cfg: dict) -> None:
         col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
+        if cfg.get("TMA"):
+            descs = _forward_descriptors(x, weight, out, cfg)
+            if descs is not None:  # else the pointer path with the same tiles
+                xd, wd, od = descs
+                grid = (cdiv(rows.count, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), 1)
+                launch_kernel(_layernorm_linear_forward_kernel, grid,
+                    xd, ln_weight, ln_bias, wd, bias if bias is not None else weight, od, mean, rstd,
+                    rows.count, 1, O, 0, 0, 0, 1, 0, 1, eps,
+                    K=K, HAS_BIAS=bias is not None, X_MERGED=True, DOT_PRECISION=dot_precision(weight.dtype),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                    COL_BLOCKS=col_blocks, TMA=True, **_launch_kwargs(cfg),
+                )
+                return
         grid = (cdiv(rows.per_batch, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
         launch_kernel(_layernorm_linear_forward_kernel, grid,
             x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
@@ -494,6 +572,14 @@ def layernorm_linear_forward(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8) for cb in (0, 1)
         for ns in (2, 3)
     ]
+    if block_k >= K and descriptors_available():
+        # Tensor-descriptor tiles (TMA on Hopper): the pair-sized shapes' choices, all columns
+        # a program (benchmarks/NOTES.md, session 31).
+        candidates += [
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": nw, "COL_BLOCKS": 0,
+             "num_stages": ns, "TMA": True}
+            for bm in (64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8) for ns in (2, 3)
+        ]
     key = (K, O, str(weight.dtype), str(x.dtype), bias is not None)
     run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
@@ -588,6 +674,18 @@ def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).to(dtype)
 
 
+def _narrow_descriptors(x, dy, dx, block_m, block_k, block_n):
+    """Descriptors of x, dy and dx (None if not asked: a stand-in) for the narrow backward's
+    TMA path, or None where x's or dy's rows are not one contiguous run or not aligned."""
+    if not (x.is_contiguous() and dy.is_contiguous()):
+        return None
+    K, O = x.shape[-1], dy.shape[-1]
+    descs = (tensor_descriptor(x.view(-1, K), (block_m, block_k)),
+             tensor_descriptor(dy.view(-1, O), (block_m, block_n)),
+             tensor_descriptor(dx.view(-1, K), (block_m, block_k)) if dx is not None else 0)
+    return None if any(d is None for d in descs) else descs
+
+
 def layernorm_linear_backward(
     x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
@@ -627,16 +725,22 @@ def layernorm_linear_backward(
         offset += O if need_bias else 0
         ln_w_part, ln_b_part = (parts[:, offset:], parts[:, offset + K:]) if need_input else (None, None)
         dummy = mean
+        descs = _narrow_descriptors(x, dy, dx, block_m, block_k, narrow_block_n) if cfg.get("TMA") else None
+        if descs is None:  # TMA asked or not: the pointer path with the same tiles
+            tensors = (x, dy, dx if need_input else dummy)
+            row_args = (rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1))
+            layout = {"X_MERGED": rows.merged[0], "DY_MERGED": rows.merged[1], "ONE_BATCH": rows.sizes[0] == 1}
+        else:  # one batch of contiguous rows
+            tensors = descs if need_input else (*descs[:2], dummy)
+            row_args = (M, 1, O, 0, 0, 0, 1, 0, 0, 0, 1)
+            layout = {"X_MERGED": True, "DY_MERGED": True, "ONE_BATCH": True, "TMA": True}
         launch_kernel(_layernorm_linear_backward_narrow_kernel, (programs,),
-            x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
+            tensors[0], tensors[1], ln_weight, ln_bias, weight, mean, rstd, tensors[2],
             ln_w_part if need_input else dummy, ln_b_part if need_input else dummy, parts,
             db_part if need_bias else dummy, width,
-            M, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-            weight.stride(0), weight.stride(1),
-            K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
-            NEED_DX=need_input, NEED_BIAS=need_bias, ONE_BATCH=rows.sizes[0] == 1, BLOCK_M=block_m,
-            BLOCK_N=narrow_block_n,
-            BLOCK_K=block_k, **_launch_kwargs(cfg),
+            M, *row_args, weight.stride(0), weight.stride(1),
+            K=K, DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, NEED_BIAS=need_bias,
+            BLOCK_M=block_m, BLOCK_N=narrow_block_n, BLOCK_K=block_k, **layout, **_launch_kwargs(cfg),
         )
         total = parts.sum(0)
         grads["w"] = total[: O * K].view(O, K)
@@ -692,6 +796,10 @@ def layernorm_linear_backward(
         # 0.357 ms against 0.377 for two (benchmarks/NOTES.md, session 18; 16-row blocks lost).
         candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p, "num_stages": ns}
                        for bm, nw in ((32, 8), (64, 8), (32, 4)) for p in (2, 4, 8) for ns in (2, 3, 4)]
+        if block_k >= K and descriptors_available():  # tensor-descriptor tiles (session 31)
+            candidates += [NARROW_DEFAULT | {"BLOCK_M": bm, "num_warps": nw, "PROGRAMS_PER_SM": p, "num_stages": ns,
+                                             "TMA": True}
+                           for bm, nw in ((32, 8), (64, 8), (64, 4)) for p in (2, 4) for ns in (2, 3)]
         if narrow_block_n <= NARROW_MAX_OUT:
             default = NARROW_DEFAULT
     key = (K, O, str(dtype), str(x.dtype), str(dy.dtype), need_input, need_weight, need_bias)

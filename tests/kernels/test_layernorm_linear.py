@@ -132,6 +132,60 @@ def test_narrow_output_takes_the_narrow_backward_by_default(narrow, monkeypatch)
     assert len(narrow) == 1  # 40 columns: the chunked kernel and the cuBLAS product
 
 
+@pytest.fixture
+def descriptor_tiles(monkeypatch):
+    """Both directions launch a tensor-descriptor candidate (the forward's first, the narrow
+    backward's at 32 rows and 3 stages: several row blocks a program, pipelined); yields the
+    list of which launches got their descriptors (True) and which fell back (False)."""
+    used = []
+    for name in ("_forward_descriptors", "_narrow_descriptors"):
+        real = getattr(module, name)
+
+        def recorded(*args, _real=real):
+            descs = _real(*args)
+            used.append(descs is not None)
+            return descs
+
+        monkeypatch.setattr(module, name, recorded)
+    monkeypatch.setattr(module, "NARROW_MAX_OUT", 128)
+
+    def pick(op, key, device, candidates, default, launch, rows=None):
+        tiles = [c for c in candidates if c.get("TMA")]
+        assert len(tiles) > 0 if module.descriptors_available() else not tiles
+        if op == "layernorm_linear_bwd":
+            tiles = [c for c in tiles if c["BLOCK_M"] == 32 and c["num_stages"] == 3]
+        return launch(tiles[0] if tiles else default)
+
+    monkeypatch.setattr(module, "run_tuned", pick)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, out_features, bias", [((2, 7, 7, 24), 40, True), ((3, 11, 11, 128), 128, False),
+                                                        ((5, 13, 120), 16, True)])
+def test_descriptor_tiles_match_float64_reference(shape, out_features, bias, dtype, descriptor_tiles,
+                                                  poisoned_empty):
+    # Rows, columns and outputs past the tiles' edges (zero-filled loads, clipped stores).
+    check(make_inputs(shape, out_features, dtype, bias=bias), dtype)
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("x", "ln_weight", "ln_bias")])
+def test_descriptor_tiles_of_a_subset(frozen, descriptor_tiles):
+    check_subset(frozen)
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
+def test_descriptor_tiles_fall_back_where_a_layout_has_none(descriptor_tiles):
+    # fp32 rows of 33 channels (132 bytes) are not 16-byte aligned, a transposed view's rows
+    # are not one run: the same tiles through pointers.
+    check(make_inputs((13, 33), 16, torch.float32), torch.float32)
+    inputs = make_inputs((2, 9, 9, 48), 24, torch.float32)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
+    check(inputs, torch.float32)
+    assert descriptor_tiles == [False] * 4
+
+
 def test_bias_gradient_rides_on_the_weight_product():
     # The bias gradient is column K of dy^T [LN(x), 1]: exact for a dy with one nonzero
     # column, and absent (plain sum) when the weight is frozen.
@@ -225,6 +279,15 @@ def test_bf16_narrow_backward_on_gpu(N, out_features, narrow, monkeypatch):
                         else tuned(op, key, device, candidates, default, launch, rows))
     check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
     assert narrow
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [257, 384])
+@pytest.mark.parametrize("out_features", [16, 128, 512])
+def test_bf16_descriptor_tiles_on_gpu(N, out_features, descriptor_tiles):
+    # TMA copies on Hopper: the forward at every width, the narrow backward up to 128 outputs.
+    check(make_inputs((1, N, N, 128), out_features, torch.bfloat16, device="cuda"), torch.bfloat16)
+    assert descriptor_tiles == [module.descriptors_available()] * (1 + (out_features <= 128))
 
 
 @pytest.mark.gpu
