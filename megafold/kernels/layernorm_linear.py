@@ -347,6 +347,35 @@ def _layernorm_linear_forward_kernel(
 
 
 @triton.jit
+def _layernorm_linear_forward_rows_kernel(
+    x_desc, ln_w_ptr, ln_b_ptr, w_desc, bias_ptr, out_desc, mean_ptr, rstd_ptr, M, O, eps,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The forward for outputs of one column block (O <= BLOCK_N) and rows of one tile
+    (K <= BLOCK_K), by tensor descriptors (x ``[M, K]``, the weight ``[O, K]``, out ``[M, O]``):
+    this program takes row blocks pid, pid + P, ... (P programs) with the weight tile loaded
+    once, and the loop's pipeline stages fetch the next blocks' x into shared memory while
+    this one computes (one tile a program left x's loads exposed: session 31)."""
+    ks = tl.arange(0, BLOCK_K)
+    w = w_desc.load([0, 0])
+    if HAS_BIAS:
+        cols = tl.arange(0, BLOCK_N)
+        bias = tl.load(bias_ptr + cols, mask=cols < O, other=0.0).to(tl.float32)
+    for block in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        xn, mean, rstd = _layernorm_of(x_desc.load([block * BLOCK_M, 0]), row_ok[:, None] & (ks < K)[None, :],
+                                       ln_w_ptr, ln_b_ptr, eps, K, BLOCK_K)
+        acc = tl.dot(xn.to(w_desc.dtype), tl.trans(w), input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        out_desc.store([block * BLOCK_M, 0], acc.to(out_desc.dtype))
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
 def _layernorm_linear_backward_kernel(
     x_ptr, dy_ptr, ln_w_ptr, ln_b_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, xn_ptr,
     dln_w_part_ptr, dln_b_part_ptr,
@@ -355,10 +384,15 @@ def _layernorm_linear_backward_kernel(
     K: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NEED_DX: tl.constexpr, WRITE_XN: tl.constexpr,
     XN_WIDTH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
     LayerNorm parameter gradients, and LN(x) for the chunk's weight-gradient product.
+
+    TMA: x_ptr, dy_ptr, w_ptr and dx_ptr are tensor descriptors of x ``[M, K]``, dy ``[M, O]``,
+    the weight ``[O, K]`` and dx (contiguous rows); the column loop's dy and weight tiles are
+    fetched ahead into shared memory. A block never reaches past its chunk but at M (the
+    chunks start at multiples of BLOCK_M), where the descriptors clip.
 
     The whole row (BLOCK_K >= K) sits in registers: the LayerNorm backward needs two
     reductions over it. With XN_WIDTH > K, the rows of LN(x) get a column of ones at K (and
@@ -375,8 +409,12 @@ def _layernorm_linear_backward_kernel(
     dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + pid
+    row0 = row_start + pid * BLOCK_M
 
-    xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok, K == BLOCK_K)
+    if TMA:
+        xhat, rstd = _normalised(x_ptr.load([row0, 0]), mean_ptr, rstd_ptr, flat, row_ok, ok, K == BLOCK_K)
+    else:
+        xhat, rstd = _normalised_rows(x_ptr, x_rows, sx_c, mean_ptr, rstd_ptr, flat, row_ok, ks, ok, K == BLOCK_K)
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     if WRITE_XN:
         beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -392,22 +430,32 @@ def _layernorm_linear_backward_kernel(
 
     dxn = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for n0 in range(0, O, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < O
-        dy = tl.load(
-            dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-        )
         if NEED_DX:
-            w = tl.load(
-                w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
-                mask=col_ok[:, None] & k_ok[None, :], other=0.0,
-            )
+            if TMA:
+                dy = dy_ptr.load([row0, n0])
+                w = w_ptr.load([n0, 0])
+            else:
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < O
+                dy = tl.load(
+                    dy_ptr + dy_rows[:, None] + cols[None, :].to(tl.int64) * sdy_c,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                w = tl.load(
+                    w_ptr + cols[:, None] * sw_o + ks[None, :] * sw_k,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                )
             dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
 
     if NEED_DX:
-        _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
-                               dln_w_part_ptr, dln_b_part_ptr, K)
+        if TMA:
+            dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
+            dx_ptr.store([row0, 0], dx.to(dx_ptr.dtype))
+            tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
+            tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
+        else:
+            _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
+                                   dln_w_part_ptr, dln_b_part_ptr, K)
 
 
 @triton.jit
@@ -510,16 +558,17 @@ def _column_blocks(rows: int, out_features: int, block_n: int) -> int:
     return cdiv(out_features, block_n) if rows >= ALL_COLUMNS_MIN_ROWS else 1
 
 
-def _forward_descriptors(x, weight, out, cfg):
-    """Descriptors of x ``[M, K]``, weight and out ``[M, O]`` for the forward's TMA path, or
-    None where x's rows are not one contiguous run or a layout is not aligned for them."""
-    if not x.is_contiguous():
-        return None
-    K, O = x.shape[-1], weight.shape[0]
-    descs = (tensor_descriptor(x.view(-1, K), (cfg["BLOCK_M"], cfg["BLOCK_K"])),
-             tensor_descriptor(weight, (cfg["BLOCK_N"], cfg["BLOCK_K"])),
-             tensor_descriptor(out.view(-1, O), (cfg["BLOCK_M"], cfg["BLOCK_N"])))
-    return None if any(d is None for d in descs) else descs
+def _row_descriptors(*specs):
+    """Tensor descriptors for ``(tensor, block_shape)`` pairs, each tensor seen as its rows
+    ``[rows, last dim]``; None (the kernels' pointer path) where a tensor's rows are not one
+    contiguous run or its layout has no descriptor."""
+    descs = []
+    for t, block in specs:
+        d = tensor_descriptor(t.view(-1, t.shape[-1]), block) if t.is_contiguous() else None
+        if d is None:
+            return None
+        descs.append(d)
+    return descs
 
 
 def layernorm_linear_forward(
@@ -539,7 +588,17 @@ def layernorm_linear_forward(
     def launch(cfg: dict) -> None:
         col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
         if cfg.get("TMA"):
-            descs = _forward_descriptors(x, weight, out, cfg)
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            descs = _row_descriptors((x, (bm, bk)), (weight, (bn, bk)), (out, (bm, bn)))
+            if descs is not None and cfg.get("PROGRAMS_PER_SM"):
+                programs = min(cdiv(rows.count, cfg["BLOCK_M"]), cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
+                launch_kernel(_layernorm_linear_forward_rows_kernel, (programs,),
+                    descs[0], ln_weight, ln_bias, descs[1], bias if bias is not None else weight, descs[2],
+                    mean, rstd, rows.count, O, eps,
+                    K=K, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(weight.dtype),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_kwargs(cfg),
+                )
+                return
             if descs is not None:  # else the pointer path with the same tiles
                 xd, wd, od = descs
                 grid = (cdiv(rows.count, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), 1)
@@ -580,6 +639,12 @@ def layernorm_linear_forward(
              "num_stages": ns, "TMA": True}
             for bm in (64, 128) for bn in sorted({block_size(O, 64), block_n}) for nw in (4, 8) for ns in (2, 3)
         ]
+        if block_n >= O:  # one column block: programs that loop over row blocks
+            candidates += [
+                {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": nw, "num_stages": ns,
+                 "TMA": True, "PROGRAMS_PER_SM": p}
+                for bm in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4) for p in (2, 4)
+            ]
     key = (K, O, str(weight.dtype), str(x.dtype), bias is not None)
     run_tuned("layernorm_linear_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
@@ -674,18 +739,6 @@ def as_row_matrix(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).to(dtype)
 
 
-def _narrow_descriptors(x, dy, dx, block_m, block_k, block_n):
-    """Descriptors of x, dy and dx (None if not asked: a stand-in) for the narrow backward's
-    TMA path, or None where x's or dy's rows are not one contiguous run or not aligned."""
-    if not (x.is_contiguous() and dy.is_contiguous()):
-        return None
-    K, O = x.shape[-1], dy.shape[-1]
-    descs = (tensor_descriptor(x.view(-1, K), (block_m, block_k)),
-             tensor_descriptor(dy.view(-1, O), (block_m, block_n)),
-             tensor_descriptor(dx.view(-1, K), (block_m, block_k)) if dx is not None else 0)
-    return None if any(d is None for d in descs) else descs
-
-
 def layernorm_linear_backward(
     x: torch.Tensor, dy: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
@@ -725,13 +778,16 @@ def layernorm_linear_backward(
         offset += O if need_bias else 0
         ln_w_part, ln_b_part = (parts[:, offset:], parts[:, offset + K:]) if need_input else (None, None)
         dummy = mean
-        descs = _narrow_descriptors(x, dy, dx, block_m, block_k, narrow_block_n) if cfg.get("TMA") else None
+        descs = None
+        if cfg.get("TMA"):
+            descs = _row_descriptors((x, (block_m, block_k)), (dy, (block_m, narrow_block_n)),
+                                     *([(dx, (block_m, block_k))] if need_input else []))
         if descs is None:  # TMA asked or not: the pointer path with the same tiles
             tensors = (x, dy, dx if need_input else dummy)
             row_args = (rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1))
             layout = {"X_MERGED": rows.merged[0], "DY_MERGED": rows.merged[1], "ONE_BATCH": rows.sizes[0] == 1}
         else:  # one batch of contiguous rows
-            tensors = descs if need_input else (*descs[:2], dummy)
+            tensors = descs if need_input else (*descs, dummy)
             row_args = (M, 1, O, 0, 0, 0, 1, 0, 0, 0, 1)
             layout = {"X_MERGED": True, "DY_MERGED": True, "ONE_BATCH": True, "TMA": True}
         launch_kernel(_layernorm_linear_backward_narrow_kernel, (programs,),
@@ -759,16 +815,28 @@ def layernorm_linear_backward(
                   else [(0, M)])
         xn = torch.empty(chunks[0][1], xn_width, device=x.device, dtype=dtype) if need_weight else None
         dummy = mean
+        block_n = cfg["BLOCK_N"]
+        descs = None
+        if cfg.get("TMA") and need_input:
+            descs = _row_descriptors((x, (block_m, block_k)), (dy, (block_m, block_n)), (weight, (block_n, block_k)),
+                                     (dx, (block_m, block_k)))
+        if descs is None:  # TMA asked or not: the pointer path with the same tiles
+            tensors = (x, dy, weight, dx if need_input else dummy)
+            row_args = (rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1))
+            layout = {"X_MERGED": rows.merged[0], "DY_MERGED": rows.merged[1]}
+        else:  # one batch of contiguous rows
+            tensors = descs
+            row_args = (M, 1, O, 0, 0, 0, 1, 0, 0, 0, 1)
+            layout = {"X_MERGED": True, "DY_MERGED": True, "TMA": True}
         for start, end in chunks:
             launch_kernel(_layernorm_linear_backward_kernel, (cdiv(end - start, block_m),),
-                x, dy, ln_weight, ln_bias, weight, mean, rstd, dx if need_input else dummy,
+                tensors[0], tensors[1], ln_weight, ln_bias, tensors[2], mean, rstd, tensors[3],
                 xn if need_weight else dummy, ln_w_part if need_input else dummy,
                 ln_b_part if need_input else dummy,
-                start, end, rows.per_batch, D2, O, *rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                weight.stride(0), weight.stride(1),
-                K=K, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1],
-                DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, WRITE_XN=need_weight,
-                XN_WIDTH=xn_width, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, **_launch_kwargs(cfg),
+                start, end, *row_args, weight.stride(0), weight.stride(1),
+                K=K, DOT_PRECISION=dot_precision(dtype), NEED_DX=need_input, WRITE_XN=need_weight,
+                XN_WIDTH=xn_width, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **layout,
+                **_launch_kwargs(cfg),
             )
             if need_weight:
                 dw = add_weight_grad(dw, dy_rows[start:end], xn[: end - start])
@@ -791,6 +859,12 @@ def layernorm_linear_backward(
         for bm in (32, 64, 128) for bn in sorted({block_size(O, 32), block_size(O, 64), block_size(O, 128)})
         for nw in (4, 8)
     ] if block_k <= 128 else []
+    if candidates and descriptors_available():  # tensor-descriptor tiles (session 31)
+        candidates += [
+            {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "TMA": True}
+            for bm in (64, 128) for bn in sorted({block_size(O, 64), block_size(O, 128)}) for nw in (4, 8)
+            for ns in (2, 3)
+        ]
     if need_weight and block_k <= 128 and narrow_block_n <= 128:
         # The pipeline depth of its row loop too: at 128 -> 16, N = 768, three stages took
         # 0.357 ms against 0.377 for two (benchmarks/NOTES.md, session 18; 16-row blocks lost).
