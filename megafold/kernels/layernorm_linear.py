@@ -590,7 +590,7 @@ def layernorm_linear_forward(
         if cfg.get("TMA"):
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             descs = _row_descriptors((x, (bm, bk)), (weight, (bn, bk)), (out, (bm, bn)))
-            if descs is not None and cfg.get("PROGRAMS_PER_SM"):
+            if descs is not None and cfg.get("PROGRAMS_PER_SM") and cfg["BLOCK_N"] >= O:
                 programs = min(cdiv(rows.count, cfg["BLOCK_M"]), cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
                 launch_kernel(_layernorm_linear_forward_rows_kernel, (programs,),
                     descs[0], ln_weight, ln_bias, descs[1], bias if bias is not None else weight, descs[2],
