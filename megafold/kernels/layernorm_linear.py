@@ -587,7 +587,7 @@ def layernorm_linear_forward(
 
     def launch(cfg: dict) -> None:
         col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
-        if cfg.get("TMA"):
+        if cfg.get("TMA") and cfg["BLOCK_K"] >= K:  # descriptor kernels hold whole rows
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             descs = _row_descriptors((x, (bm, bk)), (weight, (bn, bk)), (out, (bm, bn)))
             if descs is not None and cfg.get("PROGRAMS_PER_SM") and cfg["BLOCK_N"] >= O:
