@@ -98,7 +98,10 @@ def _capture_launches() -> dict:
     seen: dict = {}
 
     def record(self, *args, grid, warmup, **kwargs):
-        seen.setdefault(self, dict(zip(self.arg_names, args)) | kwargs)
+        # Parameters a launch leaves out (e.g. a constexpr flag's off default) take their default.
+        defaults = {p.name: p.default for p in self.params
+                    if p.name not in kwargs and p.default is not inspect.Parameter.empty}
+        seen.setdefault(self, defaults | dict(zip(self.arg_names, args)) | kwargs)
 
     run, active = JITFunction.run, common.interpreter_active
     JITFunction.run = record  # record the launch; nothing is compiled or run
@@ -169,8 +172,11 @@ def _source(fn, constexprs: dict, types: dict | None, values: dict | None, targe
     the values and attributes by argument index; 3.2 lists only the runtime arguments, keys
     the values by name and takes the attributes as an ``AttrsDescriptor``. ``values``: one
     launch's arguments, specialized by Triton's own launcher (``launcher_specialization``);
-    without them every argument is generic."""
+    without them every argument is generic. Constexpr parameters missing from ``constexprs``
+    take their defaults, as in a launch that leaves them out."""
     names = fn.arg_names
+    constexprs = {p.name: p.default for p in fn.params
+                  if p.is_constexpr and p.default is not inspect.Parameter.empty} | constexprs
     runtime = _runtime_types(fn, constexprs, types)
     ones, marks = launcher_specialization(fn, {**values, **constexprs}, target) if values else (set(), {})
     constants = dict(constexprs) | {n: 1 for n in ones}
