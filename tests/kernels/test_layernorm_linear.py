@@ -136,9 +136,9 @@ def test_narrow_output_takes_the_narrow_backward_by_default(narrow, monkeypatch)
 def descriptor_tiles(request, monkeypatch):
     """Both directions launch a tensor-descriptor candidate. "tiles": the forward's one tile
     a program, the narrow backward (32 rows, 3 stages: several row blocks a program,
-    pipelined); "rows": the forward's programs over row blocks (32 rows, two programs
-    where the output is one column block), the chunked backward. Yields whether each launch got its descriptors
-    (True) or took the pointer path (False)."""
+    pipelined); "rows": the forward's programs over row blocks (32 rows, two programs, where
+    the output is one column block), the chunked backward. Yields whether each launch got
+    its descriptors (True) or took the pointer path (False)."""
     used = []
     real = module._row_descriptors
 
