@@ -81,6 +81,12 @@ def _scalar_type(name: str) -> str:
 CAPTURE_N = 64  # the ops' size when their launches are captured (N^2 pair rows, S = N)
 
 
+def _defaults(fn, constexpr_only: bool = False) -> dict:
+    """{name: default} of the kernel's parameters that have one (its constexpr flags)."""
+    return {p.name: p.default for p in fn.params
+            if p.default is not inspect.Parameter.empty and (p.is_constexpr or not constexpr_only)}
+
+
 def _capture_launches() -> dict:
     """{kernel: {argument name: value}} of the first launch of every megafold kernel, with
     launches recorded instead of run: each op's forward and backward once on the CPU at N =
@@ -99,9 +105,7 @@ def _capture_launches() -> dict:
 
     def record(self, *args, grid, warmup, **kwargs):
         # Parameters a launch leaves out (e.g. a constexpr flag's off default) take their default.
-        defaults = {p.name: p.default for p in self.params
-                    if p.name not in kwargs and p.default is not inspect.Parameter.empty}
-        seen.setdefault(self, defaults | dict(zip(self.arg_names, args)) | kwargs)
+        seen.setdefault(self, _defaults(self) | dict(zip(self.arg_names, args)) | kwargs)
 
     run, active = JITFunction.run, common.interpreter_active
     JITFunction.run = record  # record the launch; nothing is compiled or run
@@ -175,8 +179,7 @@ def _source(fn, constexprs: dict, types: dict | None, values: dict | None, targe
     without them every argument is generic. Constexpr parameters missing from ``constexprs``
     take their defaults, as in a launch that leaves them out."""
     names = fn.arg_names
-    constexprs = {p.name: p.default for p in fn.params
-                  if p.is_constexpr and p.default is not inspect.Parameter.empty} | constexprs
+    constexprs = _defaults(fn, constexpr_only=True) | constexprs
     runtime = _runtime_types(fn, constexprs, types)
     ones, marks = launcher_specialization(fn, {**values, **constexprs}, target) if values else (set(), {})
     constants = dict(constexprs) | {n: 1 for n in ones}

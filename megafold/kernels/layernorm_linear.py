@@ -243,11 +243,15 @@ def _normalised(x, mean_ptr, rstd_ptr, flat, row_ok, ok, FULL_ROWS: tl.constexpr
 
 @triton.jit
 def _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
-                           dln_w_part_ptr, dln_b_part_ptr, K: tl.constexpr):
+                           dln_w_part_ptr, dln_b_part_ptr, row0, K: tl.constexpr, TMA: tl.constexpr):
     """dx of whole rows from d(LN(x)), and this row block's partials (index ``part``) of the
-    LayerNorm parameters' gradients."""
+    LayerNorm parameters' gradients. TMA: dx_ptr is a descriptor of dx, the rows start at
+    ``row0``."""
     dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
-    tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if TMA:
+        dx_ptr.store([row0, 0], dx.to(dx_ptr.dtype))
+    else:
+        tl.store(dx_ptr + flat[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
     tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
 
@@ -448,14 +452,8 @@ def _layernorm_linear_backward_kernel(
             dxn = tl.dot(dy.to(w.dtype), w, dxn, input_precision=DOT_PRECISION)
 
     if NEED_DX:
-        if TMA:
-            dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, K)
-            dx_ptr.store([row0, 0], dx.to(dx_ptr.dtype))
-            tl.store(dln_w_part_ptr + part * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
-            tl.store(dln_b_part_ptr + part * K + ks, tl.sum(dxn, axis=0), mask=k_ok)
-        else:
-            _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
-                                   dln_w_part_ptr, dln_b_part_ptr, K)
+        _store_layernorm_grads(dxn, xhat, rstd, gamma, dx_ptr, flat, ks, ok, k_ok, part,
+                               dln_w_part_ptr, dln_b_part_ptr, row0, K, TMA)
 
 
 @triton.jit
@@ -586,38 +584,34 @@ def layernorm_linear_forward(
     D0, _, D2 = rows.sizes
 
     def launch(cfg: dict) -> None:
-        col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, cfg["BLOCK_N"])
-        if cfg.get("TMA") and cfg["BLOCK_K"] >= K:  # descriptor kernels hold whole rows
-            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        col_blocks = cfg.get("COL_BLOCKS") or _column_blocks(rows.count, O, bn)
+        descs = None
+        if cfg.get("TMA") and bk >= K:  # descriptor kernels hold whole rows
             descs = _row_descriptors((x, (bm, bk)), (weight, (bn, bk)), (out, (bm, bn)))
-            if descs is not None and cfg.get("PROGRAMS_PER_SM") and cfg["BLOCK_N"] >= O:
-                programs = min(cdiv(rows.count, cfg["BLOCK_M"]), cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
-                launch_kernel(_layernorm_linear_forward_rows_kernel, (programs,),
-                    descs[0], ln_weight, ln_bias, descs[1], bias if bias is not None else weight, descs[2],
-                    mean, rstd, rows.count, O, eps,
-                    K=K, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(weight.dtype),
-                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_kwargs(cfg),
-                )
-                return
-            if descs is not None:  # else the pointer path with the same tiles
-                xd, wd, od = descs
-                grid = (cdiv(rows.count, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), 1)
-                launch_kernel(_layernorm_linear_forward_kernel, grid,
-                    xd, ln_weight, ln_bias, wd, bias if bias is not None else weight, od, mean, rstd,
-                    rows.count, 1, O, 0, 0, 0, 1, 0, 1, eps,
-                    K=K, HAS_BIAS=bias is not None, X_MERGED=True, DOT_PRECISION=dot_precision(weight.dtype),
-                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                    COL_BLOCKS=col_blocks, TMA=True, **_launch_kwargs(cfg),
-                )
-                return
-        grid = (cdiv(rows.per_batch, cfg["BLOCK_M"]) * cdiv(O, cfg["BLOCK_N"] * col_blocks), D0)
+        if descs is not None and cfg.get("PROGRAMS_PER_SM") and bn >= O:
+            programs = min(cdiv(rows.count, bm), cfg["PROGRAMS_PER_SM"] * multiprocessors(x.device))
+            launch_kernel(_layernorm_linear_forward_rows_kernel, (programs,),
+                descs[0], ln_weight, ln_bias, descs[1], bias if bias is not None else weight, descs[2],
+                mean, rstd, rows.count, O, eps,
+                K=K, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(weight.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **_launch_kwargs(cfg),
+            )
+            return
+        if descs is None:  # TMA asked or not: the pointer path with the same tiles
+            tensors = (x, weight, out)
+            row_args = (rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1))
+            batches, layout = D0, {"X_MERGED": rows.merged[0]}
+        else:  # one batch of contiguous rows
+            tensors = descs
+            row_args = (rows.count, 1, O, 0, 0, 0, 1, 0, 1)
+            batches, layout = 1, {"X_MERGED": True, "TMA": True}
+        grid = (cdiv(row_args[0], bm) * cdiv(O, bn * col_blocks), batches)
         launch_kernel(_layernorm_linear_forward_kernel, grid,
-            x, ln_weight, ln_bias, weight, bias if bias is not None else weight, out, mean, rstd,
-            rows.per_batch, D2, O, *rows.args(0), x.stride(-1), weight.stride(0), weight.stride(1), eps,
-            K=K, HAS_BIAS=bias is not None, X_MERGED=rows.merged[0],
-            DOT_PRECISION=dot_precision(weight.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], COL_BLOCKS=col_blocks,
-            **_launch_kwargs(cfg),
+            tensors[0], ln_weight, ln_bias, tensors[1], bias if bias is not None else weight, tensors[2], mean, rstd,
+            *row_args, eps,
+            K=K, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(weight.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COL_BLOCKS=col_blocks, **layout, **_launch_kwargs(cfg),
         )
 
     block_k = block_size(K, 128)
