@@ -14,13 +14,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megafold.kernels._common import cdiv, launch_kernel, resolve_backend, run_tuned
+from megafold.kernels._common import (
+    cdiv,
+    descriptors_available,
+    launch_kernel,
+    resolve_backend,
+    run_tuned,
+    tensor_descriptor,
+)
 from megafold.kernels._math import sigmoid
 from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
     _layernorm_chunk,
+    _layernorm_of,
     _layernorm_tile,
+    _row_descriptors,
     _row_offsets,
     add_weight_grad,
     as_row_matrix,
@@ -47,13 +56,18 @@ MIN_CHUNKS = 2
 
 @triton.jit
 def _swiglu_chunk(xn, w_in_ptr, h0, H, sw_h, sw_c, C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) and the ``w_in`` tiles they came from."""
-    hs = h0 + tl.arange(0, BLOCK_H)
-    cs = tl.arange(0, BLOCK_C)
-    ok = (hs < H)[:, None] & (cs < C)[None, :]
-    w_a = tl.load(w_in_ptr + hs[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
-    w_b = tl.load(w_in_ptr + (hs + H)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
+    """Hidden units [h0, h0 + BLOCK_H) of ``a`` and ``b`` (fp32) and the ``w_in`` tiles they came from.
+    TMA: w_in_ptr is a descriptor of w_in ``[2H, C]`` and BLOCK_H divides H."""
+    if TMA:
+        w_a = w_in_ptr.load([h0, 0])
+        w_b = w_in_ptr.load([H + h0, 0])
+    else:
+        hs = h0 + tl.arange(0, BLOCK_H)
+        cs = tl.arange(0, BLOCK_C)
+        ok = (hs < H)[:, None] & (cs < C)[None, :]
+        w_a = tl.load(w_in_ptr + hs[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
+        w_b = tl.load(w_in_ptr + (hs + H)[:, None] * sw_h + cs[None, :] * sw_c, mask=ok, other=0.0)
     a = tl.dot(xn, tl.trans(w_a), input_precision=DOT_PRECISION)
     b = tl.dot(xn, tl.trans(w_b), input_precision=DOT_PRECISION)
     return a, b, w_a, w_b
@@ -66,31 +80,48 @@ def _transition_forward_kernel(
     sx_b, sx_o, sx_i, sx_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h, eps,
     C: tl.constexpr, X_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
+    """TMA: x_ptr, w_in_ptr, w_out_ptr and out_ptr are tensor descriptors of x ``[M, C]`` (one
+    batch of contiguous rows), w_in ``[2H, C]``, w_out ``[C_OUT, H]`` and out ``[M, C_OUT]``,
+    and BLOCK_H divides H: tiles move by their corners, the weight tiles of the hidden loop
+    are fetched ahead into shared memory, and the output tile leaves through it."""
     pid = tl.program_id(0)
     batch = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_per_batch
-    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
-    xn, mean, rstd = _layernorm_tile(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, eps, C, BLOCK_C)
-    xn = xn.to(w_in_ptr.dtype.element_ty)
+    if TMA:
+        ok = row_ok[:, None] & (tl.arange(0, BLOCK_C) < C)[None, :]
+        xn, mean, rstd = _layernorm_of(x_ptr.load([pid * BLOCK_M, 0]), ok, ln_w_ptr, ln_b_ptr, eps, C, BLOCK_C)
+        xn = xn.to(w_in_ptr.dtype)
+    else:
+        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+        xn, mean, rstd = _layernorm_tile(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, eps, C, BLOCK_C)
+        xn = xn.to(w_in_ptr.dtype.element_ty)
 
     cos = tl.arange(0, BLOCK_CO)
     acc = tl.zeros([BLOCK_M, BLOCK_CO], tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
+        a, b, _, _ = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H,
+                                   TMA)
         # silu(a) * b in fp32; only this BLOCK_H-wide slice of the hidden ever exists.
         hidden = a * sigmoid(a) * b
-        hs = h0 + tl.arange(0, BLOCK_H)
-        w_out_t = tl.load(
-            w_out_ptr + hs[:, None] * sw_out_h + cos[None, :] * sw_out_c,
-            mask=(hs < H)[:, None] & (cos < C_OUT)[None, :], other=0.0,
-        )
+        if TMA:
+            w_out_t = tl.trans(w_out_ptr.load([0, h0]))
+        else:
+            hs = h0 + tl.arange(0, BLOCK_H)
+            w_out_t = tl.load(
+                w_out_ptr + hs[:, None] * sw_out_h + cos[None, :] * sw_out_c,
+                mask=(hs < H)[:, None] & (cos < C_OUT)[None, :], other=0.0,
+            )
         acc = tl.dot(hidden.to(w_out_t.dtype), w_out_t, acc, input_precision=DOT_PRECISION)
 
     flat = batch.to(tl.int64) * rows_per_batch + rows
-    tl.store(out_ptr + flat[:, None] * C_OUT + cos[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cos < C_OUT)[None, :])
+    if TMA:
+        out_ptr.store([pid * BLOCK_M, 0], acc.to(out_ptr.dtype))
+    else:
+        tl.store(out_ptr + flat[:, None] * C_OUT + cos[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cos < C_OUT)[None, :])
     tl.store(mean_ptr + flat, mean, mask=row_ok)
     tl.store(rstd_ptr + flat, rstd, mask=row_ok)
 
@@ -98,15 +129,20 @@ def _transition_forward_kernel(
 @triton.jit
 def _swiglu_backward_chunk(xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
                            C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles."""
-    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H)
-    hs = h0 + tl.arange(0, BLOCK_H)
-    cos = tl.arange(0, BLOCK_CO)
-    w_out = tl.load(
-        w_out_ptr + cos[:, None] * sw_out_c + hs[None, :] * sw_out_h,
-        mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
-    )
+                           BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
+    """Recompute one hidden chunk; return d(a), d(b) (fp32), silu(a) * b and the w_in tiles.
+    TMA: the weights by descriptor (``_swiglu_chunk``)."""
+    a, b, w_a, w_b = _swiglu_chunk(xn, w_in_ptr, h0, H, sw_in_h, sw_in_c, C, DOT_PRECISION, BLOCK_C, BLOCK_H,
+                                   TMA)
+    if TMA:
+        w_out = w_out_ptr.load([0, h0])
+    else:
+        hs = h0 + tl.arange(0, BLOCK_H)
+        cos = tl.arange(0, BLOCK_CO)
+        w_out = tl.load(
+            w_out_ptr + cos[:, None] * sw_out_c + hs[None, :] * sw_out_h,
+            mask=(cos < C_OUT)[:, None] & (hs < H)[None, :], other=0.0,
+        )
     d_hidden = tl.dot(dy, w_out, input_precision=DOT_PRECISION)
     sig = sigmoid(a)
     silu = a * sig
@@ -123,49 +159,78 @@ def _transition_backward_kernel(
     sx_b, sx_o, sx_i, sx_c, sdy_b, sdy_o, sdy_i, sdy_c, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
     C: tl.constexpr, X_MERGED: tl.constexpr, DY_MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One row block of the chunk ``[row_start, row_end)``: dx, per-block partials of the
     LayerNorm parameter gradients, and the operands of the weight gradients for the chunk:
-    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``."""
+    LN(x) ``[rows, C]``, d(a, b) ``[rows, 2H]`` and silu(a) * b ``[rows, H]``.
+
+    TMA: every 2-D operand is a tensor descriptor (x, dy and dx of one batch of contiguous
+    rows; the weights as in the forward; the chunk's LN(x), d(a, b) and silu(a) * b buffers),
+    and BLOCK_H divides H: the hidden loop's weight tiles are fetched ahead into shared memory
+    and its three stores leave through it asynchronously."""
     pid = tl.program_id(0)
     local, flat, row_ok, batch, rows = _chunk_rows(row_start, row_end, rows_per_batch, BLOCK_M)
-    dtype = w_in_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + flat, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + flat, mask=row_ok, other=0.0)
-    x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
     cs = tl.arange(0, BLOCK_C)
     c_ok = cs < C
     ok = row_ok[:, None] & c_ok[None, :]
-    xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C).to(dtype)
-    tl.store(xn_ptr + local[:, None] * C + cs[None, :], xn, mask=ok)
-    dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
-    cos = tl.arange(0, BLOCK_CO)
-    dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
-                 mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(dtype)
+    # The block's first row: in the chunk's buffers and in x, dy and dx.
+    local0 = pid * BLOCK_M
+    row0 = row_start + local0
+    if TMA:
+        dtype = w_in_ptr.dtype
+        gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+        beta = tl.load(ln_b_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+        xhat = (x_ptr.load([row0, 0]).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        xn = tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
+        xn_ptr.store([local0, 0], xn)
+        dy = dy_ptr.load([row0, 0]).to(dtype)
+    else:
+        dtype = w_in_ptr.dtype.element_ty
+        x_rows = _row_offsets(batch, rows, inner, sx_b, sx_o, sx_i, X_MERGED)
+        xn = _layernorm_chunk(x_ptr, x_rows, row_ok, sx_c, ln_w_ptr, ln_b_ptr, mean, rstd, 0, C, BLOCK_C).to(dtype)
+        tl.store(xn_ptr + local[:, None] * C + cs[None, :], xn, mask=ok)
+        dy_rows = _row_offsets(batch, rows, inner, sdy_b, sdy_o, sdy_i, DY_MERGED)
+        cos = tl.arange(0, BLOCK_CO)
+        dy = tl.load(dy_ptr + dy_rows[:, None] + cos[None, :].to(tl.int64) * sdy_c,
+                     mask=row_ok[:, None] & (cos < C_OUT)[None, :], other=0.0).to(dtype)
 
-    dab_rows = dab_ptr + local[:, None].to(tl.int64) * (2 * H)
-    hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
     dxn = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         da, db, hidden, w_a, w_b = _swiglu_backward_chunk(
             xn, dy, w_in_ptr, w_out_ptr, h0, H, C_OUT, sw_in_h, sw_in_c, sw_out_c, sw_out_h,
-            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H,
+            C, DOT_PRECISION, BLOCK_C, BLOCK_CO, BLOCK_H, TMA,
         )
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = row_ok[:, None] & (hs < H)[None, :]
         da = da.to(dtype)
         db = db.to(dtype)
-        tl.store(dab_rows + hs[None, :], da, mask=h_ok)
-        tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
-        tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
+        if TMA:
+            dab_ptr.store([local0, h0], da)
+            dab_ptr.store([local0, H + h0], db)
+            hidden_ptr.store([local0, h0], hidden.to(dtype))
+        else:
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_ok = row_ok[:, None] & (hs < H)[None, :]
+            dab_rows = dab_ptr + local[:, None].to(tl.int64) * (2 * H)
+            hidden_rows = hidden_ptr + local[:, None].to(tl.int64) * H
+            tl.store(dab_rows + hs[None, :], da, mask=h_ok)
+            tl.store(dab_rows + (H + hs)[None, :], db, mask=h_ok)
+            tl.store(hidden_rows + hs[None, :], hidden.to(dtype), mask=h_ok)
         dxn = tl.dot(da, w_a, dxn, input_precision=DOT_PRECISION)
         dxn = tl.dot(db, w_b, dxn, input_precision=DOT_PRECISION)
 
-    x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
+    if TMA:  # x again (from L2) rather than held through the loop
+        x = x_ptr.load([row0, 0]).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + x_rows[:, None] + cs[None, :].to(tl.int64) * sx_c, mask=ok, other=0.0).to(tl.float32)
     xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
     gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     dx = _layernorm_backward_rows(dxn, xhat, rstd, gamma, C)
-    tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if TMA:
+        dx_ptr.store([row0, 0], dx.to(dx_ptr.dtype))
+    else:
+        tl.store(dx_ptr + flat[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     # Chunks start at multiples of BLOCK_M, so this block's partials have one global index.
     part = row_start // BLOCK_M + pid
     tl.store(dln_w_part_ptr + part * C + cs, tl.sum(dxn * xhat, axis=0), mask=c_ok)
@@ -180,6 +245,28 @@ def _blocks(C: int, C_OUT: int) -> tuple[int, int, int]:
     bounds the register tiles: fewer rows per program as rows widen)."""
     block_c, block_co = block_size(C, 1 << 30), block_size(C_OUT, 1 << 30)
     return block_c, block_co, max(block_c, block_co)
+
+
+def _descriptors(cfg: dict, H: int, w_in, w_out, block_c: int, block_co: int, *rows):
+    """Tensor descriptors for a ``"TMA"`` choice: the weights' (w_in ``[2H, C]`` in
+    ``[BLOCK_H, C]`` tiles, w_out ``[C_OUT, H]`` in ``[C_OUT, BLOCK_H]`` tiles) and, after them,
+    those of the ``(tensor, block_shape)`` pairs ``rows`` (``_row_descriptors``). None (the
+    pointer path, same tiles) where the choice has none, BLOCK_H does not divide H (a tile of
+    ``a`` would run into ``b``'s rows, a store of d(a) into d(b)'s columns) or a layout has no
+    descriptor."""
+    bh = cfg["BLOCK_H"]
+    if not cfg.get("TMA") or H % bh:
+        return None
+    weights = [tensor_descriptor(w_in, (bh, block_c)), tensor_descriptor(w_out, (block_co, bh))]
+    others = _row_descriptors(*rows)
+    if None in weights or others is None:
+        return None
+    return weights + others
+
+
+def _with_descriptors(candidates: list[dict]) -> list[dict]:
+    """``candidates`` and, where this Triton has tensor descriptors, each again with ``"TMA"``."""
+    return candidates + ([c | {"TMA": True} for c in candidates] if descriptors_available() else [])
 
 
 def default_configs(C: int, C_OUT: int) -> dict[str, dict]:
@@ -205,20 +292,31 @@ def transition_forward(x, ln_weight, ln_bias, w_in, w_out, eps):
     block_c, block_co, wide = _blocks(C, C_OUT)
 
     def launch(cfg):
-        launch_kernel(_transition_forward_kernel, (cdiv(rows.per_batch, cfg["BLOCK_M"]), rows.sizes[0]),
-            x, ln_weight, ln_bias, w_in, w_out, out, mean, rstd,
-            rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
+        bm = cfg["BLOCK_M"]
+        descs = _descriptors(cfg, H, w_in, w_out, block_c, block_co, (x, (bm, block_c)), (out, (bm, block_co)))
+        if descs is None:  # TMA asked or not: the pointer path with the same tiles
+            tensors = (x, w_in, w_out, out)
+            row_args = (rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1))
+            batches, layout = rows.sizes[0], {"X_MERGED": rows.merged[0]}
+        else:  # one batch of contiguous rows
+            w_in_d, w_out_d, x_d, out_d = descs
+            tensors = (x_d, w_in_d, w_out_d, out_d)
+            row_args = (rows.count, 1, H, C_OUT, 0, 0, 0, 1)
+            batches, layout = 1, {"X_MERGED": True, "TMA": True}
+        launch_kernel(_transition_forward_kernel, (cdiv(row_args[0], bm), batches),
+            tensors[0], ln_weight, ln_bias, tensors[1], tensors[2], tensors[3], mean, rstd, *row_args,
             w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1), eps,
-            C=C, X_MERGED=rows.merged[0], DOT_PRECISION=dot_precision(w_in.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
+            C=C, DOT_PRECISION=dot_precision(w_in.dtype),
+            BLOCK_M=bm, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"], **layout,
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
         )
 
     default = default_configs(C, C_OUT)["fwd"]
-    candidates = [
+    # Tensor-descriptor tiles (TMA on Hopper) as candidates too (benchmarks/NOTES.md, session 32).
+    candidates = _with_descriptors([
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64, 128) for nw in (4, 8) for ns in (2, 3)
-    ] if wide <= 128 else []
+    ]) if wide <= 128 else []
     key = (C, H, C_OUT, str(w_in.dtype), str(x.dtype))
     run_tuned("transition_fwd", key, x.device, candidates, default, launch, rows=rows.count)
     return out, mean, rstd
@@ -252,15 +350,27 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
         xn = torch.empty(chunk, C, device=x.device, dtype=dtype)
         dab = torch.empty(chunk, 2 * H, device=x.device, dtype=dtype)
         hidden = torch.empty(chunk, H, device=x.device, dtype=dtype)
-        strides = (*rows.args(0), x.stride(-1), *rows.args(1), dy.stride(-1),
-                   w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
-        meta = dict(C=C, X_MERGED=rows.merged[0], DY_MERGED=rows.merged[1], DOT_PRECISION=dot_precision(dtype),
-                    BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_H=cfg["BLOCK_H"],
-                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
+        bh = cfg["BLOCK_H"]
+        descs = _descriptors(cfg, H, w_in, w_out, block_c, block_co, (x, (block_m, block_c)),
+                             (dy, (block_m, block_co)), (dx, (block_m, block_c)), (xn, (block_m, block_c)),
+                             (dab, (block_m, bh)), (hidden, (block_m, bh)))
+        weight_strides = (w_in.stride(0), w_in.stride(1), w_out.stride(0), w_out.stride(1))
+        if descs is None:  # TMA asked or not: the pointer path with the same tiles
+            tensors = (x, dy, w_in, w_out, dx, xn, dab, hidden)
+            row_args = (rows.per_batch, rows.sizes[2], H, C_OUT, *rows.args(0), x.stride(-1),
+                        *rows.args(1), dy.stride(-1), *weight_strides)
+            layout = {"X_MERGED": rows.merged[0], "DY_MERGED": rows.merged[1]}
+        else:  # one batch of contiguous rows
+            w_in_d, w_out_d, *others = descs
+            tensors = (others[0], others[1], w_in_d, w_out_d, *others[2:])
+            row_args = (M, 1, H, C_OUT, 0, 0, 0, 1, 0, 0, 0, 1, *weight_strides)
+            layout = {"X_MERGED": True, "DY_MERGED": True, "TMA": True}
+        meta = dict(C=C, DOT_PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
+                    BLOCK_H=bh, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2), **layout)
         for start, end in chunks:
             launch_kernel(_transition_backward_kernel, (cdiv(end - start, block_m),),
-                x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx, xn, dab, hidden, ln_w_part, ln_b_part,
-                start, end, rows.per_batch, rows.sizes[2], H, C_OUT, *strides, **meta,
+                tensors[0], tensors[1], ln_weight, ln_bias, tensors[2], tensors[3], mean, rstd, *tensors[4:],
+                ln_w_part, ln_b_part, start, end, *row_args, **meta,
             )
             dw_in = add_weight_grad(dw_in, dab[: end - start], xn[: end - start])
             dw_out = add_weight_grad(dw_out, dy_rows[start:end], hidden[: end - start])
@@ -272,10 +382,10 @@ def transition_backward(x, dy, ln_weight, ln_bias, w_in, w_out, mean, rstd, dx_d
     # 3 stages took 3.41 ms for the whole op against 3.81 for the best 2-stage choice
     # (benchmarks/NOTES.md, session 19). One stage is not a candidate: a variant of this kernel
     # compiled by Triton 3.6 with one stage faulted (illegal memory access) on an H100.
-    candidates = [
+    candidates = _with_descriptors([
         {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
         for bm in (64, 128) for bh in (32, 64) for nw in (4, 8) for ns in (2, 3)
-    ] if wide <= 128 else []
+    ]) if wide <= 128 else []
     key = (C, H, C_OUT, str(dtype), str(x.dtype), str(dy.dtype))
     run_tuned("transition_bwd", key, x.device, candidates, default, launch, rows=M)
     return dx, grads["ln_w"], grads["ln_b"], grads["w_in"], grads["w_out"]

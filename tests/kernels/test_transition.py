@@ -100,6 +100,70 @@ def test_weight_gradient_chunks(one_block_chunks):
     assert_backward_repeats(transition(**inputs, backend="triton"), list(inputs.values()))
 
 
+@pytest.fixture
+def descriptor_tiles(monkeypatch):
+    """Both directions launch a tensor-descriptor (TMA) candidate: 64 rows, 32 hidden units,
+    3 stages (the hidden loop's weight tiles fetched two ahead). Yields whether each launch
+    got its descriptors (True) or took the pointer path (False)."""
+    used = []
+    real = module._descriptors
+
+    def recorded(*args):
+        descs = real(*args)
+        used.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(module, "_descriptors", recorded)
+
+    def pick(op, key, device, candidates, default, launch, rows=None):
+        tiles = [c for c in candidates if c.get("TMA")]
+        assert bool(tiles) == module.descriptors_available()
+        if not tiles:
+            return launch(default)
+        return launch(next(c for c in tiles if c["BLOCK_M"] == 64 and c["BLOCK_H"] == 32 and c["num_stages"] == 3))
+
+    monkeypatch.setattr(module, "run_tuned", pick)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, n, c_out", [((2, 7, 7, 24), 4, None), ((13, 40), 4, 24), ((3, 11, 11, 16), 4, None)])
+def test_descriptor_tiles_match_float64_reference(shape, n, c_out, dtype, descriptor_tiles, poisoned_empty):
+    # Rows and channels past the tiles' edges (zero-filled loads, clipped stores), c_out != c.
+    check(make_inputs(shape, n, dtype, c_out=c_out), dtype)
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
+def test_descriptor_tiles_in_many_row_chunks(descriptor_tiles, one_block_chunks):
+    # One row block a chunk: each block's rows in the chunk buffers (from 0) and in x, dy, dx
+    # (from the chunk's start) by descriptor; bitwise the same on a second run.
+    inputs = make_inputs((3, 11, 11, 24), 4, torch.float32, c_out=40)
+    check(inputs, torch.float32)
+    assert one_block_chunks and all(len(chunks) > 4 for chunks in one_block_chunks)
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+    assert_backward_repeats(transition(**inputs, backend="triton"), list(inputs.values()))
+
+
+def test_descriptor_tiles_fall_back_where_a_layout_has_none(descriptor_tiles):
+    # A hidden of 120 units (not a multiple of the 32-unit tiles: a tile of a would run into
+    # b's rows), fp32 rows of 33 channels (132 bytes, not 16-byte aligned) and a transposed
+    # view's rows (not one run): the same tiles through pointers.
+    check(make_inputs((3, 5, 40), 3, torch.float16, c_out=24), torch.float16)
+    check(make_inputs((13, 33), 4, torch.float32), torch.float32)
+    inputs = make_inputs((2, 9, 9, 24), 4, torch.float32)
+    inputs["x"] = inputs["x"].detach().transpose(1, 2).requires_grad_()
+    check(inputs, torch.float32)
+    assert descriptor_tiles == [False] * 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [257, 384])
+def test_bf16_descriptor_tiles_on_gpu(N, descriptor_tiles):
+    # TMA copies on Hopper.
+    check(make_inputs((1, N, N, 128), 4, torch.bfloat16, device="cuda"), torch.bfloat16)
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [256, 384, 768])
 def test_bf16_pair_transition_on_gpu(N):
