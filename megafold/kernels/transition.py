@@ -265,8 +265,17 @@ def _descriptors(cfg: dict, H: int, w_in, w_out, block_c: int, block_co: int, *r
 
 
 def _with_descriptors(candidates: list[dict]) -> list[dict]:
-    """``candidates`` and, where this Triton has tensor descriptors, each again with ``"TMA"``."""
-    return candidates + ([c | {"TMA": True} for c in candidates] if descriptors_available() else [])
+    """``candidates`` and, where this Triton has tensor descriptors, each again with ``"TMA"``,
+    and deeper pipelines of narrow hidden chunks: their weight tiles wait in shared memory, not
+    registers (3 stages of 32 units beat 2, and 64 units, at c = 128 on the H200:
+    benchmarks/NOTES.md, session 32)."""
+    if not descriptors_available():
+        return candidates
+    deep = [{"BLOCK_M": 64, "BLOCK_H": bh, "num_warps": nw, "num_stages": ns}
+            for bh in (16, 32) for nw in (4, 8) for ns in (4, 5)]
+    deep += [{"BLOCK_M": 64, "BLOCK_H": 16, "num_warps": 4, "num_stages": 3},
+             {"BLOCK_M": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 4}]
+    return candidates + [c | {"TMA": True} for c in candidates + deep]
 
 
 def default_configs(C: int, C_OUT: int) -> dict[str, dict]:

@@ -100,11 +100,12 @@ def test_weight_gradient_chunks(one_block_chunks):
     assert_backward_repeats(transition(**inputs, backend="triton"), list(inputs.values()))
 
 
-@pytest.fixture
-def descriptor_tiles(monkeypatch):
-    """Both directions launch a tensor-descriptor (TMA) candidate: 64 rows, 32 hidden units,
-    3 stages (the hidden loop's weight tiles fetched two ahead). Yields whether each launch
-    got its descriptors (True) or took the pointer path (False)."""
+@pytest.fixture(params=[(32, 3), (16, 5)])
+def descriptor_tiles(request, monkeypatch):
+    """Both directions launch a tensor-descriptor (TMA) candidate: 64 rows, 32 hidden units
+    and 3 stages (the hidden loop's weight tiles fetched two ahead), or 16 units and 5 stages.
+    Yields whether each launch got its descriptors (True) or took the pointer path (False)."""
+    block_h, stages = request.param
     used = []
     real = module._descriptors
 
@@ -120,7 +121,8 @@ def descriptor_tiles(monkeypatch):
         assert bool(tiles) == module.descriptors_available()
         if not tiles:
             return launch(default)
-        return launch(next(c for c in tiles if c["BLOCK_M"] == 64 and c["BLOCK_H"] == 32 and c["num_stages"] == 3))
+        return launch(next(c for c in tiles if c["BLOCK_M"] == 64 and c["BLOCK_H"] == block_h
+                           and c["num_stages"] == stages))
 
     monkeypatch.setattr(module, "run_tuned", pick)
     return used
@@ -145,7 +147,7 @@ def test_descriptor_tiles_in_many_row_chunks(descriptor_tiles, one_block_chunks)
 
 
 def test_descriptor_tiles_fall_back_where_a_layout_has_none(descriptor_tiles):
-    # A hidden of 120 units (not a multiple of the 32-unit tiles: a tile of a would run into
+    # A hidden of 120 units (not a multiple of 16- or 32-unit tiles: a tile of a would run into
     # b's rows), fp32 rows of 33 channels (132 bytes, not 16-byte aligned) and a transposed
     # view's rows (not one run): the same tiles through pointers.
     check(make_inputs((3, 5, 40), 3, torch.float16, c_out=24), torch.float16)
