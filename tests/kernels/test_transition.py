@@ -10,10 +10,12 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
 
+from megafold.kernels import _common
 from megafold.kernels.transition import transition, transition_reference
 from megafold.kernels.testing import TOL, assert_backward_repeats, rel_err
 
@@ -164,6 +166,60 @@ def test_bf16_descriptor_tiles_on_gpu(N, descriptor_tiles):
     # TMA copies on Hopper.
     check(make_inputs((1, N, N, 128), 4, torch.bfloat16, device="cuda"), torch.bfloat16)
     assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
+@pytest.mark.gpu
+def test_descriptor_tiles_under_autocast_on_gpu(descriptor_tiles):
+    # The model's call: an fp32 pair input (fp32 x tiles by descriptor) and bf16 weights, under
+    # autocast; forward and every gradient against float64.
+    inputs = make_inputs((1, 257, 257, 128), 4, torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = transition(**inputs, backend="triton")
+    assert out.dtype == torch.bfloat16
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[n] for n in NAMES], grad_out)
+    ref_inputs = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    ref = transition_reference(**ref_inputs)
+    ref_grads = torch.autograd.grad(ref, [ref_inputs[n] for n in NAMES], grad_out.double())
+    errors = {"out": rel_err(out, ref)} | {f"d{n}": rel_err(g, r) for n, g, r in zip(NAMES, grads, ref_grads)}
+    assert max(errors.values()) < TOL[torch.bfloat16], errors
+    assert descriptor_tiles == [module.descriptors_available()] * 2
+
+
+def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key(monkeypatch):
+    """A shipped descriptor (TMA) choice is one this code offers for its key, so the launcher
+    knows its kernel (a choice it no longer offers would run some other path untimed)."""
+    dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
+
+    class Offered(Exception):
+        pass
+
+    def offered(op, key, device, candidates, default, launch, rows=None):
+        raise Offered(candidates)
+
+    monkeypatch.setattr(module, "run_tuned", offered)
+    checked = 0
+    for path in sorted(_common.TUNED_DIR.glob("*.json")):
+        for name, choice in json.loads(path.read_text()).items():
+            if name.startswith("_"):
+                continue
+            op, key, _device = json.loads(name)
+            if not (op.startswith("transition_") and choice.get("TMA")):
+                continue
+            C, H, C_OUT = key[:3]
+            x = torch.zeros(4, C, dtype=dtypes[key[4]])
+            w_in = torch.zeros(2 * H, C, dtype=dtypes[key[3]])
+            w_out = torch.zeros(C_OUT, H, dtype=dtypes[key[3]])
+            with pytest.raises(Offered) as candidates:
+                if op == "transition_fwd":
+                    module.transition_forward(x, torch.ones(C), torch.zeros(C), w_in, w_out, 1e-5)
+                else:
+                    dy = torch.zeros(4, C_OUT, dtype=dtypes[key[5]])
+                    module.transition_backward(x, dy, torch.ones(C), torch.zeros(C), w_in, w_out, torch.zeros(4),
+                                               torch.ones(4), x.dtype)
+            assert choice in candidates.value.args[0], (path.name, op, key, choice)
+            checked += 1
+    assert checked > 0  # the H200 has them since session 32
 
 
 @pytest.mark.gpu
