@@ -7,6 +7,10 @@ chunk by row chunk and sums the bias gradient over the chunks.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from types import ModuleType
+
 import torch
 
 from megafold.kernels.evo_attention import evo_attention_reference
@@ -32,6 +36,59 @@ def assert_backward_repeats(out: torch.Tensor, leaves: list[torch.Tensor]) -> No
     second = torch.autograd.grad(out, leaves, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def record_descriptor_use(monkeypatch, module: ModuleType, name: str) -> list[bool]:
+    """Wrap ``module.<name>``, a launcher's helper that returns its tensor descriptors or None
+    (the pointer path), so that each call appends whether it gave descriptors to the list
+    returned (pytest's ``monkeypatch`` undoes it)."""
+    used: list[bool] = []
+    real = getattr(module, name)
+
+    def recorded(*args):
+        descs = real(*args)
+        used.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(module, name, recorded)
+    return used
+
+
+def shipped_descriptor_choices_offered(module: ModuleType, prefix: str, call: Callable[[str, list], None]) -> int:
+    """Check that every shipped tuned choice (``megafold/kernels/tuned/*.json``) of an op named
+    ``prefix*`` that takes tensor descriptors (``"TMA"``) is among the candidates that
+    ``module``'s launcher offers for its key, so that the launcher knows its kernel (a choice
+    it no longer offers would run some other path untimed). ``call(op, key)`` calls the
+    launcher for that key on CPU tensors; ``module.run_tuned`` is replaced meanwhile. Returns
+    how many choices were checked."""
+    from megafold.kernels import _common
+
+    class Offered(Exception):
+        pass
+
+    def offered(op, key, device, candidates, default, launch, rows=None):
+        raise Offered(candidates)
+
+    real, module.run_tuned = module.run_tuned, offered
+    checked = 0
+    try:
+        for path in sorted(_common.TUNED_DIR.glob("*.json")):
+            for name, choice in json.loads(path.read_text()).items():
+                if name.startswith("_"):
+                    continue
+                op, key, _device = json.loads(name)
+                if not (op.startswith(prefix) and choice.get("TMA")):
+                    continue
+                try:
+                    call(op, key)
+                except Offered as candidates:
+                    assert choice in candidates.args[0], (path.name, op, key, choice)
+                else:
+                    raise AssertionError(f"{op} {key}: the launcher tuned nothing")
+                checked += 1
+    finally:
+        module.run_tuned = real
+    return checked
 
 
 def evo_attention_reference_chunked(

@@ -11,14 +11,18 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 from __future__ import annotations
 
 import importlib
-import json
 
 import pytest
 import torch
 
-from megafold.kernels import _common
 from megafold.kernels.layernorm_linear import layernorm_linear, layernorm_linear_reference
-from megafold.kernels.testing import TOL, assert_backward_repeats, rel_err
+from megafold.kernels.testing import (
+    TOL,
+    assert_backward_repeats,
+    record_descriptor_use,
+    rel_err,
+    shipped_descriptor_choices_offered,
+)
 
 # The package exports the op under the module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.layernorm_linear")
@@ -141,15 +145,7 @@ def descriptor_tiles(request, monkeypatch):
     pipelined); "rows": the forward's programs over row blocks (32 rows, two programs, where
     the output is one column block), the chunked backward. Yields whether each launch got
     its descriptors (True) or took the pointer path (False)."""
-    used = []
-    real = module._row_descriptors
-
-    def recorded(*specs):
-        descs = real(*specs)
-        used.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(module, "_row_descriptors", recorded)
+    used = record_descriptor_use(monkeypatch, module, "_row_descriptors")
     monkeypatch.setattr(module, "NARROW_MAX_OUT", 128)
 
     def pick(op, key, device, candidates, default, launch, rows=None):
@@ -195,40 +191,23 @@ def test_descriptor_tiles_fall_back_where_a_layout_has_none(descriptor_tiles):
     assert descriptor_tiles == [False] * 4
 
 
-def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key(monkeypatch):
-    """A shipped descriptor (TMA) choice is one this code offers for its key, so the launcher
-    knows its kernel (a choice it no longer offers would run some other path untimed)."""
+def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key():
+    """A shipped descriptor (TMA) choice is one this code offers for its key."""
     dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 
-    class Offered(Exception):
-        pass
+    def call(op, key):
+        K, O = key[0], key[1]
+        x = torch.zeros(4, K, dtype=dtypes[key[3]])
+        weight = torch.zeros(O, K, dtype=dtypes[key[2]])
+        if op == "layernorm_linear_fwd":
+            bias = torch.zeros(O, dtype=weight.dtype) if key[4] else None
+            module.layernorm_linear_forward(x, torch.ones(K), torch.zeros(K), weight, bias, 1e-5)
+        else:
+            dy = torch.zeros(4, O, dtype=dtypes[key[4]])
+            module.layernorm_linear_backward(x, dy, torch.ones(K), torch.zeros(K), weight, torch.zeros(4),
+                                             torch.ones(4), x.dtype, *key[5:8])
 
-    def offered(op, key, device, candidates, default, launch, rows=None):
-        raise Offered(candidates)
-
-    monkeypatch.setattr(module, "run_tuned", offered)
-    checked = 0
-    for path in sorted(_common.TUNED_DIR.glob("*.json")):
-        for name, choice in json.loads(path.read_text()).items():
-            if name.startswith("_"):
-                continue
-            op, key, _device = json.loads(name)
-            if not (op.startswith("layernorm_linear") and choice.get("TMA")):
-                continue
-            K, O = key[0], key[1]
-            x = torch.zeros(4, K, dtype=dtypes[key[3]])
-            weight = torch.zeros(O, K, dtype=dtypes[key[2]])
-            with pytest.raises(Offered) as candidates:
-                if op == "layernorm_linear_fwd":
-                    bias = torch.zeros(O, dtype=weight.dtype) if key[4] else None
-                    module.layernorm_linear_forward(x, torch.ones(K), torch.zeros(K), weight, bias, 1e-5)
-                else:
-                    dy = torch.zeros(4, O, dtype=dtypes[key[4]])
-                    module.layernorm_linear_backward(x, dy, torch.ones(K), torch.zeros(K), weight, torch.zeros(4),
-                                                     torch.ones(4), x.dtype, *key[5:8])
-            assert choice in candidates.value.args[0], (path.name, op, key, choice)
-            checked += 1
-    assert checked > 0  # the H200 has them since session 31
+    assert shipped_descriptor_choices_offered(module, "layernorm_linear", call) > 0  # the H200's, session 31
 
 
 def test_bias_gradient_rides_on_the_weight_product():

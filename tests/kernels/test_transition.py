@@ -10,14 +10,18 @@ Tolerances, as relative Frobenius error ||x - ref|| / ||ref||:
 from __future__ import annotations
 
 import importlib
-import json
 
 import pytest
 import torch
 
-from megafold.kernels import _common
 from megafold.kernels.transition import transition, transition_reference
-from megafold.kernels.testing import TOL, assert_backward_repeats, rel_err
+from megafold.kernels.testing import (
+    TOL,
+    assert_backward_repeats,
+    record_descriptor_use,
+    rel_err,
+    shipped_descriptor_choices_offered,
+)
 
 # The package exports the op under its module's name: reach the module itself.
 module = importlib.import_module("megafold.kernels.transition")
@@ -108,15 +112,7 @@ def descriptor_tiles(request, monkeypatch):
     and 3 stages (the hidden loop's weight tiles fetched two ahead), or 16 units and 5 stages.
     Yields whether each launch got its descriptors (True) or took the pointer path (False)."""
     block_h, stages = request.param
-    used = []
-    real = module._descriptors
-
-    def recorded(*args):
-        descs = real(*args)
-        used.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(module, "_descriptors", recorded)
+    used = record_descriptor_use(monkeypatch, module, "_descriptors")
 
     def pick(op, key, device, candidates, default, launch, rows=None):
         tiles = [c for c in candidates if c.get("TMA")]
@@ -186,40 +182,23 @@ def test_descriptor_tiles_under_autocast_on_gpu(descriptor_tiles):
     assert descriptor_tiles == [module.descriptors_available()] * 2
 
 
-def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key(monkeypatch):
-    """A shipped descriptor (TMA) choice is one this code offers for its key, so the launcher
-    knows its kernel (a choice it no longer offers would run some other path untimed)."""
+def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key():
+    """A shipped descriptor (TMA) choice is one this code offers for its key."""
     dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 
-    class Offered(Exception):
-        pass
+    def call(op, key):
+        C, H, C_OUT = key[:3]
+        x = torch.zeros(4, C, dtype=dtypes[key[4]])
+        w_in = torch.zeros(2 * H, C, dtype=dtypes[key[3]])
+        w_out = torch.zeros(C_OUT, H, dtype=dtypes[key[3]])
+        if op == "transition_fwd":
+            module.transition_forward(x, torch.ones(C), torch.zeros(C), w_in, w_out, 1e-5)
+        else:
+            dy = torch.zeros(4, C_OUT, dtype=dtypes[key[5]])
+            module.transition_backward(x, dy, torch.ones(C), torch.zeros(C), w_in, w_out, torch.zeros(4),
+                                       torch.ones(4), x.dtype)
 
-    def offered(op, key, device, candidates, default, launch, rows=None):
-        raise Offered(candidates)
-
-    monkeypatch.setattr(module, "run_tuned", offered)
-    checked = 0
-    for path in sorted(_common.TUNED_DIR.glob("*.json")):
-        for name, choice in json.loads(path.read_text()).items():
-            if name.startswith("_"):
-                continue
-            op, key, _device = json.loads(name)
-            if not (op.startswith("transition_") and choice.get("TMA")):
-                continue
-            C, H, C_OUT = key[:3]
-            x = torch.zeros(4, C, dtype=dtypes[key[4]])
-            w_in = torch.zeros(2 * H, C, dtype=dtypes[key[3]])
-            w_out = torch.zeros(C_OUT, H, dtype=dtypes[key[3]])
-            with pytest.raises(Offered) as candidates:
-                if op == "transition_fwd":
-                    module.transition_forward(x, torch.ones(C), torch.zeros(C), w_in, w_out, 1e-5)
-                else:
-                    dy = torch.zeros(4, C_OUT, dtype=dtypes[key[5]])
-                    module.transition_backward(x, dy, torch.ones(C), torch.zeros(C), w_in, w_out, torch.zeros(4),
-                                               torch.ones(4), x.dtype)
-            assert choice in candidates.value.args[0], (path.name, op, key, choice)
-            checked += 1
-    assert checked > 0  # the H200 has them since session 32
+    assert shipped_descriptor_choices_offered(module, "transition_", call) > 0  # the H200's, session 32
 
 
 @pytest.mark.gpu
