@@ -176,6 +176,12 @@ def _layernorm_chunk(
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
     x = tl.load(x_ptr + x_rows[:, None] + ks[None, :].to(tl.int64) * stride_c, mask=ok, other=0.0)
+    return _layernorm_chunk_of(x, ok, ks, k_ok, ln_w_ptr, ln_b_ptr, mean, rstd)
+
+
+@triton.jit
+def _layernorm_chunk_of(x, ok, ks, k_ok, ln_w_ptr, ln_b_ptr, mean, rstd):
+    """``_layernorm_chunk`` of a loaded tile ``x`` of the columns ``ks``."""
     gamma = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     beta = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
     xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]

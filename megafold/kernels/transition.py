@@ -27,6 +27,7 @@ from megafold.kernels.layernorm_linear import (
     _chunk_rows,
     _layernorm_backward_rows,
     _layernorm_chunk,
+    _layernorm_chunk_of,
     _layernorm_of,
     _layernorm_tile,
     _row_descriptors,
@@ -181,10 +182,7 @@ def _transition_backward_kernel(
     row0 = row_start + local0
     if TMA:
         dtype = w_in_ptr.dtype
-        gamma = tl.load(ln_w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-        beta = tl.load(ln_b_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-        xhat = (x_ptr.load([row0, 0]).to(tl.float32) - mean[:, None]) * rstd[:, None]
-        xn = tl.where(ok, xhat * gamma[None, :] + beta[None, :], 0.0).to(dtype)
+        xn = _layernorm_chunk_of(x_ptr.load([row0, 0]), ok, cs, c_ok, ln_w_ptr, ln_b_ptr, mean, rstd).to(dtype)
         xn_ptr.store([local0, 0], xn)
         dy = dy_ptr.load([row0, 0]).to(dtype)
     else:
