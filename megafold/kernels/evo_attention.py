@@ -32,12 +32,14 @@ import triton.language as tl
 
 from megafold.kernels._common import (
     cdiv,
+    descriptors_available,
     interpreter_active,
     launch_kernel,
     multiprocessors,
     next_power_of_2,
     resolve_backend,
     run_tuned,
+    tensor_descriptor,
 )
 from megafold.kernels._math import sigmoid
 
@@ -89,6 +91,21 @@ def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
     kv_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(k_row + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(v_row + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    key_ok = n_valid
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _load_keys_tma(k_desc, v_desc, key_row, col, mask_row, offs_n, n_valid, stride_mn, HAS_MASK: tl.constexpr):
+    """``_load_keys`` by tensor descriptor: K and V tiles at row ``key_row`` (the first key's
+    row of the ``[B * S * N, H * D]`` view) and column ``col`` (the head's first). Keys past N
+    come from the next row (or zeros past the tensor) and columns past D from the next head:
+    the key mask drops the former; the queries' zero columns and the masked output stores
+    drop the latter."""
+    k = k_desc.load([key_row, col])
+    v = v_desc.load([key_row, col])
     key_ok = n_valid
     if HAS_MASK:
         key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
@@ -167,11 +184,17 @@ def _forward_keys(start, end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_h
                   stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
                   stride_ms, stride_mn,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+                  TMA: tl.constexpr, key_row0, key_row1, key_col, bias_row):
     """The online softmax of the program's rows over the key blocks starting in [start, end).
     MASKED: the keys' mask and N apply; else every key of these blocks is attended and inside
     N (the blocks before the rows' first masked key, `_full_keys_end`): no mask load and no
-    select."""
+    select.
+
+    TMA: k_head, v_head and bias_head are tensor descriptors of k, v ``[B * S * N, H * D]`` and
+    the bias ``[rows, N]``; the rows' keys start at rows ``key_row0``, ``key_row1`` and column
+    ``key_col``, the query block's bias rows at ``bias_row``. Bias rows past N belong to
+    queries that are never stored; bias columns past N are zeros."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
@@ -179,16 +202,29 @@ def _forward_keys(start, end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_h
             n_valid = offs_n >= 0  # all true: the loads need no key bound
         bias = 0.0
         if HAS_BIAS:
-            bias = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                           mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32) * _LOG2E
-        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            if TMA:
+                bias = bias_head.load([bias_row, start_n]).to(tl.float32) * _LOG2E
+            else:
+                bias = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                               mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32) * _LOG2E
+        if TMA:
+            k, v, key_ok = _load_keys_tma(k_head, v_head, key_row0 + start_n, key_col, mask_batch + row0 * stride_ms,
+                                          offs_n, n_valid, stride_mn, HAS_MASK and MASKED)
+        else:
+            k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                      mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
         m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, MASKED, IEEE)
         if ROWS == 2:
-            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            if TMA:
+                k, v, key_ok = _load_keys_tma(k_head, v_head, key_row1 + start_n, key_col,
+                                              mask_batch + row1 * stride_ms, offs_n, n_valid, stride_mn,
+                                              HAS_MASK and MASKED)
+            else:
+                k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                          mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                          HAS_MASK and MASKED)
             m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, MASKED,
                                          IEEE)
     return m0, l0, acc0, m1, l1, acc1
@@ -246,8 +282,11 @@ def _evo_attention_forward_kernel(
     S, H, N, D: tl.constexpr, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    """TMA: k_ptr, v_ptr and bias_ptr are tensor descriptors of k and v as ``[B * S * N, H * D]``
+    and of the bias as ``[rows, N]`` (its ``[B * H * N, N]`` rows, or ``[H * N, N]`` where one
+    bias serves every batch: stride_bb == 0); `_forward_descriptors`."""
     # Query blocks vary fastest: the programs of the same rows run together and share their
     # K/V in L2. A program serves ROWS (1 or 2) rows for one query block: each bias tile it
     # loads serves all of them, and the rows' dot/exp chains overlap.
@@ -265,8 +304,12 @@ def _evo_attention_forward_kernel(
     q_offs = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     qd_mask = m_valid[:, None] & d_valid[None, :]
     q_head = q_ptr + b * stride_qb + h * stride_qh
-    k_head = k_ptr + b * stride_kb + h * stride_kh
-    v_head = v_ptr + b * stride_vb + h * stride_vh
+    if TMA:
+        k_head = k_ptr
+        v_head = v_ptr
+    else:
+        k_head = k_ptr + b * stride_kb + h * stride_kh
+        v_head = v_ptr + b * stride_vb + h * stride_vh
     mask_batch = mask_ptr + b * stride_mb
 
     q0 = tl.load(q_head + row0 * stride_qs + q_offs, mask=qd_mask, other=0.0)
@@ -279,19 +322,29 @@ def _evo_attention_forward_kernel(
         m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    if TMA:
+        bias_head = bias_ptr
+    else:
+        bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    # The descriptors' coordinates: the rows' first keys, the head's first column, the query
+    # block's first bias row (batch 0's where one bias serves every batch).
+    key_row0 = (b * S + row0) * N
+    key_row1 = (b * S + row1) * N
+    bias_row = (b * stride_bb + h * stride_bh) // stride_bi + block_m * BLOCK_M
     full_end = _full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N)
     # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
     m0, l0, acc0, m1, l1, acc1 = _forward_keys(
         0, full_end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
         row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
         stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
-        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, False, ROWS, BLOCK_N, IEEE, WIDE)
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, False, ROWS, BLOCK_N, IEEE, WIDE,
+        TMA, key_row0, key_row1, h * D, bias_row)
     m0, l0, acc0, m1, l1, acc1 = _forward_keys(
         full_end, N, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_head, v_head, mask_batch,
         row0, row1, offs_m, m_valid, offs_d, d_valid, N, scale_log2,
         stride_bi, stride_bj, stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd,
-        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, True, ROWS, BLOCK_N, IEEE, WIDE)
+        stride_ms, stride_mn, HAS_BIAS, HAS_MASK, True, ROWS, BLOCK_N, IEEE, WIDE,
+        TMA, key_row0, key_row1, h * D, bias_row)
 
     gate_head = gate_ptr + b * stride_gb + h * stride_gh
     _store_row(m0, l0, acc0, out_ptr, att_ptr, lse_ptr, gate_head + row0 * stride_gs,
@@ -734,7 +787,44 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     found = _run_args.get(memo)
     if found is None:
         found = _run_args[memo] = (_tune_key(kind, S, N, D, H, dtype, has_bias), _default_blocks(kind, S, D))
-    run_tuned("evo_attention", found[0], device, _CANDIDATES, found[1], launch)
+    candidates = _CANDIDATES_TMA if kind == "fwd" and descriptors_available() else _CANDIDATES
+    run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
+
+
+# The forward's candidates with K, V and bias tiles by tensor descriptor (TMA on Hopper) too.
+_CANDIDATES_TMA = _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]
+
+
+def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | None:
+    """``t`` as ``[prod(sizes), width]``: its dims ``sizes`` (with ``strides``) merged into
+    rows, each row ``width`` unit-stride elements; None where those dims do not merge."""
+    dims = [(n, step) for n, step in zip(sizes, strides) if n > 1]
+    for (_, outer), (n, inner) in zip(dims, dims[1:]):
+        if outer != n * inner:
+            return None
+    return t.as_strided((math.prod(sizes), width), (dims[-1][1] if dims else width, 1))
+
+
+def _forward_descriptors(inp: "_Inputs", cfg: dict, block_d: int):
+    """Descriptors of k and v as ``[B * S * N, H * D]`` (their ``[B, S, N]`` dims merged, heads
+    adjacent) and of the bias as ``[rows, N]`` (``[B * H * N, N]``, or ``[H * N, N]`` where one
+    bias serves every batch) for a ``"TMA"`` choice; None (the pointer path, same tiles) where
+    the choice has none, an offset could pass int32, a head's channels are not a multiple of
+    16 bytes, or a layout has none."""
+    if not cfg.get("TMA") or inp.wide or inp.D * inp.k.element_size() % 16:
+        return None  # (a tile's first column, a head's, must be 16-byte aligned)
+    B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
+    descs = []
+    for t in (inp.k, inp.v):
+        sb, ss, sn, sh, sd = t.stride()
+        rows = _row_view(t, (B, S, N), (sb, ss, sn), H * D) if sd == 1 and (H == 1 or sh == D) else None
+        descs.append(rows if rows is None else tensor_descriptor(rows, (cfg["BLOCK_N"], block_d)))
+    if inp.bias is not None:
+        sb, sh, si, sj = inp.bias.stride()
+        # One bias for every batch (stride 0, an expanded view): the kernel reads batch 0's rows.
+        rows = _row_view(inp.bias, (B if sb else 1, H, N), (sb, sh, si), N) if sj == 1 else None
+        descs.append(rows if rows is None else tensor_descriptor(rows, (cfg["BLOCK_M"], cfg["BLOCK_N"])))
+    return None if None in descs else descs
 
 
 class _Inputs:
@@ -819,9 +909,13 @@ def _forward(inp: _Inputs, scale: float):
 
     def launch(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
+        descs = _forward_descriptors(inp, cfg, block_d)
+        k, v, bias = inp.k, inp.v, inp.bias if inp.bias is not None else dummy
+        if descs is not None:
+            k, v = descs[:2]
+            bias = descs[2] if inp.bias is not None else dummy
         launch_kernel(_evo_attention_forward_kernel, grid,
-            inp.q, inp.k, inp.v,
-            inp.bias if inp.bias is not None else dummy,
+            inp.q, k, v, bias,
             inp.mask if inp.mask is not None else dummy,
             inp.gate if inp.gate is not None else dummy,
             out, att, lse, *inp.args(), *_strides(inp.gate, 5),
@@ -829,7 +923,7 @@ def _forward(inp: _Inputs, scale: float):
             HAS_BIAS=inp.bias is not None, HAS_MASK=inp.mask is not None,
             HAS_GATE=inp.gate is not None, ROWS=rows,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, IEEE=ieee, WIDE=inp.wide,
-            PREFIX=first is not None,
+            PREFIX=first is not None, TMA=descs is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

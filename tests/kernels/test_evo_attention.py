@@ -231,6 +231,104 @@ def test_whole_key_blocks_path(dtype, two_rows, D, monkeypatch, poisoned_empty):
     assert stored[0].tolist() == [[33, 33, first_random, 33, -1, 37]]
 
 
+@pytest.fixture
+def forward_descriptors(monkeypatch):
+    """The forward launches a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3 stages), the
+    backward its defaults. Yields whether each forward got its descriptors (True) or took the
+    pointer path (False)."""
+    used = []
+    real = evo_module._forward_descriptors
+
+    def recorded(*args):
+        descs = real(*args)
+        used.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(evo_module, "_forward_descriptors", recorded)
+
+    def pick(op, key, device, candidates, default, launch):
+        tiles = [c for c in candidates if c.get("TMA")]
+        if key[0] != "fwd":
+            assert not tiles
+            return launch(default)
+        assert bool(tiles) == evo_module.descriptors_available()
+        if not tiles:
+            return launch(default)
+        return launch(next(c for c in tiles if (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) == (64, 32, 3)))
+
+    monkeypatch.setattr(evo_module, "run_tuned", pick)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lead,S,N,H,D,two_rows",
+    [
+        ((1,), 3, 24, 2, 16, False),  # whole tiles of D; keys past N in the next row's
+        ((2,), 5, 40, 2, 24, True),   # D = 24 in 32-wide tiles (the next head's columns), two rows
+        ((1,), 1, 16, 4, 8, False),   # single row (the pair-bias shape)
+        ((1,), 2, 80, 2, 16, False),  # two query blocks (bias rows from the second block's)
+    ],
+)
+def test_forward_descriptors_match_reference(lead, S, N, H, D, two_rows, dtype, forward_descriptors, monkeypatch,
+                                            poisoned_empty):
+    if two_rows:
+        monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
+    inputs = make_inputs(lead, S, N, H, D, dtype, masked_rows=(S - 1,))
+    out, _ = check_against_reference(inputs, dtype)
+    assert torch.all(out[:, S - 1] == 0)
+    assert forward_descriptors == [evo_module.descriptors_available()]
+
+
+@pytest.mark.parametrize("ending", [False, True])
+def test_forward_descriptors_of_a_projection(ending, forward_descriptors, monkeypatch):
+    """The pair attention's layout: q, k, v and gate views of one projection whose rows hold
+    every head (the kernel's rows of keys have the projection's stride), a contiguous bias,
+    padded keys, whole key blocks before them taken unmasked, two rows a program."""
+    monkeypatch.setattr(evo_module, "PREFIX_MIN_ROWS", 1)
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
+    B, N, H, D = 1, 40, 2, 16
+    width = 4 * H * D + H + (-(4 * H * D + H) % 16)
+    proj = torch.randn(B, N, N, width)
+    if ending:  # projected from the transposed pair: a contiguous projection all the same
+        proj = proj.transpose(1, 2).contiguous()
+    q, k, v, gate = (t.detach().requires_grad_() for t in proj[..., : 4 * H * D].unflatten(-1, (4, H, D)).unbind(-3))
+    keys = torch.ones(B, N, N, dtype=torch.bool)
+    keys[..., N - 5:] = False
+    inputs = {"q": q, "k": k, "v": v, "bias": torch.randn(B, H, N, N).requires_grad_(), "mask": keys, "gate": gate}
+    assert k.stride()[2] == width and not k.is_contiguous()
+    check_against_reference(inputs, torch.float32)
+    assert forward_descriptors == [evo_module.descriptors_available()]
+
+
+def test_forward_descriptors_of_a_bias_shared_by_every_batch(forward_descriptors):
+    # A bias [H, N, N] for leading dims (2, 2): the kernel reads batch 0's rows for every batch.
+    inputs = make_inputs((2, 2), 3, 24, 2, 16, torch.float32)
+    inputs["bias"] = torch.randn(2, 24, 24).requires_grad_()
+    check_against_reference(inputs, torch.float32)
+    assert forward_descriptors == [evo_module.descriptors_available()]
+
+
+def test_forward_descriptors_fall_back_where_a_layout_has_none(forward_descriptors):
+    # Keys whose rows do not merge (a transposed view), a bias of 13 fp32 columns (52-byte
+    # rows, not 16-byte aligned), heads of 12 fp16 channels (a head's first column 24 bytes
+    # in): the same tiles through pointers.
+    inputs = make_inputs((1,), 4, 24, 2, 16, torch.float32)
+    inputs["k"] = inputs["k"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    check_against_reference(inputs, torch.float32)
+    check_against_reference(make_inputs((1,), 3, 13, 2, 16, torch.float32), torch.float32)
+    check_against_reference(make_inputs((1,), 3, 16, 4, 12, torch.float16), torch.float16)
+    assert forward_descriptors == [False, False, False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,N,H,D", [(257, 257, 4, 32), (384, 384, 4, 32), (48, 384, 16, 48), (1, 512, 16, 64)])
+def test_gpu_forward_descriptors(S, N, H, D, forward_descriptors):
+    # TMA copies on Hopper; N = 257 (514-byte bias rows) takes the pointer path.
+    check_gpu_bf16(S, N, H, D)
+    assert forward_descriptors == [evo_module.descriptors_available() and N % 8 == 0]
+
+
 @pytest.mark.parametrize("D", [16, 40])
 def test_int64_offsets_path(D, monkeypatch):
     """The kernels' int64 addressing (what views of more than 2**31 elements get on a GPU),
