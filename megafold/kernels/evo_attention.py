@@ -286,7 +286,7 @@ def _evo_attention_forward_kernel(
 ):
     """TMA: k_ptr, v_ptr and bias_ptr are tensor descriptors of k and v as ``[B * S * N, H * D]``
     and of the bias as ``[rows, N]`` (its ``[B * H * N, N]`` rows, or ``[H * N, N]`` where one
-    bias serves every batch: stride_bb == 0); `_forward_descriptors`."""
+    bias serves every batch: stride_bb == 0); `_key_descriptors`."""
     # Query blocks vary fastest: the programs of the same rows run together and share their
     # K/V in L2. A program serves ROWS (1 or 2) rows for one query block: each bias tile it
     # loads serves all of them, and the rows' dot/exp chains overlap.
@@ -487,9 +487,10 @@ def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
              stride_ms, stride_mn,
              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
              ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-             WIDE: tl.constexpr):
-    """dQ of the program's rows from the key blocks starting in [start, end) (MASKED: as in
-    `_forward_keys`); with WRITE_DBIAS (one row) also the bias gradient's tiles."""
+             WIDE: tl.constexpr, TMA: tl.constexpr, key_row0, key_row1, key_col, bias_row):
+    """dQ of the program's rows from the key blocks starting in [start, end) (MASKED and TMA:
+    as in `_forward_keys`); with WRITE_DBIAS (one row) also the bias gradient's tiles. With
+    TMA, dQ's columns past D (from the next head's keys) are dropped by the masked store."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = _widen(start_n, WIDE) + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
@@ -497,12 +498,19 @@ def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
             n_valid = offs_n >= 0  # all true: the loads need no key bound
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
-            bias_tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+            if TMA:
+                bias_tile = bias_head.load([bias_row, start_n])
+            else:
+                bias_tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                    mask=m_valid[:, None] & n_valid[None, :], other=0.0)
             bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                  mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+        if TMA:
+            k, v, key_ok = _load_keys_tma(k_head, v_head, key_row0 + start_n, key_col, mask_batch + row0 * stride_ms,
+                                          offs_n, n_valid, stride_mn, HAS_MASK and MASKED)
+        else:
+            k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
+                                      mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
         p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, MASKED, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
@@ -513,9 +521,15 @@ def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
         else:
             dq0 += tl.dot(ds.to(k.dtype), k)
         if ROWS == 2:
-            k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                      mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            if TMA:
+                k, v, key_ok = _load_keys_tma(k_head, v_head, key_row1 + start_n, key_col,
+                                              mask_batch + row1 * stride_ms, offs_n, n_valid, stride_mn,
+                                              HAS_MASK and MASKED)
+            else:
+                k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
+                                          mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
+                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                          HAS_MASK and MASKED)
             p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, MASKED, IEEE)
             if IEEE:
                 dq1 += tl.dot(ds, k, input_precision="ieee")
@@ -535,8 +549,9 @@ def _evo_attention_dq_kernel(
     S, H, N, D: tl.constexpr, scale, scale_log2, first_ptr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DBIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    """TMA: k_ptr, v_ptr and bias_ptr are tensor descriptors, as in the forward."""
     # As in the forward, a program serves ROWS (1 or 2) rows of one query block and each bias
     # tile serves all of them; with an odd S the last row is done twice (same values stored).
     block_m = _widen(tl.program_id(0), WIDE)
@@ -550,8 +565,12 @@ def _evo_attention_dq_kernel(
     m_valid = offs_m < N
     d_valid = offs_d < D
     q_head = q_ptr + b * stride_qb + h * stride_qh
-    k_head = k_ptr + b * stride_kb + h * stride_kh
-    v_head = v_ptr + b * stride_vb + h * stride_vh
+    if TMA:
+        k_head = k_ptr
+        v_head = v_ptr
+    else:
+        k_head = k_ptr + b * stride_kb + h * stride_kh
+        v_head = v_ptr + b * stride_vb + h * stride_vh
     mask_batch = mask_ptr + b * stride_mb
     bh_row0 = (b * S + row0) * H + h
     bh_row1 = (b * S + row1) * H + h
@@ -575,18 +594,26 @@ def _evo_attention_dq_kernel(
     # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
     full_end = tl.minimum(_full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N),
                           n_end)
-    bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    if TMA:
+        bias_head = bias_ptr
+    else:
+        bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    key_row0 = (b * S + row0) * N  # the descriptors' coordinates, as in the forward
+    key_row1 = (b * S + row1) * N
+    bias_row = (b * stride_bb + h * stride_bh) // stride_bi + block_m * BLOCK_M
     dbias_tile = dbias_ptr + (batch_head * N + offs_m[:, None]) * N
     dq0, dq1 = _dq_keys(0, full_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
                         bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
                         offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
                         stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
-                        HAS_BIAS, HAS_MASK, False, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
+                        HAS_BIAS, HAS_MASK, False, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE,
+                        TMA, key_row0, key_row1, h * D, bias_row)
     dq0, dq1 = _dq_keys(full_end, n_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
                         bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
                         offs_d, d_valid, N, scale_log2, stride_bi, stride_bj, stride_ks, stride_kn, stride_kd,
                         stride_vs, stride_vn, stride_vd, stride_ms, stride_mn,
-                        HAS_BIAS, HAS_MASK, True, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE)
+                        HAS_BIAS, HAS_MASK, True, WRITE_DBIAS, ROWS, BLOCK_M, BLOCK_N, IEEE, WIDE,
+                        TMA, key_row0, key_row1, h * D, bias_row)
     qd_mask = m_valid[:, None] & d_valid[None, :]
     dq_offs = offs_m[:, None] * (H * D) + h * D + offs_d[None, :]
     tl.store(dq_ptr + (bh_row0 // H * N) * (H * D) + dq_offs, (dq0 * scale).to(dq_ptr.dtype.element_ty),
@@ -787,11 +814,12 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     found = _run_args.get(memo)
     if found is None:
         found = _run_args[memo] = (_tune_key(kind, S, N, D, H, dtype, has_bias), _default_blocks(kind, S, D))
-    candidates = _CANDIDATES_TMA if kind == "fwd" and descriptors_available() else _CANDIDATES
+    candidates = _CANDIDATES_TMA if kind in ("fwd", "dq") and descriptors_available() else _CANDIDATES
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
 
 
-# The forward's candidates with K, V and bias tiles by tensor descriptor (TMA on Hopper) too.
+# The forward's and dQ's candidates with K, V and bias tiles by tensor descriptor (TMA on
+# Hopper) too.
 _CANDIDATES_TMA = _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]
 
 
@@ -805,7 +833,7 @@ def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | Non
     return t.as_strided((math.prod(sizes), width), (dims[-1][1] if dims else width, 1))
 
 
-def _forward_descriptors(inp: "_Inputs", cfg: dict, block_d: int):
+def _key_descriptors(inp: "_Inputs", cfg: dict, block_d: int):
     """Descriptors of k and v as ``[B * S * N, H * D]`` (their ``[B, S, N]`` dims merged, heads
     adjacent) and of the bias as ``[rows, N]`` (``[B * H * N, N]``, or ``[H * N, N]`` where one
     bias serves every batch) for a ``"TMA"`` choice; None (the pointer path, same tiles) where
@@ -909,7 +937,7 @@ def _forward(inp: _Inputs, scale: float):
 
     def launch(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
-        descs = _forward_descriptors(inp, cfg, block_d)
+        descs = _key_descriptors(inp, cfg, block_d)
         k, v, bias = inp.k, inp.v, inp.bias if inp.bias is not None else dummy
         if descs is not None:
             k, v = descs[:2]
@@ -1008,11 +1036,16 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
 
     def launch_dq(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
+        descs = _key_descriptors(inp, cfg, block_d)
+        k, v, bias_arg = inp.k, inp.v, bias
+        if descs is not None:
+            k, v = descs[:2]
+            bias_arg = descs[2] if inp.bias is not None else dummy
         launch_kernel(_evo_attention_dq_kernel, grid,
-            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dq,
+            inp.q, k, v, bias_arg, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,
             S, H, N, D, scale, scale * LOG2E, first_arg,
-            HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq, ROWS=rows, PREFIX=prefix,
+            HAS_BIAS=inp.bias is not None, WRITE_DBIAS=dbias_in_dq, ROWS=rows, PREFIX=prefix, TMA=descs is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

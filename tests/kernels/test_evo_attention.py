@@ -232,23 +232,23 @@ def test_whole_key_blocks_path(dtype, two_rows, D, monkeypatch, poisoned_empty):
 
 
 @pytest.fixture
-def forward_descriptors(monkeypatch):
-    """The forward launches a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3 stages), the
-    backward its defaults. Yields whether each forward got its descriptors (True) or took the
-    pointer path (False)."""
+def key_descriptors(monkeypatch):
+    """The forward and dQ passes launch a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3
+    stages), the other passes their defaults. Yields whether each forward and dQ launch got its
+    descriptors (True) or took the pointer path (False)."""
     used = []
-    real = evo_module._forward_descriptors
+    real = evo_module._key_descriptors
 
     def recorded(*args):
         descs = real(*args)
         used.append(descs is not None)
         return descs
 
-    monkeypatch.setattr(evo_module, "_forward_descriptors", recorded)
+    monkeypatch.setattr(evo_module, "_key_descriptors", recorded)
 
     def pick(op, key, device, candidates, default, launch):
         tiles = [c for c in candidates if c.get("TMA")]
-        if key[0] != "fwd":
+        if key[0] not in ("fwd", "dq"):
             assert not tiles
             return launch(default)
         assert bool(tiles) == evo_module.descriptors_available()
@@ -270,18 +270,18 @@ def forward_descriptors(monkeypatch):
         ((1,), 2, 80, 2, 16, False),  # two query blocks (bias rows from the second block's)
     ],
 )
-def test_forward_descriptors_match_reference(lead, S, N, H, D, two_rows, dtype, forward_descriptors, monkeypatch,
+def test_key_descriptors_match_reference(lead, S, N, H, D, two_rows, dtype, key_descriptors, monkeypatch,
                                             poisoned_empty):
     if two_rows:
         monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 2)
     inputs = make_inputs(lead, S, N, H, D, dtype, masked_rows=(S - 1,))
     out, _ = check_against_reference(inputs, dtype)
     assert torch.all(out[:, S - 1] == 0)
-    assert forward_descriptors == [evo_module.descriptors_available()]
+    assert key_descriptors == [evo_module.descriptors_available()] * 2
 
 
 @pytest.mark.parametrize("ending", [False, True])
-def test_forward_descriptors_of_a_projection(ending, forward_descriptors, monkeypatch):
+def test_key_descriptors_of_a_projection(ending, key_descriptors, monkeypatch):
     """The pair attention's layout: q, k, v and gate views of one projection whose rows hold
     every head (the kernel's rows of keys have the projection's stride), a contiguous bias,
     padded keys, whole key blocks before them taken unmasked, two rows a program."""
@@ -298,18 +298,18 @@ def test_forward_descriptors_of_a_projection(ending, forward_descriptors, monkey
     inputs = {"q": q, "k": k, "v": v, "bias": torch.randn(B, H, N, N).requires_grad_(), "mask": keys, "gate": gate}
     assert k.stride()[2] == width and not k.is_contiguous()
     check_against_reference(inputs, torch.float32)
-    assert forward_descriptors == [evo_module.descriptors_available()]
+    assert key_descriptors == [evo_module.descriptors_available()] * 2
 
 
-def test_forward_descriptors_of_a_bias_shared_by_every_batch(forward_descriptors):
+def test_key_descriptors_of_a_bias_shared_by_every_batch(key_descriptors):
     # A bias [H, N, N] for leading dims (2, 2): the kernel reads batch 0's rows for every batch.
     inputs = make_inputs((2, 2), 3, 24, 2, 16, torch.float32)
     inputs["bias"] = torch.randn(2, 24, 24).requires_grad_()
     check_against_reference(inputs, torch.float32)
-    assert forward_descriptors == [evo_module.descriptors_available()]
+    assert key_descriptors == [evo_module.descriptors_available()] * 2
 
 
-def test_forward_descriptors_fall_back_where_a_layout_has_none(forward_descriptors):
+def test_key_descriptors_fall_back_where_a_layout_has_none(key_descriptors):
     # Keys whose rows do not merge (a transposed view), a bias of 13 fp32 columns (52-byte
     # rows, not 16-byte aligned), heads of 12 fp16 channels (a head's first column 24 bytes
     # in): the same tiles through pointers.
@@ -318,15 +318,15 @@ def test_forward_descriptors_fall_back_where_a_layout_has_none(forward_descripto
     check_against_reference(inputs, torch.float32)
     check_against_reference(make_inputs((1,), 3, 13, 2, 16, torch.float32), torch.float32)
     check_against_reference(make_inputs((1,), 3, 16, 4, 12, torch.float16), torch.float16)
-    assert forward_descriptors == [False, False, False]
+    assert key_descriptors == [False] * 6
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,N,H,D", [(257, 257, 4, 32), (384, 384, 4, 32), (48, 384, 16, 48), (1, 512, 16, 64)])
-def test_gpu_forward_descriptors(S, N, H, D, forward_descriptors):
+def test_gpu_key_descriptors(S, N, H, D, key_descriptors):
     # TMA copies on Hopper; N = 257 (514-byte bias rows) takes the pointer path.
     check_gpu_bf16(S, N, H, D)
-    assert forward_descriptors == [evo_module.descriptors_available() and N % 8 == 0]
+    assert key_descriptors == [evo_module.descriptors_available() and N % 8 == 0] * 2
 
 
 @pytest.mark.parametrize("D", [16, 40])
