@@ -22,7 +22,7 @@ import triton.language as triton_language
 
 from megafold.kernels import evo_attention, use_kernels
 from megafold.kernels.evo_attention import evo_attention_reference
-from megafold.kernels.testing import TOL, evo_attention_reference_chunked, rel_err
+from megafold.kernels.testing import TOL, evo_attention_reference_chunked, record_descriptor_use, rel_err
 
 # The module itself (megafold.kernels.evo_attention the attribute is the op, not the module).
 evo_module = importlib.import_module("megafold.kernels.evo_attention")
@@ -236,15 +236,7 @@ def key_descriptors(monkeypatch):
     """The forward and dQ passes launch a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3
     stages), the other passes their defaults. Yields whether each forward and dQ launch got its
     descriptors (True) or took the pointer path (False)."""
-    used = []
-    real = evo_module._key_descriptors
-
-    def recorded(*args):
-        descs = real(*args)
-        used.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(evo_module, "_key_descriptors", recorded)
+    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors")
 
     def pick(op, key, device, candidates, default, launch):
         tiles = [c for c in candidates if c.get("TMA")]
