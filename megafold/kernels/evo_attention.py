@@ -98,18 +98,60 @@ def _load_keys(k_row, v_row, mask_row, offs_n, offs_d, n_valid, d_valid,
 
 
 @triton.jit
-def _load_keys_tma(k_desc, v_desc, key_row, col, mask_row, offs_n, n_valid, stride_mn, HAS_MASK: tl.constexpr):
-    """``_load_keys`` by tensor descriptor: K and V tiles at row ``key_row`` (the first key's
-    row of the ``[B * S * N, H * D]`` view) and column ``col`` (the head's first). Keys past N
-    come from the next row (or zeros past the tensor) and columns past D from the next head:
-    the key mask drops the former; the queries' zero columns and the masked output stores
-    drop the latter."""
-    k = k_desc.load([key_row, col])
-    v = v_desc.load([key_row, col])
-    key_ok = n_valid
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+def _row_keys(k_head, v_head, mask_row, row, key_row, key_col, offs_n, offs_d, n_valid, d_valid,
+              stride_ks, stride_kn, stride_kd, stride_vs, stride_vn, stride_vd, stride_mn,
+              HAS_MASK: tl.constexpr, TMA: tl.constexpr):
+    """``_load_keys`` of row ``row``'s key block at ``offs_n``. TMA: k_head and v_head are
+    descriptors of k and v as ``[B * S * N, H * D]`` and the block starts at row ``key_row``,
+    column ``key_col`` (the head's first). Keys past N then come from the next row (or zeros
+    past the tensor) and columns past D from the next head: the key mask drops the former;
+    the queries' zero columns and the masked stores of out and dQ drop the latter."""
+    if TMA:
+        k = k_head.load([key_row, key_col])
+        v = v_head.load([key_row, key_col])
+        key_ok = n_valid
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_row + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+    else:
+        k, v, key_ok = _load_keys(k_head + row * stride_ks, v_head + row * stride_vs, mask_row, offs_n, offs_d,
+                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK)
     return k, v, key_ok
+
+
+@triton.jit
+def _bias_tile(bias_head, bias_row, start_n, offs_m, offs_n, m_valid, n_valid, stride_bi, stride_bj,
+               TMA: tl.constexpr):
+    """The bias tile of a query and a key block, fp32, in base 2. TMA: bias_head is a
+    descriptor of the bias as ``[rows, N]`` and the query block's rows start at ``bias_row``:
+    rows past N belong to queries that are never stored, columns past N are zeros."""
+    if TMA:
+        tile = bias_head.load([bias_row, start_n])
+    else:
+        tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                       mask=m_valid[:, None] & n_valid[None, :], other=0.0)
+    return tile.to(tl.float32) * _LOG2E
+
+
+@triton.jit
+def _key_bases(k_ptr, v_ptr, bias_ptr, b, h, S, N, row0, row1, block_m,
+               stride_kb, stride_kh, stride_vb, stride_vh, stride_bb, stride_bh, stride_bi,
+               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+    """What the key loops of the forward and dQ passes address from: k, v and bias at this
+    batch and head (TMA: the descriptors themselves), and the descriptors' coordinates: the
+    rows' first keys, the head's first column, the query block's first bias row (batch 0's
+    where one bias serves every batch, stride_bb == 0)."""
+    if TMA:
+        k_head = k_ptr
+        v_head = v_ptr
+        bias_head = bias_ptr
+    else:
+        k_head = k_ptr + b * stride_kb + h * stride_kh
+        v_head = v_ptr + b * stride_vb + h * stride_vh
+        bias_head = bias_ptr + b * stride_bb + h * stride_bh
+    bias_row = 0
+    if TMA and HAS_BIAS:  # (without a bias its strides are 0)
+        bias_row = (b * stride_bb + h * stride_bh) // stride_bi + block_m * BLOCK_M
+    return k_head, v_head, bias_head, (b * S + row0) * N, (b * S + row1) * N, bias_row
 
 
 @triton.jit
@@ -202,29 +244,16 @@ def _forward_keys(start, end, q0, q1, m0, l0, acc0, m1, l1, acc1, bias_head, k_h
             n_valid = offs_n >= 0  # all true: the loads need no key bound
         bias = 0.0
         if HAS_BIAS:
-            if TMA:
-                bias = bias_head.load([bias_row, start_n]).to(tl.float32) * _LOG2E
-            else:
-                bias = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                               mask=m_valid[:, None] & n_valid[None, :], other=0.0).to(tl.float32) * _LOG2E
-        if TMA:
-            k, v, key_ok = _load_keys_tma(k_head, v_head, key_row0 + start_n, key_col, mask_batch + row0 * stride_ms,
-                                          offs_n, n_valid, stride_mn, HAS_MASK and MASKED)
-        else:
-            k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                      mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            bias = _bias_tile(bias_head, bias_row, start_n, offs_m, offs_n, m_valid, n_valid, stride_bi, stride_bj,
+                              TMA)
+        k, v, key_ok = _row_keys(k_head, v_head, mask_batch + row0 * stride_ms, row0, key_row0 + start_n, key_col,
+                                 offs_n, offs_d, n_valid, d_valid, stride_ks, stride_kn, stride_kd, stride_vs,
+                                 stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, TMA)
         m0, l0, acc0 = _softmax_step(q0, k, v, bias, key_ok, m0, l0, acc0, scale_log2, HAS_BIAS, MASKED, IEEE)
         if ROWS == 2:
-            if TMA:
-                k, v, key_ok = _load_keys_tma(k_head, v_head, key_row1 + start_n, key_col,
-                                              mask_batch + row1 * stride_ms, offs_n, n_valid, stride_mn,
-                                              HAS_MASK and MASKED)
-            else:
-                k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                          mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                          HAS_MASK and MASKED)
+            k, v, key_ok = _row_keys(k_head, v_head, mask_batch + row1 * stride_ms, row1, key_row1 + start_n,
+                                     key_col, offs_n, offs_d, n_valid, d_valid, stride_ks, stride_kn, stride_kd,
+                                     stride_vs, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, TMA)
             m1, l1, acc1 = _softmax_step(q1, k, v, bias, key_ok, m1, l1, acc1, scale_log2, HAS_BIAS, MASKED,
                                          IEEE)
     return m0, l0, acc0, m1, l1, acc1
@@ -304,12 +333,9 @@ def _evo_attention_forward_kernel(
     q_offs = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     qd_mask = m_valid[:, None] & d_valid[None, :]
     q_head = q_ptr + b * stride_qb + h * stride_qh
-    if TMA:
-        k_head = k_ptr
-        v_head = v_ptr
-    else:
-        k_head = k_ptr + b * stride_kb + h * stride_kh
-        v_head = v_ptr + b * stride_vb + h * stride_vh
+    k_head, v_head, bias_head, key_row0, key_row1, bias_row = _key_bases(
+        k_ptr, v_ptr, bias_ptr, b, h, S, N, row0, row1, block_m, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bb, stride_bh, stride_bi, HAS_BIAS, BLOCK_M, TMA)
     mask_batch = mask_ptr + b * stride_mb
 
     q0 = tl.load(q_head + row0 * stride_qs + q_offs, mask=qd_mask, other=0.0)
@@ -322,15 +348,6 @@ def _evo_attention_forward_kernel(
         m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if TMA:
-        bias_head = bias_ptr
-    else:
-        bias_head = bias_ptr + b * stride_bb + h * stride_bh
-    # The descriptors' coordinates: the rows' first keys, the head's first column, the query
-    # block's first bias row (batch 0's where one bias serves every batch).
-    key_row0 = (b * S + row0) * N
-    key_row1 = (b * S + row1) * N
-    bias_row = (b * stride_bb + h * stride_bh) // stride_bi + block_m * BLOCK_M
     full_end = _full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N)
     # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
     m0, l0, acc0, m1, l1, acc1 = _forward_keys(
@@ -498,19 +515,11 @@ def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
             n_valid = offs_n >= 0  # all true: the loads need no key bound
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
-            if TMA:
-                bias_tile = bias_head.load([bias_row, start_n])
-            else:
-                bias_tile = tl.load(bias_head + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                    mask=m_valid[:, None] & n_valid[None, :], other=0.0)
-            bias_tile = bias_tile.to(tl.float32) * _LOG2E
-        if TMA:
-            k, v, key_ok = _load_keys_tma(k_head, v_head, key_row0 + start_n, key_col, mask_batch + row0 * stride_ms,
-                                          offs_n, n_valid, stride_mn, HAS_MASK and MASKED)
-        else:
-            k, v, key_ok = _load_keys(k_head + row0 * stride_ks, v_head + row0 * stride_vs,
-                                      mask_batch + row0 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED)
+            bias_tile = _bias_tile(bias_head, bias_row, start_n, offs_m, offs_n, m_valid, n_valid, stride_bi,
+                                   stride_bj, TMA)
+        k, v, key_ok = _row_keys(k_head, v_head, mask_batch + row0 * stride_ms, row0, key_row0 + start_n, key_col,
+                                 offs_n, offs_d, n_valid, d_valid, stride_ks, stride_kn, stride_kd, stride_vs,
+                                 stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, TMA)
         p, ds = _recompute_ds(q0, k, v, do0, lse0, delta0, bias_tile, key_ok, scale_log2, MASKED, IEEE)
         if WRITE_DBIAS:
             # One row (S = 1): this program owns the tile, so dS is the bias gradient itself.
@@ -521,15 +530,9 @@ def _dq_keys(start, end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
         else:
             dq0 += tl.dot(ds.to(k.dtype), k)
         if ROWS == 2:
-            if TMA:
-                k, v, key_ok = _load_keys_tma(k_head, v_head, key_row1 + start_n, key_col,
-                                              mask_batch + row1 * stride_ms, offs_n, n_valid, stride_mn,
-                                              HAS_MASK and MASKED)
-            else:
-                k, v, key_ok = _load_keys(k_head + row1 * stride_ks, v_head + row1 * stride_vs,
-                                          mask_batch + row1 * stride_ms, offs_n, offs_d, n_valid, d_valid,
-                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                          HAS_MASK and MASKED)
+            k, v, key_ok = _row_keys(k_head, v_head, mask_batch + row1 * stride_ms, row1, key_row1 + start_n,
+                                     key_col, offs_n, offs_d, n_valid, d_valid, stride_ks, stride_kn, stride_kd,
+                                     stride_vs, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, TMA)
             p, ds = _recompute_ds(q1, k, v, do1, lse1, delta1, bias_tile, key_ok, scale_log2, MASKED, IEEE)
             if IEEE:
                 dq1 += tl.dot(ds, k, input_precision="ieee")
@@ -565,12 +568,9 @@ def _evo_attention_dq_kernel(
     m_valid = offs_m < N
     d_valid = offs_d < D
     q_head = q_ptr + b * stride_qb + h * stride_qh
-    if TMA:
-        k_head = k_ptr
-        v_head = v_ptr
-    else:
-        k_head = k_ptr + b * stride_kb + h * stride_kh
-        v_head = v_ptr + b * stride_vb + h * stride_vh
+    k_head, v_head, bias_head, key_row0, key_row1, bias_row = _key_bases(
+        k_ptr, v_ptr, bias_ptr, b, h, S, N, row0, row1, block_m, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bb, stride_bh, stride_bi, HAS_BIAS, BLOCK_M, TMA)
     mask_batch = mask_ptr + b * stride_mb
     bh_row0 = (b * S + row0) * H + h
     bh_row1 = (b * S + row1) * H + h
@@ -594,13 +594,6 @@ def _evo_attention_dq_kernel(
     # Whole attended key blocks first (no mask), then the rest (the mask and N applied).
     full_end = tl.minimum(_full_keys_end(first_ptr, b, S, row0, row1, N, HAS_MASK, PREFIX, ROWS, BLOCK_N),
                           n_end)
-    if TMA:
-        bias_head = bias_ptr
-    else:
-        bias_head = bias_ptr + b * stride_bb + h * stride_bh
-    key_row0 = (b * S + row0) * N  # the descriptors' coordinates, as in the forward
-    key_row1 = (b * S + row1) * N
-    bias_row = (b * stride_bb + h * stride_bh) // stride_bi + block_m * BLOCK_M
     dbias_tile = dbias_ptr + (batch_head * N + offs_m[:, None]) * N
     dq0, dq1 = _dq_keys(0, full_end, q0, do0, lse0, delta0, dq0, q1, do1, lse1, delta1, dq1,
                         bias_head, k_head, v_head, mask_batch, dbias_tile, row0, row1, offs_m, m_valid,
