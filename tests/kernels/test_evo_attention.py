@@ -22,7 +22,8 @@ import triton.language as triton_language
 
 from megafold.kernels import evo_attention, use_kernels
 from megafold.kernels.evo_attention import evo_attention_reference
-from megafold.kernels.testing import TOL, evo_attention_reference_chunked, record_descriptor_use, rel_err
+from megafold.kernels.testing import (TOL, evo_attention_reference_chunked, record_descriptor_use, rel_err,
+                                      shipped_descriptor_choices_offered)
 
 # The module itself (megafold.kernels.evo_attention the attribute is the op, not the module).
 evo_module = importlib.import_module("megafold.kernels.evo_attention")
@@ -320,6 +321,19 @@ def test_gpu_key_descriptors(S, N, H, D, key_descriptors):
     check_gpu_bf16(S, N, H, D)
     # Two forward and backward passes (the second checks the bias gradient's determinism).
     assert key_descriptors == [evo_module.descriptors_available() and N % 8 == 0] * 4
+
+
+def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key():
+    """A shipped descriptor (TMA) choice is one the launcher offers for its key (the forward's
+    and dQ's; the other passes have none)."""
+    dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
+
+    def call(op, key):
+        kind, S, N, D, H, dtype, has_bias = key
+        assert kind in ("fwd", "dq"), key
+        evo_module._run(kind, None, torch.device("cpu"), S, N, D, H, dtypes[dtype], has_bias)
+
+    assert shipped_descriptor_choices_offered(evo_module, "evo_attention", call) > 0  # the H200's, session 33
 
 
 @pytest.mark.parametrize("D", [16, 40])
