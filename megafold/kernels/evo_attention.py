@@ -807,13 +807,17 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     found = _run_args.get(memo)
     if found is None:
         found = _run_args[memo] = (_tune_key(kind, S, N, D, H, dtype, has_bias), _default_blocks(kind, S, D))
-    candidates = _CANDIDATES_TMA if kind in ("fwd", "dq") and descriptors_available() else _CANDIDATES
+    candidates = _CANDIDATES_TMA.get(kind, _CANDIDATES) if descriptors_available() else _CANDIDATES
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
 
 
 # The forward's and dQ's candidates with K, V and bias tiles by tensor descriptor (TMA on
-# Hopper) too.
-_CANDIDATES_TMA = _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]
+# Hopper) too. dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
+# (error -11, sm_90a) on 11 of 12 dQ descriptor candidates at the one- and four-row shapes
+# (pair bias, the paper step's diffusion transformer; benchmarks/NOTES.md, session 33), and
+# where they compiled none was the best (at most 1.5% behind it).
+_CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
+                   "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2]}
 
 
 def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | None:

@@ -323,6 +323,19 @@ def test_gpu_key_descriptors(S, N, H, D, key_descriptors):
     assert key_descriptors == [evo_module.descriptors_available() and N % 8 == 0] * 4
 
 
+def test_descriptor_candidates_only_for_forward_and_dq_and_dq_never_at_two_stages(monkeypatch):
+    offered = {}
+    monkeypatch.setattr(evo_module, "descriptors_available", lambda: True)
+    monkeypatch.setattr(evo_module, "run_tuned",
+                        lambda op, key, device, candidates, default, launch: offered.update({key[0]: candidates}))
+    for kind in ("fwd", "dkdv", "dq", "dbias"):
+        evo_module._run(kind, None, torch.device("cpu"), 48, 384, 48, 16, torch.bfloat16, True)
+    tma = {kind: [c for c in candidates if c.get("TMA")] for kind, candidates in offered.items()}
+    assert not tma["dkdv"] and not tma["dbias"]
+    assert {c["num_stages"] for c in tma["fwd"]} == {2, 3, 4}
+    assert tma["dq"] and min(c["num_stages"] for c in tma["dq"]) == 3  # ptxas crashed at 2 (session 33)
+
+
 def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key():
     """A shipped descriptor (TMA) choice is one the launcher offers for its key (the forward's
     and dQ's; the other passes have none)."""
