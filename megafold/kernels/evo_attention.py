@@ -450,8 +450,14 @@ def _evo_attention_dkdv_kernel(
     S, H, N, D: tl.constexpr, scale, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    """dK and dV of one key block of one row. TMA: q_ptr and do_ptr are tensor descriptors of q
+    and dO as ``[B * S * N, H * D]``, bias_ptr one of the bias as ``[rows, N]``
+    (`_query_descriptors`): each query block's Q, dO and bias tiles by descriptor. Queries past N
+    then come from the next row (or zeros past the tensor): their lse loads as +inf, so their p
+    and dS are 0. Columns past D come from the next head: they meet K's and V's zero columns in
+    the logits and dP, and reach only dK's and dV's columns past D, which are not stored."""
     block_n = _widen(tl.program_id(0), WIDE)
     row = _widen(tl.program_id(1), WIDE)
     batch_head = _widen(tl.program_id(2), WIDE)
@@ -461,6 +467,10 @@ def _evo_attention_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < N
     d_valid = offs_d < D
+    query_row = (b * S + row) * N  # (TMA) the row's first query in q's and dO's rows
+    bias_row = 0
+    if TMA and HAS_BIAS:  # (without a bias its strides are 0)
+        bias_row = (b * stride_bb + h * stride_bh) // stride_bi
     k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
                               v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
                               mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d, n_valid, d_valid,
@@ -473,15 +483,20 @@ def _evo_attention_dkdv_kernel(
     for start_m in range(0, m_end, BLOCK_M):
         offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
-        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
-                                          do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
-                                          m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        if TMA:
+            q = q_ptr.load([query_row + start_m, h * D])
+            do = do_ptr.load([query_row + start_m, h * D])
+            lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+            delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+        else:
+            q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
+                                              do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
+                                              m_valid, d_valid, stride_qn, stride_qd, H, N, D)
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
-            bias_tile = tl.load(bias_ptr + b * stride_bb + h * stride_bh
-                                + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                mask=m_valid[:, None] & n_valid[None, :], other=0.0)
-            bias_tile = bias_tile.to(tl.float32) * _LOG2E
+            bias_tile = _bias_tile(bias_ptr if TMA else bias_ptr + b * stride_bb + h * stride_bh,
+                                   bias_row + start_m, block_n * BLOCK_N, offs_m, offs_n, m_valid, n_valid,
+                                   stride_bi, stride_bj, TMA)
         # Tiles stay queries x keys: computing them transposed (keys x queries) saves the two
         # transposes below but, compiled for sm_90, needs more registers and spills more.
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, True, IEEE)
@@ -812,12 +827,13 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
 
 
 # The forward's and dQ's candidates with K, V and bias tiles by tensor descriptor (TMA on
-# Hopper) too. dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
+# Hopper) too, and dK dV's with Q, dO and bias tiles by descriptor. dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
 # (error -11, sm_90a) on 11 of 12 dQ descriptor candidates at the one- and four-row shapes
 # (pair bias, the paper step's diffusion transformer; benchmarks/NOTES.md, session 33), and
 # where they compiled none was the best (at most 1.5% behind it).
 _CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
-                   "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2]}
+                   "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
+                   "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
 
 
 def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | None:
@@ -836,14 +852,26 @@ def _key_descriptors(inp: "_Inputs", cfg: dict, block_d: int):
     bias serves every batch) for a ``"TMA"`` choice; None (the pointer path, same tiles) where
     the choice has none, an offset could pass int32, a head's channels are not a multiple of
     16 bytes, or a layout has none."""
-    if not cfg.get("TMA") or inp.wide or inp.D * inp.k.element_size() % 16:
+    return _head_row_descriptors(inp, cfg, (inp.k, inp.v), cfg["BLOCK_N"], block_d)
+
+
+def _query_descriptors(inp: "_Inputs", cfg: dict, block_d: int, datt: torch.Tensor):
+    """The dK dV pass's: q and dO (``datt``, contiguous ``[B, S, N, H, D]``) as ``[B * S * N,
+    H * D]`` in query-block tiles, and the bias as in `_key_descriptors`; None as there."""
+    return _head_row_descriptors(inp, cfg, (inp.q, datt), cfg["BLOCK_M"], block_d)
+
+
+def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, block_d: int):
+    """Descriptors of ``tensors`` (``[B, S, N, H, D]``) as ``[B * S * N, H * D]`` rows in
+    ``[block_rows, block_d]`` tiles, then of the bias in ``[BLOCK_M, BLOCK_N]`` tiles."""
+    if not cfg.get("TMA") or inp.wide or inp.D * inp.q.element_size() % 16:
         return None  # (a tile's first column, a head's, must be 16-byte aligned)
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
     descs = []
-    for t in (inp.k, inp.v):
+    for t in tensors:
         sb, ss, sn, sh, sd = t.stride()
         rows = _row_view(t, (B, S, N), (sb, ss, sn), H * D) if sd == 1 and (H == 1 or sh == D) else None
-        descs.append(rows if rows is None else tensor_descriptor(rows, (cfg["BLOCK_N"], block_d)))
+        descs.append(rows if rows is None else tensor_descriptor(rows, (block_rows, block_d)))
     if inp.bias is not None:
         sb, sh, si, sj = inp.bias.stride()
         # One bias for every batch (stride 0, an expanded view): the kernel reads batch 0's rows.
@@ -1024,9 +1052,14 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
 
     def launch_dkdv(cfg):
         grid = (cdiv(N, cfg["BLOCK_N"]), S, B * H)
+        descs = _query_descriptors(inp, cfg, block_d, datt)
+        q, do, bias_arg = inp.q, datt, bias
+        if descs is not None:
+            q, do = descs[:2]
+            bias_arg = descs[2] if inp.bias is not None else dummy
         launch_kernel(_evo_attention_dkdv_kernel, grid,
-            inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, dk, dv, *strides,
-            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None,
+            q, inp.k, inp.v, bias_arg, mask, do, lse, delta, dk, dv, *strides,
+            S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, TMA=descs is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
