@@ -826,11 +826,12 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
 
 
-# The forward's and dQ's candidates with K, V and bias tiles by tensor descriptor (TMA on
-# Hopper) too, and dK dV's with Q, dO and bias tiles by descriptor. dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
-# (error -11, sm_90a) on 11 of 12 dQ descriptor candidates at the one- and four-row shapes
-# (pair bias, the paper step's diffusion transformer; benchmarks/NOTES.md, session 33), and
-# where they compiled none was the best (at most 1.5% behind it).
+# Every pass's candidates but dBias's with tiles by tensor descriptor (TMA on Hopper) too: the
+# forward's and dQ's K, V and bias tiles, dK dV's Q, dO and bias tiles (benchmarks/NOTES.md,
+# session 33). dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
+# (error -11, sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the
+# paper step's diffusion transformer), and where they compiled none was the best (at most
+# 1.5% behind it).
 _CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
                    "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
                    "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
