@@ -881,6 +881,13 @@ def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, b
     return None if None in descs else descs
 
 
+def _operands(descs, *pointers):
+    """What a kernel takes for ``pointers`` (two tensors, then the bias or its placeholder):
+    ``descs`` from `_head_row_descriptors` in their place where there are some (the bias's
+    last, if there is a bias), else ``pointers`` themselves."""
+    return pointers if descs is None else (*descs, *pointers[len(descs):])
+
+
 class _Inputs:
     """The op's inputs flattened to one batch axis ``B``, with their strides for the kernels."""
 
@@ -964,10 +971,7 @@ def _forward(inp: _Inputs, scale: float):
     def launch(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
         descs = _key_descriptors(inp, cfg, block_d)
-        k, v, bias = inp.k, inp.v, inp.bias if inp.bias is not None else dummy
-        if descs is not None:
-            k, v = descs[:2]
-            bias = descs[2] if inp.bias is not None else dummy
+        k, v, bias = _operands(descs, inp.k, inp.v, inp.bias if inp.bias is not None else dummy)
         launch_kernel(_evo_attention_forward_kernel, grid,
             inp.q, k, v, bias,
             inp.mask if inp.mask is not None else dummy,
@@ -1054,10 +1058,7 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
     def launch_dkdv(cfg):
         grid = (cdiv(N, cfg["BLOCK_N"]), S, B * H)
         descs = _query_descriptors(inp, cfg, block_d, datt)
-        q, do, bias_arg = inp.q, datt, bias
-        if descs is not None:
-            q, do = descs[:2]
-            bias_arg = descs[2] if inp.bias is not None else dummy
+        q, do, bias_arg = _operands(descs, inp.q, datt, bias)
         launch_kernel(_evo_attention_dkdv_kernel, grid,
             q, inp.k, inp.v, bias_arg, mask, do, lse, delta, dk, dv, *strides,
             S, H, N, D, scale, scale * LOG2E, HAS_BIAS=inp.bias is not None, TMA=descs is not None,
@@ -1068,10 +1069,7 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
     def launch_dq(cfg):
         grid, rows = inp.query_grid(cfg, block_d)
         descs = _key_descriptors(inp, cfg, block_d)
-        k, v, bias_arg = inp.k, inp.v, bias
-        if descs is not None:
-            k, v = descs[:2]
-            bias_arg = descs[2] if inp.bias is not None else dummy
+        k, v, bias_arg = _operands(descs, inp.k, inp.v, bias)
         launch_kernel(_evo_attention_dq_kernel, grid,
             inp.q, k, v, bias_arg, mask, datt, lse, delta, dq,
             dbias if dbias_in_dq else dq, *strides,

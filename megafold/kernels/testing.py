@@ -38,19 +38,19 @@ def assert_backward_repeats(out: torch.Tensor, leaves: list[torch.Tensor]) -> No
         assert torch.equal(a, b)
 
 
-def record_descriptor_use(monkeypatch, module: ModuleType, name: str) -> list[bool]:
-    """Wrap ``module.<name>``, a launcher's helper that returns its tensor descriptors or None
-    (the pointer path), so that each call appends whether it gave descriptors to the list
-    returned (pytest's ``monkeypatch`` undoes it)."""
+def record_descriptor_use(monkeypatch, module: ModuleType, *names: str) -> list[bool]:
+    """Wrap each ``module.<name>``, a launcher's helper that returns its tensor descriptors or
+    None (the pointer path), so that each call of any of them appends whether it gave
+    descriptors to the one list returned, in call order (pytest's ``monkeypatch`` undoes it)."""
     used: list[bool] = []
-    real = getattr(module, name)
+    for name in names:
 
-    def recorded(*args):
-        descs = real(*args)
-        used.append(descs is not None)
-        return descs
+        def recorded(*args, real=getattr(module, name)):
+            descs = real(*args)
+            used.append(descs is not None)
+            return descs
 
-    monkeypatch.setattr(module, name, recorded)
+        monkeypatch.setattr(module, name, recorded)
     return used
 
 

@@ -238,15 +238,7 @@ def key_descriptors(monkeypatch):
     tiles, 3 stages), the dBias pass its default. Yields whether each of those launches got its
     descriptors (True) or took the pointer path (False), in launch order (per forward and
     backward: forward, dK dV, dQ)."""
-    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors")
-    record = evo_module._query_descriptors
-
-    def queries(*args):
-        descs = record(*args)
-        used.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(evo_module, "_query_descriptors", queries)
+    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors", "_query_descriptors")
 
     def pick(op, key, device, candidates, default, launch):
         tiles = [c for c in candidates if c.get("TMA")]
