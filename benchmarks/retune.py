@@ -10,6 +10,9 @@ picks some, e.g. layernorm_linear's ``128->512``) and EvoAttention's shapes of
 benchmarks/kernels.py (``--shapes``, default ``tri``). ``--only`` tunes just the keys whose
 ``[op, key]`` JSON contains one of the given strings (an EvoAttention pass such as ``dkdv``,
 or an op name such as ``transition_bwd``); every other key launches its default, untimed.
+``--where TMA=true ROWS=2`` offers just the candidates with those settings (values in JSON),
+e.g. only the new kind when the others were timed before: a key then keeps the best of those,
+which the A/B (``variant_ab.py``) weighs against the shipped choice.
 
 The choices land in ``$MEGAFOLD_CACHE_DIR/autotune.json`` and every candidate's time in
 ``autotune-trials.json`` beside it: ``variant_ab.py run --choices NAME=<that autotune.json>``
@@ -43,19 +46,40 @@ def selected(op: str, key, only: list[str]) -> bool:
     return not only or any(part in text for part in only)
 
 
-def tune_only(only: list[str]) -> None:
-    """Make each kernel module's launcher tune just the keys ``selected`` by ``only``; the
-    others launch their default."""
-    if not only:
+def parse_where(items: list[str]) -> dict:
+    """``["TMA=true", "ROWS=2"]`` -> ``{"TMA": True, "ROWS": 2}`` (each value read as JSON)."""
+    where = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            where[name] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep or not name:
+            raise SystemExit(f"--where {item!r}: expected NAME=JSON, e.g. TMA=true or ROWS=2")
+    return where
+
+
+def offered(candidates: list[dict], where: dict) -> list[dict]:
+    """The candidates whose configuration has every setting of ``where``."""
+    return [c for c in candidates if all(c.get(name) == value for name, value in where.items())]
+
+
+def tune_only(only: list[str], where: dict | None = None) -> None:
+    """Make each kernel module's launcher tune just the keys ``selected`` by ``only`` over the
+    candidates ``offered`` by ``where``; the other keys, and keys left with no candidate, launch
+    their default."""
+    if not only and not where:
         return
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"megafold.kernels.{name}")
         real = module.run_tuned
 
         def run(op, key, device, candidates, default, launch, rows=None, real=real):
-            if not selected(op, key, only):
+            kept = offered(candidates, where or {})
+            if not selected(op, key, only) or not kept:
                 return launch(default)
-            return real(op, key, device, candidates, default, launch, rows=rows)
+            return real(op, key, device, kept, default, launch, rows=rows)
 
         module.run_tuned = run
 
@@ -99,9 +123,12 @@ def main(argv=None):
     parser.add_argument("--ns", type=int, nargs="+", default=[384, 768])
     parser.add_argument("--shapes", nargs="*", default=[], help="the cases' shape names (default: every one)")
     parser.add_argument("--only", nargs="*", default=[], help="tune only keys whose [op, key] JSON contains one")
+    parser.add_argument("--where", nargs="*", default=[], metavar="NAME=JSON",
+                        help="offer only candidates with these settings, e.g. TMA=true ROWS=2")
     parser.add_argument("--workers", type=int, default=None, help="compiling processes (default: CPUs, at most 16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    where = parse_where(args.where)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/retune.py tunes for a GPU: there is none here")
     # Every key is tuned again, whatever is shipped or cached (read when a key is first
@@ -115,7 +142,7 @@ def main(argv=None):
 
     env = environment()
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  cache {autotune_cache_path()}")
-    tune_only(args.only)
+    tune_only(args.only, where)
     todo = cases(args.op, args.shapes, args.ns, torch.device("cuda"))
 
     def step(case):
@@ -138,7 +165,7 @@ def main(argv=None):
     rows = summarize(json.loads(autotune_trials_path().read_text()), args.op, args.only)
     command = " ".join(["python", "benchmarks/retune.py", *(argv if argv is not None else sys.argv[1:])])
     path = write_json(f"retune-{args.op}", env, rows,
-                      {"op": args.op, "ns": args.ns, "shapes": args.shapes, "only": args.only,
+                      {"op": args.op, "ns": args.ns, "shapes": args.shapes, "only": args.only, "where": where,
                        "compile_s": compile_s, "tune_s": tune_s, "compiled": report["compiled"],
                        "cache": str(autotune_cache_path()), "command": command}, args.out)
     print()

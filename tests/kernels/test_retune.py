@@ -42,6 +42,29 @@ def test_tune_only_launches_the_default_for_keys_not_selected(monkeypatch):
     assert launched == [{"x": 0}]  # the forward's default, untimed
 
 
+def test_where_offers_only_the_candidates_with_its_settings(monkeypatch):
+    import importlib
+
+    assert retune.parse_where(["TMA=true", "ROWS=2"]) == {"TMA": True, "ROWS": 2}
+    for bad in ("TMA", "=1", "TMA=yes"):
+        with pytest.raises(SystemExit, match="expected NAME=JSON"):
+            retune.parse_where([bad])
+    module = importlib.import_module("megafold.kernels.evo_attention")
+    tuned = []
+    monkeypatch.setattr(module, "run_tuned",
+                        lambda op, key, device, candidates, default, launch, rows=None: tuned.append(candidates))
+    for name in retune.KERNEL_MODULES:
+        other = importlib.import_module(f"megafold.kernels.{name}")
+        monkeypatch.setattr(other, "run_tuned", other.run_tuned)
+    retune.tune_only([], {"TMA": True})
+    candidates = [{"x": 1}, {"x": 2, "TMA": True}, {"x": 3, "TMA": True, "ROWS": 2}]
+    launched = []
+    module.run_tuned("evo_attention", ["dkdv"], None, candidates, {"x": 0}, launched.append)
+    module.run_tuned("evo_attention", ["fwd"], None, [{"x": 1}], {"x": 0}, launched.append)
+    assert tuned == [candidates[1:]]
+    assert launched == [{"x": 0}]  # a key with no such candidate: its default, untimed
+
+
 def test_summary_has_the_choice_and_the_best_of_each_kind():
     name = lambda op, key: json.dumps([op, key, "NVIDIA H200"])  # noqa: E731
     trials = {
