@@ -169,6 +169,24 @@ def _load_queries(q_row, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d, 
 
 
 @triton.jit
+def _row_queries(q_head, do_ptr, lse_ptr, delta_ptr, row, query_row, bh_row, h, offs_m, offs_d, m_valid, d_valid,
+                 stride_qs, stride_qn, stride_qd, H, N, D: tl.constexpr, TMA: tl.constexpr):
+    """`_load_queries` of row ``row``'s query block at ``offs_m``. TMA: q_head and do_ptr are
+    descriptors of q and dO as ``[B * S * N, H * D]`` and the block starts at row ``query_row``.
+    Queries past N then come from the next row (or zeros past the tensor): their lse loads as
+    +inf, so their p and dS are 0. Columns past D come from the next head."""
+    if TMA:
+        q = q_head.load([query_row, h * D])
+        do = do_ptr.load([query_row, h * D])
+        lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
+    else:
+        q, do, lse, delta = _load_queries(q_head + row * stride_qs, do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m,
+                                          offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _softmax_step(q, k, v, bias, key_ok, m_i, l_i, acc, scale_log2,
                   HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key block of one row's online softmax; returns the new (m_i, l_i, acc).
@@ -483,15 +501,9 @@ def _evo_attention_dkdv_kernel(
     for start_m in range(0, m_end, BLOCK_M):
         offs_m = _widen(start_m, WIDE) + tl.arange(0, BLOCK_M)
         m_valid = offs_m < N
-        if TMA:
-            q = q_ptr.load([query_row + start_m, h * D])
-            do = do_ptr.load([query_row + start_m, h * D])
-            lse = tl.load(lse_ptr + bh_row * N + offs_m, mask=m_valid, other=float("inf"))
-            delta = tl.load(delta_ptr + bh_row * N + offs_m, mask=m_valid, other=0.0)
-        else:
-            q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
-                                              do_ptr, lse_ptr, delta_ptr, bh_row, h, offs_m, offs_d,
-                                              m_valid, d_valid, stride_qn, stride_qd, H, N, D)
+        q, do, lse, delta = _row_queries(q_ptr if TMA else q_ptr + b * stride_qb + h * stride_qh, do_ptr, lse_ptr,
+                                         delta_ptr, row, query_row + start_m, bh_row, h, offs_m, offs_d, m_valid,
+                                         d_valid, stride_qs, stride_qn, stride_qd, H, N, D, TMA)
         bias_tile = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_BIAS:
             bias_tile = _bias_tile(bias_ptr if TMA else bias_ptr + b * stride_bb + h * stride_bh,
@@ -637,18 +649,28 @@ def _dbias_rows(start, end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_pt
                 stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                 stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
                 stride_mb, stride_ms, stride_mn,
-                HAS_MASK: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
-    """dbias plus the dS tiles of rows [start, end) (MASKED: as in `_forward_keys`)."""
+                HAS_MASK: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+                TMA: tl.constexpr, BLOCK_D: tl.constexpr, start_m, start_n):
+    """dbias plus the dS tiles of rows [start, end) (MASKED: as in `_forward_keys`). TMA: q,
+    dO, k and v are descriptors of ``[B * S * N, H * D]`` rows (`_dbias_descriptors`); the tile's
+    queries start at ``start_m``, its keys at ``start_n``. Both Q's and K's columns past D then
+    come from the next head: Q's and dO's are zeroed, so that they add nothing to the logits
+    and dP."""
+    q_head = q_ptr if TMA else q_ptr + b * stride_qb + h * stride_qh
+    k_head = k_ptr if TMA else k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr if TMA else v_ptr + b * stride_vb + h * stride_vh
     for row_index in range(start, end):
         row = _widen(row_index, WIDE)
-        q, do, lse, delta = _load_queries(q_ptr + b * stride_qb + row * stride_qs + h * stride_qh,
-                                          do_ptr, lse_ptr, delta_ptr, (b * S + row) * H + h, h,
-                                          offs_m, offs_d, m_valid, d_valid, stride_qn, stride_qd, H, N, D)
-        k, v, key_ok = _load_keys(k_ptr + b * stride_kb + row * stride_ks + h * stride_kh,
-                                  v_ptr + b * stride_vb + row * stride_vs + h * stride_vh,
-                                  mask_ptr + b * stride_mb + row * stride_ms, offs_n, offs_d,
-                                  n_valid, d_valid, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                  HAS_MASK and MASKED)
+        first = (b * S + row) * N  # (TMA) the row's first query and key in the rows
+        q, do, lse, delta = _row_queries(q_head, do_ptr, lse_ptr, delta_ptr, row, first + start_m,
+                                         (b * S + row) * H + h, h, offs_m, offs_d, m_valid, d_valid,
+                                         stride_qs, stride_qn, stride_qd, H, N, D, TMA)
+        if TMA and D < BLOCK_D:
+            q = tl.where(d_valid[None, :], q, 0.0)
+            do = tl.where(d_valid[None, :], do, 0.0)
+        k, v, key_ok = _row_keys(k_head, v_head, mask_ptr + b * stride_mb + row * stride_ms, row, first + start_n,
+                                 h * D, offs_n, offs_d, n_valid, d_valid, stride_ks, stride_kn, stride_kd,
+                                 stride_vs, stride_vn, stride_vd, stride_mn, HAS_MASK and MASKED, TMA)
         p, ds = _recompute_ds(q, k, v, do, lse, delta, bias_tile, key_ok, scale_log2, MASKED, IEEE)
         dbias += ds
     return dbias
@@ -665,8 +687,10 @@ def _evo_attention_dbias_kernel(
     S, H, N, D: tl.constexpr, scale_log2, BH, ROWS_PER_CHUNK, first_ptr,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr,
+    IEEE: tl.constexpr, WIDE: tl.constexpr, PREFIX: tl.constexpr, TMA: tl.constexpr = False,
 ):
+    """dBias of one bias tile summed over a chunk of rows. TMA: q_ptr, k_ptr, v_ptr and do_ptr
+    are tensor descriptors (`_dbias_descriptors`); the bias tile, loaded once, by pointer."""
     block_n = _widen(tl.program_id(0), WIDE)
     block_m = _widen(tl.program_id(1), WIDE)
     # Axis 2 is (chunk of rows, batch x head); chunk c sums rows [c, c + 1) * ROWS_PER_CHUNK.
@@ -708,12 +732,14 @@ def _evo_attention_dbias_kernel(
                         bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
                         stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                         stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
-                        stride_mb, stride_ms, stride_mn, HAS_MASK, False, IEEE, WIDE)
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, False, IEEE, WIDE, TMA, BLOCK_D,
+                        block_m * BLOCK_M, block_n * BLOCK_N)
     dbias = _dbias_rows(split, row_end, dbias, q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
                         bias_tile, b, h, S, H, N, D, offs_m, offs_n, offs_d, m_valid, n_valid, d_valid, scale_log2,
                         stride_qb, stride_qs, stride_qn, stride_qd, stride_kb, stride_ks, stride_kn, stride_kh,
                         stride_kd, stride_vb, stride_vs, stride_vn, stride_vh, stride_vd, stride_qh,
-                        stride_mb, stride_ms, stride_mn, HAS_MASK, True, IEEE, WIDE)
+                        stride_mb, stride_ms, stride_mn, HAS_MASK, True, IEEE, WIDE, TMA, BLOCK_D,
+                        block_m * BLOCK_M, block_n * BLOCK_N)
     # dbias is written contiguous [chunks, B, H, N, N], rounded once from the fp32 sum.
     tl.store(dbias_ptr + ((chunk * BH + batch_head) * N + offs_m[:, None]) * N + offs_n[None, :],
              dbias.to(dbias_ptr.dtype.element_ty), mask=tile_mask)
@@ -826,15 +852,16 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
 
 
-# Every pass's candidates but dBias's with tiles by tensor descriptor (TMA on Hopper) too: the
-# forward's and dQ's K, V and bias tiles, dK dV's Q, dO and bias tiles (benchmarks/NOTES.md,
-# session 33). dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
+# Every pass's candidates with tiles by tensor descriptor (TMA on Hopper) too: the forward's
+# and dQ's K, V and bias tiles, dK dV's Q, dO and bias tiles (benchmarks/NOTES.md, session 33),
+# dBias's Q, dO, K and V tiles (prepared in session 33, not yet measured). dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
 # (error -11, sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the
 # paper step's diffusion transformer), and where they compiled none was the best (at most
 # 1.5% behind it).
 _CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
                    "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
-                   "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
+                   "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
+                   "dbias": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
 
 
 def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | None:
@@ -862,9 +889,20 @@ def _query_descriptors(inp: "_Inputs", cfg: dict, block_d: int, datt: torch.Tens
     return _head_row_descriptors(inp, cfg, (inp.q, datt), cfg["BLOCK_M"], block_d)
 
 
-def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, block_d: int):
+def _dbias_descriptors(inp: "_Inputs", cfg: dict, block_d: int, datt: torch.Tensor):
+    """The dBias pass's: q and dO (``datt``) in query-block tiles, then k and v in key-block
+    tiles, as ``[B * S * N, H * D]`` rows; None as in `_key_descriptors`. (Its bias tile is
+    loaded once a program: by pointer.)"""
+    queries = _head_row_descriptors(inp, cfg, (inp.q, datt), cfg["BLOCK_M"], block_d, with_bias=False)
+    keys = _head_row_descriptors(inp, cfg, (inp.k, inp.v), cfg["BLOCK_N"], block_d, with_bias=False)
+    return None if queries is None or keys is None else queries + keys
+
+
+def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, block_d: int,
+                          with_bias: bool = True):
     """Descriptors of ``tensors`` (``[B, S, N, H, D]``) as ``[B * S * N, H * D]`` rows in
-    ``[block_rows, block_d]`` tiles, then of the bias in ``[BLOCK_M, BLOCK_N]`` tiles."""
+    ``[block_rows, block_d]`` tiles, then (``with_bias``) of the bias in ``[BLOCK_M, BLOCK_N]``
+    tiles."""
     if not cfg.get("TMA") or inp.wide or inp.D * inp.q.element_size() % 16:
         return None  # (a tile's first column, a head's, must be 16-byte aligned)
     B, S, N, H, D = inp.B, inp.S, inp.N, inp.H, inp.D
@@ -873,7 +911,7 @@ def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, b
         sb, ss, sn, sh, sd = t.stride()
         rows = _row_view(t, (B, S, N), (sb, ss, sn), H * D) if sd == 1 and (H == 1 or sh == D) else None
         descs.append(rows if rows is None else tensor_descriptor(rows, (block_rows, block_d)))
-    if inp.bias is not None:
+    if with_bias and inp.bias is not None:
         sb, sh, si, sj = inp.bias.stride()
         # One bias for every batch (stride 0, an expanded view): the kernel reads batch 0's rows.
         rows = _row_view(inp.bias, (B if sb else 1, H, N), (sb, sh, si), N) if sj == 1 else None
@@ -1040,10 +1078,12 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
             target = dbias if chunks == 1 else torch.empty((chunks, B, H, N, N), device=device,
                                                            dtype=torch.float32)
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
+            descs = _dbias_descriptors(inp, cfg, block_d, datt)
+            q, do, k, v = descs if descs is not None else (inp.q, datt, inp.k, inp.v)
             launch_kernel(_evo_attention_dbias_kernel, grid,
-                inp.q, inp.k, inp.v, bias, mask, datt, lse, delta, target, *strides,
+                q, k, v, bias, mask, do, lse, delta, target, *strides,
                 S, H, N, D, scale * LOG2E, B * H, rows_per_chunk, first_arg,
-                PREFIX=prefix, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                PREFIX=prefix, TMA=descs is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 **{**common, "WIDE": inp.wide or target.numel() >= 2**31},
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
