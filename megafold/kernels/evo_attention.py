@@ -854,10 +854,10 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
 
 # Every pass's candidates with tiles by tensor descriptor (TMA on Hopper) too: the forward's
 # and dQ's K, V and bias tiles, dK dV's Q, dO and bias tiles (benchmarks/NOTES.md, session 33),
-# dBias's Q, dO, K and V tiles (prepared in session 33, not yet measured). dQ's descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed
-# (error -11, sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the
-# paper step's diffusion transformer), and where they compiled none was the best (at most
-# 1.5% behind it).
+# dBias's Q, dO, K and V tiles (session 34: -15% at the triangle shape, N = 768). dQ's
+# descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed (error -11,
+# sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the paper step's
+# diffusion transformer), and where they compiled none was the best (at most 1.5% behind it).
 _CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
                    "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
                    "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
@@ -920,9 +920,10 @@ def _head_row_descriptors(inp: "_Inputs", cfg: dict, tensors, block_rows: int, b
 
 
 def _operands(descs, *pointers):
-    """What a kernel takes for ``pointers`` (two tensors, then the bias or its placeholder):
-    ``descs`` from `_head_row_descriptors` in their place where there are some (the bias's
-    last, if there is a bias), else ``pointers`` themselves."""
+    """What a kernel takes for ``pointers`` (tensors, then for the forward, dQ and dK dV the
+    bias or its placeholder): ``descs`` from `_head_row_descriptors` or `_dbias_descriptors`
+    in their place where there are some (the bias's last, if there is a bias), else
+    ``pointers`` themselves."""
     return pointers if descs is None else (*descs, *pointers[len(descs):])
 
 
@@ -1079,7 +1080,7 @@ def _backward(inp: _Inputs, att, lse, first, dout, scale: float, dbias_dtype: to
                                                            dtype=torch.float32)
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_M"]), chunks * B * H)
             descs = _dbias_descriptors(inp, cfg, block_d, datt)
-            q, do, k, v = descs if descs is not None else (inp.q, datt, inp.k, inp.v)
+            q, do, k, v = _operands(descs, inp.q, datt, inp.k, inp.v)
             launch_kernel(_evo_attention_dbias_kernel, grid,
                 q, k, v, bias, mask, do, lse, delta, target, *strides,
                 S, H, N, D, scale * LOG2E, B * H, rows_per_chunk, first_arg,
