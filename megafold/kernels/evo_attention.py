@@ -848,7 +848,11 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
     found = _run_args.get(memo)
     if found is None:
         found = _run_args[memo] = (_tune_key(kind, S, N, D, H, dtype, has_bias), _default_blocks(kind, S, D))
-    candidates = _CANDIDATES_TMA.get(kind, _CANDIDATES) if descriptors_available() else _CANDIDATES
+    candidates = _CANDIDATES
+    if descriptors_available():
+        candidates = _CANDIDATES_TMA.get(kind, _CANDIDATES)
+        if kind == "fwd" and S >= PAIRED_ROWS_MIN:
+            candidates = candidates + _FORWARD_TWO_ROWS
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
 
 
@@ -862,6 +866,15 @@ _CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]
                    "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
                    "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
                    "dbias": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
+# The forward's descriptor candidates two rows a program (`"ROWS": 2`, overriding
+# `_rows_per_program`) at the tiles where that heuristic keeps pointer tiles to one row: with
+# descriptors, K and V wait in shared memory, not registers. Session 34, triangle shape at N =
+# 768: 64 x 64 two-row tiles 1.288 ms in the tuner against the best one-row 1.375 (dQ's and dK
+# dV's two-row candidates lost there, 1.38 against 1.21 and 2.11 against 1.91 ms: not offered).
+# Only from 8 rows: an odd S's last row is done twice.
+PAIRED_ROWS_MIN = 8
+_FORWARD_TWO_ROWS = [_blocks(bm, bn, w, st) | {"TMA": True, "ROWS": 2}
+                     for bm, bn in ((64, 64), (128, 32), (128, 64)) for w in (4, 8) for st in (2, 3)]
 
 
 def _row_view(t: torch.Tensor, sizes, strides, width: int) -> torch.Tensor | None:
@@ -976,11 +989,12 @@ class _Inputs:
 
     def query_grid(self, cfg: dict, block_d: int) -> tuple[tuple[int, int, int], int]:
         """The grid of the forward and dQ passes (query blocks, row groups, batch x head) and
-        the rows each program serves (``_rows_per_program``)."""
+        the rows each program serves: the configuration's ``"ROWS"``, else
+        ``_rows_per_program``'s."""
         B, S, N, H = self.B, self.S, self.N, self.H
         programs = cdiv(N, cfg["BLOCK_M"]) * S * B * H
         tile = cfg["BLOCK_M"] * cfg["BLOCK_N"] * block_d
-        rows = _rows_per_program(S, programs, multiprocessors(self.q.device), tile)
+        rows = cfg.get("ROWS") or _rows_per_program(S, programs, multiprocessors(self.q.device), tile)
         return (cdiv(N, cfg["BLOCK_M"]), cdiv(S, rows), B * H), rows
 
     def args(self):

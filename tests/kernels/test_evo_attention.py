@@ -341,6 +341,50 @@ def test_descriptor_candidates_for_every_pass_and_dq_never_at_two_stages(monkeyp
     assert tma["dq"] and min(c["num_stages"] for c in tma["dq"]) == 3  # ptxas crashed at 2 (session 33)
 
 
+def test_two_row_candidates_only_for_the_forward_with_descriptors_and_rows_to_pair(monkeypatch):
+    offered = {}
+    monkeypatch.setattr(evo_module, "run_tuned",
+                        lambda op, key, device, candidates, default, launch: offered.update({key[0]: candidates}))
+    for available, S in ((True, 384), (False, 384), (True, 4)):
+        monkeypatch.setattr(evo_module, "descriptors_available", lambda: available)
+        for kind in ("fwd", "dkdv", "dq", "dbias"):
+            evo_module._run(kind, None, torch.device("cpu"), S, 384, 32, 4, torch.bfloat16, True)
+            two = [c for c in offered[kind] if c.get("ROWS") == 2]
+            assert bool(two) == (available and S >= 8 and kind == "fwd"), (kind, S, available)
+            assert all(c.get("TMA") for c in two)
+
+
+def test_a_configurations_rows_override_the_heuristic(monkeypatch):
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 1)
+    inp = evo_module._Inputs(*(torch.empty(1, 9, 40, 2, 16) for _ in range(3)), None, None, None)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    assert inp.query_grid(cfg, 16) == ((3, 9, 2), 1)
+    assert inp.query_grid(cfg | {"ROWS": 2}, 16) == ((3, 5, 2), 2)
+
+
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_forward_two_rows_by_configuration(descriptors, monkeypatch, poisoned_empty):
+    """A forward configuration's ``"ROWS": 2`` (odd S, a fully masked row) against float64,
+    with the heuristic saying one row; by descriptor too (the shipped kind)."""
+    monkeypatch.setattr(evo_module, "_rows_per_program", lambda S, programs, multiprocessors, tile: 1)
+    launched = []
+    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors")
+
+    def pick(op, key, device, candidates, default, launch):
+        cfg = default
+        if key[0] == "fwd":
+            cfg = default | {"ROWS": 2} | ({"TMA": True} if descriptors else {})
+        launched.append((key[0], cfg.get("ROWS", 1)))
+        return launch(cfg)
+
+    monkeypatch.setattr(evo_module, "run_tuned", pick)
+    inputs = make_inputs((1,), 5, 24, 2, 16, torch.float32, masked_rows=(2,))
+    out, _ = check_against_reference(inputs, torch.float32)
+    assert torch.all(out[:, 2] == 0)
+    assert ("fwd", 2) in launched and ("dq", 1) in launched
+    assert used[:1] == [descriptors and evo_module.descriptors_available()]
+
+
 def test_every_shipped_descriptor_choice_is_a_candidate_of_its_key():
     """A shipped descriptor (TMA) choice is one the launcher offers for its key."""
     dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
