@@ -858,7 +858,8 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
 
 # Every pass's candidates with tiles by tensor descriptor (TMA on Hopper) too: the forward's
 # and dQ's K, V and bias tiles, dK dV's Q, dO and bias tiles (benchmarks/NOTES.md, session 33),
-# dBias's Q, dO, K and V tiles (session 34: -15% at the triangle shape, N = 768). dQ's
+# dBias's Q, dO, K and V tiles (session 34: -13% at the triangle shape, N = 768; +19% at the
+# diffusion shape, where D = 48 fills 64-wide boxes and the pointer path stays). dQ's
 # descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed (error -11,
 # sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the paper step's
 # diffusion transformer), and where they compiled none was the best (at most 1.5% behind it).
