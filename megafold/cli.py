@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_step.add_argument("--force", action="store_true", help="tune keys that have a stored choice again "
                                                               "(MEGAFOLD_AUTOTUNE=force)")
     tune_step.add_argument("--ops", default="", help="only ops whose name contains one of these comma-separated "
-                                                     "parts, e.g. triangle_multiply_out_fwd (MEGAFOLD_AUTOTUNE_OPS)")
+                                                     "parts, e.g. triangle_multiply_out_fwd; OP:KEY keeps only "
+                                                     "the shape keys containing KEY, e.g. evo_attention:dkdv "
+                                                     "(MEGAFOLD_AUTOTUNE_OPS)")
     tune_step.add_argument("--device", default=None)
     _add_set_argument(tune_step)
     return parser

@@ -304,32 +304,48 @@ def autotune_ops() -> tuple[str, ...]:
     """``MEGAFOLD_AUTOTUNE_OPS``: comma-separated parts of op names (e.g.
     ``triangle_multiply_out_fwd,layernorm_linear``). Where set, only the ops whose name
     contains one are tuned (tuned again under ``MEGAFOLD_AUTOTUNE=force``); every other op runs
-    its stored choice or its default, as with tuning off. Unset: every op."""
+    its stored choice or its default, as with tuning off. A part ``OP:KEY`` selects only the
+    shape keys of those ops whose JSON contains ``KEY``: ``evo_attention:dkdv`` is
+    EvoAttention's dK dV pass. Unset: every op."""
     return tuple(part.strip() for part in os.environ.get("MEGAFOLD_AUTOTUNE_OPS", "").split(",") if part.strip())
 
 
-def _op_selected(op: str, parts: tuple[str, ...]) -> bool:
-    return not parts or any(part in op for part in parts)
+def _selected(op: str, key, parts: tuple[str, ...]) -> bool:
+    """Whether ``parts`` (`autotune_ops`) select the shape key ``key`` of ``op``."""
+    if not parts:
+        return True
+    text = None
+    for part in parts:
+        op_part, _, key_part = part.partition(":")
+        if op_part not in op:
+            continue
+        if not key_part:
+            return True
+        text = json.dumps(list(key)) if text is None else text
+        if key_part in text:
+            return True
+    return False
 
 
 def forget_choices(parts: tuple[str, ...] = ()) -> None:
-    """Drop this process's remembered choices of the ops ``parts`` selects (every op where
-    empty), so that a forced tuning started now times them again."""
+    """Drop this process's remembered choices of the ops and keys ``parts`` selects (every one
+    where empty), so that a forced tuning started now times them again."""
     with _cache_lock:
         for key in list(_memory_cache):
-            if _op_selected(_op_of(key), parts):
+            if _selected(*_op_key_of(key), parts):
                 del _memory_cache[key]
 
 
-def _op_of(key: tuple | str) -> str:
-    """The op of a remembered choice: a tuple key's first item, or a JSON key's (a key that is
-    not JSON, such as ``_capability``, names no op)."""
+def _op_key_of(key: tuple | str) -> tuple[str, list]:
+    """The op and shape key of a remembered choice: a tuple key's first two items, or a JSON
+    key's (a key that is not JSON, such as ``_capability``, names no op)."""
     if isinstance(key, tuple):
-        return key[0]
+        return key[0], list(key[1])
     try:
-        return json.loads(key)[0]
+        op, shape = json.loads(key)[:2]
+        return op, list(shape)
     except (ValueError, IndexError, KeyError, TypeError):
-        return ""
+        return "", []
 
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
@@ -444,7 +460,7 @@ def pick_config(
     # An op that MEGAFOLD_AUTOTUNE_OPS leaves out runs as with tuning off. Its answer is kept
     # under the selection, not under the tuning-on key, so a repeat is still one lookup and the
     # op is tuned once the selection is lifted.
-    left_out = tuning and not _op_selected(op, parts)
+    left_out = tuning and not _selected(op, key, parts)
     if left_out:
         fast_key = (op, tuple(key), device.index, parts)
         hit = _memory_cache.get(fast_key)
@@ -458,7 +474,7 @@ def pick_config(
         if not _memory_cache and (parts or not forced):
             stored = {**packaged_choices(device), **_read_disk_cache(autotune_cache_path())}
             if forced:  # the selected ops are tuned again: only the others keep their choices
-                stored = {k: v for k, v in stored.items() if not _op_selected(_op_of(k), parts)}
+                stored = {k: v for k, v in stored.items() if not _selected(*_op_key_of(k), parts)}
             _memory_cache.update(stored)
             _memory_cache["_loaded"] = {}  # loaded, even where nothing was stored
         hit = _memory_cache.get(cache_key)

@@ -981,7 +981,9 @@ def tune_kernels(
     choice, ``force`` every key again; ``force=True`` does the latter whatever it says.
     ``ops``: parts of op names (``MEGAFOLD_AUTOTUNE_OPS``, e.g. ``["triangle_multiply_out_fwd"]``);
     only the ops whose name contains one are tuned (or tuned again), the rest run their stored
-    choices (a comma-separated string works too).
+    choices (a comma-separated string works too). A part ``OP:KEY`` keeps only the shape keys
+    of those ops whose JSON contains ``KEY`` (``evo_attention:dkdv``: EvoAttention's dK dV
+    pass), so a long forced re-tune can be split into several runs.
 
     Returns ``{"phases": {"precompile_s", "tuning_step_s", "tuned_step_s"}, "precompile": the
     compile report or None, "tuned": one dict per key tuned here (op, key, chosen, ms,

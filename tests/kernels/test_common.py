@@ -142,6 +142,32 @@ def test_forget_choices_drops_only_the_selected_ops(monkeypatch):
     assert _common._memory_cache == {}
 
 
+def test_an_op_part_with_a_key_part_selects_only_those_keys(fake_gpu, tmp_path, monkeypatch):
+    """``OP:KEY`` (``megafold tune --ops evo_attention:dkdv``): only that op's keys whose JSON
+    contains KEY are tuned; forced, only their choices are forgotten and timed again."""
+    candidates = [{"BLOCK": 32}, {"BLOCK": 64}]
+    timed = []
+
+    def bench(config):
+        timed.append(config["BLOCK"])
+        return 1.0 if config["BLOCK"] == 64 else 2.0
+
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE_OPS", "evo:dkdv,beta")
+    assert pick_config("evo", ("fwd", 8), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert timed == []  # left out: the default, untimed
+    assert pick_config("evo", ("dkdv", 8), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert pick_config("beta", ("fwd", 8), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 64}
+    assert pick_config("gamma", ("dkdv", 8), fake_gpu, candidates, {"BLOCK": 32}, bench) == {"BLOCK": 32}
+    assert [k["op"] + ":" + k["key"][0] for k in _common.untuned_keys()] == ["evo:fwd", "gamma:dkdv"]
+    monkeypatch.setattr(_common, "_memory_cache", {
+        ("evo", ("dkdv", 8), 0, True): {"BLOCK": 1}, json.dumps(["evo", ["dkdv", 8], "GPU"]): {"BLOCK": 1},
+        ("evo", ("fwd", 8), 0, True): {"BLOCK": 2}, json.dumps(["evo", ["fwd", 8], "GPU"]): {"BLOCK": 2},
+        "_loaded": {}})
+    _common.forget_choices(("evo:dkdv",))
+    assert set(_common._memory_cache) == {("evo", ("fwd", 8), 0, True), json.dumps(["evo", ["fwd", 8], "GPU"]),
+                                          "_loaded"}
+
+
 def test_graph_timing_is_the_default_and_falls_back_to_plain_calls(monkeypatch):
     graphed, plain = [], []
     monkeypatch.setattr(_common, "bench_graph_ms", lambda fn: graphed.append(fn) or 0.5)
