@@ -9,7 +9,8 @@ The cases are the benchmarks' own: benchmarks/_pair_ops.py's for the pair ops (`
 picks some, e.g. layernorm_linear's ``128->512``) and EvoAttention's shapes of
 benchmarks/kernels.py (``--shapes``, default ``tri``). ``--only`` tunes just the keys whose
 ``[op, key]`` JSON contains one of the given strings (an EvoAttention pass such as ``dkdv``,
-or an op name such as ``transition_bwd``); every other key launches its default, untimed.
+or an op name such as ``transition_bwd``), through ``MEGAFOLD_AUTOTUNE_OPS`` (`tune_parts`);
+every other key runs its stored choice or its default, untimed.
 ``--where TMA=true ROWS=2`` offers just the candidates with those settings (values in JSON),
 e.g. only the new kind when the others were timed before: a key then keeps the best of those,
 which the A/B (``variant_ab.py``) weighs against the shipped choice.
@@ -39,11 +40,11 @@ import torch  # noqa: E402
 KERNEL_MODULES = ("evo_attention", "layernorm_linear", "transition", "triangle_multiply", "outer_product_mean")
 
 
-def selected(op: str, key, only: list[str]) -> bool:
-    """Whether ``--only`` (empty: everything) selects this key: its ``[op, key]`` JSON contains
-    one of the strings."""
-    text = json.dumps([op, list(key)])
-    return not only or any(part in text for part in only)
+def tune_parts(op: str, only: list[str]) -> tuple[str, ...]:
+    """``MEGAFOLD_AUTOTUNE_OPS`` parts that select what ``--only`` names (empty: every key): each
+    string as a part of an op's name (``transition_bwd``) and of the op's shape keys
+    (``evo_attention:dkdv``, `_common.op_selected`)."""
+    return (*only, *(f"{op}:{part}" for part in only))
 
 
 def parse_where(items: list[str]) -> dict:
@@ -65,19 +66,18 @@ def offered(candidates: list[dict], where: dict) -> list[dict]:
     return [c for c in candidates if all(c.get(name) == value for name, value in where.items())]
 
 
-def tune_only(only: list[str], where: dict | None = None) -> None:
-    """Make each kernel module's launcher tune just the keys ``selected`` by ``only`` over the
-    candidates ``offered`` by ``where``; the other keys, and keys left with no candidate, launch
-    their default."""
-    if not only and not where:
+def offer_only(where: dict) -> None:
+    """Make each kernel module's launcher tune over just the candidates ``offered`` by
+    ``where``; a key left with none launches its default."""
+    if not where:
         return
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"megafold.kernels.{name}")
         real = module.run_tuned
 
         def run(op, key, device, candidates, default, launch, rows=None, real=real):
-            kept = offered(candidates, where or {})
-            if not selected(op, key, only) or not kept:
+            kept = offered(candidates, where)
+            if not kept:
                 return launch(default)
             return real(op, key, device, kept, default, launch, rows=rows)
 
@@ -88,10 +88,13 @@ def summarize(trials: dict[str, list[dict]], op_prefix: str, only: list[str]) ->
     """One row per key of ``autotune-trials.json`` of an op named ``op_prefix*`` that ``only``
     selects: the choice and its time, the fastest candidate with and without descriptors, how
     many candidates there were and how many failed."""
+    from megafold.kernels._common import op_selected
+
+    parts = tune_parts(op_prefix, only)
     rows = []
     for name, tried in trials.items():
         op, key, _device = json.loads(name)
-        if not op.startswith(op_prefix) or not selected(op, key, only):
+        if not op.startswith(op_prefix) or not op_selected(op, key, parts):
             continue
         timed = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
         chosen = next((t for t in tried if t.get("chosen")), None)
@@ -131,9 +134,10 @@ def main(argv=None):
     where = parse_where(args.where)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/retune.py tunes for a GPU: there is none here")
-    # Every key is tuned again, whatever is shipped or cached (read when a key is first
-    # launched; the compile workers inherit it).
+    # Every selected key is tuned again, whatever is shipped or cached (read when a key is
+    # first launched; the compile workers inherit both).
     os.environ["MEGAFOLD_AUTOTUNE"] = "force"
+    os.environ["MEGAFOLD_AUTOTUNE_OPS"] = ",".join(tune_parts(args.op, args.only))
 
     from _harness import environment, print_table, write_json
 
@@ -142,7 +146,7 @@ def main(argv=None):
 
     env = environment()
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  cache {autotune_cache_path()}")
-    tune_only(args.only, where)
+    offer_only(where)
     todo = cases(args.op, args.shapes, args.ns, torch.device("cuda"))
 
     def step(case):

@@ -310,7 +310,7 @@ def autotune_ops() -> tuple[str, ...]:
     return tuple(part.strip() for part in os.environ.get("MEGAFOLD_AUTOTUNE_OPS", "").split(",") if part.strip())
 
 
-def _selected(op: str, key, parts: tuple[str, ...]) -> bool:
+def op_selected(op: str, key, parts: tuple[str, ...]) -> bool:
     """Whether ``parts`` (`autotune_ops`) select the shape key ``key`` of ``op``."""
     if not parts:
         return True
@@ -332,7 +332,7 @@ def forget_choices(parts: tuple[str, ...] = ()) -> None:
     where empty), so that a forced tuning started now times them again."""
     with _cache_lock:
         for key in list(_memory_cache):
-            if _selected(*_op_key_of(key), parts):
+            if op_selected(*_op_key_of(key), parts):
                 del _memory_cache[key]
 
 
@@ -460,7 +460,7 @@ def pick_config(
     # An op that MEGAFOLD_AUTOTUNE_OPS leaves out runs as with tuning off. Its answer is kept
     # under the selection, not under the tuning-on key, so a repeat is still one lookup and the
     # op is tuned once the selection is lifted.
-    left_out = tuning and not _selected(op, key, parts)
+    left_out = tuning and not op_selected(op, key, parts)
     if left_out:
         fast_key = (op, tuple(key), device.index, parts)
         hit = _memory_cache.get(fast_key)
@@ -474,7 +474,7 @@ def pick_config(
         if not _memory_cache and (parts or not forced):
             stored = {**packaged_choices(device), **_read_disk_cache(autotune_cache_path())}
             if forced:  # the selected ops are tuned again: only the others keep their choices
-                stored = {k: v for k, v in stored.items() if not _selected(*_op_key_of(k), parts)}
+                stored = {k: v for k, v in stored.items() if not op_selected(*_op_key_of(k), parts)}
             _memory_cache.update(stored)
             _memory_cache["_loaded"] = {}  # loaded, even where nothing was stored
         hit = _memory_cache.get(cache_key)

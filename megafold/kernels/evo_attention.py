@@ -850,7 +850,7 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
         found = _run_args[memo] = (_tune_key(kind, S, N, D, H, dtype, has_bias), _default_blocks(kind, S, D))
     candidates = _CANDIDATES
     if descriptors_available():
-        candidates = _CANDIDATES_TMA.get(kind, _CANDIDATES)
+        candidates = _CANDIDATES_TMA[kind]
         if kind == "fwd" and S >= PAIRED_ROWS_MIN:
             candidates = candidates + _FORWARD_TWO_ROWS
     run_tuned("evo_attention", found[0], device, candidates, found[1], launch)
@@ -863,10 +863,9 @@ def _run(kind, launch, device, S, N, D, H, dtype, has_bias):
 # descriptor candidates have 3+ stages: with 2, Triton 3.6's ptxas crashed (error -11,
 # sm_90a) on 11 of 12 of them at the one- and four-row shapes (pair bias, the paper step's
 # diffusion transformer), and where they compiled none was the best (at most 1.5% behind it).
-_CANDIDATES_TMA = {"fwd": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
-                   "dq": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES if c["num_stages"] > 2],
-                   "dkdv": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES],
-                   "dbias": _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]}
+_WITH_TMA = _CANDIDATES + [c | {"TMA": True} for c in _CANDIDATES]
+_CANDIDATES_TMA = {"fwd": _WITH_TMA, "dkdv": _WITH_TMA, "dbias": _WITH_TMA,
+                   "dq": [c for c in _WITH_TMA if not c.get("TMA") or c["num_stages"] > 2]}
 # The forward's descriptor candidates two rows a program (`"ROWS": 2`, overriding
 # `_rows_per_program`) at the tiles where that heuristic keeps pointer tiles to one row: with
 # descriptors, K and V wait in shared memory, not registers. Session 34, triangle shape at N =

@@ -32,3 +32,20 @@ def one_block_chunks(request, monkeypatch):
     used, real = [], op_module.row_chunks
     monkeypatch.setattr(op_module, "row_chunks", lambda *args, **kw: used.append(real(*args, **kw)) or used[-1])
     yield used
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A CUDA device for the tuner (``_common.pick_config``) with tuning on, a cache in
+    ``tmp_path`` and nothing shipped or remembered: ``bench`` functions stand in for launches."""
+    from megafold.kernels import _common
+
+    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_common, "device_name", lambda device: "Fake GPU 80GB")
+    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_common, "_memory_cache", {})
+    monkeypatch.setattr(_common, "_untuned", [])
+    monkeypatch.setattr(_common, "_fitted", {})
+    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
+    monkeypatch.setattr(_common, "device_capability", lambda device: None)
+    return torch.device("cuda")

@@ -28,19 +28,6 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     assert resolve_backend("auto", torch.zeros(1)) == "torch"
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEGAFOLD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_common, "device_name", lambda device: "Fake GPU 80GB")
-    monkeypatch.setattr(_common, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(_common, "_memory_cache", {})
-    monkeypatch.setattr(_common, "_untuned", [])
-    monkeypatch.setattr(_common, "_fitted", {})
-    monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
-    monkeypatch.setattr(_common, "device_capability", lambda device: None)
-    return torch.device("cuda")
-
-
 def test_tuning_picks_the_fastest_config_once_and_stores_it(fake_gpu, tmp_path):
     candidates = [{"BLOCK": 32}, {"BLOCK": 64}, {"BLOCK": 128}, {"BLOCK": 256}]
     timings = {32: 3.0, 64: 1.0, 128: 2.0}

@@ -16,30 +16,35 @@ DKDV = ["dkdv", 1024, 1024, 32, 4, "torch.bfloat16", True]
 FWD = ["fwd", 1024, 1024, 32, 4, "torch.bfloat16", True]
 
 
+def selected(module_op: str, op: str, key, only: list[str]) -> bool:
+    """Whether ``retune.py --op module_op --only *only`` tunes ``op``'s ``key``."""
+    from megafold.kernels._common import op_selected
+
+    return op_selected(op, key, retune.tune_parts(module_op, only))
+
+
 def test_only_selects_by_the_keys_json():
-    assert retune.selected("evo_attention", DKDV, [])
-    assert retune.selected("evo_attention", DKDV, ["dkdv"])
-    assert not retune.selected("evo_attention", FWD, ["dkdv"])
-    assert retune.selected("transition_bwd", (128, 512, 128), ["transition_bwd", "dkdv"])
-    assert not retune.selected("transition_fwd", (128, 512, 128), ["transition_bwd"])
+    assert selected("evo_attention", "evo_attention", DKDV, [])
+    assert selected("evo_attention", "evo_attention", DKDV, ["dkdv"])
+    assert not selected("evo_attention", "evo_attention", FWD, ["dkdv"])
+    assert selected("transition", "transition_bwd", (128, 512, 128), ["transition_bwd", "dkdv"])
+    assert not selected("transition", "transition_fwd", (128, 512, 128), ["transition_bwd"])
 
 
-def test_tune_only_launches_the_default_for_keys_not_selected(monkeypatch):
-    import importlib
+def test_only_launches_the_default_for_keys_not_selected(fake_gpu, monkeypatch):
+    from megafold.kernels._common import pick_config
 
-    module = importlib.import_module("megafold.kernels.evo_attention")
+    monkeypatch.setenv("MEGAFOLD_AUTOTUNE_OPS", ",".join(retune.tune_parts("evo_attention", ["dkdv"])))
     tuned = []
-    monkeypatch.setattr(module, "run_tuned",
-                        lambda op, key, device, candidates, default, launch, rows=None: tuned.append(key[0]))
-    for name in retune.KERNEL_MODULES:  # the wrappers are undone with the modules' attributes
-        other = importlib.import_module(f"megafold.kernels.{name}")
-        monkeypatch.setattr(other, "run_tuned", other.run_tuned)
-    retune.tune_only(["dkdv"])
     launched = []
+
+    def bench(kind):
+        return lambda config: tuned.append(kind) or 1.0
+
     for kind in ("fwd", "dkdv"):
-        module.run_tuned("evo_attention", [kind], None, [{"x": 1}], {"x": 0}, launched.append)
-    assert tuned == ["dkdv"]
-    assert launched == [{"x": 0}]  # the forward's default, untimed
+        launched.append(pick_config("evo_attention", [kind], fake_gpu, [{"x": 1}, {"x": 2}], {"x": 0}, bench(kind)))
+    assert set(tuned) == {"dkdv"}
+    assert launched[0] == {"x": 0}  # the forward's default, untimed
 
 
 def test_where_offers_only_the_candidates_with_its_settings(monkeypatch):
@@ -56,7 +61,7 @@ def test_where_offers_only_the_candidates_with_its_settings(monkeypatch):
     for name in retune.KERNEL_MODULES:
         other = importlib.import_module(f"megafold.kernels.{name}")
         monkeypatch.setattr(other, "run_tuned", other.run_tuned)
-    retune.tune_only([], {"TMA": True})
+    retune.offer_only({"TMA": True})
     candidates = [{"x": 1}, {"x": 2, "TMA": True}, {"x": 3, "TMA": True, "ROWS": 2}]
     launched = []
     module.run_tuned("evo_attention", ["dkdv"], None, candidates, {"x": 0}, launched.append)
