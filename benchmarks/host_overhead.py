@@ -1,8 +1,10 @@
 """Host time of one EvoAttention forward + backward at the pair-bias shape, next to SDPA's.
 
-    python benchmarks/host_overhead.py [--ns 384,1024] [--reps 400] [--profile]
+    python benchmarks/host_overhead.py [--ns 384,1024] [--dims 24,64] [--tri-ns 256]
+        [--reps 400] [--profile]
 
-At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is the host's. kernels.py times
+``--tri-ns`` adds the triangle shape (S = N, H = 4, D = 32) at those N; there the GPU may be
+the bound (``gpu_us`` tells). At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is the host's. kernels.py times
 each call alone after flushing L2 (``triton.testing.do_bench``), and on the H100 hosts those
 figures move by 2x between runs of the same shape. Here each implementation runs ``--reps``
 calls back to back with no synchronisation inside: the host's time per call is the loop's
@@ -13,6 +15,9 @@ the rounds is reported, so a slow patch of the host hits every row alike.
 
 Rows: megafold (the op), ``megafold_triton_path`` (the op with every launch through Triton's
 ``kernel[grid](...)``, as before ``_common.launch_kernel`` launched compiled kernels directly),
+``megafold_descriptors_via_triton`` (launches that take tensor descriptors through Triton's
+path, the others direct: ``launch_kernel`` before session 36, which keyed a descriptor as
+itself, an unhashable dataclass),
 sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and three floors: ``autograd`` (a
 torch.autograd.Function whose forward and backward only allocate the outputs: what any custom
 op pays), ``triton_launch`` (one launch of an empty two-argument Triton kernel through
@@ -79,6 +84,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", default="384,1024")
     parser.add_argument("--dims", default="24,64", help="head dims (H = 16, S = 1)")
+    parser.add_argument("--tri-ns", default="", help="triangle-shape N (S = N, H = 4, D = 32)")
     parser.add_argument("--reps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", action="store_true")
@@ -101,51 +107,75 @@ def main(argv=None) -> None:
             finally:
                 _common._fast[:] = saved
         return run
-    for D in (int(d) for d in args.dims.split(",")):
-        for N in (int(n) for n in args.ns.split(",")):
-            inputs = evo_inputs(1, N, 16, D, device)
-            grad_out = torch.randn_like(inputs["q"])
-            leaves = tuple(inputs[k] for k in ("q", "k", "v", "bias", "gate"))
-            impls = evo_implementations(1, N, 16, D)
-            steps = {}
-            for name in ("megafold", "sdpa"):
-                prepare, run = impls[name]
-                x_in = prepare(inputs) if prepare else inputs
-                steps[name] = (lambda r=run, xi=x_in: torch.autograd.grad(r(xi), leaves, grad_out))
-                if name == "megafold":
-                    steps["megafold_triton_path"] = through_triton(steps[name])
-            steps["autograd"] = lambda: torch.autograd.grad(
-                _AllocOnly.apply(*(inputs[k] for k in ("q", "k", "v", "bias", "mask", "gate"))), leaves, grad_out)
-            steps["triton_launch"] = launch
-            steps["direct_launch"] = direct
-            for step in steps.values():  # compile, tune (off by default), warm the allocator
-                for _ in range(20):
-                    step()
-            samples = {name: [] for name in steps}
-            for _ in range(args.rounds):
-                for name, step in steps.items():
-                    samples[name].append(host_us(step, args.reps))
-            shape_rows = {}
-            for name, values in samples.items():
-                row = shape_rows[name] = {
-                    "shape": f"pairbias{D}", "N": N, "S": 1, "H": 16, "D": D, "impl": name,
-                    "host_us": statistics.median(v[0] for v in values),
-                    "host_us_rounds": [round(v[0], 1) for v in values],
-                    "gpu_us": statistics.median(v[1] for v in values)}
-                rows.append(row)
-                print(f"  pairbias{D} N={N:5d} {name:20s} host {row['host_us']:8.1f} us/call   "
-                      f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
-            if args.profile:
-                profiler = cProfile.Profile()
-                profiler.enable()
-                for _ in range(args.reps):
-                    steps["megafold"]()
-                profiler.disable()
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-                shape_rows["megafold"]["cprofile"] = text.getvalue()
-                print(text.getvalue()[:4000])
-    config = {"ns": args.ns, "dims": args.dims, "reps": args.reps, "rounds": args.rounds}
+
+    descriptor = _common._descriptor_class()
+
+    def descriptors_through_triton(step):
+        real = _common._argument_key
+
+        def before_session36(launch_args, rocm):
+            if any(type(a) is descriptor for a in launch_args):
+                raise TypeError("a descriptor, unhashable as launch_kernel keyed it")
+            return real(launch_args, rocm)
+
+        def run():
+            _common._argument_key = before_session36
+            try:
+                step()
+            finally:
+                _common._argument_key = real
+        return run
+
+    shapes = [("pairbias", 1, N, 16, D) for D in (int(d) for d in args.dims.split(","))
+              for N in (int(n) for n in args.ns.split(","))]
+    shapes += [("tri", N, N, 4, 32) for N in (int(n) for n in args.tri_ns.split(",") if n)]
+    for family, S, N, H, D in shapes:
+        label = f"{family}{D}" if family == "pairbias" else family
+        inputs = evo_inputs(S, N, H, D, device)
+        grad_out = torch.randn_like(inputs["q"])
+        leaves = tuple(inputs[k] for k in ("q", "k", "v", "bias", "gate"))
+        impls = evo_implementations(S, N, H, D)
+        steps = {}
+        for name in ("megafold", "sdpa"):
+            prepare, run = impls[name]
+            x_in = prepare(inputs) if prepare else inputs
+            steps[name] = (lambda r=run, xi=x_in: torch.autograd.grad(r(xi), leaves, grad_out))
+            if name == "megafold":
+                steps["megafold_triton_path"] = through_triton(steps[name])
+                if descriptor is not None:
+                    steps["megafold_descriptors_via_triton"] = descriptors_through_triton(steps[name])
+        steps["autograd"] = lambda: torch.autograd.grad(
+            _AllocOnly.apply(*(inputs[k] for k in ("q", "k", "v", "bias", "mask", "gate"))), leaves, grad_out)
+        steps["triton_launch"] = launch
+        steps["direct_launch"] = direct
+        for step in steps.values():  # compile, tune (off by default), warm the allocator
+            for _ in range(20):
+                step()
+        samples = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                samples[name].append(host_us(step, args.reps))
+        shape_rows = {}
+        for name, values in samples.items():
+            row = shape_rows[name] = {
+                "shape": label, "N": N, "S": S, "H": H, "D": D, "impl": name,
+                "host_us": statistics.median(v[0] for v in values),
+                "host_us_rounds": [round(v[0], 1) for v in values],
+                "gpu_us": statistics.median(v[1] for v in values)}
+            rows.append(row)
+            print(f"  {label:10s} N={N:5d} {name:32s} host {row['host_us']:8.1f} us/call   "
+                  f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.reps):
+                steps["megafold"]()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            shape_rows["megafold"]["cprofile"] = text.getvalue()
+            print(text.getvalue()[:4000])
+    config = {"ns": args.ns, "dims": args.dims, "tri_ns": args.tri_ns, "reps": args.reps, "rounds": args.rounds}
     name = "host_overhead" + (f"-{args.tag}" if args.tag else "")
     print("wrote", write_json(name, env, rows, config, args.out))
 

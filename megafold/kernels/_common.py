@@ -156,7 +156,8 @@ def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
 # plain EvoAttention call at the pair-bias shape, 140-315 us for its five launches
 # (benchmarks/NOTES.md, session 15). The argument key is at least as fine as
 # Triton's own: ints by value, tensors by dtype and alignment (and, on ROCm, whether their
-# storage is within 2 GiB: the buffer-op specialization), floats by type. Triton's own path is
+# storage is within 2 GiB: the buffer-op specialization), host tensor descriptors by their
+# base's dtype, block shape, rank and padding, floats by type. Triton's own path is
 # taken under the interpreter, on Triton 3.2 (its launchers take the non-constexpr arguments
 # only), while a launch hook or a kernel's pre-run hook is set (a profiler such as proton),
 # while ``JITFunction.run`` is patched (e.g. by ``precompile.record_launches``), and with
@@ -209,9 +210,17 @@ def _hook_active(hook) -> bool:
 
 
 def _argument_key(args: Sequence, rocm: bool) -> tuple:
+    descriptor = _descriptor_class()
     key = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if descriptor is not None and type(a) is descriptor:
+            # Triton types a host descriptor by its base's dtype and its block shape (shape and
+            # strides are runtime arguments); the rank, padding and TF32 rounding are kept too.
+            # The dataclass is unhashable: keyed as itself, every descriptor launch took
+            # Triton's path (until session 36).
+            key.append((descriptor, a.base.dtype, tuple(a.block_shape), len(a.shape),
+                        getattr(a, "padding", "zero"), getattr(a, "round_f32_to_tf32", False)))
+        elif isinstance(a, torch.Tensor):
             ptr = a.data_ptr()
             if rocm:
                 key.append((a.dtype, ptr % 16 == 0, a.untyped_storage().size() < 2**31))

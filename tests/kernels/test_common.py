@@ -471,6 +471,37 @@ def test_launch_kernel_goes_through_triton_when_the_specialization_may_differ(fa
     assert kernel.log[-1][0] in ("triton", "patched")
 
 
+@pytest.mark.parametrize("change", ["none", "block shape", "dtype", "rank", "padding"])
+def test_launch_kernel_launches_tensor_descriptors_directly(fake_launcher, change):
+    """Host tensor descriptors (an unhashable dataclass) take the direct path from their second
+    launch on, keyed by what Triton types them by (base dtype, block shape) and their rank and
+    padding; shape, strides and base pointer are runtime arguments and may change."""
+    if not _common.descriptors_available():
+        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
+    cls = _common._descriptor_class()
+    x = torch.zeros(64, 32)
+
+    def desc(t, block=(16, 32), **extra):
+        return cls(t, list(t.shape), list(t.stride()), list(block), **extra)
+
+    kernel = _FakeKernel()
+    _common.launch_kernel(kernel, (1,), desc(x), 48, 0.5, BLOCK=16)
+    other = torch.ones(128, 32)  # another tensor and shape, same type
+    _common.launch_kernel(kernel, (2,), desc(other), 48, 0.5, BLOCK=16)
+    assert [entry[0] for entry in kernel.log] == ["triton", "fast"]
+    launched = kernel.log[-1][1][9]
+    assert isinstance(launched, cls) and launched.base is other
+    changed = {
+        "none": desc(torch.zeros(32, 32)),
+        "block shape": desc(x, (32, 32)),
+        "dtype": desc(x.half()),
+        "rank": cls(x.view(2, 32, 32), [2, 32, 32], [1024, 32, 1], [1, 16, 32]),
+        "padding": desc(x, padding="nan"),
+    }[change]
+    _common.launch_kernel(kernel, (1,), changed, 48, 0.5, BLOCK=16)
+    assert kernel.log[-1][0] == ("fast" if change == "none" else "triton")
+
+
 def test_launch_hooks_count_as_set_only_with_something_to_call():
     class Chain:  # Triton 3.6's HookChain: the hook attributes are never None
         def __init__(self, calls):
@@ -507,13 +538,28 @@ def test_launch_kernel_is_triton_own_path_under_the_interpreter():
 
 
 @pytest.mark.gpu
-def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monkeypatch):
+@pytest.mark.parametrize("descriptors", [False, True])
+def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monkeypatch, descriptors):
     """On the GPU: EvoAttention's forward and backward (five kernels) give bitwise the same
     output and gradients through Triton's launch path and the direct one, for aligned and
-    unaligned inputs and another scale."""
+    unaligned inputs and another scale; with ``descriptors``, every pass at a tensor-descriptor
+    (TMA) candidate, whose launches go direct too."""
+    import sys
+
     import triton
 
     from megafold.kernels import evo_attention
+
+    evo_module = sys.modules["megafold.kernels.evo_attention"]
+    if descriptors:
+        if not _common.descriptors_available():
+            pytest.skip("this Triton has no host tensor descriptors (< 3.4)")
+
+        def pick(op, key, device, candidates, default, launch):
+            return launch(next(c for c in candidates
+                               if c.get("TMA") and (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) == (64, 32, 3)))
+
+        monkeypatch.setattr(evo_module, "run_tuned", pick)
 
     torch.manual_seed(0)
     B, S, N, H, D = 1, 2, 80, 4, 32
@@ -541,6 +587,10 @@ def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monk
     reference = run(inputs)  # Triton's path: each kernel's launcher is recorded
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3):
         assert len(_common._launchers) >= 4
+        descriptor_class = _common._descriptor_class()
+        keyed = [key for key in _common._launchers
+                 if any(isinstance(part, tuple) and part[:1] == (descriptor_class,) for part in key[2])]
+        assert len(keyed) >= (4 if descriptors else 0)
     assert same(run(inputs), reference)  # direct launches
     misaligned = [unaligned(t) for t in inputs]
     assert misaligned[0].data_ptr() % 16 != 0
