@@ -22,7 +22,9 @@ sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and three floors: ``a
 torch.autograd.Function whose forward and backward only allocate the outputs: what any custom
 op pays), ``triton_launch`` (one launch of an empty two-argument Triton kernel through
 Triton's path) and ``direct_launch`` (the same launch through ``launch_kernel``).
-``--profile`` adds cProfile's top functions of the megafold row to the JSON.
+``--profile`` adds cProfile's top functions of the megafold row to the JSON; ``--launches``
+adds a row per launch of one megafold forward and backward, replayed alone: through
+``launch_kernel``, its argument key alone, and the compiled launcher alone.
 """
 
 from __future__ import annotations
@@ -80,6 +82,48 @@ def host_us(fn, reps: int) -> tuple[float, float]:
     return host, start.elapsed_time(end) * 1e3 / reps
 
 
+def launch_costs(step, reps: int) -> list[dict]:
+    """Host us of each launch of one ``step`` (a forward and backward), replayed ``reps`` times
+    with its recorded arguments: through ``launch_kernel`` (key and launcher), the argument
+    key alone, and the compiled launcher alone (which builds the TMA maps of descriptors)."""
+    recorded = []
+    real = _common.launch_kernel
+
+    def record(kernel, grid, *a, **meta):
+        recorded.append((kernel, tuple(grid), a, meta))
+        return real(kernel, grid, *a, **meta)
+
+    modules = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("megafold.kernels.") and hasattr(m, "launch_kernel")]
+    for m in modules:
+        m.launch_kernel = record
+    try:
+        step()
+    finally:
+        for m in modules:
+            m.launch_kernel = real
+    descriptor = _common._descriptor_class()
+    rocm = torch.version.hip is not None
+    out = []
+    for kernel, grid, a, meta in recorded:
+        key = (kernel, torch.cuda.current_device(), _common._argument_key(a, rocm), *meta.items())
+        entry = _common._launchers.get(key)
+        replay = lambda: real(kernel, grid, *a, **meta)  # noqa: E731
+        launch_us = host_us(replay, reps)[0]
+        key_us = host_us(lambda: _common._argument_key(a, rocm), reps)[0]
+        launcher_us = float("nan")
+        if entry is not None:
+            _, run, function, packed, tail = entry
+            n = len(grid)
+            stream = torch.cuda.current_stream().cuda_stream
+            launcher_us = host_us(lambda: run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
+                                              function, packed, None, None, None, *a, *tail), reps)[0]
+        out.append({"kernel": getattr(kernel, "__name__", str(kernel)), "launch_us": launch_us, "key_us": key_us,
+                    "launcher_us": launcher_us, "direct": entry is not None,
+                    "descriptors": sum(type(x) is descriptor for x in a) if descriptor else 0, "args": len(a)})
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", default="384,1024")
@@ -88,6 +132,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--launches", action="store_true", help="host us of each launch of a forward and backward")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -165,6 +210,13 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"  {label:10s} N={N:5d} {name:32s} host {row['host_us']:8.1f} us/call   "
                   f"gpu {row['gpu_us']:8.1f} us/call", flush=True)
+        if args.launches:
+            for row in launch_costs(steps["megafold"], args.reps):
+                row.update(shape=label, N=N, S=S, H=H, D=D, impl="launch:" + row.pop("kernel"))
+                rows.append(row)
+                print(f"  {label:10s} N={N:5d} {row['impl']:48s} launch {row['launch_us']:6.1f} us  "
+                      f"key {row['key_us']:5.1f}  launcher {row['launcher_us']:6.1f}  "
+                      f"descriptors {row['descriptors']}", flush=True)
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()

@@ -210,28 +210,30 @@ def _hook_active(hook) -> bool:
 
 
 def _argument_key(args: Sequence, rocm: bool) -> tuple:
+    # By exact type first (most arguments are ints): this runs on every launch.
     descriptor = _descriptor_class()
     key = []
+    append = key.append
     for a in args:
-        if descriptor is not None and type(a) is descriptor:
+        kind = type(a)
+        if kind is int:
+            append(a)  # by value
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
+            if rocm:
+                append((a.dtype, a.data_ptr() % 16 == 0, a.untyped_storage().size() < 2**31))
+            else:
+                append((a.dtype, a.data_ptr() % 16 == 0))
+        elif kind is descriptor:
             # Triton types a host descriptor by its base's dtype and its block shape (shape and
             # strides are runtime arguments); the rank, padding and TF32 rounding are kept too.
             # The dataclass is unhashable: keyed as itself, every descriptor launch took
             # Triton's path (until session 36).
-            key.append((descriptor, a.base.dtype, tuple(a.block_shape), len(a.shape),
-                        getattr(a, "padding", "zero"), getattr(a, "round_f32_to_tf32", False)))
-        elif isinstance(a, torch.Tensor):
-            ptr = a.data_ptr()
-            if rocm:
-                key.append((a.dtype, ptr % 16 == 0, a.untyped_storage().size() < 2**31))
-            else:
-                key.append((a.dtype, ptr % 16 == 0))
-        elif type(a) is int:
-            key.append(a)  # by value
-        elif type(a) is float:
-            key.append(float)
+            append((descriptor, a.base.dtype, tuple(a.block_shape), len(a.shape),
+                    getattr(a, "padding", "zero"), getattr(a, "round_f32_to_tf32", False)))
+        elif kind is float:
+            append(float)
         else:
-            key.append((type(a), a))  # a bool, None, a string (True == 1: the type tells them apart)
+            append((kind, a))  # a bool, None, a string (True == 1: the type tells them apart)
     return tuple(key)
 
 
