@@ -137,12 +137,34 @@ def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
     where this Triton has none or ``t`` cannot have one: its last dim strided, its base or its
     row stride not 16-byte aligned (what TMA asks)."""
     cls = _descriptor_class()
-    if cls is None or t.dim() != 2 or t.stride(1) != 1 or t.shape[0] == 0 or t.shape[1] == 0:
+    if cls is None or t.dim() != 2:
         return None
-    size = t.element_size()
-    if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+    (rows, cols), stride = t.shape, t.stride()
+    if stride[1] != 1 or rows == 0 or cols == 0:
         return None
-    return cls(t, list(t.shape), list(t.stride()), list(block_shape))
+    if t.data_ptr() % 16 or (stride[0] * t.element_size()) % 16 or (rows > 1 and stride[0] < cols):
+        return None
+    tile = (t.dtype, tuple(block_shape))
+    fields = _descriptor_fields.get(tile)
+    if fields is None:
+        desc = cls(t, [rows, cols], list(stride), list(block_shape))  # Triton's checks, once a tile
+        if set(getattr(desc, "__dict__", ())) == _DESCRIPTOR_FIELDS:
+            _descriptor_fields[tile] = {**vars(desc), "base": None, "shape": None, "strides": None}
+        return desc
+    # The checks above are the per-tensor ones of the descriptor's own constructor (base and
+    # row stride 16-byte aligned, unit last stride, no empty dim); the tile's (block shape,
+    # dtype) passed when this tile's first descriptor was made. ~5 us a descriptor less on
+    # the H200 hosts, a dozen a forward and backward (benchmarks/NOTES.md, session 36).
+    desc = cls.__new__(cls)
+    vars(desc).update(fields)
+    desc.base, desc.shape, desc.strides = t, [rows, cols], list(stride)
+    return desc
+
+
+# Per (dtype, block shape): a descriptor's fields but the tensor's own (base, shape, strides),
+# kept only where the descriptor has exactly the fields this code knows.
+_descriptor_fields: dict[tuple, dict] = {}
+_DESCRIPTOR_FIELDS = {"base", "shape", "strides", "block_shape", "padding", "round_f32_to_tf32"}
 
 
 # --------------------------------------------------------------------------- launches

@@ -471,6 +471,29 @@ def test_launch_kernel_goes_through_triton_when_the_specialization_may_differ(fa
     assert kernel.log[-1][0] in ("triton", "patched")
 
 
+def test_tensor_descriptor_made_from_its_tiles_fields_is_the_constructed_one(monkeypatch):
+    """From a tile's second descriptor on, ``tensor_descriptor`` fills the fields of the first
+    (which keeps no tensor) and the tensor's own; the result is what Triton's constructor makes,
+    and a tensor the constructor would refuse is still None."""
+    if not _common.descriptors_available():
+        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
+    cls = _common._descriptor_class()
+    monkeypatch.setattr(_common, "_descriptor_fields", {})
+    first = torch.zeros(64, 32, dtype=torch.float16)
+    _common.tensor_descriptor(first, (16, 32))
+    assert _common._descriptor_fields[(torch.float16, (16, 32))]["base"] is None
+    for t in (torch.ones(48, 40, dtype=torch.float16)[:, :32], torch.zeros(3, 8, dtype=torch.float16)):
+        made = _common.tensor_descriptor(t, (16, 32))
+        built = cls(t, list(t.shape), list(t.stride()), [16, 32])
+        assert type(made) is cls and made.base is t
+        assert {k: v for k, v in vars(made).items() if k != "base"} == {k: v for k, v in vars(built).items() if k != "base"}
+    other_tile = _common.tensor_descriptor(first, (32, 32))
+    assert list(other_tile.block_shape) == [32, 32]
+    assert _common.tensor_descriptor(torch.zeros(65, dtype=torch.float16)[1:].view(8, 8), (8, 8)) is None  # 2 bytes off
+    assert _common.tensor_descriptor(torch.zeros(8, 6, dtype=torch.float16)[:, :4], (8, 8)) is None  # 12-byte rows
+    assert _common.tensor_descriptor(torch.zeros(8, 8).t(), (8, 8)) is None  # strided last dim
+
+
 @pytest.mark.parametrize("change", ["none", "block shape", "dtype", "rank", "padding"])
 def test_launch_kernel_launches_tensor_descriptors_directly(fake_launcher, change):
     """Host tensor descriptors (an unhashable dataclass) take the direct path from their second
