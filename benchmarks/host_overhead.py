@@ -15,9 +15,9 @@ the rounds is reported, so a slow patch of the host hits every row alike.
 
 Rows: megafold (the op), ``megafold_triton_path`` (the op with every launch through Triton's
 ``kernel[grid](...)``, as before ``_common.launch_kernel`` launched compiled kernels directly),
-``megafold_descriptors_via_triton`` (launches that take tensor descriptors through Triton's
-path, the others direct: ``launch_kernel`` before session 36, which keyed a descriptor as
-itself, an unhashable dataclass),
+``megafold_before_session36`` (launches that take tensor descriptors through Triton's path,
+the others direct, and every descriptor built by Triton's constructor: as before session 36,
+when ``launch_kernel`` keyed a descriptor as itself, an unhashable dataclass),
 sdpa (kernels.py's SDPA row: bias + key mask, SDPA, gate), and three floors: ``autograd`` (a
 torch.autograd.Function whose forward and backward only allocate the outputs: what any custom
 op pays), ``triton_launch`` (one launch of an empty two-argument Triton kernel through
@@ -155,20 +155,24 @@ def main(argv=None) -> None:
 
     descriptor = _common._descriptor_class()
 
+    class _NoFields(dict):  # tensor_descriptor keeps no tile's fields: the constructor every time
+        def __setitem__(self, key, value):
+            pass
+
     def descriptors_through_triton(step):
-        real = _common._argument_key
+        real_key, real_fields = _common._argument_key, _common._descriptor_fields
 
         def before_session36(launch_args, rocm):
             if any(type(a) is descriptor for a in launch_args):
                 raise TypeError("a descriptor, unhashable as launch_kernel keyed it")
-            return real(launch_args, rocm)
+            return real_key(launch_args, rocm)
 
         def run():
-            _common._argument_key = before_session36
+            _common._argument_key, _common._descriptor_fields = before_session36, _NoFields()
             try:
                 step()
             finally:
-                _common._argument_key = real
+                _common._argument_key, _common._descriptor_fields = real_key, real_fields
         return run
 
     shapes = [("pairbias", 1, N, 16, D) for D in (int(d) for d in args.dims.split(","))
@@ -188,7 +192,7 @@ def main(argv=None) -> None:
             if name == "megafold":
                 steps["megafold_triton_path"] = through_triton(steps[name])
                 if descriptor is not None:
-                    steps["megafold_descriptors_via_triton"] = descriptors_through_triton(steps[name])
+                    steps["megafold_before_session36"] = descriptors_through_triton(steps[name])
         steps["autograd"] = lambda: torch.autograd.grad(
             _AllocOnly.apply(*(inputs[k] for k in ("q", "k", "v", "bias", "mask", "gate"))), leaves, grad_out)
         steps["triton_launch"] = launch
