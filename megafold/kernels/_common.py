@@ -148,7 +148,7 @@ def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
     fields = _descriptor_fields.get(tile)
     if fields is None:
         desc = cls(t, [rows, cols], list(stride), list(block_shape))  # Triton's checks, once a tile
-        if set(getattr(desc, "__dict__", ())) == _DESCRIPTOR_FIELDS:
+        if _TENSOR_FIELDS <= set(getattr(desc, "__dict__", ())) <= _TENSOR_FIELDS | _TILE_FIELDS:
             _descriptor_fields[tile] = {**vars(desc), "base": None, "shape": None, "strides": None}
         return desc
     # The checks above are the per-tensor ones of the descriptor's own constructor (base and
@@ -162,9 +162,10 @@ def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
 
 
 # Per (dtype, block shape): a descriptor's fields but the tensor's own (base, shape, strides),
-# kept only where the descriptor has exactly the fields this code knows.
+# kept only where the descriptor has no fields but these (Triton 3.4-3.9; 3.4 has no TF32 flag).
 _descriptor_fields: dict[tuple, dict] = {}
-_DESCRIPTOR_FIELDS = {"base", "shape", "strides", "block_shape", "padding", "round_f32_to_tf32"}
+_TENSOR_FIELDS = {"base", "shape", "strides"}
+_TILE_FIELDS = {"block_shape", "padding", "round_f32_to_tf32"}
 
 
 # --------------------------------------------------------------------------- launches

@@ -494,6 +494,30 @@ def test_tensor_descriptor_made_from_its_tiles_fields_is_the_constructed_one(mon
     assert _common.tensor_descriptor(torch.zeros(8, 8).t(), (8, 8)) is None  # strided last dim
 
 
+def test_tensor_descriptor_with_fields_it_does_not_know_is_always_constructed(monkeypatch):
+    """A Triton whose descriptor has a field this code does not know (one that might depend on
+    the tensor) gets every descriptor from its constructor."""
+    import dataclasses
+
+    if not _common.descriptors_available():
+        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
+
+    @dataclasses.dataclass
+    class Extended(_common._descriptor_class()):
+        element_strides: list | None = None
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.element_strides = [1] * len(self.shape)
+
+    monkeypatch.setattr(_common, "_descriptor_class", lambda: Extended)
+    monkeypatch.setattr(_common, "_descriptor_fields", {})
+    for rows in (64, 48, 32):
+        made = _common.tensor_descriptor(torch.zeros(rows, 32, dtype=torch.float16), (16, 32))
+        assert type(made) is Extended and made.shape == [rows, 32] and made.element_strides == [1, 1]
+    assert _common._descriptor_fields == {}
+
+
 @pytest.mark.parametrize("change", ["none", "block shape", "dtype", "rank", "padding"])
 def test_launch_kernel_launches_tensor_descriptors_directly(fake_launcher, change):
     """Host tensor descriptors (an unhashable dataclass) take the direct path from their second
