@@ -1,17 +1,18 @@
 """Host time of one EvoAttention forward + backward at the pair-bias shape, next to SDPA's.
 
     python benchmarks/host_overhead.py [--ns 384,1024] [--dims 24,64] [--tri-ns 256]
-        [--reps 400] [--profile]
+        [--reps 400] [--profile] [--launches]
 
 ``--tri-ns`` adds the triangle shape (S = N, H = 4, D = 32) at those N; there the GPU may be
-the bound (``gpu_us`` tells). At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is the host's. kernels.py times
-each call alone after flushing L2 (``triton.testing.do_bench``), and on the H100 hosts those
-figures move by 2x between runs of the same shape. Here each implementation runs ``--reps``
-calls back to back with no synchronisation inside: the host's time per call is the loop's
-wall time over the reps, while the GPU has less work per call than the host and never holds
-the loop back. (``gpu_us`` is the span of CUDA events around the loop, per call: equal to
-``host_us`` when the host is the bound, larger when the GPU is.) The rows are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of
-the rounds is reported, so a slow patch of the host hits every row alike.
+the bound (``gpu_us`` tells). At S = 1 the GPU work is 0.05-0.3 ms and a plain call's time is
+the host's. kernels.py times each call alone after flushing L2 (``triton.testing.do_bench``),
+and on the H100 hosts those figures move by 2x between runs of the same shape. Here each
+implementation runs ``--reps`` calls back to back with no synchronisation inside: the host's
+time per call is the loop's wall time over the reps, while the GPU has less work per call than
+the host and never holds the loop back. (``gpu_us`` is the span of CUDA events around the loop,
+per call: equal to ``host_us`` when the host is the bound, larger when the GPU is.) The rows
+are interleaved (A B C A B C ...) over ``--rounds`` rounds and the median of the rounds is
+reported, so a slow patch of the host hits every row alike.
 
 Rows: megafold (the op), ``megafold_triton_path`` (the op with every launch through Triton's
 ``kernel[grid](...)``, as before ``_common.launch_kernel`` launched compiled kernels directly),

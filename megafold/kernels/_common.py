@@ -158,6 +158,7 @@ def tensor_descriptor(t: torch.Tensor, block_shape: Sequence[int]):
     desc = cls.__new__(cls)
     vars(desc).update(fields)
     desc.base, desc.shape, desc.strides = t, [rows, cols], list(stride)
+    desc.block_shape = list(block_shape)  # its own list, as the constructor's
     return desc
 
 

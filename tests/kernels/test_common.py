@@ -486,6 +486,7 @@ def test_tensor_descriptor_made_from_its_tiles_fields_is_the_constructed_one(mon
         made = _common.tensor_descriptor(t, (16, 32))
         built = cls(t, list(t.shape), list(t.stride()), [16, 32])
         assert type(made) is cls and made.base is t
+        assert made.block_shape is not _common._descriptor_fields[(torch.float16, (16, 32))]["block_shape"]
         assert {k: v for k, v in vars(made).items() if k != "base"} == {k: v for k, v in vars(built).items() if k != "base"}
     other_tile = _common.tensor_descriptor(first, (32, 32))
     assert list(other_tile.block_shape) == [32, 32]
