@@ -49,3 +49,25 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "packaged_tuning_path", lambda device: tmp_path / "none.json")
     monkeypatch.setattr(_common, "device_capability", lambda device: None)
     return torch.device("cuda")
+
+
+@pytest.fixture
+def key_descriptors(monkeypatch):
+    """Every pass launches a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3 stages). Yields
+    whether each launch got its descriptors (True) or took the pointer path (False), in launch
+    order (per forward and backward: forward, dBias where it has a pass of its own, dK dV, dQ)."""
+    from megafold.kernels.testing import record_descriptor_use
+
+    evo_module = importlib.import_module("megafold.kernels.evo_attention")
+    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors", "_query_descriptors",
+                                 "_dbias_descriptors")
+
+    def pick(op, key, device, candidates, default, launch):
+        tiles = [c for c in candidates if c.get("TMA")]
+        assert bool(tiles) == evo_module.descriptors_available()
+        if not tiles:
+            return launch(default)
+        return launch(next(c for c in tiles if (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) == (64, 32, 3)))
+
+    monkeypatch.setattr(evo_module, "run_tuned", pick)
+    return used

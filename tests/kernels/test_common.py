@@ -387,6 +387,10 @@ def test_every_shipped_choice_is_keyed_for_its_own_file_and_names_block_sizes():
 
 # --------------------------------------------------------------------------- launch_kernel
 
+# Host tensor descriptors came with Triton 3.4 (the CI's Triton has them).
+needs_descriptors = pytest.mark.skipif(not _common.descriptors_available(),
+                                       reason="this Triton has no host tensor descriptors (< 3.4)")
+
 
 class _Param:
     def __init__(self, name, default=None):
@@ -471,12 +475,11 @@ def test_launch_kernel_goes_through_triton_when_the_specialization_may_differ(fa
     assert kernel.log[-1][0] in ("triton", "patched")
 
 
+@needs_descriptors
 def test_tensor_descriptor_made_from_its_tiles_fields_is_the_constructed_one(monkeypatch):
     """From a tile's second descriptor on, ``tensor_descriptor`` fills the fields of the first
     (which keeps no tensor) and the tensor's own; the result is what Triton's constructor makes,
     and a tensor the constructor would refuse is still None."""
-    if not _common.descriptors_available():
-        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
     cls = _common._descriptor_class()
     monkeypatch.setattr(_common, "_descriptor_fields", {})
     first = torch.zeros(64, 32, dtype=torch.float16)
@@ -495,13 +498,12 @@ def test_tensor_descriptor_made_from_its_tiles_fields_is_the_constructed_one(mon
     assert _common.tensor_descriptor(torch.zeros(8, 8).t(), (8, 8)) is None  # strided last dim
 
 
+@needs_descriptors
 def test_tensor_descriptor_with_fields_it_does_not_know_is_always_constructed(monkeypatch):
     """A Triton whose descriptor has a field this code does not know (one that might depend on
     the tensor) gets every descriptor from its constructor."""
     import dataclasses
 
-    if not _common.descriptors_available():
-        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
 
     @dataclasses.dataclass
     class Extended(_common._descriptor_class()):
@@ -519,13 +521,12 @@ def test_tensor_descriptor_with_fields_it_does_not_know_is_always_constructed(mo
     assert _common._descriptor_fields == {}
 
 
+@needs_descriptors
 @pytest.mark.parametrize("change", ["none", "block shape", "dtype", "rank", "padding"])
 def test_launch_kernel_launches_tensor_descriptors_directly(fake_launcher, change):
     """Host tensor descriptors (an unhashable dataclass) take the direct path from their second
     launch on, keyed by what Triton types them by (base dtype, block shape) and their rank and
     padding; shape, strides and base pointer are runtime arguments and may change."""
-    if not _common.descriptors_available():
-        pytest.skip("this Triton has no host tensor descriptors (< 3.4)")  # the CI's Triton has them
     cls = _common._descriptor_class()
     x = torch.zeros(64, 32)
 
@@ -586,28 +587,17 @@ def test_launch_kernel_is_triton_own_path_under_the_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("descriptors", [False, True])
-def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monkeypatch, descriptors):
+@pytest.mark.parametrize("descriptors", [False, pytest.param(True, marks=needs_descriptors)])
+def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(request, monkeypatch, descriptors):
     """On the GPU: EvoAttention's forward and backward (five kernels) give bitwise the same
     output and gradients through Triton's launch path and the direct one, for aligned and
     unaligned inputs and another scale; with ``descriptors``, every pass at a tensor-descriptor
     (TMA) candidate, whose launches go direct too."""
-    import sys
-
     import triton
 
     from megafold.kernels import evo_attention
 
-    evo_module = sys.modules["megafold.kernels.evo_attention"]
-    if descriptors:
-        if not _common.descriptors_available():
-            pytest.skip("this Triton has no host tensor descriptors (< 3.4)")
-
-        def pick(op, key, device, candidates, default, launch):
-            return launch(next(c for c in candidates
-                               if c.get("TMA") and (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) == (64, 32, 3)))
-
-        monkeypatch.setattr(evo_module, "run_tuned", pick)
+    used = request.getfixturevalue("key_descriptors") if descriptors else []
 
     torch.manual_seed(0)
     B, S, N, H, D = 1, 2, 80, 4, 32
@@ -639,6 +629,7 @@ def test_launch_kernel_direct_launches_compute_what_triton_launches_compute(monk
         keyed = [key for key in _common._launchers
                  if any(isinstance(part, tuple) and part[:1] == (descriptor_class,) for part in key[2])]
         assert len(keyed) >= (4 if descriptors else 0)
+    assert all(used) and len(used) == (4 if descriptors else 0)  # every pass of the aligned inputs took them
     assert same(run(inputs), reference)  # direct launches
     misaligned = [unaligned(t) for t in inputs]
     assert misaligned[0].data_ptr() % 16 != 0

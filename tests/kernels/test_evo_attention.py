@@ -232,25 +232,6 @@ def test_whole_key_blocks_path(dtype, two_rows, D, monkeypatch, poisoned_empty):
     assert stored[0].tolist() == [[33, 33, first_random, 33, -1, 37]]
 
 
-@pytest.fixture
-def key_descriptors(monkeypatch):
-    """Every pass launches a tensor-descriptor (TMA) candidate (64 x 32 tiles, 3 stages). Yields
-    whether each launch got its descriptors (True) or took the pointer path (False), in launch
-    order (per forward and backward: forward, dBias where it has a pass of its own, dK dV, dQ)."""
-    used = record_descriptor_use(monkeypatch, evo_module, "_key_descriptors", "_query_descriptors",
-                                 "_dbias_descriptors")
-
-    def pick(op, key, device, candidates, default, launch):
-        tiles = [c for c in candidates if c.get("TMA")]
-        assert bool(tiles) == evo_module.descriptors_available()
-        if not tiles:
-            return launch(default)
-        return launch(next(c for c in tiles if (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) == (64, 32, 3)))
-
-    monkeypatch.setattr(evo_module, "run_tuned", pick)
-    return used
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "lead,S,N,H,D,two_rows",
